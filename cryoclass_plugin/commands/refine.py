@@ -1,0 +1,191 @@
+"""``cryoclass refine``: 3D classification with RELION Class3D's flags and defaults.
+
+Example (the RELION tutorial's Class3D job)::
+
+    cryoclass refine --i particles.star --o Class3D/run --ref ref.mrc --K 4 \\
+        --tau2_fudge 4 --iter 25 --ini_high 50 --firstiter_cc --particle_diameter 200 \\
+        --zero_mask --flatten_solvent --ctf --sym C1 --healpix_order 2 --oversampling 1 \\
+        --offset_range 5 --offset_step 2 --pad 2 --skip_gridding --preread_images --j 2
+
+Under ``mpirun -np N`` the particles are split over the ranks.
+"""
+import os
+import sys
+import time
+
+from ..engine.errors import CryoClassError, NotImplementedOption
+
+HELIX_FLAGS = ("helix", "helical_outer_diameter", "helical_nr_asu", "helical_twist_initial",
+               "helical_rise_initial", "helical_z_percentage")
+
+
+def add_args(parser):
+    io = parser.add_argument_group("I/O")
+    io.add_argument("--i", required=False, help="input particles STAR file (RELION 3.0/3.1+)")
+    io.add_argument("--o", required=False, help="output rootname, e.g. Class3D/job001/run")
+    io.add_argument("--continue", dest="continue_from", default="",
+                    help="continue from <root>_itNNN_optimiser.star")
+    ref = parser.add_argument_group("Reference")
+    ref.add_argument("--ref", help="reference map (MRC), same box and pixel size as particles")
+    ref.add_argument("--firstiter_cc", action="store_true",
+                     help="reference not on absolute greyscale: score iteration 1 by "
+                          "cross-correlation")
+    ref.add_argument("--ini_high", type=float, default=-1,
+                     help="low-pass the reference to this resolution (A) first")
+    ref.add_argument("--sym", default="C1", help="point group (C1, Cn, Dn, T, O, I)")
+    ref.add_argument("--solvent_mask", default="", help="reference mask (MRC, 0..1)")
+    ctf = parser.add_argument_group("CTF")
+    ctf.add_argument("--ctf", action="store_true", help="do CTF correction")
+    ctf.add_argument("--ctf_intact_first_peak", action="store_true",
+                     help="ignore CTFs until their first peak")
+    ctf.add_argument("--ctf_phase_flipped", action="store_true",
+                     help="the images were phase-flipped")
+    opt = parser.add_argument_group("Optimisation")
+    opt.add_argument("--K", type=int, default=1, help="number of classes")
+    opt.add_argument("--tau2_fudge", type=float, default=1.0, help="regularisation T")
+    opt.add_argument("--iter", type=int, default=50, help="number of iterations")
+    opt.add_argument("--fast_subsets", action="store_true",
+                     help="use growing random subsets in the first 15 iterations")
+    opt.add_argument("--particle_diameter", type=float, default=-1,
+                     help="mask diameter (A); default: the box")
+    opt.add_argument("--zero_mask", action="store_true",
+                     help="mask the particles' background with zeros")
+    opt.add_argument("--flatten_solvent", action="store_true",
+                     help="mask the references with a soft sphere (or --solvent_mask)")
+    opt.add_argument("--strict_highres_exp", type=float, default=-1,
+                     help="limit the E-step to this resolution (A)")
+    opt.add_argument("--norm", action="store_true", help="normalisation correction")
+    opt.add_argument("--scale", action="store_true", help="intensity-scale correction")
+    opt.add_argument("--blush", action="store_true", help="Blush regularisation (3D CNN prior)")
+    opt.add_argument("--init_classes", default="relion", choices=["relion"],
+                     help="how K>1 classes start: 'relion' = random particle subsets in "
+                          "iteration 1")
+    samp = parser.add_argument_group("Sampling")
+    samp.add_argument("--healpix_order", type=int, default=2,
+                      help="coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)")
+    samp.add_argument("--oversampling", type=int, default=1, help="adaptive oversampling order")
+    samp.add_argument("--offset_range", type=float, default=6, help="offset search range (px)")
+    samp.add_argument("--offset_step", type=float, default=2, help="coarse offset step (px)")
+    samp.add_argument("--skip_align", action="store_true",
+                      help="classify without alignment: keep the input poses")
+    helix = parser.add_argument_group("Helix")
+    helix.add_argument("--helix", action="store_true", help="helical reconstruction")
+    for name in HELIX_FLAGS[1:]:
+        helix.add_argument(f"--{name}", type=float, default=None)
+    comp = parser.add_argument_group("Compute")
+    comp.add_argument("--pad", type=int, default=2, choices=[1, 2], help="padding factor")
+    comp.add_argument("--skip_gridding", action="store_true", help="skip gridding correction")
+    comp.add_argument("--preread_images", action="store_true", help="read all images into RAM")
+    comp.add_argument("--scratch_dir", default="", help="copy the stacks here first")
+    comp.add_argument("--pool", type=int, default=1,
+                      help="particles per read (RELION); we read in blocks of --block_size")
+    comp.add_argument("--j", type=int, default=1, help="threads (BLAS/FFT) per rank")
+    comp.add_argument("--gpu", nargs="?", const="", default=None,
+                      help="use GPUs (CuPy); optional ids '0:1' one per rank")
+    comp.add_argument("--dont_combine_weights_via_disc", action="store_true",
+                      help="accepted for RELION compatibility (we always reduce over MPI)")
+    comp.add_argument("--random_seed", type=int, default=0, help="random seed")
+    comp.add_argument("--block_size", type=int, default=256,
+                      help="particles per E-step block (memory bound)")
+    comp.add_argument("--incr_size", type=int, default=10,
+                      help="shells beyond the resolution used in the next E-step")
+    comp.add_argument("--adaptive_fraction", type=float, default=0.999,
+                      help="posterior mass kept for the fine pass")
+    comp.add_argument("--maxsig", type=int, default=2000,
+                      help="at most this many significant coarse samples per particle")
+
+
+def settings_from_args(args):
+    from ..engine.refine import Settings
+    if args.blush:
+        raise NotImplementedOption("--blush: Blush regularisation is not implemented yet in "
+                                   "cryoclass; run without --blush")
+    if args.helix or any(getattr(args, n) is not None for n in HELIX_FLAGS[1:]):
+        raise NotImplementedOption("--helix: helical processing is not implemented in "
+                                   "cryoclass; run without the helical options")
+    if args.norm or args.scale:
+        # Accepted like RELION's GUI passes them; the corrections are not estimated yet.
+        print("cryoclass refine: note: --norm/--scale are accepted but the normalisation "
+              "and scale corrections are kept at 1 (not implemented yet)", file=sys.stderr)
+    if not args.continue_from:
+        for flag in ("i", "o", "ref"):
+            if not getattr(args, flag):
+                raise CryoClassError(f"--{flag} is required (or give --continue "
+                                     "<root>_itNNN_optimiser.star)")
+    if args.continue_from and (not args.i or not args.o):
+        _fill_from_optimiser(args)
+    if args.firstiter_cc and args.continue_from:
+        pass
+    if args.K < 1:
+        raise CryoClassError(f"--K {args.K}: the number of classes must be >= 1")
+    if args.iter < 1:
+        raise CryoClassError(f"--iter {args.iter}: give at least 1 iteration")
+    if args.tau2_fudge <= 0:
+        raise CryoClassError(f"--tau2_fudge {args.tau2_fudge:g}: T must be > 0 (RELION: 2-4 "
+                             "for 3D classification)")
+    if args.skip_align:
+        raise NotImplementedOption("--skip_align: classification without alignment is not "
+                                   "implemented yet; run with alignment")
+    from ..engine.symmetry import parse_symmetry
+    parse_symmetry(args.sym)
+    return Settings(
+        input_star=args.i, output_root=args.o, ref=args.ref or "", n_classes=args.K,
+        tau2_fudge=args.tau2_fudge, n_iter=args.iter, ini_high=args.ini_high,
+        firstiter_cc=args.firstiter_cc, particle_diameter=args.particle_diameter,
+        zero_mask=args.zero_mask, flatten_solvent=args.flatten_solvent,
+        solvent_mask=args.solvent_mask, ctf=args.ctf,
+        ctf_intact_first_peak=args.ctf_intact_first_peak,
+        ctf_phase_flipped=args.ctf_phase_flipped, sym=args.sym,
+        healpix_order=args.healpix_order, oversampling=args.oversampling,
+        offset_range=args.offset_range, offset_step=args.offset_step,
+        strict_highres_exp=args.strict_highres_exp, fast_subsets=args.fast_subsets,
+        norm=args.norm, scale=args.scale, pad=args.pad, gridding=not args.skip_gridding,
+        preread_images=args.preread_images, scratch_dir=args.scratch_dir, pool=args.pool,
+        threads=args.j, gpu=args.gpu, random_seed=args.random_seed,
+        continue_from=args.continue_from, skip_align=args.skip_align,
+        incr_size=args.incr_size, adaptive_fraction=args.adaptive_fraction,
+        max_significant=args.maxsig, block_size=args.block_size,
+        init_classes=args.init_classes)
+
+
+def _fill_from_optimiser(args):
+    """``--continue`` alone: take --i/--o/--ref and the run's settings from the file."""
+    from ..engine.star_io import read_star
+    path = args.continue_from
+    if not os.path.exists(path):
+        raise CryoClassError(f"--continue {path}: file not found; give an existing "
+                             "<root>_itNNN_optimiser.star")
+    blocks = read_star(path)
+    opt = blocks.get("optimiser_general")
+    if opt is None:
+        raise CryoClassError(f"{path}: no data_optimiser_general block; give a "
+                             "<root>_itNNN_optimiser.star written by cryoclass")
+    get = (lambda k, d=None: opt.get(k, d)) if isinstance(opt, dict) else \
+        (lambda k, d=None: opt[k].iloc[0] if k in opt else d)
+    args.i = args.i or str(get("rlnExperimentalDataStarFileInput"))
+    args.o = args.o or str(get("rlnOutputRootName"))
+    args.ref = args.ref or str(get("rlnReferenceImageInput", ""))
+
+
+def main(args):
+    settings = settings_from_args(args)
+    from ..engine.refine import Refinement
+    log_path = f"{settings.output_root}.log"
+
+    def log(line):
+        print(line, flush=True)
+        with open(log_path, "a") as fh:
+            fh.write(line + "\n")
+
+    t0 = time.time()
+    ref = Refinement(settings, log=log)
+    if ref.comm.rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(settings.output_root)) or ".", exist_ok=True)
+        log(f"cryoclass refine: {len(ref.table)} particles, box {ref.box}, "
+            f"{ref.apix:g} A/px, K={settings.n_classes}, {ref.comm.size} rank(s), "
+            f"{'GPU ' + str(ref.device) if ref.device is not None else 'CPU'}")
+    model = ref.run()
+    if ref.comm.rank == 0:
+        log(f"done: {model.iteration} iterations in {time.time() - t0:.1f} s; outputs "
+            f"{settings.output_root}_it{model.iteration:03d}_*")
+    return 0

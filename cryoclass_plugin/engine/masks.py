@@ -1,0 +1,80 @@
+"""Soft spherical / circular masks (RELION's raised-cosine edge) and resolution helpers.
+
+Grids follow the engine convention: the centre is the element at index ``N // 2`` on every
+axis and distances are in pixels.  A mask is 1 for ``r <= radius``, 0 for
+``r >= radius + edge``, and ``0.5 + 0.5 cos(pi (r - radius) / edge)`` in between, as
+RELION's ``softMaskOutsideMap`` (``--particle_diameter`` / 2 as the radius and
+``width_mask_edge`` 5 pixels by default).
+"""
+import numpy as np
+
+from .fourier import resolution_to_shell, shell_resolution_angstrom
+
+
+def _radius_grid(box, ndim, xp):
+    coords = xp.arange(box, dtype=xp.float64) - box // 2
+    grids = xp.meshgrid(*([coords] * ndim), indexing="ij")
+    return xp.sqrt(sum(g * g for g in grids))
+
+
+def raised_cosine(r, radius_px, edge_px, xp=np):
+    """The raised-cosine profile at distances ``r`` (pixels): 1 inside ``radius_px``, 0
+    beyond ``radius_px + edge_px`` (a hard edge when ``edge_px <= 0``)."""
+    if edge_px <= 0:
+        return (r <= radius_px).astype(xp.float64)
+    t = xp.clip((r - radius_px) / float(edge_px), 0.0, 1.0)
+    return 0.5 + 0.5 * xp.cos(np.pi * t)
+
+
+def soft_sphere_mask(box, radius_px, edge_px=5.0, xp=np):
+    """3D soft spherical mask ``(box, box, box)`` float32, centred at ``box // 2``."""
+    return raised_cosine(_radius_grid(box, 3, xp), radius_px, edge_px, xp).astype(xp.float32)
+
+
+def soft_circle_mask(box, radius_px, edge_px=5.0, xp=np):
+    """2D soft circular mask ``(box, box)`` float32, centred at ``box // 2``."""
+    return raised_cosine(_radius_grid(box, 2, xp), radius_px, edge_px, xp).astype(xp.float32)
+
+
+def particle_diameter_to_radius_px(diameter_angstrom, apix):
+    """Mask radius in pixels for RELION's ``--particle_diameter`` (A): ``d / (2 apix)``."""
+    return float(diameter_angstrom) / (2.0 * float(apix))
+
+
+def apply_soft_mask(arr, radius_px, edge_px=5.0, fill="zero"):
+    """Mask the last 2 (images) or 3 (volumes, if ``arr.ndim == 3`` and cubic) axes.
+
+    ``fill='zero'`` multiplies by the mask (RELION's ``--zero_mask``); ``fill='background'``
+    blends towards the mean of the solvent (weights ``1 - mask``) of each image, as
+    RELION does for images when the mask is not zero-filled.  Works on numpy and cupy.
+    """
+    from .backend import get_xp
+    xp = get_xp(arr)
+    box = arr.shape[-1]
+    spatial = 3 if (arr.ndim == 3 and arr.shape[0] == box == arr.shape[1]) else 2
+    mask = raised_cosine(_radius_grid(box, spatial, xp), radius_px, edge_px, xp)
+    mask = mask.astype(arr.dtype if arr.dtype.kind == "f" else xp.float32)
+    if fill == "zero":
+        return arr * mask
+    if fill != "background":
+        raise ValueError(f"fill must be 'zero' or 'background', not {fill!r}")
+    axes = tuple(range(arr.ndim - spatial, arr.ndim))
+    solvent = 1.0 - mask
+    bg = (arr * solvent).sum(axis=axes, keepdims=True) / max(float(solvent.sum()), 1e-12)
+    return arr * mask + bg * solvent
+
+
+def resolution_to_radius_px(res_angstrom, box, apix):
+    """Fourier radius in frequency pixels of a resolution (A); alias kept next to masks
+    because masks and resolution limits are set together."""
+    return resolution_to_shell(res_angstrom, box, apix)
+
+
+def nyquist_angstrom(apix):
+    """Nyquist resolution (A) for pixel size ``apix``."""
+    return 2.0 * float(apix)
+
+
+__all__ = ["raised_cosine", "soft_sphere_mask", "soft_circle_mask",
+           "particle_diameter_to_radius_px", "apply_soft_mask", "resolution_to_radius_px",
+           "nyquist_angstrom", "shell_resolution_angstrom"]

@@ -1,0 +1,80 @@
+"""The state of a classification run between iterations.
+
+``ModelState`` holds what RELION's model.star holds (class maps, class priors, noise and
+signal spectra, SSNR, resolution, offset prior) plus the per-particle state of data.star
+(class, angles, origins, max posterior, ...).  All arrays are numpy (host).
+
+Units: spectra are per Fourier shell of the unpadded box (``N // 2 + 1`` shells), per
+real/imaginary component, in the engine's unnormalised FFT scale; angles in degrees;
+origins in Angstrom with RELION's sign.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .fourier import shell_resolution_angstrom
+
+
+@dataclass
+class ModelState:
+    box: int
+    apix: float
+    n_classes: int
+    n_groups: int
+    refs: np.ndarray                      # (K, N, N, N) float32
+    pdf_class: np.ndarray                 # (K,)
+    sigma2: np.ndarray                    # (G, n_shells) noise per group
+    tau2: np.ndarray                      # (K, n_shells) signal per class
+    ssnr: np.ndarray                      # (K, n_shells)
+    class_resolution_shell: np.ndarray    # (K,) int
+    sigma_offset_angst: float
+    current_shell: int                    # E-step radius (pixels) of the next iteration
+    iteration: int = 0
+    # Per particle (n,):
+    part_class: np.ndarray = None         # 0-based class
+    part_eulers: np.ndarray = None        # (n, 3) rot, tilt, psi (deg)
+    part_origin_angst: np.ndarray = None  # (n, 2) x, y (A)
+    part_pmax: np.ndarray = None
+    part_nsig: np.ndarray = None
+    part_loglik: np.ndarray = None
+    part_acc_rot: np.ndarray = None
+    part_acc_trans_px: np.ndarray = None
+    changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
+                                                    "classes": 1.0})
+    log_likelihood: float = 0.0
+    history: list = field(default_factory=list)
+
+    @property
+    def n_shells(self):
+        return self.box // 2 + 1
+
+    def shell_resolution(self):
+        return shell_resolution_angstrom(self.n_shells, self.box, self.apix)
+
+    def class_resolution_angst(self):
+        res = self.shell_resolution()
+        return np.array([res[max(int(s), 1)] if s > 0 else 999.0
+                         for s in self.class_resolution_shell])
+
+    def current_resolution_angst(self):
+        return float(self.box * self.apix / max(self.current_shell, 1))
+
+    def save(self, path):
+        """All state to an ``.npz`` (exact floats: ``--continue`` reproduces a run)."""
+        arrays = {k: v for k, v in self.__dict__.items()
+                  if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in self.__dict__.items()
+                   if not isinstance(v, np.ndarray)}
+        import json
+        import os
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, __scalars__=np.array(json.dumps(scalars, default=float)), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        import json
+        with np.load(path, allow_pickle=False) as z:
+            scalars = json.loads(str(z["__scalars__"]))
+            arrays = {k: z[k] for k in z.files if k != "__scalars__"}
+        return cls(**scalars, **arrays)

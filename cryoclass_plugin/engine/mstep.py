@@ -1,0 +1,133 @@
+"""M-step: sums over particles, their MPI reduction, and the model updates.
+
+Given the E-step sums (:class:`Accumulators`), one call to :func:`maximise` returns the
+new class maps, class priors, noise spectra sigma2 (per group, per shell, per
+real/imaginary component), signal spectra tau2 (per class, same units), SSNR and
+resolution per class, and the new offset prior width.  Formulas (Scheres 2012):
+
+- map, per Fourier voxel: ``V = sum w C X / sigma2 / (sum w C^2 / sigma2 + 1 / (T tau2))``
+  (:meth:`.projector.BackProjector.reconstruct`);
+- ``tau2`` of a class from its new map: ``mean |V|^2 / 2`` per shell, used as the prior
+  of the next reconstruction (the first one uses the spectrum of the *unfiltered*
+  starting reference, so the ``--ini_high`` low-pass limits the first E-step, not the
+  prior);
+- SSNR of a class per shell: ``T tau2 <W>`` (``<W>`` the mean accumulated weight); the
+  class's resolution is the last shell, counting from the centre, with SSNR >= 1;
+- ``sigma2 = sum w |X s - C P|^2 / (2 * number of pixel observations)`` per group and
+  shell, and ``sigma_offset^2 = sum w |offset|^2 / (2 sum w)``;
+- class priors: summed posteriors over the particles, normalised.
+"""
+import numpy as np
+
+from .backend import get_xp, to_numpy
+from .fourier import fft_centered, shell_index
+from .projector import BackProjector
+
+
+class Accumulators:
+    """E-step sums of one rank; :meth:`reduce` adds all ranks' sums."""
+
+    def __init__(self, n_classes, n_groups, box, pad, xp):
+        self.xp = xp
+        self.n_shells = box // 2 + 1
+        self.backprojectors = [BackProjector(box, pad, xp) for _ in range(n_classes)]
+        self.noise_sum = xp.zeros((n_groups, self.n_shells), dtype=xp.float64)
+        self.noise_count = xp.zeros((n_groups, self.n_shells), dtype=xp.float64)
+        self.class_weight = xp.zeros(n_classes, dtype=xp.float64)
+        self.offset_sq = 0.0
+        self.offset_weight = 0.0
+
+    def add_noise(self, group, pixel_shell, residual):
+        xp = self.xp
+        self.noise_sum[group] += xp.bincount(pixel_shell, weights=residual.astype(xp.float64),
+                                             minlength=self.n_shells)[:self.n_shells]
+        self.noise_count[group] += xp.bincount(pixel_shell, minlength=self.n_shells)[:self.n_shells]
+
+    def add_power_beyond(self, groups, shell_power, shell_count):
+        """Image power of shells the E-step did not use (no model there: residual = image)."""
+        for g in np.unique(groups):
+            sel = groups == g
+            self.noise_sum[g] += self.xp.asarray(shell_power[sel].sum(axis=0))
+            self.noise_count[g] += self.xp.asarray(shell_count * sel.sum())
+
+    def add_offsets(self, sq, weight):
+        self.offset_sq += sq
+        self.offset_weight += weight
+
+    def add_class_weights(self, classes, weights):
+        self.class_weight += self.xp.bincount(classes, weights=weights.astype(self.xp.float64),
+                                              minlength=self.class_weight.shape[0])
+
+    def reduce(self, comm):
+        if comm.size == 1:
+            return
+        for bp in self.backprojectors:
+            bp.data = comm.allreduce_sum(bp.data)
+            bp.weight = comm.allreduce_sum(bp.weight)
+        self.noise_sum = comm.allreduce_sum(self.noise_sum)
+        self.noise_count = comm.allreduce_sum(self.noise_count)
+        self.class_weight = comm.allreduce_sum(self.class_weight)
+        scal = comm.allreduce_sum(np.array([self.offset_sq, self.offset_weight]))
+        self.offset_sq, self.offset_weight = float(scal[0]), float(scal[1])
+
+
+def power_spectrum_half(vol):
+    """``mean |F|^2 / 2`` per shell of a map's centred transform (tau2 units)."""
+    xp = get_xp(vol)
+    f = fft_centered(vol.astype(xp.float64))
+    sh = shell_index(vol.shape, xp).ravel()
+    n_shells = vol.shape[0] // 2 + 1
+    keep = sh < n_shells
+    p = (f.real ** 2 + f.imag ** 2).ravel()
+    num = xp.bincount(sh[keep], weights=p[keep], minlength=n_shells)
+    cnt = xp.bincount(sh[keep], minlength=n_shells)
+    return to_numpy(xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0) / 2.0)
+
+
+def resolution_shell(ssnr):
+    """Last shell (>= 1) such that SSNR >= 1 in every shell from 1 up to it (0 if none)."""
+    below = np.nonzero(ssnr[1:] < 1.0)[0]
+    return int(below[0]) if below.size else ssnr.shape[0] - 1
+
+
+def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregularised=False):
+    """Update ``model`` (a :class:`.model.ModelState`) in place from reduced sums.
+
+    ``unregularised`` reconstructs without the tau2 prior (first iteration after a
+    ``--firstiter_cc`` pass, when the reference's greyscale, hence tau2, is unknown).
+    """
+    xp = acc.xp
+    K = len(acc.backprojectors)
+    n_shells = acc.n_shells
+    total = float(to_numpy(acc.class_weight.sum()))
+    class_w = to_numpy(acc.class_weight)
+    for k, bp in enumerate(acc.backprojectors):
+        if class_w[k] <= 1e-6 * max(total, 1e-300):
+            # An empty class keeps its map; its prior goes to (almost) zero below.
+            model.ssnr[k] = 0.0
+            continue
+        if unregularised:
+            tau2_prior = None
+            vol = bp.reconstruct(tau2=None, gridding=settings.gridding)
+        else:
+            tau2_prior = model.tau2[k]
+            vol = bp.reconstruct(tau2=xp.asarray(tau2_prior), tau2_fudge=settings.tau2_fudge,
+                                 gridding=settings.gridding)
+        if symmetrise is not None:
+            vol = symmetrise(vol)
+        if solvent_mask is not None:
+            vol = vol * solvent_mask
+        model.refs[k] = to_numpy(vol).astype(np.float32)
+        mean_w = to_numpy(bp.mean_weight_per_shell(n_shells))
+        model.tau2[k] = power_spectrum_half(vol)
+        model.ssnr[k] = settings.tau2_fudge * (model.tau2[k] if tau2_prior is None
+                                               else tau2_prior) * mean_w
+        model.class_resolution_shell[k] = resolution_shell(model.ssnr[k])
+    model.pdf_class = np.maximum(class_w / max(total, 1e-300), 0.0)
+    cnt = to_numpy(acc.noise_count)
+    ssum = to_numpy(acc.noise_sum)
+    has = cnt > 0
+    model.sigma2[has] = np.maximum(ssum[has] / (2.0 * cnt[has]), 1e-30)
+    if acc.offset_weight > 0:
+        sigma_px = np.sqrt(acc.offset_sq / (2.0 * acc.offset_weight))
+        model.sigma_offset_angst = max(float(sigma_px) * model.apix, 1.0)

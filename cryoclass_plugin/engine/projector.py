@@ -1,0 +1,203 @@
+"""Fourier-space projection, back-projection and regularised reconstruction.
+
+Central-slice theorem on a zero-padded, centred, unnormalised 3D transform (see the
+package docstring).  A 2D frequency ``(kx, ky)`` (integer, in cycles per box of the
+*unpadded* box ``N``) of the projection along rotation ``A`` samples the 3D transform at
+``A^T (kx, ky, 0) = kx * A[0] + ky * A[1]``; on the padded grid (box ``P = pad * N``)
+that is the point ``pad * A^T (kx, ky, 0) + P // 2`` in index units (x, y, z), read by
+trilinear interpolation.  Zero padding does not change the values of the transform
+(the sum over voxels is the same), only samples it more finely, which keeps trilinear
+interpolation accurate.  Gridding correction divides the map by the real-space footprint
+of trilinear interpolation, ``sinc^2(x / P)`` per axis, before padding (and the
+reconstruction by the same after inverse transform).
+
+Pixels are passed as the ``(ky, kx)`` lists of :func:`.fourier.half_plane_pixels`;
+slices are ``(n_rotations, n_pixels)`` complex64 arrays.
+"""
+import numpy as np
+
+from .backend import get_xp
+from .fourier import fft_centered, ifft_centered, radial_index
+
+# Rotations projected per chunk: bounds the (chunk, n_pixels, 8) interpolation temporaries.
+_ROTATION_CHUNK = 256
+
+
+def gridding_correction(box, pad, xp=np):
+    """Real-space footprint of trilinear interpolation on a ``pad * box`` grid, ``(z,y,x)``.
+
+    Trilinear interpolation in Fourier space multiplies the real-space map by
+    ``sinc^2(x / P) sinc^2(y / P) sinc^2(z / P)`` (x in pixels from the centre, P the
+    padded box); dividing by this before projecting (and after reconstructing) undoes it.
+    """
+    x = (xp.arange(box) - box // 2) / float(pad * box)
+    s = xp.sinc(x) ** 2
+    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).astype(xp.float32)
+
+
+def _padded_transform(vol, pad, gridding):
+    xp = get_xp(vol)
+    box = vol.shape[0]
+    v = vol.astype(xp.float32)
+    if gridding:
+        v = v / gridding_correction(box, pad, xp)
+    big = pad * box
+    padded = xp.zeros((big, big, big), dtype=xp.float32)
+    lo = big // 2 - box // 2
+    padded[lo:lo + box, lo:lo + box, lo:lo + box] = v
+    return fft_centered(padded).astype(xp.complex64)
+
+
+def _slice_coordinates(matrices, ky, kx, pad, big):
+    """Padded-grid index coordinates (R, n, 3) ordered (x, y, z) of the slice pixels."""
+    xp = get_xp(matrices)
+    A = matrices.astype(xp.float32)
+    kxf = kx.astype(xp.float32)[None, :, None]
+    kyf = ky.astype(xp.float32)[None, :, None]
+    return pad * (kxf * A[:, None, 0, :] + kyf * A[:, None, 1, :]) + big // 2
+
+
+def _trilinear(coords, big):
+    """Flat indices (R, n, 8) and weights (R, n, 8) of the 8 neighbours of each point;
+    neighbours outside the grid get weight 0 and index 0."""
+    xp = get_xp(coords)
+    base = xp.floor(coords)
+    frac = coords - base
+    base = base.astype(xp.int64)
+    idx = []
+    wts = []
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                x = base[..., 0] + dx
+                y = base[..., 1] + dy
+                z = base[..., 2] + dz
+                w = ((frac[..., 0] if dx else 1 - frac[..., 0])
+                     * (frac[..., 1] if dy else 1 - frac[..., 1])
+                     * (frac[..., 2] if dz else 1 - frac[..., 2]))
+                inside = (x >= 0) & (x < big) & (y >= 0) & (y < big) & (z >= 0) & (z < big)
+                idx.append(xp.where(inside, (z * big + y) * big + x, 0))
+                wts.append(xp.where(inside, w, 0).astype(xp.float32))
+    return xp.stack(idx, axis=-1), xp.stack(wts, axis=-1)
+
+
+class Projector:
+    """Slices of one map's padded 3D transform.
+
+    Parameters
+    ----------
+    vol : (N, N, N) float array (numpy or cupy; the projector lives on the same device)
+    pad : padding factor (1 or 2; RELION's ``--pad``)
+    gridding : divide by the trilinear footprint first (RELION's default; off with
+        ``--skip_gridding``)
+    """
+
+    def __init__(self, vol, pad=2, gridding=True):
+        self.xp = get_xp(vol)
+        self.box = vol.shape[0]
+        self.pad = int(pad)
+        self.big = self.pad * self.box
+        self.transform = _padded_transform(vol, self.pad, gridding)
+        self._flat = self.transform.ravel()
+
+    def project(self, matrices, ky, kx):
+        """Slices ``(R, n_pixels)`` complex64 for rotation matrices ``(R, 3, 3)``."""
+        xp = self.xp
+        matrices = xp.asarray(matrices)
+        out = xp.empty((matrices.shape[0], ky.shape[0]), dtype=xp.complex64)
+        for start in range(0, matrices.shape[0], _ROTATION_CHUNK):
+            stop = min(start + _ROTATION_CHUNK, matrices.shape[0])
+            idx, w = _trilinear(_slice_coordinates(matrices[start:stop], ky, kx,
+                                                   self.pad, self.big), self.big)
+            out[start:stop] = (self._flat[idx] * w).sum(axis=-1)
+        return out
+
+
+class BackProjector:
+    """Accumulates weighted slices into a padded 3D transform and reconstructs.
+
+    ``data`` accumulates ``sum posterior * CTF * image / sigma2`` and ``weight``
+    ``sum posterior * CTF^2 / sigma2`` (RELION's MAP weighting), both on the padded grid
+    by the adjoint of :meth:`Projector.project`'s interpolation; every inserted half-plane
+    pixel is also inserted at ``-k`` with its complex conjugate so the accumulated
+    transform stays Hermitian.
+    """
+
+    def __init__(self, box, pad=2, xp=np):
+        self.xp = xp
+        self.box = box
+        self.pad = int(pad)
+        self.big = self.pad * box
+        n = self.big ** 3
+        self.data = xp.zeros(n, dtype=xp.complex128)
+        self.weight = xp.zeros(n, dtype=xp.float64)
+
+    def insert(self, matrices, ky, kx, slices, weights):
+        """Add slices ``(R, n)`` complex and their weights ``(R, n)`` real at rotations."""
+        xp = self.xp
+        n_tot = self.big ** 3
+        for sign in (1, -1):
+            for start in range(0, matrices.shape[0], _ROTATION_CHUNK):
+                stop = min(start + _ROTATION_CHUNK, matrices.shape[0])
+                coords = _slice_coordinates(matrices[start:stop], sign * ky, sign * kx,
+                                            self.pad, self.big)
+                idx, w = _trilinear(coords, self.big)
+                val = slices[start:stop] if sign == 1 else xp.conj(slices[start:stop])
+                wv = w * val[..., None]
+                flat = idx.ravel()
+                self.data += xp.bincount(flat, weights=wv.real.ravel(), minlength=n_tot)
+                self.data += 1j * xp.bincount(flat, weights=wv.imag.ravel(), minlength=n_tot)
+                self.weight += xp.bincount(flat, weights=(w * weights[start:stop, :, None]).ravel(),
+                                           minlength=n_tot)
+
+    def add(self, other_data, other_weight):
+        """Add accumulators summed elsewhere (e.g. by an MPI reduction)."""
+        self.data += other_data
+        self.weight += other_weight
+
+    def shells(self):
+        """Shell (in unpadded frequency pixels, rounded) of every padded voxel (flat)."""
+        xp = self.xp
+        r = radial_index((self.big,) * 3, xp).ravel() / self.pad
+        return xp.rint(r).astype(xp.int64)
+
+    def reconstruct(self, tau2=None, tau2_fudge=1.0, max_shell=None, gridding=True):
+        """Regularised reconstruction ``V = D / (W + 1 / (pad^3 T tau2))`` per voxel.
+
+        ``tau2`` (per shell, per real/imaginary component, of the unpadded map's
+        transform) is the Gaussian prior's signal variance; ``None`` (or 0 in a shell)
+        means no prior there (plain ``D / W`` where ``W`` > 0).  The ``pad^3`` factor
+        keeps the prior's strength independent of padding: the accumulated weight per
+        padded voxel is ``1 / pad^3`` of the unpadded one.  Voxels beyond ``max_shell``
+        are zeroed.  Returns the ``(N, N, N)`` float32 map.
+        """
+        xp = self.xp
+        sh = self.shells()
+        denom = self.weight.copy()
+        if tau2 is not None:
+            tau2 = xp.asarray(tau2, dtype=xp.float64)
+            t = tau2[xp.minimum(sh, tau2.shape[0] - 1)]
+            prior = xp.where(t > 0, 1.0 / (self.pad ** 3 * tau2_fudge * xp.maximum(t, 1e-300)), 0.0)
+            prior = xp.where(sh < tau2.shape[0], prior, 0.0)
+            denom = denom + prior
+        # Voxels no slice reached carry no information: leave them zero.
+        vol_f = xp.where(denom > 1e-12 * float(denom.max() if denom.size else 1.0),
+                         self.data / xp.maximum(denom, 1e-300), 0.0)
+        if max_shell is not None:
+            vol_f = xp.where(sh <= max_shell, vol_f, 0.0)
+        vol_f = vol_f.reshape((self.big,) * 3)
+        real = ifft_centered(vol_f).real
+        lo = self.big // 2 - self.box // 2
+        vol = real[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]
+        if gridding:
+            vol = vol / gridding_correction(self.box, self.pad, xp)
+        return vol.astype(xp.float32)
+
+    def mean_weight_per_shell(self, n_shells):
+        """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
+        xp = self.xp
+        sh = self.shells()
+        keep = sh < n_shells
+        num = xp.bincount(sh[keep], weights=self.weight[keep], minlength=n_shells)
+        cnt = xp.bincount(sh[keep], minlength=n_shells)
+        return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0) * self.pad ** 3

@@ -1,0 +1,476 @@
+"""The classification run: set-up, the EM iteration loop, continue.
+
+One iteration = for each block of this rank's particles: read images, mask, FFT, CTF,
+noise weights (:func:`prepare_block`), coarse and fine search with M-step sums
+(:mod:`.search`); then the MPI reduction, the M-step (:mod:`.mstep`), the image size of
+the next iteration, and rank 0 writes the outputs (:mod:`.outputs`).
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import estep, search
+from .backend import select_backend, to_numpy
+from .ctf import ctf_params, ctf_values
+from .errors import CryoClassError
+from .fourier import fft_centered, half_plane_pixels, low_pass
+from .geometry import angular_distance_deg, euler_to_matrix
+from .masks import soft_circle_mask, soft_sphere_mask
+from .model import ModelState
+from .mpi import get_comm, split_range
+from .mrc_io import ImageSource, check_map_matches, read_map
+from .mstep import Accumulators, maximise, power_spectrum_half
+from .outputs import iteration_root, write_iteration
+from .projector import Projector
+from .sampling import OrientationGrid, TranslationGrid
+from .star_io import read_particles, read_star
+
+
+@dataclass
+class Settings:
+    """The run's options, named as RELION's command-line flags."""
+    input_star: str
+    output_root: str
+    ref: str
+    n_classes: int = 1
+    tau2_fudge: float = 1.0
+    n_iter: int = 25
+    ini_high: float = -1.0
+    firstiter_cc: bool = False
+    particle_diameter: float = -1.0
+    zero_mask: bool = False
+    flatten_solvent: bool = False
+    solvent_mask: str = ""
+    ctf: bool = False
+    ctf_intact_first_peak: bool = False
+    ctf_phase_flipped: bool = False
+    sym: str = "C1"
+    healpix_order: int = 2
+    oversampling: int = 1
+    offset_range: float = 6.0
+    offset_step: float = 2.0
+    strict_highres_exp: float = -1.0
+    fast_subsets: bool = False
+    norm: bool = False
+    scale: bool = False
+    pad: int = 2
+    gridding: bool = True
+    preread_images: bool = False
+    scratch_dir: str = ""
+    pool: int = 1
+    threads: int = 1
+    gpu: str = None
+    random_seed: int = 0
+    continue_from: str = ""
+    skip_align: bool = False
+    incr_size: int = 10
+    adaptive_fraction: float = 0.999
+    max_significant: int = 2000
+    block_size: int = 256
+    init_classes: str = "relion"
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def _group_index(df):
+    """One noise group per micrograph (RELION 3.1), else per optics group."""
+    for col in ("rlnGroupName", "rlnMicrographName"):
+        if col in df.columns:
+            names, idx = np.unique(df[col].astype(str).to_numpy(), return_inverse=True)
+            return idx, list(names)
+    names, idx = np.unique(df["rlnOpticsGroup"].astype(str).to_numpy(), return_inverse=True)
+    return idx, [f"group{n}" for n in names]
+
+
+def _coarse_shell(settings, box, apix, angular_step_deg):
+    """RELION's coarse size: the resolution at which the coarse angular step moves a
+    point at the particle's edge by about one resolution element (safety factor 1.2)."""
+    diameter = settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+    rotated_distance = np.deg2rad(angular_step_deg) * diameter / 2.0
+    coarse_res = rotated_distance / 1.2
+    return int(np.ceil(box * apix / max(coarse_res, 2 * apix)))
+
+
+def _initial_model(settings, table, images, ref, apix, groups, n_groups, comm, rng):
+    box = table.box
+    n = len(table)
+    n_shells = box // 2 + 1
+    K = settings.n_classes
+    # Noise: mean image power per shell and group (a slight over-estimate: it includes
+    # the signal), from up to 1000 particles of this rank's share.
+    lo, hi = split_range(n, comm.rank, comm.size)
+    sample = np.arange(lo, hi)[: max(1, 1000 // comm.size)]
+    ky, kx = half_plane_pixels(box, box // 2)
+    shells = np.rint(np.sqrt(kx ** 2 + ky ** 2)).astype(int)
+    power_sum = np.zeros((n_groups, n_shells))
+    count = np.zeros((n_groups, n_shells))
+    mask2d = _image_mask(settings, box, apix, np)
+    for s in range(0, len(sample), 256):
+        idx = sample[s:s + 256]
+        imgs = images.get(idx) * mask2d if mask2d is not None else images.get(idx)
+        f = fft_centered(imgs.astype(np.float64), axes=(1, 2))[:, ky + box // 2, kx + box // 2]
+        p = f.real ** 2 + f.imag ** 2
+        for j, i in enumerate(idx):
+            g = groups[i]
+            power_sum[g] += np.bincount(shells, weights=p[j], minlength=n_shells)[:n_shells]
+            count[g] += np.bincount(shells, minlength=n_shells)[:n_shells]
+    power_sum = to_numpy(comm.allreduce_sum(power_sum))
+    count = to_numpy(comm.allreduce_sum(count))
+    overall = power_sum.sum(0) / np.maximum(count.sum(0), 1)
+    sigma2 = np.where(count > 0, power_sum / np.maximum(count, 1), overall[None]) / 2.0
+    sigma2 = np.maximum(sigma2, 1e-30)
+    # Signal prior from the unfiltered reference; the E-step reference is low-passed.
+    tau2_ref = power_spectrum_half(ref)
+    start = low_pass(ref, apix, settings.ini_high) if settings.ini_high > 0 else ref.copy()
+    if settings.flatten_solvent:
+        start = start * _solvent_mask(settings, box, apix)
+    refs = np.repeat(start[None].astype(np.float32), K, axis=0)
+    if settings.ini_high > 0:
+        shell = int(round(box * apix / settings.ini_high))
+    else:
+        shell = box // 2 - 1
+    current = min(shell + settings.incr_size, box // 2 - 1)
+    if settings.strict_highres_exp > 0:
+        current = min(current, int(np.ceil(box * apix / settings.strict_highres_exp)))
+    sigma_off = settings.offset_range * apix / 3.0
+    model = ModelState(box=box, apix=apix, n_classes=K, n_groups=n_groups, refs=refs,
+                       pdf_class=np.full(K, 1.0 / K), sigma2=sigma2,
+                       tau2=np.repeat(tau2_ref[None], K, axis=0),
+                       ssnr=np.zeros((K, n_shells)), class_resolution_shell=np.zeros(K, int),
+                       sigma_offset_angst=max(sigma_off, 1.0), current_shell=int(current))
+    df = table.df
+    model.part_class = np.zeros(n, dtype=np.int64)
+    if "rlnClassNumber" in df.columns and settings.skip_align:
+        model.part_class = np.clip(df["rlnClassNumber"].to_numpy(int) - 1, 0, K - 1)
+    model.part_eulers = np.stack([df[c].to_numpy(np.float64) if c in df.columns else np.zeros(n)
+                                  for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], axis=1)
+    model.part_origin_angst = np.stack([df["rlnOriginXAngst"].to_numpy(np.float64),
+                                        df["rlnOriginYAngst"].to_numpy(np.float64)], axis=1)
+    model.part_pmax = np.zeros(n)
+    model.part_nsig = np.zeros(n, dtype=np.int64)
+    model.part_loglik = np.zeros(n)
+    model.part_acc_rot = np.zeros(n)
+    model.part_acc_trans_px = np.zeros(n)
+    return model
+
+
+def _image_mask(settings, box, apix, xp):
+    if not settings.zero_mask:
+        return None
+    diameter = settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+    return soft_circle_mask(box, diameter / (2 * apix), 5.0, xp=xp).astype(xp.float32)
+
+
+def _solvent_mask(settings, box, apix):
+    if settings.solvent_mask:
+        mask, _ = read_map(settings.solvent_mask)
+        if mask.shape != (box, box, box):
+            raise CryoClassError(f"{settings.solvent_mask}: mask box {mask.shape[0]} differs "
+                                 f"from the particles' {box}; resample the mask (--solvent_mask)")
+        return np.clip(mask, 0, 1).astype(np.float32)
+    diameter = settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+    return soft_sphere_mask(box, diameter / (2 * apix), 5.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- one block
+
+def prepare_block(settings, model, images, indices, groups, ctfp, ky, kx, pixel_shell,
+                  n_cur, xp, mask2d):
+    """Images of ``indices`` as a :class:`.search.BlockData` (plus shell power beyond
+    the current radius, for the noise estimate)."""
+    box = model.box
+    imgs = xp.asarray(images.get(indices), dtype=xp.float32)
+    if mask2d is not None:
+        imgs = imgs * mask2d
+    f = fft_centered(imgs, axes=(1, 2)).astype(xp.complex64)
+    f = f[:, ky + box // 2, kx + box // 2]                                  # (B, n_all)
+    origin_px = model.part_origin_angst[indices] / model.apix
+    # Re-centre by the current origin (RELION sign: shift the image by +origin).
+    phase = xp.exp(xp.asarray(-2j * np.pi / box, dtype=xp.complex64)
+                   * (xp.asarray(origin_px[:, 0:1], dtype=xp.float32) * kx[None].astype(xp.float32)
+                      + xp.asarray(origin_px[:, 1:2], dtype=xp.float32) * ky[None].astype(xp.float32)))
+    f = f * phase.astype(xp.complex64)
+    n_shells = model.n_shells
+    beyond = f[:, n_cur:]
+    power_beyond = xp.zeros((len(indices), n_shells), dtype=xp.float64)
+    sh_beyond = pixel_shell[n_cur:]
+    if beyond.shape[1]:
+        p = (beyond.real ** 2 + beyond.imag ** 2).astype(xp.float64)
+        for j in range(len(indices)):
+            power_beyond[j] = xp.bincount(sh_beyond, weights=p[j], minlength=n_shells)[:n_shells]
+    count_beyond = to_numpy(xp.bincount(sh_beyond, minlength=n_shells)[:n_shells]) if beyond.shape[1] \
+        else np.zeros(n_shells)
+    kx_c = kx[:n_cur].astype(xp.float32)[None] / (box * model.apix)
+    ky_c = ky[:n_cur].astype(xp.float32)[None] / (box * model.apix)
+    if settings.ctf:
+        params = {k: v[indices][:, None] for k, v in ctfp.items()}
+        ctf = ctf_values(kx_c, ky_c, **params, phase_flipped=settings.ctf_phase_flipped,
+                         intact_first_peak=settings.ctf_intact_first_peak).astype(xp.float32)
+    else:
+        ctf = xp.ones((len(indices), n_cur), dtype=xp.float32)
+    g = groups[indices]
+    sigma2 = xp.asarray(model.sigma2[g][:, to_numpy(pixel_shell[:n_cur])], dtype=xp.float32)
+    block = search.BlockData(images_f=f[:, :n_cur], ctf=ctf, inv_sigma2=1.0 / sigma2,
+                             group=g, origin_px=origin_px.astype(np.float32))
+    return block, to_numpy(power_beyond), count_beyond
+
+
+# ----------------------------------------------------------------------------- iterations
+
+def fast_subset_size(iteration, n_particles, n_classes):
+    """Particles used in an early iteration with ``--fast_subsets`` (all from 16 on)."""
+    if iteration <= 5:
+        size = 100 * n_classes
+    elif iteration <= 10:
+        size = 300 * n_classes
+    elif iteration <= 15:
+        size = 1000 * n_classes
+    else:
+        size = n_particles
+    return min(n_particles, size)
+
+
+class Refinement:
+    def __init__(self, settings, log=print):
+        self.s = settings
+        self.log = log
+        self.comm = get_comm()
+        self.xp, self.device = select_backend(settings.gpu is not None, settings.gpu or "",
+                                              self.comm.rank)
+        self._limit_threads()
+        self.table = read_particles(settings.input_star, require_ctf=settings.ctf)
+        self.box, self.apix = self.table.box, self.table.apix
+        self._validate()
+        self.images = ImageSource(self.table, preread=settings.preread_images,
+                                  scratch_dir=settings.scratch_dir or None)
+        self.groups, self.group_names = _group_index(self.table.df)
+        self.group_counts = np.bincount(self.groups, minlength=len(self.group_names))
+        self.ctfp = ctf_params(self.table.df) if settings.ctf else None
+        self.orientations = OrientationGrid(settings.healpix_order, sym=settings.sym)
+        self.translations = TranslationGrid(settings.offset_range, settings.offset_step)
+        self.solvent_mask = (_solvent_mask(settings, self.box, self.apix)
+                             if settings.flatten_solvent else None)
+        self.mask2d = _image_mask(settings, self.box, self.apix, self.xp)
+        from .symmetry import symmetrize, symmetry_order
+        self.symmetrise = None if symmetry_order(settings.sym) == 1 else \
+            (lambda v: self.xp.asarray(symmetrize(to_numpy(v), settings.sym)))
+
+    def _limit_threads(self):
+        try:
+            from threadpoolctl import threadpool_limits
+            self._threads = threadpool_limits(limits=max(1, int(self.s.threads)))
+        except Exception:
+            self._threads = None
+
+    def _validate(self):
+        s = self.s
+        if s.n_classes < 1:
+            raise CryoClassError(f"--K {s.n_classes}: the number of classes must be >= 1")
+        if s.particle_diameter > self.box * self.apix:
+            raise CryoClassError(
+                f"--particle_diameter {s.particle_diameter:g} A is larger than the box "
+                f"({self.box} px x {self.apix:g} A = {self.box * self.apix:g} A); give a "
+                "smaller mask diameter")
+        if not s.continue_from:
+            check_map_matches(s.ref, self.box, self.apix)
+        if s.offset_step <= 0:
+            raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
+
+    # ------------------------------------------------------------------ start / continue
+    def start(self):
+        s = self.s
+        if s.continue_from:
+            return self._load_continue()
+        ref, _ = read_map(s.ref)
+        rng = np.random.default_rng([s.random_seed, 0])
+        model = _initial_model(s, self.table, self.images, ref.astype(np.float32), self.apix,
+                               self.groups, len(self.group_names), self.comm, rng)
+        if self.comm.rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(s.output_root)), exist_ok=True)
+            write_iteration(s.output_root, 0, model, self.table, s, self.orientations,
+                            self.translations, self.group_names, self.group_counts)
+        return model
+
+    def _load_continue(self):
+        path = self.s.continue_from
+        if not os.path.exists(path):
+            raise CryoClassError(f"--continue {path}: file not found; give an existing "
+                                 "<root>_itNNN_optimiser.star")
+        if not path.endswith("_optimiser.star"):
+            raise CryoClassError(f"--continue {path}: expected a <root>_itNNN_optimiser.star "
+                                 "file written by a previous run")
+        state = path[: -len("_optimiser.star")] + "_state.npz"
+        if not os.path.exists(state):
+            raise CryoClassError(f"--continue {path}: its state file {state} is missing; "
+                                 "continue from an earlier complete iteration")
+        model = ModelState.load(state)
+        if model.box != self.box or model.n_classes != self.s.n_classes:
+            raise CryoClassError(f"--continue {path}: the run had box {model.box} and "
+                                 f"{model.n_classes} classes; use the same --i and --K")
+        return model
+
+    # ------------------------------------------------------------------ one iteration
+    def iterate(self, model, iteration):
+        s, xp, comm = self.s, self.xp, self.comm
+        t0 = time.time()
+        n = len(self.table)
+        rng = np.random.default_rng([s.random_seed, iteration])
+        if s.fast_subsets:
+            size = fast_subset_size(iteration, n, s.n_classes)
+            subset = np.sort(rng.permutation(n)[:size]) if size < n else np.arange(n)
+        else:
+            subset = np.arange(n)
+        allowed = None
+        if iteration == 1 and s.n_classes > 1 and not s.skip_align:
+            # RELION's random seeding: each particle contributes to one random class.
+            allowed = rng.integers(0, s.n_classes, size=n)
+        use_cc = s.firstiter_cc and iteration == 1
+
+        box = self.box
+        n_cur_shell = model.current_shell
+        ky_all, kx_all = half_plane_pixels(box, box // 2, xp)
+        radius2 = (kx_all.astype(xp.float64) ** 2 + ky_all.astype(xp.float64) ** 2)
+        pixel_shell = xp.rint(xp.sqrt(radius2)).astype(xp.int64)
+        n_cur = int(to_numpy((pixel_shell <= n_cur_shell).sum()))
+        coarse_shell = min(n_cur_shell, _coarse_shell(s, box, self.apix,
+                                                      self.orientations.angular_step_deg))
+        n_coarse = int(to_numpy((pixel_shell <= coarse_shell).sum()))
+        ky, kx = ky_all[:n_cur], kx_all[:n_cur]
+
+        projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
+                      for k in range(s.n_classes)]
+        coarse_mats = xp.asarray(self.orientations.matrices)
+        coarse = xp.concatenate([p.project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
+                                 for p in projectors], axis=0)
+        log_prior = xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)), dtype=xp.float32)
+        setup = search.SearchSetup(
+            box=box, n_coarse=n_coarse, ky=ky, kx=kx, pixel_shell=pixel_shell[:n_cur],
+            n_classes=s.n_classes, orientations=self.orientations,
+            translations=self.translations, oversampling=s.oversampling,
+            coarse_pair=estep.as_real_pair(coarse),
+            coarse_power=(coarse.real ** 2 + coarse.imag ** 2),
+            projectors=projectors, log_class_prior=log_prior,
+            sigma_offset_px=model.sigma_offset_angst / self.apix,
+            adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
+            use_cc=use_cc)
+        acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
+        m = len(subset)
+        res = {"class": np.zeros(m), "eulers": np.zeros((m, 3)), "origin_px": np.zeros((m, 2)),
+               "pmax": np.zeros(m), "loglik": np.zeros(m), "acc_rot": np.zeros(m),
+               "acc_trans_px": np.zeros(m), "nsig": np.zeros(m)}
+        lo, hi = split_range(m, comm.rank, comm.size)
+        progress = _Progress(hi - lo, iteration, s.n_iter, enabled=comm.rank == 0)
+        for start in range(lo, hi, s.block_size):
+            stop = min(hi, start + s.block_size)
+            idx = subset[start:stop]
+            block, pw_beyond, cnt_beyond = prepare_block(
+                s, model, self.images, idx, self.groups, self.ctfp, ky_all, kx_all,
+                pixel_shell, n_cur, xp, self.mask2d)
+            if allowed is not None:
+                block.allowed_class = allowed[idx]
+            acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
+            sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
+            res["nsig"][start - 0:stop] = n_sig
+            search.fine_pass(setup, block, sig_t, sig_kr, acc, xp, res, start)
+            progress.update(stop - start)
+        progress.close()
+        acc.reduce(comm)
+        if comm.size > 1:
+            for key in res:
+                res[key] = to_numpy(comm.allreduce_sum(res[key]))
+        maximise(acc, model, _MStepSettings(s), solvent_mask=None if self.solvent_mask is None
+                 else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
+                 unregularised=use_cc)
+        self._update_particles(model, subset, res)
+        self._update_image_size(model)
+        model.iteration = iteration
+        model.log_likelihood = float(model.part_loglik.sum())
+        elapsed = time.time() - t0
+        model.history.append({"iteration": iteration, "seconds": elapsed})
+        if comm.rank == 0:
+            write_iteration(s.output_root, iteration, model, self.table, s, self.orientations,
+                            self.translations, self.group_names, self.group_counts)
+            self.log(_log_line(model, iteration, elapsed, m))
+        return model
+
+    def _update_particles(self, model, subset, res):
+        old_mats = euler_to_matrix(*model.part_eulers[subset].T)
+        new_mats = euler_to_matrix(*res["eulers"].T)
+        new_class = res["class"].astype(np.int64)
+        new_origin = res["origin_px"] * self.apix
+        model.changes = {
+            "orientations": float(np.mean(angular_distance_deg(old_mats, new_mats))),
+            "offsets": float(np.mean(np.linalg.norm(new_origin - model.part_origin_angst[subset], axis=1))),
+            "classes": float(np.mean(new_class != model.part_class[subset])),
+        }
+        model.part_class[subset] = new_class
+        model.part_eulers[subset] = res["eulers"]
+        model.part_origin_angst[subset] = new_origin
+        model.part_pmax[subset] = res["pmax"]
+        model.part_nsig[subset] = res["nsig"].astype(np.int64)
+        model.part_loglik[subset] = res["loglik"]
+        model.part_acc_rot[subset] = res["acc_rot"]
+        model.part_acc_trans_px[subset] = res["acc_trans_px"]
+
+    def _update_image_size(self, model):
+        """Next E-step radius: best class resolution + ``incr_size`` shells (RELION),
+        never shrinking, capped by ``--strict_highres_exp`` and Nyquist."""
+        s = self.s
+        alive = model.pdf_class > 0.001
+        best = int(model.class_resolution_shell[alive].max()) if alive.any() else 1
+        new = min(max(model.current_shell, best + s.incr_size), self.box // 2 - 1)
+        if s.strict_highres_exp > 0:
+            new = min(new, int(np.ceil(self.box * self.apix / s.strict_highres_exp)))
+        model.current_shell = int(new)
+
+    def run(self):
+        model = self.start()
+        for it in range(model.iteration + 1, self.s.n_iter + 1):
+            model = self.iterate(model, it)
+        return model
+
+
+@dataclass
+class _MStepSettings:
+    tau2_fudge: float
+    gridding: bool
+
+    def __init__(self, s):
+        self.tau2_fudge = s.tau2_fudge
+        self.gridding = s.gridding
+
+
+def _log_line(model, iteration, seconds, n_used):
+    dist = " ".join(f"{p:.3f}" for p in model.pdf_class)
+    res = " ".join(f"{r:.1f}" for r in model.class_resolution_angst())
+    return (f"iter {iteration:3d}  {seconds:7.1f} s  particles {n_used}  "
+            f"E-step res {model.current_resolution_angst():.1f} A  class res [{res}] A  "
+            f"dist [{dist}]  changes: classes {model.changes['classes']:.3f} "
+            f"orient {model.changes['orientations']:.2f} deg "
+            f"offsets {model.changes['offsets']:.2f} A  pmax {np.mean(model.part_pmax):.3f}")
+
+
+class _Progress:
+    """A progress bar with ETA on stderr (rank 0), quiet when not a terminal."""
+
+    def __init__(self, total, iteration, n_iter, enabled=True):
+        self.bar = None
+        if enabled and total > 0:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=f"iter {iteration}/{n_iter}", unit="ptcl",
+                                leave=False, file=sys.stderr, disable=not sys.stderr.isatty()
+                                and not os.environ.get("CRYOCLASS_PROGRESS"))
+            except ImportError:
+                self.bar = None
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,1 @@
+"""Scipion protocols of the cryoclass plugin (installed as ``cryoclass_plugin.protocols``)."""
