@@ -139,12 +139,40 @@ def _integer_x(ax):
 # ---------------------------------------------------------------------------------------
 # maps
 # ---------------------------------------------------------------------------------------
+def _signal_extent(vol, axis, margin_frac=0.08):
+    """(first, last) slice index along ``axis`` where the map rises above its solvent
+    (99th percentile of each slice > 15% of the way from the median slice to the
+    strongest), widened by a margin; the whole axis when nothing stands out."""
+    v = np.moveaxis(np.asarray(vol, dtype=np.float32), _AXES[axis], 0)
+    size = v.shape[0]
+    prof = np.percentile(v.reshape(size, -1), 99, axis=1)
+    base, peak = float(np.median(prof)), float(prof.max())
+    if not peak > base:
+        return 0, size - 1
+    on = np.nonzero(prof > base + 0.15 * (peak - base))[0]
+    if len(on) == 0:
+        return 0, size - 1
+    m = int(round(margin_frac * size))
+    lo, hi = max(0, int(on[0]) - m), min(size - 1, int(on[-1]) + m)
+    c = size // 2                      # keep the centre inside, symmetric looks better
+    half = max(c - lo, hi - c)
+    return max(0, c - half), min(size - 1, c + half)
+
+
+def _widen(lo, hi, n, size):
+    extra = n - (hi - lo + 1)
+    lo = max(0, lo - (extra + 1) // 2)
+    hi = min(size - 1, lo + n - 1)
+    return max(0, hi - n + 1), hi
+
+
 def map_slices_figure(vol, apix=None, axis="z", n_slices=None, max_cols=8, title=None,
                       contrast=None, panel_size=1.25):
     """A grid of slices of one map perpendicular to ``axis`` ('z', 'y' or 'x').
 
     ``n_slices``: how many evenly spaced slices (default all up to a box of 40, else
-    32 spanning the box); the central slice is always one of them.  One greyscale
+    32 spanning the part of the box that holds the particle, see
+    :func:`_signal_extent`); the central slice is always one of them.  One greyscale
     for the whole map (``contrast`` = (vmin, vmax) to impose one).
     """
     vol = np.asarray(vol)
@@ -156,32 +184,47 @@ def map_slices_figure(vol, apix=None, axis="z", n_slices=None, max_cols=8, title
     if n_slices is None:
         n_slices = size if size <= 40 else 32
     n_slices = max(1, min(int(n_slices), size))
-    idx = np.unique(np.round(np.linspace(0, size - 1, n_slices)).astype(int))
+    lo, hi = (0, size - 1) if n_slices >= size else _signal_extent(vol, axis)
+    if hi - lo + 1 < n_slices:
+        lo, hi = _widen(lo, hi, n_slices, size)
+    idx = np.unique(np.round(np.linspace(lo, hi, n_slices)).astype(int))
     centre = size // 2
     if centre not in idx:
         idx[np.argmin(np.abs(idx - centre))] = centre
         idx = np.unique(idx)
     vmin, vmax = contrast if contrast is not None else map_contrast(vol)
     nrows, ncols = _grid(len(idx), max_cols)
-    fig = _figure(ncols * panel_size + 0.9, nrows * panel_size + 0.7)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    im = None
-    for ax, i in zip(axes.flat, idx):
-        im = ax.imshow(_take(vol, axis, i), cmap="gray", vmin=vmin, vmax=vmax,
-                       interpolation="nearest")
+    # one montage image (fast to draw whatever the number of slices), white gutters
+    first = _take(vol, axis, 0)
+    h, w = first.shape
+    gap = max(1, int(round(0.12 * max(h, w))))
+    mont = np.full((nrows * (h + gap) - gap, ncols * (w + gap) - gap), np.nan, np.float32)
+    for n, i in enumerate(idx):
+        r, c = divmod(n, ncols)
+        mont[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = \
+            _take(vol, axis, i)
+    from matplotlib import colormaps
+    cmap = colormaps["gray"].with_extremes(bad="white")
+    fig = _figure(ncols * panel_size + 1.0, nrows * panel_size * (h + gap) / (w + gap) + 0.6)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(mont), cmap=cmap, vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    for n, i in enumerate(idx):
+        r, c = divmod(n, ncols)
         lab = f"{axis}={i}" + (f" ({(i - centre) * apix:+.0f} {ANGSTROM})" if apix else "")
-        ax.set_title(lab, fontsize=7, pad=2,
-                     fontweight="bold" if i == centre else "normal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in list(axes.flat)[len(idx):]:
-        ax.set_axis_off()
-    if im is not None:
-        cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, aspect=30)
-        cb.ax.tick_params(labelsize=7)
-        cb.set_label("density", fontsize=8)
+        ax.text(c * (w + gap) + 0.04 * w, r * (h + gap) + 0.04 * h, lab, color="#ffd75e",
+                fontsize=6.5, va="top", ha="left",
+                fontweight="bold" if i == centre else "normal")
+    ax.set_axis_off()
+    cb = fig.colorbar(im, ax=ax, shrink=0.6, pad=0.01, aspect=30)
+    cb.ax.tick_params(labelsize=7)
+    cb.set_label("density", fontsize=8)
     box = "x".join(str(s) for s in vol.shape[::-1])
     sub = f"box {box}" + (f", {apix:.2f} {ANGSTROM}/px" if apix else "")
+    if len(idx) < size:
+        step = (idx[-1] - idx[0]) / max(len(idx) - 1, 1)
+        sub += (f"; {axis}={idx[0]}..{idx[-1]}" + (f" every {step:.3g}" if step > 1.01
+                                                     else ""))
     fig.suptitle(f"{title + ' - ' if title else ''}slices along {axis} ({sub})", fontsize=10)
     return fig
 
@@ -478,11 +521,13 @@ def angular_distribution_figure(particles, classes=None, class_info=None,
             lat_ticks = [-60, -30, 0, 30, 60]
             ax.set_yticks(np.radians(lat_ticks))
             ax.set_yticklabels([f"{90 - t}\u00b0" for t in lat_ticks], fontsize=6)
+            # meridians every 60 degrees; their labels would sit on the data, so the
+            # range is given in the axis label instead
             ax.set_xticks(np.radians([-120, -60, 0, 60, 120]))
-            ax.set_xticklabels(["-120\u00b0", "-60\u00b0", "0\u00b0", "60\u00b0",
-                                "120\u00b0"], fontsize=6, color="0.25")
+            ax.set_xticklabels([])
             ax.grid(True, color="0.45", alpha=0.5, lw=0.5)
-            ax.set_xlabel("rot", fontsize=7, labelpad=1)
+            ax.set_xlabel("rot: -180\u00b0 (left) to 180\u00b0 (right), meridians every "
+                          "60\u00b0", fontsize=7, labelpad=2)
             ax.set_ylabel("tilt", fontsize=7, labelpad=1)
         else:
             ax = fig.add_subplot(nrows, ncols, i + 1)

@@ -23,6 +23,7 @@ Nothing here needs a display.
 This module imports neither pyworkflow nor pwem at import time.
 """
 import os
+import re
 import shlex
 import sys
 import time
@@ -239,6 +240,23 @@ def _patch_loaded_pyworkflow(env):
     pw.PYTHON = pwconfig.PYTHON = env["SCIPION_PYTHON"]
 
 
+def setup_for_tests(env_var="CRYOCLASS_TEST_SCIPION_HOME"):
+    """:func:`setup_headless_scipion` for test suites: the root is ``$env_var`` when set
+    (kept afterwards, for inspection), else a fresh temporary folder removed at exit.
+    Every test module may call it at import time; the first call wins."""
+    done = os.environ.get(HEADLESS_ROOT_VAR)
+    if done:
+        return setup_headless_scipion(done)
+    root = os.environ.get(env_var)
+    if not root:
+        import atexit
+        import shutil
+        import tempfile
+        root = tempfile.mkdtemp(prefix="cryoclass-scipion-")
+        atexit.register(shutil.rmtree, root, True)
+    return setup_headless_scipion(root)
+
+
 def _describe(root):
     keys = headless_environment(root).keys()
     env = {k: os.environ.get(k, "") for k in keys}
@@ -294,7 +312,7 @@ def log_tail(prot, n=40):
             continue
         if lines:
             out.append("---- %s (%s) ----" % (label, fn))
-            out.extend(lines)
+            out.extend(re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines)
     return "\n".join(out)
 
 
@@ -327,7 +345,7 @@ def check_finished(prot):
     """Raise :class:`ProtocolFailed` unless ``prot`` finished."""
     if prot.isFinished():
         return prot
-    msg = prot.getErrorMessage() or ""
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", prot.getErrorMessage() or "")
     raise ProtocolFailed("protocol %s (%s) ended with status %s: %s\n%s"
                          % (prot.getRunName(), prot.getClassName(), prot.getStatus(),
                             msg, log_tail(prot)), prot)

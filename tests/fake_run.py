@@ -246,7 +246,7 @@ def make_fake_run(out_dir, rootname="run", n_iter=3, n_classes=3, box=32, apix=4
                 "rlnOriginXAngst": ox, "rlnOriginYAngst": oy,
                 "rlnClassNumber": cls.astype(int),
                 "rlnNormCorrection": np.ones(n_particles),
-                "rlnLogLikelihoodContribution": np.round(llc, 6),
+                "rlnLogLikeliContribution": np.round(llc, 6),   # RELION's label
                 "rlnMaxValueProbDistribution": np.round(pmax, 6),
                 "rlnNrOfSignificantSamples": rng.integers(1, 50, n_particles),
             })

@@ -137,7 +137,9 @@ def figure_angular_distribution(run, it, classes=None, projection="mollweide"):
     data = run.data(it)
     if "rlnClassNumber" in data:
         present = set(data["rlnClassNumber"].astype(int))
-        order = [k for k in run.summary(it)["class"] if k in ks and k in present]
+        # asked-for classes are all shown (an empty one says "0 particles"); by default
+        # only those with particles, largest first
+        order = [k for k in run.summary(it)["class"] if k in ks and (classes or k in present)]
     else:
         order = None
     return angular_distribution_figure(
@@ -216,7 +218,7 @@ def write_report(run_root, out_dir=None, iteration=None, classes=None, slices_ax
     attempt("class_resolution", lambda: figure_class_resolution(run, ks))
     attempt("convergence", lambda: figure_convergence(run))
     attempt("angular_distribution",
-            lambda: figure_angular_distribution(run, it, ks, projection=angdist))
+            lambda: figure_angular_distribution(run, it, classes, projection=angdist))
     for k in ks:
         attempt(f"slices_class{k:03d}", lambda k=k: figure_map_slices(run, it, k, slices_axis))
     cxc = None

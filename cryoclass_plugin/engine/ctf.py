@@ -33,8 +33,8 @@ def ctf_values(kx, ky, defocus_u, defocus_v, defocus_angle_deg, voltage_kv, cs_m
 
     All arguments broadcast: typically ``kx, ky`` have shape ``(1, npix)`` and the
     per-particle parameters ``(n, 1)``, giving ``(n, npix)``.  ``kx``/``ky`` may be numpy
-    or cupy arrays; the result lives on the same device (float64 on numpy, the input's
-    float type on cupy).
+    or cupy arrays; the result lives on the same device, in ``kx``'s float type (float64
+    for non-float ``kx``); per-particle parameters may be numpy arrays or scalars.
     """
     from .backend import get_xp
     xp = get_xp(kx)

@@ -77,7 +77,9 @@ def fsc(vol1, vol2):
     p1 = np.bincount(sh, weights=(np.abs(f1) ** 2).ravel()[keep], minlength=n_shells)
     p2 = np.bincount(sh, weights=(np.abs(f2) ** 2).ravel()[keep], minlength=n_shells)
     denom = np.sqrt(p1 * p2)
-    return np.where(denom > 0, cross / np.maximum(denom, 1e-300), 0.0)
+    # Shells without power (only rounding noise left) report 0, not a random ratio.
+    valid = denom > 1e-24 * max(float(denom.max()), 1e-300)
+    return np.where(valid, cross / np.maximum(denom, 1e-300), 0.0)
 
 
 def fsc_resolution(curve, box, apix, threshold=0.5):

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 
@@ -23,6 +24,8 @@ from .errors import CryoClassError
 
 # Relative tolerance when comparing pixel sizes (headers often carry 3-4 digits only).
 APIX_RTOL = 0.01
+# Stacks kept open (memory-mapped) at once by an ImageSource.
+MAX_OPEN_STACKS = 128
 
 
 def _atomic_tmp(path):
@@ -206,6 +209,17 @@ def copy_to_scratch(paths, scratch_dir):
     return out
 
 
+def _group_by(keys, values):
+    """Yield ``(key, values with that key)`` for each distinct key, in key order."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    for a, b in zip(starts, ends):
+        yield sorted_keys[a], np.asarray(values)[order[a:b]]
+
+
 class ImageSource:
     """Particle images of a :class:`~cryoclass_plugin.engine.star_io.ParticleTable`.
 
@@ -235,7 +249,7 @@ class ImageSource:
         self._check_stacks()
         if scratch_dir:
             self.stack_paths = copy_to_scratch(self.stack_paths, scratch_dir)
-        self._handles = [None] * len(self.stack_paths)
+        self._handles = OrderedDict()  # stack id -> open mmap, least recently used first
         self._cache = None
         if preread:
             self._cache = self._read_all()
@@ -278,10 +292,17 @@ class ImageSource:
                                      "must share a pixel size, rescale or split the set")
 
     def _handle(self, sid):
-        h = self._handles[sid]
+        h = self._handles.get(sid)
         if h is None:
+            # RELION sets have one stack per micrograph (thousands): keep only the most
+            # recently used ones open, below the usual limit of 1024 file descriptors.
+            while len(self._handles) >= MAX_OPEN_STACKS:
+                _, oldest = self._handles.popitem(last=False)
+                oldest.close()
             h = _open_mrc(self.stack_paths[sid], mode="mmap")
             self._handles[sid] = h
+        else:
+            self._handles.move_to_end(sid)
         return h
 
     def _stack_data(self, sid):
@@ -290,11 +311,11 @@ class ImageSource:
 
     def _read_all(self):
         out = np.empty((len(self), self.box, self.box), dtype=np.float32)
-        for sid in range(len(self.stack_paths)):
-            rows = np.flatnonzero(self.stack_ids == sid)
+        for sid, rows in _group_by(self.stack_ids, np.arange(len(self))):
             data = self._stack_data(sid)
             order = np.argsort(self.frames[rows], kind="stable")
             out[rows[order]] = data[self.frames[rows[order]]]
+            self._close_one(sid)
         return out
 
     def get(self, indices):
@@ -303,19 +324,21 @@ class ImageSource:
         if self._cache is not None:
             return self._cache[indices]
         out = np.empty((len(indices), self.box, self.box), dtype=np.float32)
-        sids = self.stack_ids[indices]
-        for sid in np.unique(sids):
-            pos = np.flatnonzero(sids == sid)
+        for sid, pos in _group_by(self.stack_ids[indices], np.arange(len(indices))):
             frames = self.frames[indices[pos]]
             order = np.argsort(frames, kind="stable")  # sequential reads on the mmap
             out[pos[order]] = self._stack_data(sid)[frames[order]]
         return out
 
+    def _close_one(self, sid):
+        h = self._handles.pop(sid, None)
+        if h is not None:
+            h.close()
+
     def close(self):
-        for i, h in enumerate(self._handles):
-            if h is not None:
-                h.close()
-                self._handles[i] = None
+        while self._handles:
+            _, h = self._handles.popitem()
+            h.close()
 
     def __enter__(self):
         return self

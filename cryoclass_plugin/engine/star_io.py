@@ -268,8 +268,8 @@ def read_particles(star_path, apix=None, require_ctf=False):
     has_ctf = "rlnDefocusU" in df.columns
     if require_ctf and not has_ctf:
         raise CryoClassError(f"{path}: data_{block_name} lacks column rlnDefocusU but CTF "
-                             "correction is on; run CTF estimation first or switch CTF "
-                             "correction off (--ctf)")
+                             "correction is on; run CTF estimation first or drop --ctf "
+                             "(no CTF correction)")
     if has_ctf:
         if "rlnDefocusV" not in df.columns:
             df["rlnDefocusV"] = df["rlnDefocusU"]

@@ -368,7 +368,7 @@ def asymmetric_unit_mask(rot_deg, tilt_deg, sym, seam_deg=0.0):
     rot = np.asarray(rot_deg, dtype=np.float64).ravel()
     tilt = np.asarray(tilt_deg, dtype=np.float64).ravel()
     mask = is_in_asymmetric_unit(rot, tilt, sym)
-    if False and parse_symmetry(sym).proper_subgroup().name != "C1":
+    if seam_deg > 0 and parse_symmetry(sym).proper_subgroup().name != "C1":
         idx = np.flatnonzero(mask)
         keep = remove_seam_duplicates(direction_vectors(rot[idx], tilt[idx]), sym, seam_deg)
         mask[idx[~keep]] = False

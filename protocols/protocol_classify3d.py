@@ -1,0 +1,822 @@
+"""cryoclass - 3D classification: RELION's Class3D job as a Scipion protocol.
+
+The form carries the fields of RELION's 3D-classification job (same defaults), the
+steps write the particles as a RELION 3.1 STAR file, run ``cryoclass refine`` with the
+flags RELION's GUI would pass to ``relion_refine`` (through ``runJob``, so Scipion's host
+configuration -- PARALLEL_COMMAND, queues -- applies to the MPI run), and read the last
+iteration back into a SetOfClasses3D and a SetOfVolumes.
+"""
+import glob
+import os
+import re
+import shlex
+
+from pyworkflow.constants import PROD
+from pyworkflow.object import Float, Integer, String
+from pyworkflow.protocol.constants import LEVEL_ADVANCED
+from pyworkflow.protocol.params import (BooleanParam, EnumParam, FloatParam, IntParam,
+                                        LabelParam, PathParam, PointerParam,
+                                        StringParam)
+
+from pwem.constants import ALIGN_PROJ, ALIGN_NONE
+from pwem.objects import SetOfClasses2D, SetOfClasses3D, SetOfVolumes, Volume
+from pwem.protocols import ProtClassify3D
+
+from .. import convert
+from ..constants import (ANGULAR_SAMPLING_DEFAULT, ANGULAR_SAMPLING_LIST, OUTPUT_ROOT,
+                         healpix_order_for_sampling)
+
+_SYM_RE = re.compile(r"^(C\d+[VH]?|CI|CS|D\d+[VH]?|T[DH]?|O[H]?|I[1-5]?H?)$", re.I)
+
+
+def check_symmetry(sym):
+    """``None`` if ``sym`` is a valid RELION point group, else a one-line message.
+
+    Uses the engine's parser (:func:`cryoclass_plugin.engine.symmetry.parse_symmetry`);
+    falls back on RELION's grammar if the engine module is not available."""
+    sym = (sym or "").strip()
+    try:
+        from ..engine.symmetry import parse_symmetry
+    except ImportError:
+        parse_symmetry = None
+    if parse_symmetry is not None:
+        try:
+            parse_symmetry(sym)
+            return None
+        except Exception as exc:  # CryoClassError or ValueError with its own message
+            return "Symmetry '%s' is not valid: %s" % (sym, exc)
+    if not _SYM_RE.match(sym):
+        return ("Symmetry '%s' is not valid: use RELION's point groups, e.g. C1, C4, "
+                "D2, T, O, I1 (I2, I3, I4 for other icosahedral settings)" % sym)
+    return None
+
+
+def gpu_problem():
+    """``None`` if CuPy and a CUDA device are usable here, else the reason (a line)."""
+    try:
+        import cupy
+    except Exception as exc:
+        return ("CuPy is not installed/usable (%s): install the plugin's [gpu] extra "
+                "(pip install 'scipion-em-cryoclass[gpu]') or set 'Use GPU acceleration?' "
+                "to No" % type(exc).__name__)
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        n = 0
+    if n < 1:
+        return ("no CUDA GPU is visible on this machine: set 'Use GPU acceleration?' "
+                "to No (or check CUDA_VISIBLE_DEVICES)")
+    return None
+
+
+class ProtCryoClassClassify3D(ProtClassify3D):
+    """Unsupervised 3D classification of particles into K classes with the bundled
+    cryoclass engine, a re-implementation of RELION's Class3D (empirical Bayesian
+    expectation-maximisation over classes, orientations and translations, with CTF
+    correction and the regularisation parameter T).  Needs particles with CTF, a
+    reference map (strongly low-pass filtered) and, optionally, a mask.
+    """
+    _label = "cryoclass - 3D classification"
+    _devStatus = PROD
+    _possibleOutputs = {"outputClasses": SetOfClasses3D, "outputVolumes": SetOfVolumes}
+
+    # ------------------------------------------------------------------ form
+    def _defineParams(self, form):
+        # ---- I/O
+        form.addSection(label="I/O")
+        form.addParam("doContinue", BooleanParam, default=False,
+                      label="Continue from a previous run?",
+                      help="Yes: start from an iteration of an earlier cryoclass 3D "
+                           "classification run (its particles, reference and model); "
+                           "you can change the number of iterations, T, the sampling "
+                           "and the compute options.")
+        form.addParam("continueRun", PointerParam, pointerClass="ProtCryoClassClassify3D",
+                      condition="doContinue", allowsNull=True,
+                      label="Previous run",
+                      help="The cryoclass 3D classification run to continue.")
+        form.addParam("continueIter", StringParam, default="last",
+                      condition="doContinue",
+                      label="Continue from iteration",
+                      help="'last', or the number of an iteration the previous run "
+                           "wrote (its optimiser.star is the starting point).")
+        form.addParam("inputParticles", PointerParam,
+                      pointerClass="SetOfParticles,SetOfClasses2D",
+                      condition="not doContinue", important=True,
+                      label="Input particles",
+                      help="Particles with CTF and acquisition information, from any "
+                           "protocol; or a set of 2D classes, in which case the "
+                           "particles of its enabled classes are classified.")
+        form.addParam("referenceVolume", PointerParam, pointerClass="Volume",
+                      condition="not doContinue", important=True,
+                      label="Reference map",
+                      help="Starting map. It is low-pass filtered (Reference tab) and "
+                           "the K classes start from random subsets of the data "
+                           "reconstructed against it. It should have the box and "
+                           "pixel size of the particles (or use resampling).")
+        form.addParam("referenceMask", PointerParam, pointerClass="VolumeMask",
+                      condition="not doContinue", allowsNull=True,
+                      label="Reference mask (optional)",
+                      help="Soft mask (values 0-1, 1 = protein) applied to the "
+                           "references every iteration. Without it, a soft spherical "
+                           "mask of the mask diameter (Optimisation tab) is used.")
+
+        # ---- Reference
+        form.addSection(label="Reference")
+        form.addParam("isMapAbsoluteGreyScale", BooleanParam, default=False,
+                      condition="not doContinue",
+                      label="Ref. map is on absolute greyscale?",
+                      help="The likelihood compares reference projections and images "
+                           "through squared differences, so their grey scales must "
+                           "agree. Maps reconstructed by RELION/cryoclass from these "
+                           "particles are; maps from elsewhere usually are not. With "
+                           "No, the first iteration uses a scale-invariant "
+                           "cross-correlation instead (--firstiter_cc); if in doubt, "
+                           "No.")
+        form.addParam("initialLowPassFilterA", FloatParam, default=60.0,
+                      condition="not doContinue",
+                      label="Initial low-pass filter (A)",
+                      help="The reference is low-pass filtered to this resolution "
+                           "before the first iteration, to avoid bias from high "
+                           "frequencies. 0 = no filter.")
+        form.addParam("symmetryGroup", StringParam, default="C1",
+                      condition="not doContinue",
+                      label="Symmetry",
+                      help="Point group imposed on all classes, in RELION's notation "
+                           "(C1, Cn, Dn, T, O, I1...). Classifications normally use "
+                           "C1 and impose symmetry later.")
+        form.addParam("resampleReference", BooleanParam, default=False,
+                      condition="not doContinue",
+                      label="Resample reference/mask to the particles?",
+                      help="Yes: a reference (and mask) with another box or pixel size "
+                           "is resampled (Fourier cropping/padding, then box "
+                           "cropping/padding) to the particles' pixel size and box.")
+
+        # ---- CTF
+        form.addSection(label="CTF")
+        form.addParam("continueMsg", LabelParam, condition="doContinue",
+                      label="CTF options are taken from the run being continued.")
+        form.addParam("doCTF", BooleanParam, default=True, condition="not doContinue",
+                      label="Do CTF-correction?",
+                      help="Yes: the CTF of every particle (from its CTF model) is "
+                           "used in the likelihood and in the reconstruction, which "
+                           "then acts as a Wiener filter. The particles need CTF "
+                           "information.")
+        form.addParam("ignoreCTFUntilFirstPeak", BooleanParam, default=False,
+                      condition="not doContinue and doCTF",
+                      label="Ignore CTFs until first peak?",
+                      help="Yes: the CTF amplitudes are taken as 1 at frequencies below "
+                           "the first CTF peak. Helps when the CTF model is poor at "
+                           "low resolution (e.g. little amplitude contrast); usually "
+                           "No.")
+        form.addParam("phaseFlipNote", LabelParam, condition="not doContinue",
+                      label="Phase-flipped particles are detected from the input set "
+                            "(--ctf_phase_flipped).")
+
+        # ---- Optimisation
+        form.addSection(label="Optimisation")
+        form.addParam("numberOfClasses", IntParam, default=1,
+                      condition="not doContinue",
+                      label="Number of classes",
+                      help="K, the number of 3D classes. Each class starts from the "
+                           "reference reconstructed from a random subset of the "
+                           "particles.")
+        form.addParam("regularisationParamT", FloatParam, default=4.0,
+                      label="Regularisation parameter T",
+                      help="Weight of the data against the prior (the expected power "
+                           "of the signal). Larger T gives more weight to the data: "
+                           "higher resolution but risk of overfitting. 2-4 suits 3D "
+                           "classification.")
+        form.addParam("numberOfIterations", IntParam, default=25,
+                      label="Number of iterations",
+                      help="Iterations of expectation-maximisation. There is no "
+                           "convergence criterion: classes are usually stable after "
+                           "about 25. When continuing, this many iterations are added "
+                           "to the starting iteration.")
+        form.addParam("useFastSubsets", BooleanParam, default=False,
+                      condition="not doContinue",
+                      label="Use fast subsets (for large data sets)?",
+                      help="Yes: early iterations use random subsets (K*100, then "
+                           "K*300 particles, then 30%), later ones all particles.")
+        form.addParam("maskDiameterA", FloatParam, default=200.0,
+                      condition="not doContinue",
+                      label="Mask diameter (A)",
+                      help="Diameter of the soft circular mask applied to the "
+                           "particles (and of the spherical reference mask when no "
+                           "mask is given). It must fit in the box; leave room for "
+                           "the whole particle.")
+        form.addParam("maskZero", BooleanParam, default=True,
+                      condition="not doContinue",
+                      label="Mask individual particles with zeros?",
+                      help="Yes: outside the mask the particle images are set to zero "
+                           "(less noise, better for classification). No: filled with "
+                           "random noise, which avoids correlations between Fourier "
+                           "components.")
+        form.addParam("limitResolEStep", FloatParam, default=-1.0,
+                      label="Limit resolution E-step to (A)",
+                      help="If positive, alignment and classification only use "
+                           "frequencies up to this resolution; 7-12 A helps small or "
+                           "featureless particles and limits overfitting. -1 = no "
+                           "limit.")
+        form.addParam("doBlush", BooleanParam, default=False,
+                      label="Use Blush regularisation?",
+                      help="Yes: a data-driven (denoising network) prior replaces the "
+                           "Gaussian smoothness prior of the M-step (RELION 5's Blush).")
+        form.addParam("randomSeed", IntParam, default=-1, expertLevel=LEVEL_ADVANCED,
+                      label="Random seed",
+                      help="Seed of the random initial split of the data into K "
+                           "classes (--random_seed). Two runs with the same seed and "
+                           "inputs give the same classes. -1 = from the clock, as "
+                           "RELION does.")
+
+        # ---- Sampling
+        form.addSection(label="Sampling")
+        form.addParam("doImageAlignment", BooleanParam, default=True,
+                      label="Perform image alignment?",
+                      help="No: particles keep the orientations and shifts they bring "
+                           "(3D alignment needed) and only the classes are optimised "
+                           "(--skip_align), e.g. for focused classification.")
+        form.addParam("angularSamplingDeg", EnumParam, default=ANGULAR_SAMPLING_DEFAULT,
+                      choices=ANGULAR_SAMPLING_LIST, condition="doImageAlignment",
+                      label="Angular sampling interval (deg)",
+                      help="Step of the orientation search (HEALPix grid on the sphere "
+                           "and in-plane angle), after one oversampling step. 7.5 "
+                           "degrees is usually enough for classification.")
+        form.addParam("offsetSearchRangePix", FloatParam, default=5.0,
+                      condition="doImageAlignment",
+                      label="Offset search range (pix)",
+                      help="Translations are searched in a circle of this radius (in "
+                           "pixels) around the best offset of the previous iteration.")
+        form.addParam("offsetSearchStepPix", FloatParam, default=1.0,
+                      condition="doImageAlignment",
+                      label="Offset search step (pix)",
+                      help="Step of the translational search (pixels); the coarse "
+                           "pass uses twice this step, oversampling refines it.")
+
+        # ---- Helix
+        form.addSection(label="Helix")
+        form.addParam("doHelix", BooleanParam, default=False, condition="not doContinue",
+                      label="Do helical reconstruction?",
+                      help="Helical processing (RELION's Helix tab). Not implemented "
+                           "by the cryoclass engine: the protocol refuses to run with "
+                           "Yes.")
+        helix = "doHelix and not doContinue"
+        form.addParam("helicalTubeInnerDiameter", FloatParam, default=-1, condition=helix,
+                      label="Tube diameter - inner (A)",
+                      help="Inner diameter of the helical tube; -1 = none.")
+        form.addParam("helicalTubeOuterDiameter", FloatParam, default=-1, condition=helix,
+                      label="Tube diameter - outer (A)",
+                      help="Outer diameter of the helical tube.")
+        form.addParam("helicalRangeRot", FloatParam, default=-1, condition=helix,
+                      label="Angular search range - rot (deg)",
+                      help="Local search range of rot; -1 = no restriction.")
+        form.addParam("helicalRangeTilt", FloatParam, default=15, condition=helix,
+                      label="Angular search range - tilt (deg)",
+                      help="Local search range of tilt around 90 degrees.")
+        form.addParam("helicalRangePsi", FloatParam, default=10, condition=helix,
+                      label="Angular search range - psi (deg)",
+                      help="Local search range of psi around the prior.")
+        form.addParam("helicalRangeDistance", FloatParam, default=-1, condition=helix,
+                      label="Range factor of local averaging",
+                      help="Local averaging of orientations along a segment; -1 = off.")
+        form.addParam("doApplyHelicalSymmetry", BooleanParam, default=True,
+                      condition=helix, label="Apply helical symmetry?",
+                      help="Impose twist and rise on the reconstructions.")
+        form.addParam("helicalNrAsu", IntParam, default=1,
+                      condition=helix + " and doApplyHelicalSymmetry",
+                      label="Number of unique asymmetrical units",
+                      help="Asymmetrical units per segment box.")
+        form.addParam("helicalTwistInitial", FloatParam, default=0,
+                      condition=helix + " and doApplyHelicalSymmetry",
+                      label="Initial helical twist (deg)", help="Starting twist.")
+        form.addParam("helicalRiseInitial", FloatParam, default=0,
+                      condition=helix + " and doApplyHelicalSymmetry",
+                      label="Initial helical rise (A)", help="Starting rise.")
+        form.addParam("helicalZPercentage", FloatParam, default=30,
+                      condition=helix + " and doApplyHelicalSymmetry",
+                      label="Central Z length (%)",
+                      help="Central part of the box used to impose helical symmetry.")
+        form.addParam("doLocalSearchHelicalSymmetry", BooleanParam, default=False,
+                      condition=helix + " and doApplyHelicalSymmetry",
+                      label="Do local searches of symmetry?",
+                      help="Refine twist and rise within the ranges below.")
+        local = helix + " and doApplyHelicalSymmetry and doLocalSearchHelicalSymmetry"
+        for name, label in (("helicalTwistMin", "Twist search - min (deg)"),
+                            ("helicalTwistMax", "Twist search - max (deg)"),
+                            ("helicalTwistStep", "Twist search - step (deg)"),
+                            ("helicalRiseMin", "Rise search - min (A)"),
+                            ("helicalRiseMax", "Rise search - max (A)"),
+                            ("helicalRiseStep", "Rise search - step (A)")):
+            form.addParam(name, FloatParam, default=0, condition=local, label=label,
+                          help="Search range of the helical parameter.")
+        form.addParam("keepTiltPriorFixed", BooleanParam, default=True, condition=helix,
+                      label="Keep tilt-prior fixed?",
+                      help="Keep the tilt prior at 90 degrees.")
+
+        # ---- Compute
+        form.addSection(label="Compute")
+        form.addParam("useParallelDisk", BooleanParam, default=True,
+                      label="Use parallel disc I/O?",
+                      help="Yes: every MPI process reads its own particles from disc. "
+                           "No: the leader reads them and sends them on (for file "
+                           "systems that cope badly with many readers).")
+        form.addParam("pooledParticles", IntParam, default=3,
+                      label="Number of pooled particles",
+                      help="Particles read and processed together per thread; larger "
+                           "pools cost memory and can speed up slow file systems.")
+        form.addParam("skipPadding", BooleanParam, default=False,
+                      label="Skip padding?",
+                      help="Yes: references are not padded before Fourier transforms "
+                           "(--pad 1): faster and lighter, slightly less accurate "
+                           "interpolation. No: 2x padding (--pad 2).")
+        form.addParam("skipGridding", BooleanParam, default=True,
+                      label="Skip gridding?",
+                      help="Yes: skip the gridding correction of the reconstruction "
+                           "(faster, normally as good).")
+        form.addParam("allParticlesRam", BooleanParam, default=False,
+                      label="Pre-read all particles into RAM?",
+                      help="Yes: all particles are held in memory (N x box^2 x 4 "
+                           "bytes), which helps with slow discs.")
+        form.addParam("scratchDir", PathParam, default="",
+                      condition="not allParticlesRam",
+                      label="Copy particles to scratch directory",
+                      help="A fast local folder: the particles are copied there at the "
+                           "start and read from there. Empty = no copy.")
+        form.addParam("combineItersDisc", BooleanParam, default=False,
+                      label="Combine iterations through disc?",
+                      help="Yes: MPI processes exchange their sums through files "
+                           "instead of the network.")
+        form.addParam("doGpu", BooleanParam, default=False,
+                      label="Use GPU acceleration?",
+                      help="Yes: the engine computes on the GPU with CuPy (the "
+                           "plugin's [gpu] extra).")
+        form.addParam("gpusToUse", StringParam, default="", condition="doGpu",
+                      label="Which GPUs to use",
+                      help="Device numbers in RELION's syntax, MPI processes separated "
+                           "by ':' (e.g. 0:1). Empty: processes share the visible "
+                           "devices.")
+        form.addParam("extraParams", StringParam, default="", expertLevel=LEVEL_ADVANCED,
+                      label="Additional arguments",
+                      help="Extra command-line flags for 'cryoclass refine', e.g. "
+                           "--verb 1.")
+
+        form.addParallelSection(threads=1, mpi=1)
+
+    # ------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, self._inputSignature())
+        self._insertFunctionStep(self.runEngineStep, self._getEngineArgs())
+        self._insertFunctionStep(self.createOutputStep)
+
+    def convertInputStep(self, signature):
+        """Write the particles STAR (and reference/mask MRC) the engine reads."""
+        if self.doContinue:
+            self.info("Continue mode: the particles and model come from %s"
+                      % self._continueOptimiser())
+            return
+        parts = self._getParticlesSet()
+        n = convert.write_set_of_particles(
+            parts, self._getFileName("input_star"),
+            out_dir=self._getExtraPath("stacks"),
+            align_type=ALIGN_PROJ if self._needsAlignment() else ALIGN_NONE,
+            write_ctf=bool(self.doCTF), iterator=self._iterInputParticles())
+        self.info("Wrote %d particles to %s" % (n, self._getFileName("input_star")))
+        box, apix = self._particleBox(), parts.getSamplingRate()
+        convert.write_volume_mrc(self.referenceVolume.get(), self._getFileName("reference"),
+                                 box=box, pixel_size=apix)
+        if self.referenceMask.hasValue():
+            convert.write_volume_mrc(self.referenceMask.get(), self._getFileName("mask"),
+                                     box=box, pixel_size=apix)
+
+    def runEngineStep(self, args):
+        import cryoclass_plugin
+        program, lead = cryoclass_plugin.Plugin.getProgram()
+        params = (lead + " " + args).strip()
+        env = self._getEnviron()
+        self.runJob(program, params, env=env,
+                    numberOfMpi=self.numberOfMpi.get(),
+                    numberOfThreads=self.numberOfThreads.get())
+
+    def createOutputStep(self):
+        it = self._lastIter()
+        if it is None:
+            raise RuntimeError("the engine wrote no iteration in %s" % self._getExtraPath())
+        reader = self._getReader(it)
+        info = reader.class_info()
+        parts = self._getParticlesSet()
+        apix = parts.getSamplingRate()
+
+        classes = self._createSetOfClasses3D(self._getImagesForClasses())
+
+        def updateClass(cls):
+            self._fillClass(cls, it, info, apix)
+
+        classes.classifyItems(updateItemCallback=reader.update_particle,
+                              updateClassCallback=updateClass,
+                              itemDataIterator=None, doClone=True)
+        volumes = self._createSetOfVolumes()
+        volumes.setSamplingRate(apix)
+        for k in sorted(info):
+            vol = Volume()
+            vol.setFileName(self._getFileName("class_map", iter=it, ref=k))
+            vol.setSamplingRate(apix)
+            vol.setObjId(k)
+            self._setClassAttributes(vol, info[k], it)
+            volumes.append(vol)
+
+        self._defineOutputs(outputClasses=classes)
+        self._defineOutputs(outputVolumes=volumes)
+        source = self._getSourcePointer()
+        self._defineSourceRelation(source, classes)
+        self._defineSourceRelation(source, volumes)
+        if not self.doContinue:
+            self._defineSourceRelation(self.referenceVolume, classes)
+            self._defineSourceRelation(self.referenceVolume, volumes)
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        if self.doContinue:
+            return self._validateContinue()
+        inp = self.inputParticles.get()
+        ref = self.referenceVolume.get()
+        if inp is None or ref is None:
+            return errors  # the form's required-pointer checks report these
+        parts = self._getParticlesSet()
+        box, apix = self._particleBox(), parts.getSamplingRate()
+        if box % 2:
+            errors.append("The particle box (%d px) is odd: the engine needs an even "
+                          "box; re-extract or crop the particles." % box)
+        if self.doCTF and not parts.hasCTF():
+            errors.append("'Do CTF-correction?' is Yes but the input particles have no "
+                          "CTF information: estimate CTFs and re-extract (or import "
+                          "particles with CTF), or set 'Do CTF-correction?' to No.")
+        if not self.resampleReference:
+            for label, vol in (("Reference map", ref),
+                               ("Reference mask", self.referenceMask.get())):
+                if vol is None:
+                    continue
+                vbox, vapix = vol.getXDim(), vol.getSamplingRate()
+                if vbox != box or abs(vapix - apix) > 1e-3 * apix:
+                    errors.append("%s is %d px at %.3f A/px but the particles are %d px "
+                                  "at %.3f A/px: set 'Resample reference/mask to the "
+                                  "particles?' to Yes (Reference tab) or provide a "
+                                  "matching map." % (label, vbox, vapix, box, apix))
+        if self.maskDiameterA.get() > box * apix:
+            errors.append("Mask diameter %.1f A is larger than the particle box "
+                          "(%d px x %.3f A/px = %.1f A): use at most %.1f A."
+                          % (self.maskDiameterA.get(), box, apix, box * apix, box * apix))
+        if self.maskDiameterA.get() <= 0:
+            errors.append("Mask diameter must be positive (A).")
+        if self.numberOfClasses.get() is None or self.numberOfClasses.get() < 1:
+            errors.append("Number of classes must be at least 1 (got %s)."
+                          % self.numberOfClasses.get())
+        msg = check_symmetry(self.symmetryGroup.get())
+        if msg:
+            errors.append(msg)
+        if self.doHelix:
+            errors.append("Helical reconstruction is not implemented in the cryoclass "
+                          "engine: set 'Do helical reconstruction?' to No.")
+        if not self.doImageAlignment and not parts.hasAlignmentProj():
+            errors.append("'Perform image alignment?' is No, which needs particles with "
+                          "3D alignment (e.g. from a 3D refinement); these have none.")
+        errors += self._validateCommon()
+        return errors
+
+    def _validateCommon(self):
+        errors = []
+        if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
+            errors.append("Number of iterations must be at least 1.")
+        if self.regularisationParamT.get() <= 0:
+            errors.append("Regularisation parameter T must be positive.")
+        if self.doGpu:
+            problem = gpu_problem()
+            if problem:
+                errors.append("GPU acceleration asked for, but %s." % problem)
+        if self.doImageAlignment and (self.offsetSearchStepPix.get() <= 0 or
+                                      self.offsetSearchRangePix.get() < 0):
+            errors.append("Offset search step must be positive and the range >= 0.")
+        return errors
+
+    def _validateContinue(self):
+        errors = []
+        prev = self.continueRun.get()
+        if prev is None:
+            return ["Select the run to continue ('Previous run')."]
+        if prev.getObjId() == self.getObjId():
+            return ["A run cannot continue itself: select another run."]
+        its = prev._iterations()
+        if not its:
+            return ["The run to continue (%s) has no finished iteration." % prev.getRunName()]
+        want = self.continueIter.get().strip().lower()
+        if want != "last":
+            try:
+                itn = int(want)
+            except ValueError:
+                return ["Continue from iteration: 'last' or a number, not '%s'." % want]
+            if itn not in its:
+                errors.append("Iteration %d does not exist in %s (available: %s)."
+                              % (itn, prev.getRunName(), ", ".join(map(str, its))))
+        errors += self._validateCommon()
+        return errors
+
+    def _summary(self):
+        summary = []
+        its = self._iterations()
+        total = self._totalIterations()
+        if its:
+            summary.append("Iteration %d/%d done." % (its[-1], total))
+        else:
+            summary.append("No iteration finished yet (%d planned)." % total)
+        if self.doContinue and self.continueRun.get() is not None:
+            summary.append("Continued from %s, iteration %d."
+                           % (self.continueRun.get().getRunName(), self._continueIter()))
+        parts = self._getParticlesSet(quiet=True)
+        if parts is not None:
+            summary.append("Input: %d particles, %d classes requested."
+                           % (self._countInput(), self._getK()))
+        if hasattr(self, "outputClasses"):
+            for cls in self.outputClasses.iterItems(orderBy="id"):
+                dist = getattr(cls, "_rlnClassDistribution", None)
+                res = getattr(cls, "_rlnEstimatedResolution", None)
+                summary.append("Class %d: %d particles (%.1f%%), resolution %.1f A"
+                               % (cls.getObjId(), cls.getSize(),
+                                  100.0 * (dist.get() if dist else 0.0),
+                                  res.get() if res else 999.0))
+        return summary
+
+    def _methods(self):
+        if not hasattr(self, "outputClasses"):
+            return []
+        sampling = ANGULAR_SAMPLING_LIST[self.angularSamplingDeg.get()]
+        text = ("We classified %d particles into %d 3D classes with cryoclass, a "
+                "re-implementation of RELION's empirical Bayesian 3D classification "
+                "[Scheres2012a, Scheres2012b], running %d iterations with "
+                "regularisation parameter T=%g, a %g A mask diameter"
+                % (self._countInput(), self._getK(), self._totalIterations(),
+                   self.regularisationParamT.get(), self.maskDiameterA.get()))
+        if not self.doContinue:
+            text += (", symmetry %s and a reference low-pass filtered to %g A"
+                     % (self.symmetryGroup.get(), self.initialLowPassFilterA.get()))
+        if self.doImageAlignment:
+            text += (", %s degree angular sampling and %g pixel translational range"
+                     % (sampling, self.offsetSearchRangePix.get()))
+        else:
+            text += ", without image alignment"
+        text += "."
+        if self.doBlush:
+            text += " Blush regularisation [Kimanius2024] was used."
+        text += " Class sizes: %s." % ", ".join(
+            "class %d, %d particles" % (c.getObjId(), c.getSize())
+            for c in self.outputClasses.iterItems(orderBy="id"))
+        return [text]
+
+    def _citations(self):
+        cites = ["Scheres2010", "Scheres2012a", "Scheres2012b"]
+        if self.doGpu:
+            cites.append("Kimanius2016")
+        if self.doBlush:
+            cites.append("Kimanius2024")
+        return cites
+
+    # ------------------------------------------------------------------ utils
+    def _fileTemplates(self):
+        root = self._getExtraPath(OUTPUT_ROOT)
+        return {
+            "input_star": self._getExtraPath("input_particles.star"),
+            "reference": self._getExtraPath("reference.mrc"),
+            "mask": self._getExtraPath("mask.mrc"),
+            "output_root": root,
+            "data": root + "_it%(iter)03d_data.star",
+            "model": root + "_it%(iter)03d_model.star",
+            "optimiser": root + "_it%(iter)03d_optimiser.star",
+            "class_map": root + "_it%(iter)03d_class%(ref)03d.mrc",
+        }
+
+    def _getFileName(self, key, **kwargs):
+        """File names of this run (built from the current working dir every time, so
+        they are right before and after the run is saved)."""
+        return self._fileTemplates()[key] % kwargs
+
+    def _iterations(self):
+        """Iteration numbers with both data.star and model.star written."""
+        root = self._getExtraPath(OUTPUT_ROOT)
+        its = []
+        for fn in glob.glob(root + "_it*_model.star"):
+            m = re.search(r"_it(\d{3,})_model\.star$", fn)
+            if m and os.path.exists(fn.replace("_model.star", "_data.star")):
+                its.append(int(m.group(1)))
+        return sorted(its)
+
+    def _lastIter(self):
+        its = self._iterations()
+        return its[-1] if its else None
+
+    def _continueIter(self):
+        prev = self.continueRun.get()
+        want = (self.continueIter.get() or "last").strip().lower()
+        if want == "last":
+            return prev._lastIter() or 0
+        return int(want)
+
+    def _continueOptimiser(self):
+        return self.continueRun.get()._getFileName("optimiser", iter=self._continueIter())
+
+    def _totalIterations(self):
+        n = self.numberOfIterations.get() or 0
+        if self.doContinue and self.continueRun.get() is not None:
+            try:
+                return self._continueIter() + n
+            except Exception:
+                return n
+        return n
+
+    def _getK(self):
+        if self.doContinue and self.continueRun.get() is not None:
+            return self.continueRun.get()._getK()
+        return int(self.numberOfClasses.get() or 0)
+
+    def _rootProtocol(self):
+        """The run that holds the original inputs (follows continue chains)."""
+        prot = self
+        seen = set()
+        while prot.doContinue and prot.continueRun.get() is not None and id(prot) not in seen:
+            seen.add(id(prot))
+            prot = prot.continueRun.get()
+        return prot
+
+    def _getInputObject(self):
+        return self._rootProtocol().inputParticles.get()
+
+    def _getSourcePointer(self):
+        return self._rootProtocol().inputParticles
+
+    def _getParticlesSet(self, quiet=False):
+        """The particle set the input stands for: the input SetOfParticles, or the
+        images of an input SetOfClasses2D."""
+        inp = self._getInputObject()
+        if inp is None:
+            if quiet:
+                return None
+            raise RuntimeError("no input particles")
+        if isinstance(inp, SetOfClasses2D):
+            return inp.getImages()
+        return inp
+
+    def _getImagesForClasses(self):
+        """The registered particle set the output classes point to (for 2D classes:
+        their images; particles of disabled classes are left out of the classes)."""
+        return self._getParticlesSet()
+
+    def _iterInputParticles(self):
+        """The particles to classify, in id order: all enabled particles of a set, or
+        the enabled particles of the enabled classes of a SetOfClasses2D."""
+        inp = self._getInputObject()
+        if isinstance(inp, SetOfClasses2D):
+            items = []
+            for cls in inp.iterItems(orderBy="id"):
+                if not cls.isEnabled():
+                    continue
+                for part in cls.iterItems(orderBy="id"):
+                    if part.isEnabled():
+                        items.append(part.clone())
+            items.sort(key=lambda p: p.getObjId())
+            return iter(items)
+        return (p for p in inp.iterItems(orderBy="id") if p.isEnabled())
+
+    def _countInput(self):
+        inp = self._getInputObject()
+        if inp is None:
+            return 0
+        if isinstance(inp, SetOfClasses2D):
+            return sum(cls.getSize() for cls in inp.iterItems() if cls.isEnabled())
+        return inp.getSize()
+
+    def _particleBox(self):
+        parts = self._getParticlesSet()
+        dim = parts.getXDim()
+        if not dim:
+            dim = parts.getFirstItem().getXDim()
+        return int(dim)
+
+    def _needsAlignment(self):
+        return not self.doImageAlignment
+
+    def _inputSignature(self):
+        """Changes when the inputs change, so that a re-run redoes the conversion."""
+        if self.doContinue:
+            return "continue:%s" % self.continueRun.getUniqueId()
+        return "%s:%s" % (self.inputParticles.getUniqueId(),
+                          self.referenceVolume.getUniqueId())
+
+    def _getReader(self, it):
+        input_star = self._getFileName("input_star")
+        if self.doContinue:
+            input_star = self._rootProtocol()._getFileName("input_star")
+        return convert.ResultReader(self._getFileName("data", iter=it),
+                                    self._getFileName("model", iter=it),
+                                    input_star=input_star,
+                                    pixel_size=self._getParticlesSet().getSamplingRate())
+
+    def _setClassAttributes(self, obj, info, it):
+        obj._rlnClassDistribution = Float(info["distribution"])
+        obj._rlnEstimatedResolution = Float(info["resolution"])
+        obj._rlnAccuracyRotations = Float(info["accuracy_rot"])
+        obj._rlnAccuracyTranslationsAngst = Float(info["accuracy_trans"])
+        obj._cryoclassModelStar = String(self._getFileName("model", iter=it))
+        obj._cryoclassIteration = Integer(it)
+
+    def _fillClass(self, cls, it, info, apix):
+        k = cls.getObjId()
+        cls.setAlignmentProj()
+        rep = cls.getRepresentative()
+        rep.setFileName(self._getFileName("class_map", iter=it, ref=k))
+        rep.setSamplingRate(apix)
+        if k in info:
+            self._setClassAttributes(cls, info[k], it)
+
+    # ----- engine command line (RELION GUI -> relion_refine mapping)
+    def _getEngineArgs(self):
+        """The flags RELION's Class3D GUI passes to relion_refine, as one string."""
+        args = []
+
+        def add(flag, value=None):
+            args.append(flag if value is None else "%s %s" % (flag, _q(value)))
+
+        # Settings fixed for a run come from the run that started the chain (itself,
+        # unless continuing); the engine, like relion_refine, is also given --i/--K.
+        root = self._rootProtocol()
+        parts = self._getParticlesSet()
+        if self.doContinue:
+            add("--continue", self._continueOptimiser())
+        add("--i", root._getFileName("input_star"))
+        if not self.doContinue:
+            add("--ref", self._getFileName("reference"))
+            if not self.isMapAbsoluteGreyScale:
+                add("--firstiter_cc")
+            add("--ini_high", _num(self.initialLowPassFilterA.get()))
+        add("--sym", root.symmetryGroup.get().strip())
+        add("--K", int(root.numberOfClasses.get()))
+        if root.doCTF:
+            add("--ctf")
+            if root.ignoreCTFUntilFirstPeak:
+                add("--ctf_intact_first_peak")
+            if parts.isPhaseFlipped():
+                add("--ctf_phase_flipped")
+        if root.maskZero:
+            add("--zero_mask")
+        if root.referenceMask.hasValue():
+            add("--solvent_mask", root._getFileName("mask"))
+        if root.useFastSubsets:
+            add("--fast_subsets")
+        if self.doBlush:
+            add("--blush")
+        seed = self.randomSeed.get()
+        if seed is None or seed < 0:
+            seed = root.randomSeed.get()
+        if seed is not None and seed >= 0:
+            add("--random_seed", int(seed))
+        add("--o", self._getFileName("output_root"))
+        add("--iter", self._totalIterations())
+        add("--tau2_fudge", _num(self.regularisationParamT.get()))
+        add("--particle_diameter", _num(root.maskDiameterA.get()))
+        if self.limitResolEStep.get() > 0:
+            add("--strict_highres_exp", _num(self.limitResolEStep.get()))
+        add("--flatten_solvent")
+        add("--norm")
+        add("--scale")
+        if self.doImageAlignment:
+            add("--healpix_order", healpix_order_for_sampling(self.angularSamplingDeg.get()))
+            add("--oversampling", 1)
+            add("--offset_range", _num(self.offsetSearchRangePix.get()))
+            add("--offset_step", _num(2 * self.offsetSearchStepPix.get()))
+        else:
+            add("--skip_align")
+        add("--pad", 1 if self.skipPadding else 2)
+        if self.skipGridding:
+            add("--skip_gridding")
+        if not self.useParallelDisk:
+            add("--no_parallel_disc_io")
+        add("--pool", int(self.pooledParticles.get()))
+        if self.allParticlesRam:
+            add("--preread_images")
+        elif (self.scratchDir.get() or "").strip():
+            add("--scratch_dir", self.scratchDir.get().strip())
+        if not self.combineItersDisc:
+            add("--dont_combine_weights_via_disc")
+        if self.doGpu:
+            args.append("--gpu %s" % shlex.quote((self.gpusToUse.get() or "").strip()))
+        add("--j", int(self.numberOfThreads.get() or 1))
+        extra = (self.extraParams.get() or "").strip()
+        if extra:
+            args.append(extra)
+        return " ".join(args)
+
+
+def _q(value):
+    return shlex.quote(str(value))
+
+
+def _num(x):
+    """Numbers as RELION writes them on its command lines (no trailing .0)."""
+    x = float(x)
+    return str(int(x)) if x == int(x) else repr(x)

@@ -1,0 +1,542 @@
+"""The cryoclass protocols in real (headless) pyworkflow projects.
+
+Fast tests (conversions, command line, validation) need no engine run.  Tests marked
+``needs_engine`` run ``cryoclass refine`` through the protocol (2 MPI processes on tiny
+simulated data) and are skipped when the engine command is not available.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# Must run before anything imports pyworkflow/pwem.
+from cryoclass_plugin.scipion_env import (ProtocolFailed, create_project, launch,
+                                          setup_for_tests)
+
+ENV = setup_for_tests()
+
+from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes  # noqa: E402
+from pwem.protocols import ProtUserSubSet  # noqa: E402
+
+from cryoclass_plugin import convert  # noqa: E402
+from cryoclass_plugin.protocols import (ProtCryoClassClassify3D,  # noqa: E402
+                                        ProtCryoClassImportParticles,
+                                        ProtCryoClassSelectClasses)
+from cryoclass_plugin.protocols.protocol_classify3d import gpu_problem  # noqa: E402
+from cryoclass_plugin.protocols.protocol_select_classes import (mean_ssnr,  # noqa: E402
+                                                                parse_class_numbers)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# Tiny data: 150 particles of 32 px at 6 A/px (a 192 A box), two classes.
+N_PARTS, BOX, APIX, N_CLASSES, SNR, SEED = 150, 32, 6.0, 2, 2.0, 5
+MASK_DIAMETER = 180
+ITERATIONS = 6
+
+
+def _engine_ready():
+    bindir = os.path.dirname(sys.executable)
+    exe = shutil.which("cryoclass", path=bindir + os.pathsep + os.environ.get("PATH", ""))
+    if not exe:
+        return False
+    try:
+        out = subprocess.run([exe, "refine", "--help"], capture_output=True, text=True,
+                             timeout=120)
+    except Exception:
+        return False
+    return out.returncode == 0 and "--K" in out.stdout and "--continue" in out.stdout
+
+
+ENGINE_READY = _engine_ready()
+needs_engine = pytest.mark.skipif(not ENGINE_READY,
+                                  reason="'cryoclass refine' is not available yet")
+
+
+def _ids(obj):
+    return sorted(int(p.getObjId()) for p in obj.iterItems())
+
+
+def _write_mrc(path, data, apix):
+    import mrcfile
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(np.asarray(data, dtype=np.float32))
+        m.voxel_size = apix
+    return str(path)
+
+
+def _sphere(box, radius_px):
+    z, y, x = np.mgrid[:box, :box, :box] - box // 2
+    return (np.sqrt(x * x + y * y + z * z) <= radius_px).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    simulate = pytest.importorskip("cryoclass_plugin.engine.simulate")
+    out = tmp_path_factory.mktemp("sim")
+    res = simulate.simulate_dataset(str(out), n=N_PARTS, box=BOX, apix=APIX, snr=SNR,
+                                    n_classes=N_CLASSES, seed=SEED)
+    # a copy of the particles with made-up 2D classes (1, 2, 3 in turn), for the
+    # SetOfClasses2D upstream test
+    star = convert.read_star(res["particles_star"])
+    parts = star["particles"].copy()
+    parts["rlnClassNumber"] = (np.arange(len(parts)) % 3) + 1
+    convert.write_star(str(out / "particles_2d.star"),
+                       {"optics": star["optics"], "particles": parts})
+    res["particles_2d_star"] = str(out / "particles_2d.star")
+    res["dir"] = str(out)
+    return res
+
+
+@pytest.fixture(scope="module")
+def project():
+    return create_project("TestCryoClassProtocols")
+
+
+@pytest.fixture(scope="module")
+def inputs(project, sim):
+    """Imported particles (with CTF), reference, mask, and odd inputs for validation."""
+    d = sim["dir"]
+    parts = launch(project, project.newProtocol(
+        ProtCryoClassImportParticles, starFile=sim["particles_star"]))
+    ref = launch(project, project.newProtocol(
+        ProtImportVolumes, filesPath=sim["ref"], samplingRate=APIX))
+    mask_fn = _write_mrc(os.path.join(d, "mask.mrc"), _sphere(BOX, BOX // 2 - 2), APIX)
+    mask = launch(project, project.newProtocol(
+        ProtImportMask, maskPath=mask_fn, samplingRate=APIX))
+    # a reference with another box and pixel size (40 px at 4.8 A/px = 192 A)
+    big_fn = _write_mrc(os.path.join(d, "ref40.mrc"),
+                        convert.resample_volume(_read_map(sim["ref"]), APIX, 4.8, 40), 4.8)
+    big = launch(project, project.newProtocol(
+        ProtImportVolumes, filesPath=big_fn, samplingRate=4.8))
+    # particles without CTF (plain stack import)
+    noctf = launch(project, project.newProtocol(
+        ProtImportParticles, filesPath=sim["particles_mrcs"], samplingRate=APIX))
+    classes2d = launch(project, project.newProtocol(
+        ProtCryoClassImportParticles, starFile=sim["particles_2d_star"],
+        importClasses2D=True))
+    return {"particles": parts.outputParticles, "ref": ref.outputVolume,
+            "mask": mask.outputMask, "ref40": big.outputVolume,
+            "noctf": noctf.outputParticles, "classes2d_prot": classes2d}
+
+
+def _read_map(fn):
+    import mrcfile
+    with mrcfile.open(fn, permissive=True) as m:
+        return np.asarray(m.data, dtype=np.float32)
+
+
+def _classifier(project, inputs, **kwargs):
+    params = dict(numberOfClasses=N_CLASSES, numberOfIterations=ITERATIONS,
+                  maskDiameterA=MASK_DIAMETER, initialLowPassFilterA=30,
+                  angularSamplingDeg=2, offsetSearchRangePix=3, randomSeed=11)
+    params.update(kwargs)
+    prot = project.newProtocol(ProtCryoClassClassify3D, **params)
+    prot.inputParticles.set(inputs["particles"])
+    prot.referenceVolume.set(inputs["ref"])
+    return prot
+
+
+# --------------------------------------------------------------------------- conversions
+def test_alignment_matrix_follows_relion_and_engine_conventions():
+    from cryoclass_plugin.engine.geometry import euler_to_matrix
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        rot, psi = rng.uniform(-180, 180, 2)
+        tilt = rng.uniform(1, 179)
+        ox, oy = rng.uniform(-10, 10, 2)
+        M = convert.row_to_alignment_matrix(rot, tilt, psi, ox, oy, APIX)
+        A = euler_to_matrix(rot, tilt, psi)
+        # M = inv([[A, -o], [0, 1]]) (scipion-em-relion's ALIGN_PROJ): rotation A^T,
+        # translation A^T o with o the origin in pixels
+        assert np.allclose(M[:3, :3], A.T, atol=1e-9)
+        assert np.allclose(M[:3, 3], A.T @ np.array([ox, oy, 0.0]) / APIX, atol=1e-9)
+        back = convert.alignment_to_row(M, APIX)
+        assert np.allclose(euler_to_matrix(back["rlnAngleRot"], back["rlnAngleTilt"],
+                                           back["rlnAnglePsi"]), A, atol=1e-9)
+        assert back["rlnOriginXAngst"] == pytest.approx(ox)
+        assert back["rlnOriginYAngst"] == pytest.approx(oy)
+
+
+def test_locations():
+    assert convert.location_to_relion(3, "a/b.mrcs:mrcs") == "000003@a/b.mrcs"
+    assert convert.relion_to_location("000012@x/y.mrcs") == (12, "x/y.mrcs")
+    assert convert.relion_to_location("x/y.mrc") == (1, "x/y.mrc")
+
+
+def test_resample_volume_keeps_centre_and_greyscale():
+    box = 48
+    z, y, x = np.mgrid[:box, :box, :box] - box // 2
+    blob = np.exp(-(x ** 2 + (y - 3) ** 2 + z ** 2) / (2 * 4.0 ** 2)).astype(np.float32)
+    out = convert.resample_volume(blob, 2.0, 4.0, 32)
+    assert out.shape == (32, 32, 32)
+    peak = np.unravel_index(np.argmax(out), out.shape)
+    assert peak == (16, 16 + 1, 16) or peak == (16, 16 + 2, 16)  # y = +3 px at 2 A -> 1.5
+    # the integral over the object scales with the voxel volume
+    assert out.sum() * 4.0 ** 3 == pytest.approx(blob.sum() * 2.0 ** 3, rel=1e-3)
+
+
+def test_star_written_for_the_engine(project, inputs, tmp_path):
+    from cryoclass_plugin.engine import star_io
+    from cryoclass_plugin.engine.mrc_io import ImageSource
+    parts = inputs["particles"]
+    star = str(tmp_path / "in.star")
+    n = convert.write_set_of_particles(parts, star, out_dir=str(tmp_path / "stacks"))
+    assert n == parts.getSize() == N_PARTS
+    table = star_io.read_particles(star)
+    assert table.box == BOX and table.apix == pytest.approx(APIX) and table.has_ctf
+    assert list(table.df["rlnImageId"]) == _ids(parts)
+    first = parts.getFirstItem()
+    row = table.df.iloc[0]
+    assert row["rlnDefocusU"] == pytest.approx(first.getCTF().getDefocusU())
+    assert row["rlnDefocusAngle"] == pytest.approx(first.getCTF().getDefocusAngle())
+    assert row["rlnVoltage"] == pytest.approx(first.getAcquisition().getVoltage())
+    img = ImageSource(table).get([0, 5])
+    stack = _read_map(convert.strip_format(first.getFileName()))
+    assert np.allclose(img[0], stack[0]) and np.allclose(img[1], stack[5])
+
+
+def test_import_protocol_reads_ctf_and_classes(inputs):
+    parts = inputs["particles"]
+    assert parts.getSize() == N_PARTS and parts.hasCTF()
+    assert parts.getSamplingRate() == pytest.approx(APIX) and parts.getXDim() == BOX
+    assert parts.getAcquisition().getVoltage() == pytest.approx(300.0)
+    classes = inputs["classes2d_prot"].outputClasses2D
+    assert classes.getSize() == 3
+    assert sum(c.getSize() for c in classes) == N_PARTS
+
+
+# --------------------------------------------------------------------------- command line
+def test_engine_command_line_maps_relion_gui(project, inputs):
+    prot = _classifier(project, inputs)
+    args = prot._getEngineArgs().split()
+
+    def value(flag):
+        return args[args.index(flag) + 1]
+
+    for flag in ("--firstiter_cc", "--ctf", "--zero_mask", "--flatten_solvent", "--norm",
+                 "--scale", "--skip_gridding", "--dont_combine_weights_via_disc"):
+        assert flag in args, flag
+    assert value("--K") == "2" and value("--iter") == str(ITERATIONS)
+    assert value("--tau2_fudge") == "4" and value("--particle_diameter") == "180"
+    assert value("--ini_high") == "30" and value("--sym") == "C1"
+    assert value("--healpix_order") == "2" and value("--oversampling") == "1"
+    assert value("--offset_range") == "3" and value("--offset_step") == "2"
+    assert value("--pad") == "2" and value("--pool") == "3" and value("--j") == "1"
+    assert value("--random_seed") == "11"
+    assert value("--i").endswith("extra/input_particles.star")
+    assert value("--o").endswith("extra/cryoclass")
+    for flag in ("--skip_align", "--solvent_mask", "--strict_highres_exp", "--gpu",
+                 "--blush", "--fast_subsets", "--preread_images", "--ctf_intact_first_peak"):
+        assert flag not in args, flag
+
+    prot = _classifier(project, inputs, isMapAbsoluteGreyScale=True, angularSamplingDeg=3,
+                       offsetSearchStepPix=1.5, skipPadding=True, limitResolEStep=10,
+                       doBlush=True, useFastSubsets=True, allParticlesRam=True,
+                       ignoreCTFUntilFirstPeak=True, doGpu=True, gpusToUse="0:1",
+                       numberOfThreads=3, skipGridding=False, combineItersDisc=True)
+    prot.referenceMask.set(inputs["mask"])
+    args = prot._getEngineArgs().split()
+    assert "--firstiter_cc" not in args and "--skip_gridding" not in args
+    assert "--dont_combine_weights_via_disc" not in args
+    assert value("--healpix_order") == "3" and value("--offset_step") == "3"
+    assert value("--pad") == "1" and value("--strict_highres_exp") == "10"
+    assert value("--gpu") == "0:1" and value("--j") == "3"
+    assert value("--solvent_mask").endswith("extra/mask.mrc")
+    for flag in ("--blush", "--fast_subsets", "--preread_images", "--ctf_intact_first_peak"):
+        assert flag in args, flag
+
+    prot = _classifier(project, inputs, doImageAlignment=False, scratchDir="/tmp/scratch",
+                       useParallelDisk=False)
+    args = prot._getEngineArgs().split()
+    assert "--skip_align" in args and "--healpix_order" not in args
+    assert "--no_parallel_disc_io" in args
+    assert value("--scratch_dir") == "/tmp/scratch"
+
+
+# --------------------------------------------------------------------------- validation
+def _errors(prot):
+    return "\n".join(prot.validate())
+
+
+def test_valid_setup_has_no_errors(project, inputs):
+    assert _errors(_classifier(project, inputs)) == ""
+
+
+def test_validation_no_ctf(project, inputs):
+    prot = _classifier(project, inputs)
+    prot.inputParticles.set(inputs["noctf"])
+    assert "have no CTF information" in _errors(prot)
+    prot.doCTF.set(False)
+    assert "CTF" not in _errors(prot)
+
+
+def test_validation_reference_mismatch_offers_resampling(project, inputs):
+    prot = _classifier(project, inputs)
+    prot.referenceVolume.set(inputs["ref40"])
+    err = _errors(prot)
+    assert "Reference map is 40 px at 4.800 A/px" in err and "Resample" in err
+    prot.resampleReference.set(True)
+    assert _errors(prot) == ""
+
+
+def test_validation_mask_diameter_larger_than_box(project, inputs):
+    prot = _classifier(project, inputs, maskDiameterA=250)
+    assert "Mask diameter 250.0 A is larger than the particle box" in _errors(prot)
+
+
+def test_validation_number_of_classes(project, inputs):
+    prot = _classifier(project, inputs, numberOfClasses=0)
+    assert "Number of classes must be at least 1" in _errors(prot)
+
+
+def test_validation_gpu_without_cupy_or_device(project, inputs):
+    if gpu_problem() is None:
+        pytest.skip("CuPy and a GPU are usable here")
+    prot = _classifier(project, inputs, doGpu=True)
+    assert "GPU acceleration asked for" in _errors(prot)
+
+
+def test_validation_symmetry(project, inputs):
+    prot = _classifier(project, inputs, symmetryGroup="X7")
+    assert "Symmetry 'X7' is not valid" in _errors(prot)
+    for good in ("C1", "c4", "D2", "T", "O", "I1"):
+        prot.symmetryGroup.set(good)
+        assert "Symmetry" not in _errors(prot), good
+
+
+def test_validation_helix_and_skip_align(project, inputs):
+    prot = _classifier(project, inputs, doHelix=True)
+    assert "Helical reconstruction is not implemented" in _errors(prot)
+    prot = _classifier(project, inputs, doImageAlignment=False)
+    assert "needs particles with 3D alignment" in _errors(prot)
+
+
+def test_validation_continue(project, inputs):
+    prot = project.newProtocol(ProtCryoClassClassify3D, doContinue=True)
+    assert "Select the run to continue" in _errors(prot)
+    prev = _classifier(project, inputs)
+    project.saveProtocol(prev)
+    prot.continueRun.set(prev)
+    assert "has no finished iteration" in _errors(prot)
+
+
+def test_selection_helpers():
+    assert parse_class_numbers("1, 3 5-7") == [1, 3, 5, 6, 7]
+    with pytest.raises(ValueError):
+        parse_class_numbers("1 x")
+    res = np.array([0.0, 0.01, 0.02, 0.04, 0.08])
+    ssnr = np.array([100.0, 10.0, 4.0, 1.0, 0.1])
+    assert mean_ssnr(res, ssnr, 40.0) == pytest.approx(7.0)  # shells 0.01, 0.02
+    assert mean_ssnr(res, ssnr, 0) == pytest.approx((10 + 4 + 1 + 0.1) / 4)
+
+
+# --------------------------------------------------------------------------- engine runs
+@pytest.fixture(scope="module")
+def classified(project, inputs):
+    prot = _classifier(project, inputs, numberOfMpi=2)
+    return launch(project, prot)
+
+
+def _class_of(classes):
+    return {int(p.getObjId()): int(p.getClassId()) for cls in classes for p in cls}
+
+
+@needs_engine
+def test_classification_with_mpi(classified, inputs):
+    prot = classified
+    classes, volumes = prot.outputClasses, prot.outputVolumes
+    assert 1 <= classes.getSize() <= N_CLASSES and volumes.getSize() == N_CLASSES
+    assert all(cls.hasAlignmentProj() and cls.hasCTF() for cls in classes)
+    total = 0
+    in_parts = {p.getObjId(): p.clone() for p in inputs["particles"]}
+    for cls in classes:
+        rep = cls.getRepresentative()
+        assert os.path.exists(rep.getFileName())
+        assert rep.getSamplingRate() == pytest.approx(APIX)
+        assert 0 <= cls._rlnClassDistribution.get() <= 1
+        assert cls._rlnEstimatedResolution.get() > 0
+        for p in cls:
+            total += 1
+            assert p.getClassId() == cls.getObjId()
+            assert p.hasTransform() and p.getTransform().getMatrix().shape == (4, 4)
+            src = in_parts[p.getObjId()]
+            assert p.hasCTF()
+            assert p.getCTF().getDefocusU() == pytest.approx(src.getCTF().getDefocusU())
+            assert p.getAcquisition().getVoltage() == pytest.approx(300.0)
+            assert p.getFileName() == src.getFileName() and p.getIndex() == src.getIndex()
+    assert total == N_PARTS
+    for vol in volumes:
+        assert vol.getSamplingRate() == pytest.approx(APIX)
+        assert vol.getDim() == (BOX, BOX, BOX)
+
+    # the Scipion classes and transforms are those of the engine's last data.star
+    it = prot._lastIter()
+    assert it == ITERATIONS
+    data, _ = convert.read_particle_table(prot._getFileName("data", iter=it))
+    got = _class_of(classes)
+    by_name = {}
+    for p in inputs["particles"]:
+        by_name[p.getIndex()] = p.getObjId()
+    rows = {by_name[convert.relion_to_location(r["rlnImageName"])[0]]: r
+            for r in data.to_dict("records")}
+    assert all(got[i] == int(rows[i]["rlnClassNumber"]) for i in got)
+    some = next(iter(classes)).getFirstItem()
+    back = convert.alignment_to_row(some.getTransform().getMatrix(), APIX)
+    r = rows[some.getObjId()]
+    from cryoclass_plugin.engine.geometry import euler_to_matrix
+    assert np.allclose(euler_to_matrix(back["rlnAngleRot"], back["rlnAngleTilt"],
+                                       back["rlnAnglePsi"]),
+                       euler_to_matrix(r["rlnAngleRot"], r["rlnAngleTilt"], r["rlnAnglePsi"]),
+                       atol=1e-6)
+    assert back["rlnOriginXAngst"] == pytest.approx(r["rlnOriginXAngst"], abs=1e-6)
+
+    assert any("Class %d" % next(iter(classes)).getObjId() in line
+               for line in prot.summary())
+    assert "classified %d particles into 2 3D classes" % N_PARTS in prot.methods()[0]
+
+
+@needs_engine
+def test_classification_sources_are_recorded(project, classified, inputs):
+    parents = {o.getObjId() for o in project.getSourceParents(classified.outputClasses)}
+    assert inputs["particles"].getObjId() in parents
+    assert inputs["ref"].getObjId() in parents
+    parents = {o.getObjId() for o in project.getSourceParents(classified.outputVolumes)}
+    assert inputs["particles"].getObjId() in parents
+
+
+@needs_engine
+def test_classification_recovers_the_simulated_classes(classified, sim):
+    from cryoclass_plugin.engine.metrics import adjusted_rand_index
+    got = _class_of(classified.outputClasses)
+    # particle i of truth.star is Scipion particle id i + 1 (import keeps the order)
+    truth = convert.read_star(sim["truth_star"])["particles"]
+    true = truth["rlnClassNumber"].to_numpy()
+    pred = np.array([got[i + 1] for i in range(N_PARTS)])
+    ari = adjusted_rand_index(true, pred)
+    assert ari >= 0.6, "ARI %.3f vs truth (oracle accuracy %.2f)" % (
+        ari, sim["oracle_accuracy"])
+
+
+@needs_engine
+def test_copy_with_same_seed_gives_same_classes(project, classified):
+    copy = project.copyProtocol(classified)
+    copy = launch(project, copy)
+    assert _class_of(copy.outputClasses) == _class_of(classified.outputClasses)
+
+
+@needs_engine
+def test_continue_from_a_previous_run(project, classified):
+    start = ITERATIONS - 1
+    prot = project.newProtocol(ProtCryoClassClassify3D, doContinue=True,
+                               continueIter=str(start), numberOfIterations=2,
+                               offsetSearchRangePix=3,
+                               numberOfMpi=2)
+    prot.continueRun.set(classified)
+    assert _errors(prot) == ""
+    args = prot._getEngineArgs().split()
+    assert args[args.index("--continue") + 1].endswith(
+        "cryoclass_it%03d_optimiser.star" % start)
+    assert args[args.index("--iter") + 1] == str(start + 2)
+    assert args[args.index("--K") + 1] == str(N_CLASSES)
+    assert args[args.index("--particle_diameter") + 1] == str(MASK_DIAMETER)
+    assert args[args.index("--random_seed") + 1] == "11"
+    assert "--ref" not in args and "--firstiter_cc" not in args
+    prot = launch(project, prot)
+    assert prot._lastIter() == start + 2
+    assert sum(c.getSize() for c in prot.outputClasses) == N_PARTS
+    assert _ids(prot.outputClasses.getImages()) == _ids(classified.outputClasses.getImages())
+    bad = project.newProtocol(ProtCryoClassClassify3D, doContinue=True, continueIter="99")
+    bad.continueRun.set(classified)
+    assert "Iteration 99 does not exist" in _errors(bad)
+
+
+@needs_engine
+def test_classes2d_upstream_only_enabled_classes(project, inputs):
+    imp = inputs["classes2d_prot"]
+    classes2d = imp.outputClasses2D
+    # untick class 3 the way the class viewer does: the enabled flag in the set's sqlite
+    path = classes2d.getFileName()
+    from pwem.objects import SetOfClasses2D
+    edit = SetOfClasses2D(filename=path)
+    cls = edit[3]
+    cls.setEnabled(False)
+    edit.update(cls)
+    edit.write()
+    edit.close()
+    expected = sorted(p.getObjId() for c in SetOfClasses2D(filename=path)
+                      if c.isEnabled() for p in c)
+    assert len(expected) == N_PARTS - N_PARTS // 3
+    prot = _classifier(project, inputs, numberOfIterations=2, numberOfMpi=2)
+    prot.inputParticles.set(imp)
+    prot.inputParticles.setExtended("outputClasses2D")
+    assert _errors(prot) == ""
+    prot = launch(project, prot)
+    got = sorted(p.getObjId() for c in prot.outputClasses for p in c)
+    assert got == expected
+    star, _ = convert.read_particle_table(prot._getFileName("input_star"))
+    assert sorted(star["rlnImageId"]) == expected
+
+
+@needs_engine
+def test_select_classes_by_number_and_with_pwem_subset(project, classified, tmp_path):
+    classes = classified.outputClasses
+    k = max(classes, key=lambda c: c.getSize()).getObjId()
+    members = sorted(p.getObjId() for p in classes[k])
+
+    sel = project.newProtocol(ProtCryoClassSelectClasses, classNumbers=str(k))
+    sel.inputClasses.set(classified)
+    sel.inputClasses.setExtended("outputClasses")
+    sel = launch(project, sel)
+    assert _ids(sel.outputParticles) == members
+    assert sel.outputParticles.hasAlignmentProj() and sel.outputParticles.hasCTF()
+    assert _ids(sel.outputVolumes) == [k] and sel.outputClasses.getSize() == 1
+    assert sel.selectedClasses.get() == str(k)
+
+    # pwem's subset machinery (what the class viewers launch): ids of the kept classes
+    ids_txt = tmp_path / "selection.txt"
+    ids_txt.write_text("%d\n" % k)
+    sub = project.newProtocol(ProtUserSubSet, sqliteFile="%s," % ids_txt,
+                              outputClassName="SetOfParticles")
+    sub.inputObject.set(classified)
+    sub.inputObject.setExtended("outputClasses")
+    sub = launch(project, sub)
+    assert _ids(sub.outputParticles) == members
+
+    bad = project.newProtocol(ProtCryoClassSelectClasses, classNumbers="7")
+    bad.inputClasses.set(classified)
+    bad.inputClasses.setExtended("outputClasses")
+    assert "Classes 7 are not in the input" in _errors(bad)
+
+
+@needs_engine
+def test_select_classes_automatically(project, classified):
+    classes = classified.outputClasses
+    dist = {c.getObjId(): c._rlnClassDistribution.get() for c in classes}
+    best = max(dist, key=dist.get)
+    sel = project.newProtocol(ProtCryoClassSelectClasses, selectionMode=1, rankBy=0,
+                              numberToKeep=1)
+    sel.inputClasses.set(classified)
+    sel.inputClasses.setExtended("outputClasses")
+    sel = launch(project, sel)
+    assert sel.selectedClasses.get() == str(best)
+    assert _ids(sel.outputParticles) == sorted(p.getObjId() for p in classes[best])
+
+    scores = sel._classScores()
+    assert all(np.isfinite(s[3]) for s in scores), scores  # SSNR read from model.star
+    ssnr = project.newProtocol(ProtCryoClassSelectClasses, selectionMode=1, rankBy=2,
+                               numberToKeep=0, minSsnr=0.0)
+    ssnr.inputClasses.set(classified)
+    ssnr.inputClasses.setExtended("outputClasses")
+    ssnr = launch(project, ssnr)
+    assert ssnr.outputClasses.getSize() >= 1
+
+    none = project.newProtocol(ProtCryoClassSelectClasses, selectionMode=1,
+                               minDistribution=101.0)
+    none.inputClasses.set(classified)
+    none.inputClasses.setExtended("outputClasses")
+    with pytest.raises(ProtocolFailed, match="No class passes the selection"):
+        launch(project, none)

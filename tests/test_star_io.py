@@ -1,0 +1,404 @@
+"""STAR and MRC I/O: RELION 3.0 / 3.1 / 5.0 particle tables, stack resolution, image
+access (mmap, preread, scratch), writers, and the one-line error messages."""
+import os
+import shutil
+import subprocess
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryoclass_plugin.engine import mrc_io, star_io
+from cryoclass_plugin.engine.errors import CryoClassError
+
+BOX = 16
+APIX = 2.5
+
+
+def make_stack(path, n, box=BOX, apix=APIX, seed=0):
+    images = np.random.default_rng(seed).normal(size=(n, box, box)).astype(np.float32)
+    images += np.arange(n, dtype=np.float32)[:, None, None] * 100  # image i has mean ~100 i
+    mrc_io.write_stack(path, images, apix)
+    return images
+
+
+def particles_31(n, stack="Extract/stack.mrcs", group=1):
+    return pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)],
+        "rlnMicrographName": [f"mic{i % 2}.mrc" for i in range(n)],
+        "rlnDefocusU": np.linspace(10000, 20000, n),
+        "rlnDefocusV": np.linspace(9800, 19800, n),
+        "rlnDefocusAngle": np.linspace(-30, 30, n),
+        "rlnOriginXAngst": np.linspace(-2.5, 2.5, n),
+        "rlnOriginYAngst": np.linspace(1.25, -1.25, n),
+        "rlnAngleRot": np.linspace(0, 90, n),
+        "rlnOpticsGroup": np.full(n, group),
+    })
+
+
+def assert_one_line_naming(err, *needles):
+    msg = str(err.value)
+    assert "\n" not in msg and msg.strip() == msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
+@pytest.fixture
+def set31(tmp_path):
+    images = make_stack(tmp_path / "Extract" / "stack.mrcs", 6)
+    star = tmp_path / "particles.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(6))
+    return star, images
+
+
+# --------------------------------------------------------------------------- reading
+
+def test_roundtrip_31(set31):
+    star, images = set31
+    table = star_io.read_particles(star)
+    assert table.version == "3.1" and table.box == BOX and table.apix == pytest.approx(APIX)
+    assert table.has_ctf and len(table) == 6
+    df = table.df
+    ref = particles_31(6)
+    np.testing.assert_allclose(df["rlnDefocusU"], ref["rlnDefocusU"], rtol=1e-9)
+    np.testing.assert_allclose(df["rlnOriginXAngst"], ref["rlnOriginXAngst"], atol=1e-6)
+    assert list(df["rlnImageName"]) == list(ref["rlnImageName"])
+    # optics merged on, defaults filled
+    assert (df["rlnVoltage"] == 300).all() and (df["rlnImageSize"] == BOX).all()
+    assert (df["rlnCtfScalefactor"] == 1).all() and (df["rlnPhaseShift"] == 0).all()
+    assert (df["rlnCtfBfactor"] == 0).all() and (df["rlnAnglePsi"] == 0).all()
+    for col in ("rlnImageName", "rlnOriginXAngst", "rlnOriginYAngst", "rlnImagePixelSize",
+                "rlnImageSize", "rlnVoltage", "rlnSphericalAberration",
+                "rlnAmplitudeContrast", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
+                "rlnOpticsGroup", "rlnMicrographName"):
+        assert col in df.columns
+    # written files are RELION 3.1 style
+    text = star.read_text()
+    assert text.startswith("# version 30001") and "data_optics" in text
+    assert "_rlnImageName #1" in text
+
+
+def test_write_back_roundtrip_and_small_values(set31, tmp_path):
+    star, _ = set31
+    table = star_io.read_particles(star)
+    parts = table.particles_table()
+    parts["rlnSigma2Test"] = 1.234567e-9  # must survive (RELION's %.6f would print 0)
+    out = tmp_path / "again.star"
+    star_io.write_particles(out, table.optics_table(), parts)
+    again = star_io.read_particles(out)
+    np.testing.assert_allclose(again.df["rlnSigma2Test"], 1.234567e-9, rtol=1e-6)
+    pd.testing.assert_series_equal(again.df["rlnDefocusAngle"], table.df["rlnDefocusAngle"],
+                                   check_exact=False, rtol=1e-6)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # atomic: no leftovers
+
+
+def test_write_star_key_value_blocks(tmp_path):
+    path = tmp_path / "model.star"
+    loop = pd.DataFrame({"rlnSpectralIndex": [0, 1], "rlnSsnrMap": [1.5, 1e-7]})
+    star_io.write_star(path, {"model_general": {"rlnNrClasses": 3, "rlnPixelSize": 2.5,
+                                                "rlnDoFlag": True, "rlnName": "a b"},
+                              "model_class_1": loop})
+    blocks = star_io.read_star(path)
+    gen = blocks["model_general"]
+    assert gen["rlnNrClasses"] == 3 and gen["rlnPixelSize"] == 2.5
+    assert gen["rlnDoFlag"] == 1 and gen["rlnName"] == "a b"
+    np.testing.assert_allclose(blocks["model_class_1"]["rlnSsnrMap"], [1.5, 1e-7])
+
+
+def test_relion30_table(tmp_path):
+    images = make_stack(tmp_path / "stacks" / "s.mrcs", 4)
+    df = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@stacks/s.mrcs" for i in range(4)],
+        "rlnMicrographName": ["m.mrc"] * 4,
+        "rlnDefocusU": [15000.0] * 4, "rlnDefocusV": [14000.0] * 4,
+        "rlnDefocusAngle": [10.0] * 4, "rlnVoltage": [200.0] * 4,
+        "rlnSphericalAberration": [2.0] * 4, "rlnAmplitudeContrast": [0.07] * 4,
+        "rlnDetectorPixelSize": [5.0] * 4, "rlnMagnification": [20000.0] * 4,
+        "rlnOriginX": [1.0, -2.0, 0.5, 0.0], "rlnOriginY": [0.0, 1.0, -1.5, 2.0],
+    })
+    star = tmp_path / "old.star"
+    star_io.write_star(star, {"": df})  # RELION 3.0: one 'data_' loop, no optics
+    table = star_io.read_particles(star)
+    assert table.version == "3.0" and table.optics is None
+    assert table.apix == pytest.approx(5.0 * 1e4 / 20000.0)  # 2.5 A
+    assert table.box == BOX  # from the stack header
+    np.testing.assert_allclose(table.df["rlnOriginXAngst"], [2.5, -5.0, 1.25, 0.0])
+    np.testing.assert_allclose(table.df["rlnOriginYAngst"], [0.0, 2.5, -3.75, 5.0])
+    assert (table.df["rlnVoltage"] == 200).all() and (table.df["rlnOpticsGroup"] == 1).all()
+    # explicit pixel size overrides
+    assert star_io.read_particles(star, apix=3.0).apix == 3.0
+    # converting to 3.1 keeps origins in Angstrom and moves microscope columns to optics
+    out = tmp_path / "new.star"
+    star_io.write_particles(out, table.optics_table(), table.particles_table())
+    new = star_io.read_particles(out)
+    assert new.version == "3.1" and new.apix == pytest.approx(2.5)
+    np.testing.assert_allclose(new.df["rlnOriginXAngst"], table.df["rlnOriginXAngst"])
+    assert (new.df["rlnVoltage"] == 200).all()
+    with mrc_io.ImageSource(new) as src:
+        np.testing.assert_allclose(src.get([2, 0]), images[[2, 0]])
+
+
+def test_relion30_without_pixel_size_needs_apix(tmp_path):
+    make_stack(tmp_path / "s.mrcs", 2)
+    star = tmp_path / "p.star"
+    star_io.write_star(star, {"images": pd.DataFrame({"rlnImageName": ["1@s.mrcs", "2@s.mrcs"]})})
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "rlnDetectorPixelSize", "--angpix")
+    table = star_io.read_particles(star, apix=1.5)
+    assert table.apix == 1.5 and not table.has_ctf and table.box == BOX
+
+
+def test_relion50_with_general_block(tmp_path):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 5)
+    optics = star_io.optics_group_table(APIX, BOX, n_groups=2)
+    optics["rlnCtfDataArePhaseFlipped"] = 0
+    parts = particles_31(5)
+    parts["rlnOpticsGroup"] = [1, 2, 1, 2, 2]
+    parts["rlnTomoParticleName"] = [f"t/{i}" for i in range(5)]  # unknown 5.0 columns
+    parts["rlnCoordinateZ"] = 0.0
+    star = tmp_path / "p5.star"
+    text = star_io.star_text({"general": {"rlnTomoSubTomosAre2DStacks": 1},
+                              "optics": optics, "particles": parts})
+    star.write_text(text.replace("# version 30001", "# version 50001"))
+    table = star_io.read_particles(star)
+    assert table.version == "3.1" and len(table) == 5 and table.box == BOX
+    assert list(table.df["rlnOpticsGroup"]) == [1, 2, 1, 2, 2]
+    assert list(table.df["rlnOpticsGroupName"]) == ["opticsGroup1", "opticsGroup2",
+                                                    "opticsGroup1", "opticsGroup2",
+                                                    "opticsGroup2"]
+    assert "rlnTomoParticleName" in table.df.columns
+
+
+def test_optics_merge_by_group_number(tmp_path):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 4)
+    optics = star_io.optics_group_table(APIX, BOX, n_groups=2)
+    optics["rlnVoltage"] = [300.0, 200.0]
+    optics = optics.iloc[::-1].reset_index(drop=True)  # order must not matter
+    parts = particles_31(4)
+    parts["rlnOpticsGroup"] = [2, 1, 2, 1]
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, optics, parts)
+    table = star_io.read_particles(star)
+    assert list(table.df["rlnVoltage"]) == [200.0, 300.0, 200.0, 300.0]
+    assert list(table.df["rlnImageName"]) == list(parts["rlnImageName"])  # order kept
+
+
+# --------------------------------------------------------------------------- images
+
+def test_stack_names_resolved_from_star_folder(set31, tmp_path, monkeypatch):
+    star, images = set31
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the current folder must not matter
+    table = star_io.read_particles(star)
+    with mrc_io.ImageSource(table) as src:
+        assert len(src) == 6
+        got = src.get([5, 0, 3])
+        assert got.dtype == np.float32 and got.shape == (3, BOX, BOX)
+        np.testing.assert_array_equal(got, images[[5, 0, 3]])
+
+
+def test_stack_names_resolved_from_project_folder(tmp_path, monkeypatch):
+    # RELION job layout: Class3D/job001/particles.star names Extract/... from the project.
+    images = make_stack(tmp_path / "Extract" / "stack.mrcs", 3)
+    star = tmp_path / "Class3D" / "job001" / "particles.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(3))
+    monkeypatch.chdir(tmp_path / "Class3D")
+    with mrc_io.ImageSource(star_io.read_particles(star)) as src:
+        np.testing.assert_array_equal(src.get([1]), images[[1]])
+
+
+def test_image_source_preread_and_scratch(set31, tmp_path):
+    star, images = set31
+    table = star_io.read_particles(star)
+    scratch = tmp_path / "scratch"
+    src = mrc_io.ImageSource(table, preread=True, scratch_dir=str(scratch))
+    assert all(p.startswith(str(scratch)) for p in src.stack_paths)
+    np.testing.assert_array_equal(src.get(np.arange(6)[::-1]), images[::-1])
+    assert len(os.listdir(scratch)) == 1
+    # a second source reuses the scratch copy
+    src2 = mrc_io.ImageSource(table, scratch_dir=str(scratch))
+    np.testing.assert_array_equal(src2.get([4]), images[[4]])
+    src2.close()
+
+
+def test_image_source_several_stacks_and_int16(tmp_path):
+    a = make_stack(tmp_path / "a.mrcs", 3, seed=1)
+    with mrcfile.new(tmp_path / "b.mrcs") as mrc:  # int16 stack, as some exporters write
+        b = (np.random.default_rng(2).normal(size=(2, BOX, BOX)) * 100).astype(np.int16)
+        mrc.set_data(b)
+        mrc.set_image_stack()
+    parts = pd.DataFrame({"rlnImageName": ["2@b.mrcs", "3@a.mrcs", "1@a.mrcs", "1@b.mrcs"],
+                          "rlnOpticsGroup": 1})
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), parts)
+    with mrc_io.ImageSource(star_io.read_particles(star)) as src:
+        got = src.get([0, 1, 2, 3])
+    np.testing.assert_array_equal(got, np.stack([b[1], a[2], a[0], b[0]]).astype(np.float32))
+
+
+def test_map_roundtrip_and_check(tmp_path):
+    vol = np.random.default_rng(0).normal(size=(BOX, BOX, BOX)).astype(np.float32)
+    path = tmp_path / "ref.mrc"
+    mrc_io.write_map(path, vol, APIX)
+    got, apix = mrc_io.read_map(path)
+    np.testing.assert_array_equal(got, vol)
+    assert apix == pytest.approx(APIX)
+    with mrcfile.open(path) as mrc:
+        assert float(mrc.voxel_size.x) == pytest.approx(APIX)
+    assert mrc_io.check_map_matches(path, BOX, APIX)
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.check_map_matches(path, 2 * BOX, APIX)
+    assert_one_line_naming(err, str(path), f"box {BOX}", str(2 * BOX), "relion_image_handler")
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.check_map_matches(path, BOX, 2 * APIX)
+    assert_one_line_naming(err, str(path), "pixel size", "rescale")
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.check_map_matches(tmp_path / "none.mrc", BOX, APIX)
+    assert_one_line_naming(err, "none.mrc", "not found")
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_error_missing_star_file(tmp_path):
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(tmp_path / "nope.star")
+    assert_one_line_naming(err, "nope.star", "not found")
+
+
+def test_error_missing_particle_block(tmp_path):
+    star = tmp_path / "model.star"
+    star_io.write_star(star, {"model_general": {"rlnNrClasses": 2}})
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "data_particles", "data_model_general")
+
+
+def test_error_missing_image_name_column(tmp_path):
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX),
+                            pd.DataFrame({"rlnDefocusU": [1.0], "rlnOpticsGroup": [1]}))
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "rlnImageName")
+
+
+def test_error_ctf_required(tmp_path):
+    make_stack(tmp_path / "s.mrcs", 1)
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX),
+                            pd.DataFrame({"rlnImageName": ["1@s.mrcs"], "rlnOpticsGroup": [1]}))
+    assert not star_io.read_particles(star).has_ctf  # fine when CTF is not needed
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star, require_ctf=True)
+    assert_one_line_naming(err, str(star), "rlnDefocusU", "CTF")
+
+
+def test_error_missing_stack(tmp_path):
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(2))
+    table = star_io.read_particles(star)  # 3.1 tables know their box: no stack needed yet
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.ImageSource(table)
+    assert_one_line_naming(err, str(star), "rlnImageName", "Extract/stack.mrcs", "not found")
+
+
+def test_error_stack_index_out_of_range(tmp_path):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 3)
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(5))
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.ImageSource(star_io.read_particles(star))
+    assert_one_line_naming(err, str(star), "rlnImageName", "index 5", "out of range",
+                           "3 images")
+
+
+def test_error_box_mismatch_stack(tmp_path):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 2, box=BOX * 2)
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(2))
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.ImageSource(star_io.read_particles(star))
+    assert_one_line_naming(err, "stack.mrcs", f"box {2 * BOX}", "rlnImageSize")
+
+
+def test_error_non_square_images(tmp_path):
+    with mrcfile.new(tmp_path / "rect.mrcs") as mrc:
+        mrc.set_data(np.zeros((2, BOX, BOX + 2), np.float32))
+        mrc.set_image_stack()
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX),
+                            pd.DataFrame({"rlnImageName": ["1@rect.mrcs"], "rlnOpticsGroup": [1]}))
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.ImageSource(star_io.read_particles(star))
+    assert_one_line_naming(err, "rect.mrcs", "not square", f"{BOX + 2}x{BOX}")
+
+
+def test_error_optics_groups_differ(tmp_path):
+    optics = star_io.optics_group_table(APIX, BOX, n_groups=2)
+    parts = particles_31(4)
+    parts["rlnOpticsGroup"] = [1, 2, 1, 2]
+    star = tmp_path / "p.star"
+    bad_box = optics.copy()
+    bad_box.loc[1, "rlnImageSize"] = 2 * BOX
+    star_io.write_particles(star, bad_box, parts)
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "rlnImageSize", "optics groups 1 and 2")
+    bad_apix = optics.copy()
+    bad_apix.loc[1, "rlnImagePixelSize"] = 1.1 * APIX
+    star_io.write_particles(star, bad_apix, parts)
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "rlnImagePixelSize", "optics groups")
+
+
+def test_error_unknown_optics_group(tmp_path):
+    parts = particles_31(2, group=3)
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), parts)
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "rlnOpticsGroup 3", "data_optics")
+
+
+def test_error_stack_pixel_sizes_differ(tmp_path):
+    make_stack(tmp_path / "a.mrcs", 1, apix=2.0)
+    make_stack(tmp_path / "b.mrcs", 1, apix=3.0)
+    parts = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "1@b.mrcs"], "rlnOpticsGroup": 1})
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), parts)
+    with pytest.raises(CryoClassError) as err:
+        mrc_io.ImageSource(star_io.read_particles(star))
+    assert_one_line_naming(err, "b.mrcs", "a.mrcs", "pixel size")
+
+
+@pytest.mark.skipif(shutil.which("relion_star_printtable") is None,
+                    reason="RELION not installed")
+def test_relion_reads_our_star(set31):
+    star, _ = set31
+    out = subprocess.run(["relion_star_printtable", str(star), "data_particles",
+                          "rlnDefocusU"], capture_output=True, text=True, check=True)
+    values = [float(v) for v in out.stdout.split()]
+    np.testing.assert_allclose(values, particles_31(6)["rlnDefocusU"], rtol=1e-6)
+
+
+def test_image_source_keeps_few_stacks_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(mrc_io, "MAX_OPEN_STACKS", 2)
+    stacks = [make_stack(tmp_path / f"mic{i}.mrcs", 3, seed=i) for i in range(5)]
+    names = [f"{f + 1}@mic{s}.mrcs" for s in range(5) for f in range(3)]
+    order = np.random.default_rng(0).permutation(len(names))
+    parts = pd.DataFrame({"rlnImageName": [names[i] for i in order], "rlnOpticsGroup": 1})
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), parts)
+    want = np.stack([stacks[i // 3][i % 3] for i in order])
+    src = mrc_io.ImageSource(star_io.read_particles(star))
+    for batch in np.array_split(np.arange(len(names))[::-1], 4):
+        np.testing.assert_array_equal(src.get(batch), want[batch])
+        assert len(src._handles) <= 2
+    src.close()
+    pre = mrc_io.ImageSource(star_io.read_particles(star), preread=True)
+    np.testing.assert_array_equal(pre.get(np.arange(len(names))), want)
+    assert len(pre._handles) == 0
