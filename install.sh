@@ -10,8 +10,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 PYTHON="${PYTHON:-python3}"
 VENV=".venv"
 STAMP="$VENV/.cryoclass_install_stamp"
-# torch is pinned to a CPU build; PyPI's default Linux wheel would pull GBs of CUDA.
-TORCH_INDEX="${CRYOCLASS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+# torch is pinned (setup.py: torch==2.13.0). No extra index is used: this machine and CI
+# reach only PyPI/Debian, and pip's own configuration (pip config list) finds the CPU
+# build (2.13.0+cpu, which sorts above PyPI's CUDA 2.13.0) among its local wheels.
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "install.sh: creating virtual environment $VENV with $($PYTHON --version 2>&1)"
@@ -31,13 +32,8 @@ fi
 if [ "$healthy" = 1 ] && [ "$want" = "$have" ] && [ -z "${CRYOCLASS_FORCE_INSTALL:-}" ]; then
     echo "install.sh: scipion-em-cryoclass already installed (editable) and up to date; nothing to do"
 else
-    extra=()
-    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-        extra=(--extra-index-url "$TORCH_INDEX")
-    fi
-    echo "install.sh: pip install -e \".[test]\" ${extra[*]:-}"
-    "$VENV/bin/python" -m pip install --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install -q "${extra[@]}" -e ".[test]"
+    echo "install.sh: pip install -e \".[test]\""
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
     echo "$want" > "$STAMP"
     echo "install.sh: installed scipion-em-cryoclass (editable) into $VENV"
 fi

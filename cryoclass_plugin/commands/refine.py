@@ -43,7 +43,7 @@ def add_args(parser):
     opt = parser.add_argument_group("Optimisation")
     opt.add_argument("--K", type=int, default=1, help="number of classes")
     opt.add_argument("--tau2_fudge", type=float, default=1.0, help="regularisation T")
-    opt.add_argument("--iter", type=int, default=50, help="number of iterations")
+    opt.add_argument("--iter", type=int, default=None, help="number of iterations (50)")
     opt.add_argument("--fast_subsets", action="store_true",
                      help="use growing random subsets in the first 15 iterations")
     opt.add_argument("--particle_diameter", type=float, default=-1,
@@ -84,6 +84,9 @@ def add_args(parser):
                       help="use GPUs (CuPy); optional ids '0:1' one per rank")
     comp.add_argument("--dont_combine_weights_via_disc", action="store_true",
                       help="accepted for RELION compatibility (we always reduce over MPI)")
+    comp.add_argument("--no_parallel_disc_io", action="store_true",
+                      help="accepted for RELION compatibility (each rank reads its own "
+                           "particles; stacks are memory-mapped)")
     comp.add_argument("--random_seed", type=int, default=0, help="random seed")
     comp.add_argument("--block_size", type=int, default=256,
                       help="particles per E-step block (memory bound)")
@@ -107,15 +110,14 @@ def settings_from_args(args):
         # Accepted like RELION's GUI passes them; the corrections are not estimated yet.
         print("cryoclass refine: note: --norm/--scale are accepted but the normalisation "
               "and scale corrections are kept at 1 (not implemented yet)", file=sys.stderr)
-    if not args.continue_from:
-        for flag in ("i", "o", "ref"):
-            if not getattr(args, flag):
-                raise CryoClassError(f"--{flag} is required (or give --continue "
-                                     "<root>_itNNN_optimiser.star)")
-    if args.continue_from and (not args.i or not args.o):
-        _fill_from_optimiser(args)
-    if args.firstiter_cc and args.continue_from:
-        pass
+    if args.continue_from:
+        return _settings_for_continue(args)
+    for flag in ("i", "o", "ref"):
+        if not getattr(args, flag):
+            raise CryoClassError(f"--{flag} is required (or give --continue "
+                                 "<root>_itNNN_optimiser.star)")
+    if args.iter is None:
+        args.iter = 50
     if args.K < 1:
         raise CryoClassError(f"--K {args.K}: the number of classes must be >= 1")
     if args.iter < 1:
@@ -148,23 +150,49 @@ def settings_from_args(args):
         init_classes=args.init_classes)
 
 
-def _fill_from_optimiser(args):
-    """``--continue`` alone: take --i/--o/--ref and the run's settings from the file."""
-    from ..engine.star_io import read_star
+# Options that only say how to compute; a continued run may change them.
+COMPUTE_OPTIONS = {"j": "threads", "gpu": "gpu", "preread_images": "preread_images",
+                   "scratch_dir": "scratch_dir", "block_size": "block_size", "pool": "pool"}
+
+
+def _settings_for_continue(args):
+    """``--continue <root>_itNNN_optimiser.star``: the run's own settings (as RELION
+    takes them from the optimiser file); ``--iter`` may extend the run and the compute
+    options (threads, GPU, pre-reading) may change."""
+    import dataclasses
+    import json
+    from ..engine.refine import Settings
     path = args.continue_from
     if not os.path.exists(path):
         raise CryoClassError(f"--continue {path}: file not found; give an existing "
                              "<root>_itNNN_optimiser.star")
-    blocks = read_star(path)
-    opt = blocks.get("optimiser_general")
-    if opt is None:
-        raise CryoClassError(f"{path}: no data_optimiser_general block; give a "
-                             "<root>_itNNN_optimiser.star written by cryoclass")
-    get = (lambda k, d=None: opt.get(k, d)) if isinstance(opt, dict) else \
-        (lambda k, d=None: opt[k].iloc[0] if k in opt else d)
-    args.i = args.i or str(get("rlnExperimentalDataStarFileInput"))
-    args.o = args.o or str(get("rlnOutputRootName"))
-    args.ref = args.ref or str(get("rlnReferenceImageInput", ""))
+    if not path.endswith("_optimiser.star"):
+        raise CryoClassError(f"--continue {path}: expected a <root>_itNNN_optimiser.star "
+                             "file written by cryoclass refine")
+    state = path[: -len("_optimiser.star")] + "_state.npz"
+    if not os.path.exists(state):
+        raise CryoClassError(f"--continue {path}: its state file {os.path.basename(state)} "
+                             "is missing; continue from an earlier complete iteration")
+    import numpy as np
+    with np.load(state, allow_pickle=False) as z:
+        saved = json.loads(str(z["__settings__"])) if "__settings__" in z.files else None
+    if saved is None:
+        raise CryoClassError(f"--continue {path}: the state file has no settings; it was "
+                             "not written by this version of cryoclass")
+    names = {f.name for f in dataclasses.fields(Settings)}
+    settings = Settings(**{k: v for k, v in saved.items() if k in names})
+    settings.continue_from = path
+    if args.iter is not None:
+        settings.n_iter = args.iter
+    if args.o:
+        settings.output_root = args.o
+    for arg, field in COMPUTE_OPTIONS.items():
+        value = getattr(args, arg)
+        default = {"j": 1, "gpu": None, "preread_images": False, "scratch_dir": "",
+                   "block_size": 256, "pool": 1}[arg]
+        if value != default:
+            setattr(settings, field, value)
+    return settings
 
 
 def main(args):

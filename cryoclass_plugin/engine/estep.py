@@ -104,22 +104,38 @@ def significant_samples(log_post, fraction=0.999, max_samples=None):
     peak = log_post.max(axis=1, keepdims=True)
     prob = xp.exp(log_post - peak)
     prob /= prob.sum(axis=1, keepdims=True)
+    if xp is not np:
+        return _significant_sorted(prob, fraction, max_samples), prob.max(axis=1)
     # Samples below this cannot change a 0.999 mass threshold noticeably; it keeps the
     # sort small.
     floor = (1.0 - fraction) / S * 1e-2
     chosen = []
-    prob_host = prob
     for b in range(B):
-        row = prob_host[b]
-        cand = xp.nonzero(row > floor)[0]
-        order = cand[xp.argsort(-row[cand])]
-        csum = xp.cumsum(row[order])
-        n_keep = int(xp.searchsorted(csum, fraction)) + 1
+        row = prob[b]
+        cand = np.nonzero(row > floor)[0]
+        order = cand[np.argsort(-row[cand])]
+        csum = np.cumsum(row[order])
+        n_keep = int(np.searchsorted(csum, fraction)) + 1
         n_keep = min(n_keep, order.shape[0])
         if max_samples is not None:
             n_keep = min(n_keep, max_samples)
         chosen.append(order[:n_keep])
     return chosen, prob.max(axis=1)
+
+
+def _significant_sorted(prob, fraction, max_samples):
+    """Device version of the threshold: one batched sort per block instead of a loop."""
+    xp = get_xp(prob)
+    order = xp.argsort(-prob, axis=1)
+    csum = xp.cumsum(xp.take_along_axis(prob, order, axis=1), axis=1)
+    n_keep = (csum < fraction).sum(axis=1) + 1
+    n_keep = xp.minimum(n_keep, prob.shape[1])
+    if max_samples is not None:
+        n_keep = xp.minimum(n_keep, max_samples)
+    n_keep = n_keep.get() if hasattr(n_keep, "get") else np.asarray(n_keep)
+    top = order[:, : int(n_keep.max())]
+    top = top.get() if hasattr(top, "get") else np.asarray(top)
+    return [top[b, : int(n_keep[b])] for b in range(top.shape[0])]
 
 
 def log_offset_prior(offsets_px, sigma_offset_px):

@@ -59,8 +59,9 @@ class ModelState:
     def current_resolution_angst(self):
         return float(self.box * self.apix / max(self.current_shell, 1))
 
-    def save(self, path):
-        """All state to an ``.npz`` (exact floats: ``--continue`` reproduces a run)."""
+    def save(self, path, settings=None):
+        """All state to an ``.npz`` (exact floats: ``--continue`` reproduces a run),
+        with the run's settings (a dict) so that ``--continue`` needs no other flags."""
         arrays = {k: v for k, v in self.__dict__.items()
                   if isinstance(v, np.ndarray)}
         scalars = {k: v for k, v in self.__dict__.items()
@@ -68,7 +69,10 @@ class ModelState:
         import json
         import os
         tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, __scalars__=np.array(json.dumps(scalars, default=float)), **arrays)
+        extra = {}
+        if settings is not None:
+            extra["__settings__"] = np.array(json.dumps(settings))
+        np.savez(tmp, __scalars__=np.array(json.dumps(scalars, default=float)), **extra, **arrays)
         os.replace(tmp, path)
 
     @classmethod
@@ -76,5 +80,5 @@ class ModelState:
         import json
         with np.load(path, allow_pickle=False) as z:
             scalars = json.loads(str(z["__scalars__"]))
-            arrays = {k: z[k] for k in z.files if k != "__scalars__"}
+            arrays = {k: z[k] for k in z.files if not k.startswith("__")}
         return cls(**scalars, **arrays)

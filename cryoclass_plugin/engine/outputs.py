@@ -191,6 +191,7 @@ def write_iteration(root, iteration, model, table, settings, orientations, trans
     write_particles(f"{it_root}_data.star", table.optics_table(), _data_table(model, table))
     write_star(f"{it_root}_sampling.star",
                {"sampling_general": _sampling_block(settings, orientations, translations)})
-    model.save(f"{it_root}_state.npz")
+    import dataclasses
+    model.save(f"{it_root}_state.npz", settings=dataclasses.asdict(settings))
     write_star(f"{it_root}_optimiser.star",
                {"optimiser_general": _optimiser_block(model, root, iteration, settings)})

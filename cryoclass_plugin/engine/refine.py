@@ -70,6 +70,8 @@ class Settings:
     adaptive_fraction: float = 0.999
     max_significant: int = 2000
     block_size: int = 256
+    fine_table_bytes: float = 4e9   # memory for the fine projections + slice sums
+    cache_bytes: float = 1e9        # keep prepared images between the two passes
     init_classes: str = "relion"
 
 
@@ -362,20 +364,47 @@ class Refinement:
                "pmax": np.zeros(m), "loglik": np.zeros(m), "acc_rot": np.zeros(m),
                "acc_trans_px": np.zeros(m), "nsig": np.zeros(m)}
         lo, hi = split_range(m, comm.rank, comm.size)
-        progress = _Progress(hi - lo, iteration, s.n_iter, enabled=comm.rank == 0)
-        for start in range(lo, hi, s.block_size):
-            stop = min(hi, start + s.block_size)
-            idx = subset[start:stop]
-            block, pw_beyond, cnt_beyond = prepare_block(
-                s, model, self.images, idx, self.groups, self.ctfp, ky_all, kx_all,
-                pixel_shell, n_cur, xp, self.mask2d)
-            if allowed is not None:
-                block.allowed_class = allowed[idx]
-            acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
+        blocks = [(b0, min(hi, b0 + s.block_size)) for b0 in range(lo, hi, s.block_size)]
+        progress = _Progress(2 * (hi - lo), iteration, s.n_iter, enabled=comm.rank == 0)
+        # Pass 1: coarse search of every block; the significant samples are kept (small).
+        cache, significant = {}, {}
+        n_pix = int(ky.shape[0])
+        cache_ok = (hi - lo) * n_pix * 16 <= s.cache_bytes
+        for b0, b1 in blocks:
+            block, pw_beyond, cnt_beyond = self._block(model, subset[b0:b1], allowed, xp,
+                                                       ky_all, kx_all, pixel_shell, n_cur)
+            acc.add_power_beyond(self.groups[subset[b0:b1]], pw_beyond, cnt_beyond)
             sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
-            res["nsig"][start - 0:stop] = n_sig
-            search.fine_pass(setup, block, sig_t, sig_kr, acc, xp, res, start)
-            progress.update(stop - start)
+            res["nsig"][b0:b1] = n_sig
+            significant[b0] = (sig_t, sig_kr)
+            if cache_ok:
+                cache[b0] = block
+            progress.update(b1 - b0)
+        # Pass 2: fine search, in chunks of blocks whose rotations fit the table budget.
+        rows_budget = max(1, int(s.fine_table_bytes // (n_pix * 20)))
+        n_child = 8 ** s.oversampling
+        chunk, chunk_kr = [], set()
+        for b0, b1 in blocks + [(None, None)]:
+            if b0 is not None:
+                new_kr = set(np.unique(np.concatenate(significant[b0][1])).tolist())
+                merged = chunk_kr | new_kr
+            if chunk and (b0 is None or len(merged) * n_child > rows_budget):
+                tables = search.FineTables(setup, np.fromiter(chunk_kr, dtype=np.int64), xp)
+                for c0, c1 in chunk:
+                    block = cache.pop(c0, None)
+                    if block is None:
+                        block, _, _ = self._block(model, subset[c0:c1], allowed, xp,
+                                                  ky_all, kx_all, pixel_shell, n_cur)
+                    sig_t, sig_kr = significant.pop(c0)
+                    search.fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, res, c0)
+                    progress.update(c1 - c0)
+                tables.insert_into(acc.backprojectors)
+                del tables
+                chunk, chunk_kr = [], set()
+                merged = new_kr if b0 is not None else set()
+            if b0 is not None:
+                chunk.append((b0, b1))
+                chunk_kr = merged
         progress.close()
         acc.reduce(comm)
         if comm.size > 1:
@@ -395,6 +424,14 @@ class Refinement:
                             self.translations, self.group_names, self.group_counts)
             self.log(_log_line(model, iteration, elapsed, m))
         return model
+
+    def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur):
+        block, pw_beyond, cnt_beyond = prepare_block(
+            self.s, model, self.images, idx, self.groups, self.ctfp, ky_all, kx_all,
+            pixel_shell, n_cur, xp, self.mask2d)
+        if allowed is not None:
+            block.allowed_class = allowed[idx]
+        return block, pw_beyond, cnt_beyond
 
     def _update_particles(self, model, subset, res):
         old_mats = euler_to_matrix(*model.part_eulers[subset].T)

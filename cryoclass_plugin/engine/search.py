@@ -6,8 +6,9 @@ translation, on the Fourier pixels inside the coarse radius, as the GEMMs of
 posterior are significant.  Pass 2 (fine): the oversampled children of the significant
 rotations (8 per rotation for one oversampling step) times the children of the
 significant translations (4 per translation), on all pixels inside the current radius.
-Projections of the children are computed once per group of particles (the union of
-their significant rotations) and each particle's scores are one GEMM.
+Projections of the children are computed once per iteration (or per chunk of particles
+when memory is short) for the union of the rotations that any particle needs
+(:class:`FineTables`), and each particle's scores are one GEMM.
 
 The fine posterior then feeds the M-step sums (:class:`.mstep.Accumulators`): per
 significant rotation, the posterior-weighted, re-centred, CTF- and noise-weighted image
@@ -22,8 +23,6 @@ from . import estep
 from .backend import to_numpy
 from .geometry import euler_to_matrix, angular_distance_deg
 
-# Upper bound on fine rotation rows projected at once (bounds memory: rows x pixels).
-MAX_UNION_ROWS = 16384
 
 
 @dataclass
@@ -113,110 +112,124 @@ def coarse_pass(setup, block, xp):
     return sig_t, sig_kr, np.asarray(n_sig)
 
 
-def fine_pass(setup, block, sig_t, sig_kr, acc, xp, results, first_index):
-    """Evaluate the oversampled children of the significant samples and accumulate."""
-    B = block.images_f.shape[0]
-    R = setup.orientations.matrices.shape[0]
-    n_child_rot = 8 ** setup.oversampling
-    groups, current, size = [], [], 0
-    for b in range(B):
-        n_rows = np.unique(sig_kr[b]).shape[0] * n_child_rot
-        if current and size + n_rows > MAX_UNION_ROWS:
-            groups.append(current)
-            current, size = [], 0
-        current.append(b)
-        size += n_rows
-    if current:
-        groups.append(current)
-    for members in groups:
-        _fine_group(setup, block, members, sig_t, sig_kr, acc, xp, results, first_index,
-                    R, n_child_rot)
+ROW_POSTERIOR_FLOOR = 1e-4
 
 
-def _fine_group(setup, block, members, sig_t, sig_kr, acc, xp, results, first_index,
-                R, n_child_rot):
-    per_kr = [np.unique(sig_kr[b]) for b in members]
-    union, inverse = np.unique(np.concatenate(per_kr), return_inverse=True)
-    union_class = union // R
-    union_rot = union % R
-    child_eulers, _ = setup.orientations.children(union_rot, setup.oversampling)
-    child_eulers = np.asarray(child_eulers, dtype=np.float64)
-    child_class = np.repeat(union_class, n_child_rot)
-    child_mats_host = euler_to_matrix(child_eulers[:, 0], child_eulers[:, 1], child_eulers[:, 2])
-    child_mats = xp.asarray(child_mats_host)
-    n_rows, n_pix = child_eulers.shape[0], setup.ky.shape[0]
-    slices = xp.empty((n_rows, n_pix), dtype=xp.complex64)
-    for k in np.unique(child_class):
-        rows = np.nonzero(child_class == k)[0]
-        slices[xp.asarray(rows)] = setup.projectors[k].project(child_mats[xp.asarray(rows)],
-                                                                setup.ky, setup.kx)
-    pair = estep.as_real_pair(slices)
-    power = slices.real ** 2 + slices.imag ** 2
-    data_acc = xp.zeros_like(slices)
-    weight_acc = xp.zeros((n_rows, n_pix), dtype=xp.float32)
-    log_prior_rows = setup.log_class_prior[xp.asarray(child_class)]
-    offset = 0
-    for j, b in enumerate(members):
-        n_kr = per_kr[j].shape[0]
-        pos = inverse[offset:offset + n_kr]
-        offset += n_kr
-        rows = (pos[:, None] * n_child_rot + np.arange(n_child_rot)[None, :]).ravel()
-        rows_d = xp.asarray(rows)
-        t_children, _ = setup.translations.children(np.unique(sig_t[b]), setup.oversampling)
-        t_children = np.asarray(t_children, dtype=np.float32)
-        shifts = estep.phase_shifts(t_children, setup.ky, setup.kx, setup.box)
-        x = block.images_f[b:b + 1]
-        c = block.ctf[b:b + 1]
-        isg = block.inv_sigma2[b:b + 1]
-        total_off = block.origin_px[b][None, :] + t_children                      # (Tf, 2) px
-        if setup.use_cc:
-            scores = estep.cross_correlations(x, c, shifts, pair[rows_d], power[rows_d])[0]
-            best = int(to_numpy(scores.argmax()))
-            prob = xp.zeros(scores.shape, dtype=xp.float32)
-            prob.ravel()[best] = 1.0
-            loglik = float(to_numpy(scores.max()))
-        else:
-            w, pw, const = estep.image_terms(x, c, isg)
-            scores = estep.log_likelihoods(w, pw, const, shifts, pair[rows_d], power[rows_d])[0]
-            scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, None]
-            scores += log_prior_rows[rows_d][None, :]
-            prob, lse = estep.normalise_log(scores.reshape(1, -1))
-            prob = prob.reshape(scores.shape)
-            loglik = float(to_numpy(lse[0]))
-        # M-step sums for this particle.
-        shifted = x * shifts                                                       # (Tf, n)
-        w_rot = prob.sum(axis=0)                                                   # (nrf,)
-        w_trans = prob.sum(axis=1)                                                 # (Tf,)
-        summed = prob.T.astype(xp.complex64) @ shifted                             # (nrf, n)
-        ctf_w = c[0] * isg[0]
-        data_acc[rows_d] += summed * ctf_w[None, :]
-        weight_acc[rows_d] += w_rot[:, None] * (c[0] * ctf_w)[None, :]
-        p_rows = slices[rows_d]
-        residual = ((x[0].real ** 2 + x[0].imag ** 2) * w_rot.sum()
-                    - 2.0 * c[0] * (summed * xp.conj(p_rows)).real.sum(axis=0)
-                    + c[0] ** 2 * (w_rot @ power[rows_d]))
-        acc.add_noise(block.group[b], setup.pixel_shell, residual)
-        acc.add_offsets(float(to_numpy((w_trans * (xp.asarray(total_off) ** 2).sum(axis=1)).sum())),
-                        float(to_numpy(w_trans.sum())))
-        acc.add_class_weights(xp.asarray(child_class[rows]), w_rot)
-        # Best sample and accuracies.
-        flat_best = int(to_numpy(prob.argmax()))
-        t_best, r_best = divmod(flat_best, len(rows))
-        row_best = rows[r_best]
-        mats_rows = child_mats_host[rows]
-        w_rot_h = to_numpy(w_rot).astype(np.float64)
-        ang = angular_distance_deg(mats_rows, child_mats_host[row_best][None])
-        w_trans_h = to_numpy(w_trans).astype(np.float64)
-        dt = np.sqrt(((t_children - t_children[t_best]) ** 2).sum(axis=1))
-        i = first_index + b
-        results["class"][i] = int(child_class[row_best])
-        results["eulers"][i] = child_eulers[row_best]
-        results["origin_px"][i] = total_off[t_best]
-        results["pmax"][i] = float(to_numpy(prob.max()))
-        results["loglik"][i] = loglik
-        results["acc_rot"][i] = float((w_rot_h * ang).sum())
-        results["acc_trans_px"][i] = float((w_trans_h * dt).sum())
-    for k in np.unique(child_class):
-        rows = xp.asarray(np.nonzero(child_class == k)[0])
-        acc.backprojectors[k].insert(child_mats[rows], setup.ky, setup.kx,
-                                     data_acc[rows], weight_acc[rows])
+class FineTables:
+    """Projections and M-step slice sums of the oversampled rotations that some particle
+    of a chunk needs, for one iteration.
+
+    Global fine-row id: ``(k * R + r) * C + c`` for class ``k``, coarse rotation ``r`` and
+    child ``c`` (``C = 8**oversampling``).  ``rows`` (sorted) are the ids held; row ``i``
+    of ``slices`` / ``data`` / ``weight`` belongs to ``rows[i]``.  Each rotation is
+    projected once per chunk, and its summed slice is inserted into the 3D accumulators
+    once (:meth:`insert_into`), whatever the number of particles that used it.
+    """
+
+    def __init__(self, setup, coarse_kr, xp):
+        self.xp = xp
+        self.setup = setup
+        R = setup.orientations.matrices.shape[0]
+        C = 8 ** setup.oversampling
+        self.n_child = C
+        coarse_kr = np.unique(coarse_kr)
+        self.coarse_kr = coarse_kr
+        self.rows = (coarse_kr[:, None] * C + np.arange(C)[None, :]).ravel()
+        eulers, _ = setup.orientations.children(coarse_kr % R, setup.oversampling)
+        self.eulers = np.asarray(eulers, dtype=np.float64)
+        self.row_class = np.repeat(coarse_kr // R, C)
+        self.matrices_host = euler_to_matrix(self.eulers[:, 0], self.eulers[:, 1], self.eulers[:, 2])
+        self.matrices = xp.asarray(self.matrices_host)
+        n_pix = setup.ky.shape[0]
+        self.slices = xp.empty((self.rows.shape[0], n_pix), dtype=xp.complex64)
+        for k in np.unique(self.row_class):
+            sel = xp.asarray(np.nonzero(self.row_class == k)[0])
+            self.slices[sel] = setup.projectors[k].project(self.matrices[sel], setup.ky, setup.kx)
+        self.power = self.slices.real ** 2 + self.slices.imag ** 2
+        self.data = xp.zeros_like(self.slices)
+        self.weight = xp.zeros(self.slices.shape, dtype=xp.float32)
+        self.row_posterior = xp.zeros(self.rows.shape[0], dtype=xp.float64)
+        self.log_prior = setup.log_class_prior[xp.asarray(self.row_class)]
+
+    def positions(self, coarse_kr):
+        """Table rows (positions) of all children of coarse (class, rotation) ids."""
+        pos = np.searchsorted(self.coarse_kr, coarse_kr)
+        return (pos[:, None] * self.n_child + np.arange(self.n_child)[None, :]).ravel()
+
+    def insert_into(self, backprojectors):
+        xp = self.xp
+        # Rotations that carry less than 1e-4 of one particle's posterior in total change
+        # the maps by far less than the noise; skipping them saves most of the insertion.
+        used = to_numpy(self.row_posterior) > ROW_POSTERIOR_FLOOR
+        for k in np.unique(self.row_class):
+            sel = np.nonzero((self.row_class == k) & used)[0]
+            if sel.size:
+                sel_d = xp.asarray(sel)
+                backprojectors[k].insert(self.matrices[sel_d], self.setup.ky, self.setup.kx,
+                                         self.data[sel_d], self.weight[sel_d])
+
+
+def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index):
+    """Evaluate the oversampled children of each particle's significant samples, take
+    the posterior over them, and add the particle to the M-step sums."""
+    for b in range(block.images_f.shape[0]):
+        _fine_particle(setup, block, b, sig_t[b], sig_kr[b], tables, acc, xp, results,
+                       first_index + b)
+
+
+def _fine_particle(setup, block, b, sig_t, sig_kr, tables, acc, xp, results, i):
+    rows = tables.positions(np.unique(sig_kr))
+    rows_d = xp.asarray(rows)
+    t_children, _ = setup.translations.children(np.unique(sig_t), setup.oversampling)
+    t_children = np.asarray(t_children, dtype=np.float32)
+    shifts = estep.phase_shifts(t_children, setup.ky, setup.kx, setup.box)
+    x = block.images_f[b:b + 1]
+    c = block.ctf[b:b + 1]
+    isg = block.inv_sigma2[b:b + 1]
+    total_off = block.origin_px[b][None, :] + t_children                           # (Tf, 2) px
+    p_rows = tables.slices[rows_d]
+    pow_rows = tables.power[rows_d]
+    if setup.use_cc:
+        scores = estep.cross_correlations(x, c, shifts, estep.as_real_pair(p_rows), pow_rows)[0]
+        best = int(to_numpy(scores.argmax()))
+        prob = xp.zeros(scores.shape, dtype=xp.float32)
+        prob.ravel()[best] = 1.0
+        loglik = float(to_numpy(scores.max()))
+    else:
+        w, pw, const = estep.image_terms(x, c, isg)
+        scores = estep.log_likelihoods(w, pw, const, shifts, estep.as_real_pair(p_rows), pow_rows)[0]
+        scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, None]
+        scores += tables.log_prior[rows_d][None, :]
+        prob, lse = estep.normalise_log(scores.reshape(1, -1))
+        prob = prob.reshape(scores.shape)
+        loglik = float(to_numpy(lse[0]))
+    # M-step sums: sum_t w X s_t per rotation is one GEMM.
+    shifted = x * shifts                                                           # (Tf, n)
+    w_rot = prob.sum(axis=0)                                                       # (nrf,)
+    w_trans = prob.sum(axis=1)                                                     # (Tf,)
+    summed = prob.T.astype(xp.complex64) @ shifted                                 # (nrf, n)
+    ctf_w = c[0] * isg[0]
+    tables.data[rows_d] += summed * ctf_w[None, :]
+    tables.weight[rows_d] += w_rot[:, None] * (c[0] * ctf_w)[None, :]
+    tables.row_posterior[rows_d] += w_rot
+    residual = ((x[0].real ** 2 + x[0].imag ** 2) * w_rot.sum()
+                - 2.0 * c[0] * (summed * xp.conj(p_rows)).real.sum(axis=0)
+                + c[0] ** 2 * (w_rot @ pow_rows))
+    acc.add_noise(block.group[b], setup.pixel_shell, residual)
+    acc.add_offsets(float(to_numpy((w_trans * (xp.asarray(total_off) ** 2).sum(axis=1)).sum())),
+                    float(to_numpy(w_trans.sum())))
+    acc.add_class_weights(xp.asarray(tables.row_class[rows]), w_rot)
+    # Best sample and accuracies.
+    t_best, r_best = divmod(int(to_numpy(prob.argmax())), len(rows))
+    row_best = rows[r_best]
+    w_rot_h = to_numpy(w_rot).astype(np.float64)
+    ang = angular_distance_deg(tables.matrices_host[rows], tables.matrices_host[row_best][None])
+    w_trans_h = to_numpy(w_trans).astype(np.float64)
+    dt = np.sqrt(((t_children - t_children[t_best]) ** 2).sum(axis=1))
+    results["class"][i] = int(tables.row_class[row_best])
+    results["eulers"][i] = tables.eulers[row_best]
+    results["origin_px"][i] = total_off[t_best]
+    results["pmax"][i] = float(to_numpy(prob.max()))
+    results["loglik"][i] = loglik
+    results["acc_rot"][i] = float((w_rot_h * ang).sum())
+    results["acc_trans_px"][i] = float((w_trans_h * dt).sum())

@@ -1,0 +1,249 @@
+"""cryoclass refine against relion_refine on one simulated data set, tutorial settings.
+
+    .venv/bin/python benchmarks/bench_vs_relion.py                  # 2000 particles, 25 it.
+    .venv/bin/python benchmarks/bench_vs_relion.py --n 600 --iter 10 --relion-iter 5
+
+Simulates a heterogeneous set (``cryoclass simulate``: default 3 classes, 64 px, 4 A/px,
+SNR 0.05, 2000 particles, seed 0), then runs, one after the other on the same cores,
+
+  cryoclass refine  and  relion_refine (if installed)
+
+with the RELION tutorial's Class3D job: K=4, T=4, 25 iterations, --ini_high 50, 7.5 deg
+(--healpix_order 2 --oversampling 1), offsets range 5 / step 1 (--offset_range 5
+--offset_step 2, as the GUI passes them), --zero_mask --flatten_solvent --ctf --pad 2
+--skip_gridding --preread_images --norm --scale, mask diameter 0.8 * box * apix, --j 2,
+and --firstiter_cc for both (RELION 3.1 collapses onto one view on our simulated sets
+without it: shared/CONVENTIONS.md).  RELION also gets --dont_combine_weights_via_disc
+--pool 3.
+
+Measured per program: wall time, CPU time (user + sys of the process tree), peak memory
+(max RSS of the largest process, and the sampled peak of the tree's summed RSS), seconds
+per iteration; and from the last iteration's data.star / class maps: adjusted Rand index
+and best-match accuracy against truth.star, median angular error (C1, compared directly:
+the reference fixes the frame), median offset error, and the FSC-0.5 resolution of the
+class map matched to each true class (best-match assignment of the particles) against
+true_classNNN.mrc.  Prints the RELION / cryoclass time ratios and appends the table and
+the exact commands to benchmarks/RESULTS.md.
+"""
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+
+import _common as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data set (cryoclass simulate)")
+    g.add_argument("--n", type=int, default=2000, help="particles (2000)")
+    g.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio (0.05)")
+    g.add_argument("--box", type=int, default=64, help="box in pixels (64)")
+    g.add_argument("--apix", type=float, default=4.0, help="pixel size in A (4.0)")
+    g.add_argument("--classes", type=int, default=3, help="true classes (3)")
+    g.add_argument("--seed", type=int, default=0, help="simulation seed (0)")
+    r = p.add_argument_group("refinement (both programs)")
+    r.add_argument("--K", type=int, default=4, help="classes to refine (4, as the tutorial)")
+    r.add_argument("--tau2", type=float, default=4.0, help="--tau2_fudge (4)")
+    r.add_argument("--iter", type=int, default=25, help="iterations (25)")
+    r.add_argument("--relion-iter", type=int, default=None,
+                   help="cap RELION's iterations (default: --iter); the per-iteration "
+                        "time ratio stays comparable, the totals do not")
+    r.add_argument("--j", type=int, default=2, help="threads per program (2)")
+    r.add_argument("--cryoclass-args", default="",
+                   help="extra flags for cryoclass refine, one string")
+    r.add_argument("--relion-args", default="", help="extra flags for relion_refine")
+    r.add_argument("--timeout", type=float, default=None,
+                   help="kill a program after this many seconds (then evaluate the last "
+                        "iteration it wrote)")
+    w = p.add_argument_group("what to run")
+    w.add_argument("--skip-relion", action="store_true", help="run cryoclass only")
+    w.add_argument("--relion-only", action="store_true", help="run RELION only")
+    w.add_argument("--workdir", default=None,
+                   help="folder for the data set and outputs (kept); default: a temporary "
+                        "folder, removed at the end unless --keep")
+    w.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    w.add_argument("--no-record", action="store_true",
+                   help="do not append to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.skip_relion and args.relion_only:
+        p.error("--skip-relion and --relion-only exclude each other")
+    return args
+
+
+def run_program(name, cmd, sim_dir, root, args, commands, env=None):
+    """Run one program in the simulation folder; evaluate what it wrote."""
+    out_dir = os.path.join(sim_dir, os.path.dirname(root))
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    print(f"\n[{name}]", flush=True)
+    stats = C.run_timed(cmd, cwd=sim_dir, log_path=os.path.join(out_dir, "stdout.txt"),
+                        env=env, timeout=args.timeout)
+    commands.append(f"(cd <workdir>/data && {stats.cmd})")
+    result = {"stats": stats, "ok": stats.rc == 0 and not stats.timed_out}
+    full_root = os.path.join(sim_dir, root)
+    if not result["ok"]:
+        print(f"  {name} {'timed out' if stats.timed_out else 'failed'} (rc {stats.rc}); "
+              f"last lines of {stats.log}:\n{C.tail(stats.log)}", flush=True)
+    try:
+        result["eval"] = C.evaluate_run(full_root, sim_dir)
+    except Exception as exc:  # nothing written, unreadable output
+        print(f"  cannot evaluate {name}: {type(exc).__name__}: {exc}")
+        result["eval"] = None
+    result["times"] = C.iteration_times(full_root)
+    result["root"] = full_root
+    return result
+
+
+def table_rows(results, sim):
+    """Rows (metric, value per program) of the comparison table."""
+    names = list(results)
+    rows = []
+
+    def add(label, fn):
+        vals = []
+        for n in names:
+            try:
+                vals.append(fn(results[n]))
+            except (TypeError, KeyError, IndexError, ZeroDivisionError):
+                vals.append("-")
+        rows.append([label] + vals)
+
+    add("status", lambda r: "ok" if r["ok"] else
+        ("TIMED OUT" if r["stats"].timed_out else f"FAILED rc {r['stats'].rc}"))
+    add("iterations evaluated", lambda r: str(r["eval"]["iteration"]))
+    add("wall time (s)", lambda r: C.fmt(r["stats"].wall_s, ".1f"))
+    add("CPU time user+sys (s)", lambda r: C.fmt(r["stats"].cpu_s, ".1f"))
+    add("  of which sys (s)", lambda r: C.fmt(r["stats"].sys_s, ".1f"))
+    add("CPU use (cores)", lambda r: C.fmt(r["stats"].cpu_s / r["stats"].wall_s, ".2f"))
+    add("max RSS, largest process (MB)", lambda r: C.fmt(r["stats"].maxrss_mb, ".0f"))
+    add("peak RSS, process tree (MB)", lambda r: C.fmt(r["stats"].tree_rss_mb, ".0f"))
+    add("s / iteration, iteration 1", lambda r: C.fmt(r["times"][1], ".1f"))
+    add("s / iteration, mean of it >= 2", lambda r: C.fmt(C.mean_iteration_time(r["times"]),
+                                                          ".1f"))
+    add("ARI vs truth", lambda r: C.fmt(r["eval"]["ari"], ".3f"))
+    add("best-match accuracy", lambda r: C.fmt(r["eval"]["best_match"], ".3f"))
+    add("median angular error (deg)", lambda r: C.fmt(r["eval"]["median_ang_err_deg"], ".2f"))
+    add("median offset error (A)", lambda r: C.fmt(r["eval"]["median_offset_err_A"], ".2f"))
+    n_true = len(sim.get("class_sizes", [])) or 3
+    for t in range(n_true):
+        add(f"FSC0.5 true class {t + 1} vs matched class (A)",
+            lambda r, t=t: f"{C.fmt(r['eval']['fsc_res_A'][t], '.1f')} "
+                           f"(class {r['eval']['matched_class'][t]})")
+        add(f"  best over all class maps (A)",
+            lambda r, t=t: C.fmt(r["eval"]["fsc_best_res_A"][t], ".1f"))
+    add("class fractions", lambda r: " ".join(f"{x:.2f}" for x in
+                                              r["eval"]["class_fractions"]))
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    info = C.machine_info()
+    print(f"machine: {C.machine_line(info)}")
+    have_relion = C.relion_refine_path() is not None
+    run_relion = not args.skip_relion and have_relion
+    run_cc = not args.relion_only
+    notes = []
+    if not args.skip_relion and not have_relion:
+        msg = ("relion_refine is not installed (apt-get install -y relion): RELION not run")
+        print(msg)
+        notes.append(msg)
+    if args.relion_only and not have_relion:
+        print("nothing to run")
+        return 1
+    relion_iter = args.relion_iter or args.iter
+    if run_relion:
+        notes.append("RELION run with --firstiter_cc (its default scoring collapses onto "
+                     "one orientation on these simulated sets; shared/CONVENTIONS.md)")
+        if relion_iter != args.iter:
+            notes.append(f"RELION capped at {relion_iter} iterations (cryoclass: "
+                         f"{args.iter}); compare per-iteration times, not totals")
+
+    tmp = args.workdir is None
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench_vs_relion_"))
+    os.makedirs(workdir, exist_ok=True)
+    print(f"work folder: {workdir}")
+    commands = []
+    try:
+        sim = C.simulate(os.path.join(workdir, "data"), args.n, args.box, args.apix,
+                         args.snr, args.classes, args.seed, commands=commands)
+        sim_dir = sim["dir"]
+        print(f"  oracle accuracy {sim['oracle_accuracy']:.4f} "
+              f"(< 25 A: {sim['oracle_accuracy_25A']:.4f}); class sizes {sim['class_sizes']}")
+        results = {}
+        if run_cc:
+            cmd = C.cryoclass_refine_cmd("cryoclass/run", args.box, args.apix, args.K,
+                                         args.tau2, args.iter, args.j,
+                                         extra=shlex.split(args.cryoclass_args))
+            results["cryoclass"] = run_program("cryoclass", cmd, sim_dir, "cryoclass/run",
+                                               args, commands)
+        if run_relion:
+            cmd = C.relion_refine_cmd("relion/run", args.box, args.apix, args.K, args.tau2,
+                                      relion_iter, args.j,
+                                      extra=shlex.split(args.relion_args))
+            results[f"RELION {info['relion']}"] = run_program("RELION", cmd, sim_dir,
+                                                              "relion/run", args, commands)
+        # Like-for-like accuracy when RELION stopped earlier.
+        rel_name = next((n for n in results if n.startswith("RELION")), None)
+        if run_cc and rel_name and results[rel_name]["eval"] and results["cryoclass"]["eval"]:
+            r_it = results[rel_name]["eval"]["iteration"]
+            if r_it < results["cryoclass"]["eval"]["iteration"]:
+                try:
+                    cc = dict(results["cryoclass"])
+                    cc["eval"] = C.evaluate_run(cc["root"], sim_dir, iteration=r_it)
+                    results[f"cryoclass at it {r_it}"] = cc
+                except Exception as exc:
+                    print(f"  cannot evaluate cryoclass at iteration {r_it}: {exc}")
+
+        title = (f"{args.n} particles, {args.box} px, {args.apix:g} A/px, SNR {args.snr:g}, "
+                 f"{args.classes} true classes, seed {args.seed}; K={args.K}, T={args.tau2:g}, "
+                 f"{args.iter} iterations" +
+                 (f" (RELION {relion_iter})" if run_relion and relion_iter != args.iter
+                  else "") + f", --j {args.j}")
+        lines = [title,
+                 f"oracle accuracy {sim['oracle_accuracy']:.4f} (< 25 A: "
+                 f"{sim['oracle_accuracy_25A']:.4f})", ""]
+        lines.append(C.format_table(["metric"] + list(results), table_rows(results, sim)))
+        cc, rel = results.get("cryoclass"), results.get(rel_name) if rel_name else None
+        if cc and rel:
+            lines.append("")
+            s_cc, s_rel = cc["stats"], rel["stats"]
+            t_cc, t_rel = (C.mean_iteration_time(cc["times"]),
+                           C.mean_iteration_time(rel["times"]))
+            same = (cc["eval"] or {}).get("iteration") == (rel["eval"] or {}).get("iteration")
+            tag = "" if same else "   (different iteration counts: not comparable)"
+            lines.append(f"time ratio RELION / cryoclass: wall {s_rel.wall_s / s_cc.wall_s:.2f}"
+                         f", CPU {s_rel.cpu_s / max(s_cc.cpu_s, 1e-9):.2f}{tag}")
+            lines.append(f"time ratio RELION / cryoclass per iteration (mean of it >= 2): "
+                         f"{t_rel / t_cc:.2f}")
+            if not same and rel["times"]:
+                est = sum(v for k, v in rel["times"].items() if k == 1) + \
+                    t_rel * (args.iter - 1)
+                lines.append(f"RELION extrapolated to {args.iter} iterations (it 1 + "
+                             f"{args.iter - 1} x mean of it >= 2): ~{est:.0f} s wall, "
+                             f"ratio ~{est / s_cc.wall_s:.2f} (estimate)")
+        if run_relion:
+            lines.append("RELION ran with --firstiter_cc (shared/CONVENTIONS.md: without it "
+                         "RELION 3.1 collapses on these simulated sets).")
+        body = "\n".join(lines)
+        print("\n" + body)
+        if not args.no_record:
+            C.append_results("bench_vs_relion", commands, body, info, notes + [f"<workdir> = {workdir}" +
+                                                  (" (temporary)" if tmp and not args.keep
+                                                   else "")])
+        ok = all(r["ok"] for r in results.values())
+        return 0 if ok else 1
+    finally:
+        if tmp and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
