@@ -17,7 +17,9 @@ So the environment has to be prepared before anything imports pyworkflow or pwem
 ``<root>/config/hosts.conf`` (a ``localhost`` host whose ``PARALLEL_COMMAND`` is the
 ``mpirun`` of this Python environment, allowed to run as root and to oversubscribe the
 cores) and ``<root>/config/env.sh`` (the same variables as shell exports, for
-``scipion``-less use: ``source env.sh; python -m pyworkflow.apps.pw_project demo``).
+``scipion``-less use: ``source env.sh; python -O -m pyworkflow.apps.pw_project demo``;
+``-O`` opens the project window in this process rather than through the ``scipion``
+launcher, which is not installed here).
 Nothing here needs a display.
 
 This module imports neither pyworkflow nor pwem at import time.

@@ -154,6 +154,12 @@ def demo_settings(args):
 
 
 # ---------------------------------------------------------------------------- protocols
+def _new(project, cls, label, **params):
+    prot = project.newProtocol(cls, **params)
+    prot.setObjLabel(label)
+    return prot
+
+
 def _run_protocol(project, prot, what):
     """Launch and wait (short protocols); a failure becomes a CryoClassError."""
     from ..scipion_env import ProtocolFailed, launch
@@ -164,7 +170,7 @@ def _run_protocol(project, prot, what):
     try:
         return launch(project, prot)
     except ProtocolFailed as exc:
-        _say(str(exc))
+        print(str(exc), file=sys.stderr, flush=True)
         raise CryoClassError("%s failed (run %s); its logs: %s"
                              % (what, prot.getRunName(),
                                 os.path.dirname(os.path.join(project.path, prot.getStdoutLog())))) from None
@@ -238,7 +244,7 @@ def _run_classification(project, prot, poll=1.0, heartbeat=60.0):
     try:
         check_finished(prot)
     except ProtocolFailed as exc:
-        _say(str(exc))
+        print(str(exc), file=sys.stderr, flush=True)
         raise CryoClassError("3D classification failed (run %s); engine log %s, protocol "
                              "logs %s" % (prot.getRunName(), engine_log,
                                           os.path.join(run_dir, "logs"))) from None
@@ -337,8 +343,7 @@ def _verdict(metrics, oracle, n_classes):
     elif acc >= chance + 0.5 * (oracle - chance):
         word = "the classes were partly recovered"
     else:
-        word = "the classes were NOT recovered (little better than chance, %.0f%%)" \
-               % (100 * chance)
+        word = "the classes were NOT recovered (chance level: %.0f%%)" % (100 * chance)
     return ("%s: %.1f%% of the particles are in their true class under the best "
             "class-to-truth matching, ARI %.3f; the oracle gets %.1f%%"
             % (word, 100 * acc, ari, 100 * oracle))
@@ -392,15 +397,15 @@ def _demo(args, out):
                              ProtCryoClassSelectClasses)
     project = create_project(PROJECT_NAME)
     _say("      project: %s" % project.path)
-    imp = _run_protocol(project, project.newProtocol(
-        ProtCryoClassImportParticles, objLabel="import particles",
+    imp = _run_protocol(project, _new(
+        project, ProtCryoClassImportParticles, "import particles",
         starFile=sim["particles_star"]), "import particles")
     parts = imp.outputParticles
     _say("      imported %d particles (%d px, %g A/px, CTF: %s)"
          % (parts.getSize(), parts.getXDim(), parts.getSamplingRate(),
             "yes" if parts.hasCTF() else "no"))
-    ref = _run_protocol(project, project.newProtocol(
-        ProtImportVolumes, objLabel="import reference", filesPath=sim["ref"],
+    ref = _run_protocol(project, _new(
+        project, ProtImportVolumes, "import reference", filesPath=sim["ref"],
         samplingRate=args.apix), "import reference")
     _say("      imported the reference %s" % sim["ref"])
 
@@ -413,8 +418,7 @@ def _demo(args, out):
                                 settings["offsetSearchRangePix"],
                                 settings["offsetSearchStepPix"], settings["maskDiameterA"],
                                 args.mpi, args.threads))
-    cls3d = project.newProtocol(ProtCryoClassClassify3D, objLabel="3D classification",
-                                **settings)
+    cls3d = _new(project, ProtCryoClassClassify3D, "3D classification", **settings)
     cls3d.inputParticles.set(imp)
     cls3d.inputParticles.setExtended("outputParticles")
     cls3d.referenceVolume.set(ref)
@@ -430,9 +434,9 @@ def _demo(args, out):
     steps.start("select", "Automatic class selection: best estimated resolution, keep %s, "
                           "classes with >= 5%% of the particles"
                 % (args.keep or "all"))
-    sel = project.newProtocol(ProtCryoClassSelectClasses, objLabel="select classes",
-                              selectionMode=SELECT_AUTO, rankBy=RANK_RESOLUTION,
-                              numberToKeep=args.keep, minDistribution=5.0)
+    sel = _new(project, ProtCryoClassSelectClasses, "select classes",
+               selectionMode=SELECT_AUTO, rankBy=RANK_RESOLUTION,
+               numberToKeep=args.keep, minDistribution=5.0)
     sel.inputClasses.set(cls3d)
     sel.inputClasses.setExtended("outputClasses")
     sel = _run_protocol(project, sel, "class selection")
@@ -497,8 +501,8 @@ def _demo(args, out):
             ("class table", tsv),
             ("all numbers", os.path.join(out, "summary.json"))):
         _say("  %-19s %s" % (label, path))
-    _say("  open the project in Scipion's GUI (needs a display): source %s && "
-         "python -m pyworkflow.apps.pw_project %s" % (env.env_sh, PROJECT_NAME))
+    _say("  open the project in Scipion's GUI (needs a display and Tk): source %s && "
+         "%s -O -m pyworkflow.apps.pw_project %s" % (env.env_sh, sys.executable, PROJECT_NAME))
     _say("\nClasses at iteration %d (largest first; 'true class' = the simulated class "
          "most of its particles come from, 'purity' = their share of the class, 'of "
          "true' = the share of that true class it holds)" % rep["iteration"])

@@ -125,9 +125,6 @@ def settings_from_args(args):
     if args.tau2_fudge <= 0:
         raise CryoClassError(f"--tau2_fudge {args.tau2_fudge:g}: T must be > 0 (RELION: 2-4 "
                              "for 3D classification)")
-    if args.skip_align:
-        raise NotImplementedOption("--skip_align: classification without alignment is not "
-                                   "implemented yet; run with alignment")
     from ..engine.symmetry import parse_symmetry
     parse_symmetry(args.sym)
     return Settings(

@@ -278,6 +278,9 @@ class Refinement:
                 "smaller mask diameter")
         if not s.continue_from:
             check_map_matches(s.ref, self.box, self.apix)
+        if s.skip_align and not {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(self.table.df.columns):
+            raise CryoClassError(f"{s.input_star}: --skip_align needs rlnAngleRot/Tilt/Psi "
+                                 "(poses from a refinement); align first or drop --skip_align")
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
 
@@ -315,7 +318,7 @@ class Refinement:
         return model
 
     # ------------------------------------------------------------------ one iteration
-    def iterate(self, model, iteration):
+    def iterate(self, model, iteration, allowed=None, hard=False, write=True):
         s, xp, comm = self.s, self.xp, self.comm
         t0 = time.time()
         n = len(self.table)
@@ -325,8 +328,7 @@ class Refinement:
             subset = np.sort(rng.permutation(n)[:size]) if size < n else np.arange(n)
         else:
             subset = np.arange(n)
-        allowed = None
-        if iteration == 1 and s.n_classes > 1 and not s.skip_align:
+        if allowed is None and iteration == 1 and s.n_classes > 1:
             # RELION's random seeding: each particle contributes to one random class.
             allowed = rng.integers(0, s.n_classes, size=n)
         use_cc = s.firstiter_cc and iteration == 1
@@ -344,9 +346,12 @@ class Refinement:
 
         projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
                       for k in range(s.n_classes)]
-        coarse_mats = xp.asarray(self.orientations.matrices)
-        coarse = xp.concatenate([p.project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
-                                 for p in projectors], axis=0)
+        if s.skip_align:
+            coarse = xp.zeros((1, 1), dtype=xp.complex64)   # no search: no coarse slices
+        else:
+            coarse_mats = xp.asarray(self.orientations.matrices)
+            coarse = xp.concatenate([p.project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
+                                     for p in projectors], axis=0)
         log_prior = xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)), dtype=xp.float32)
         setup = search.SearchSetup(
             box=box, n_coarse=n_coarse, ky=ky, kx=kx, pixel_shell=pixel_shell[:n_cur],
@@ -364,8 +369,20 @@ class Refinement:
                "pmax": np.zeros(m), "loglik": np.zeros(m), "acc_rot": np.zeros(m),
                "acc_trans_px": np.zeros(m), "nsig": np.zeros(m)}
         lo, hi = split_range(m, comm.rank, comm.size)
+        if os.environ.get("CRYOCLASS_TEST_FAIL_RANK") == str(comm.rank) and comm.size > 1:
+            raise RuntimeError("failure injected by CRYOCLASS_TEST_FAIL_RANK (tests only)")
         blocks = [(b0, min(hi, b0 + s.block_size)) for b0 in range(lo, hi, s.block_size)]
         progress = _Progress(2 * (hi - lo), iteration, s.n_iter, enabled=comm.rank == 0)
+        if s.skip_align:
+            for b0, b1 in blocks:
+                idx = subset[b0:b1]
+                block, pw_beyond, cnt_beyond = self._block(model, idx, allowed, xp, ky_all,
+                                                           kx_all, pixel_shell, n_cur)
+                acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
+                search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0,
+                                       hard=hard)
+                progress.update(2 * (b1 - b0))
+            blocks = []
         # Pass 1: coarse search of every block; the significant samples are kept (small).
         cache, significant = {}, {}
         n_pix = int(ky.shape[0])
@@ -419,7 +436,7 @@ class Refinement:
         model.log_likelihood = float(model.part_loglik.sum())
         elapsed = time.time() - t0
         model.history.append({"iteration": iteration, "seconds": elapsed})
-        if comm.rank == 0:
+        if comm.rank == 0 and write:
             write_iteration(s.output_root, iteration, model, self.table, s, self.orientations,
                             self.translations, self.group_names, self.group_counts)
             self.log(_log_line(model, iteration, elapsed, m))

@@ -233,3 +233,60 @@ def _fine_particle(setup, block, b, sig_t, sig_kr, tables, acc, xp, results, i):
     results["loglik"][i] = loglik
     results["acc_rot"][i] = float((w_rot_h * ang).sum())
     results["acc_trans_px"][i] = float((w_trans_h * dt).sum())
+
+
+def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class_pixels=None,
+                    hard=False):
+    """Classification without alignment (RELION's ``--skip_align``): each particle keeps
+    its rotation (``eulers`` (B, 3), degrees) and origin; only its class posterior is
+    computed, from the pixels of the first ``n_class_pixels`` of the list (a resolution
+    limit for the class assignment), and the particle is added to every class's sums in
+    proportion to it.  ``hard`` gives each particle wholly to its best class (the
+    classification-EM variant used for restarts).
+    """
+    B = block.images_f.shape[0]
+    K = setup.n_classes
+    mats_h = euler_to_matrix(eulers[:, 0], eulers[:, 1], eulers[:, 2])
+    mats = xp.asarray(mats_h)
+    slices = xp.stack([p.project(mats, setup.ky, setup.kx) for p in setup.projectors])  # (K,B,n)
+    x, c, isg = block.images_f, block.ctf, block.inv_sigma2
+    m = x.shape[1] if n_class_pixels is None else int(n_class_pixels)
+    w, pw, const = estep.image_terms(x[:, :m], c[:, :m], isg[:, :m])
+    cross = xp.einsum("bp,kbp->bk", w.real, slices[:, :, :m].real) + \
+        xp.einsum("bp,kbp->bk", w.imag, slices[:, :, :m].imag)
+    power = xp.einsum("bp,kbp->bk", pw, slices[:, :, :m].real ** 2 + slices[:, :, :m].imag ** 2)
+    scores = cross - power - const[:, None] + setup.log_class_prior[None, :]
+    if block.allowed_class is not None:
+        allowed = xp.asarray(block.allowed_class)
+        scores = xp.where(xp.arange(K)[None, :] == allowed[:, None], scores, -xp.inf)
+    prob, lse = estep.normalise_log(scores)
+    if hard:
+        best = prob.argmax(axis=1)
+        prob = (xp.arange(K)[None, :] == best[:, None]).astype(prob.dtype)
+    ctf_w = c * isg
+    total = xp.zeros(x.shape[1], dtype=xp.float64)
+    for k in range(K):
+        keep = to_numpy(prob[:, k] > 1e-6)
+        if keep.any():
+            sel = xp.asarray(np.nonzero(keep)[0])
+            pk = prob[sel, k][:, None]
+            acc.backprojectors[k].insert(mats[sel], setup.ky, setup.kx,
+                                         (pk * x[sel] * ctf_w[sel]).astype(xp.complex64),
+                                         (pk * c[sel] * ctf_w[sel]).astype(xp.float32))
+    for b in range(B):
+        diff = x[b][None, :] - c[b][None, :] * slices[:, b, :]
+        residual = (prob[b][:, None] * (diff.real ** 2 + diff.imag ** 2)).sum(axis=0)
+        acc.add_noise(block.group[b], setup.pixel_shell, residual)
+    acc.add_class_weights(xp.repeat(xp.arange(K), B), prob.T.ravel())
+    origins = block.origin_px.astype(np.float64)
+    acc.add_offsets(float((origins ** 2).sum()), float(B))
+    prob_h = to_numpy(prob)
+    idx = slice(first_index, first_index + B)
+    results["class"][idx] = prob_h.argmax(axis=1)
+    results["eulers"][idx] = eulers
+    results["origin_px"][idx] = origins
+    results["pmax"][idx] = prob_h.max(axis=1)
+    results["loglik"][idx] = to_numpy(lse)
+    results["acc_rot"][idx] = 0.0
+    results["acc_trans_px"][idx] = 0.0
+    results["nsig"][idx] = (prob_h > 1e-3).sum(axis=1)

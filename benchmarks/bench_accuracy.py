@@ -1,0 +1,200 @@
+"""Classification accuracy on a grid of simulated three-class sets, against the oracle.
+
+    .venv/bin/python benchmarks/bench_accuracy.py                  # small default grid
+    .venv/bin/python benchmarks/bench_accuracy.py --full           # 600/1500/5000 x 3 SNR x 2 seeds
+    .venv/bin/python benchmarks/bench_accuracy.py --label recommended \\
+        --cryoclass-args "--incr_size 5"                          # compare engine options
+    .venv/bin/python benchmarks/bench_accuracy.py --relion         # also run RELION
+
+Sets: ``cryoclass simulate`` with three classes (full particle / head absent / ratcheted),
+64 px, 4 A/px, CTF; particles x SNR x seeds from the options.  Each set is refined with
+the RELION tutorial's Class3D settings (K=3 here, T=4, 25 iterations, --ini_high 50,
+7.5 deg, offsets 5 / 1 px, --firstiter_cc, --j 2; see ``_common.tutorial_flags``) plus
+``--cryoclass-args``.  Per set it prints the oracle accuracy (all frequencies and < 25 A:
+the best any classifier can do given the true poses), cryoclass's adjusted Rand index,
+best-match accuracy and median angular error against truth.star, its wall time, and
+RELION's ARI / best-match accuracy / time.
+
+RELION (run with --firstiter_cc, the same flags, K=3) takes far longer than the default
+grid's budget on 2 cores, and its answer does not change when cryoclass does, so its
+results are cached in ``benchmarks/relion_cache.json`` keyed by the data set's bytes and
+RELION's flags.  Without ``--relion`` the table shows cached RELION results where there
+are any; with ``--relion`` the missing ones are computed (``--relion-iter`` caps RELION's
+iterations, part of the cache key).  Rows go to benchmarks/RESULTS.md tagged ``--label``.
+"""
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+
+import _common as C
+
+DEFAULT_N = [600]
+DEFAULT_SNR = [0.05, 0.1, 0.2]
+DEFAULT_SEEDS = [0]
+FULL_N = [600, 1500, 5000]
+FULL_SNR = [0.05, 0.1, 0.2]
+FULL_SEEDS = [0, 1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=None,
+                   help=f"particle counts (default {DEFAULT_N}; --full {FULL_N})")
+    p.add_argument("--snr", type=float, nargs="+", default=None,
+                   help=f"SNRs (default {DEFAULT_SNR}; --full {FULL_SNR})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"simulation seeds (default {DEFAULT_SEEDS}; --full {FULL_SEEDS})")
+    p.add_argument("--full", action="store_true", help="the whole grid (hours)")
+    p.add_argument("--box", type=int, default=64, help="box in pixels (64)")
+    p.add_argument("--apix", type=float, default=4.0, help="pixel size in A (4.0)")
+    p.add_argument("--classes", type=int, default=3, help="true classes (3)")
+    p.add_argument("--K", type=int, default=3, help="classes to refine (3)")
+    p.add_argument("--tau2", type=float, default=4.0, help="--tau2_fudge (4)")
+    p.add_argument("--iter", type=int, default=25, help="iterations (25)")
+    p.add_argument("--j", type=int, default=2, help="threads (2)")
+    p.add_argument("--cryoclass-args", default="",
+                   help="extra flags for cryoclass refine, one string, e.g. "
+                        "\"--adaptive_fraction 0.99\"")
+    p.add_argument("--label", default="", help="tag for these rows in RESULTS.md")
+    p.add_argument("--relion", action="store_true",
+                   help="run relion_refine where no cached result exists")
+    p.add_argument("--relion-iter", type=int, default=None,
+                   help="RELION's iterations (default: --iter)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write benchmarks/relion_cache.json")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="kill a run after this many seconds (then the last iteration it "
+                        "wrote is evaluated)")
+    p.add_argument("--workdir", default=None,
+                   help="folder for data sets and outputs (kept; simulated sets in it are "
+                        "reused); default: a temporary folder, removed unless --keep")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not append to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    args.n = args.n or (FULL_N if args.full else DEFAULT_N)
+    args.snr = args.snr or (FULL_SNR if args.full else DEFAULT_SNR)
+    args.seeds = args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)
+    return args
+
+
+def refine(name, cmd, sim_dir, root, args, commands):
+    out_dir = os.path.join(sim_dir, os.path.dirname(root))
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    stats = C.run_timed(cmd, cwd=sim_dir, log_path=os.path.join(out_dir, "stdout.txt"),
+                        timeout=args.timeout)
+    commands.append(f"(cd {sim_dir} && {stats.cmd})")
+    status = "ok" if stats.rc == 0 and not stats.timed_out else \
+        ("timeout" if stats.timed_out else f"rc{stats.rc}")
+    if status != "ok":
+        print(f"  {name} {status}; last lines of {stats.log}:\n{C.tail(stats.log)}")
+    ev = None
+    try:
+        ev = C.evaluate_run(os.path.join(sim_dir, root), sim_dir)
+    except Exception as exc:
+        print(f"  cannot evaluate {name}: {type(exc).__name__}: {exc}")
+    return {"status": status, "wall_s": stats.wall_s, "cpu_s": stats.cpu_s,
+            "eval": ev, "cmd": stats.cmd}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    info = C.machine_info()
+    print(f"machine: {C.machine_line(info)}")
+    have_relion = C.relion_refine_path() is not None
+    relion_iter = args.relion_iter or args.iter
+    notes = []
+    if args.relion and not have_relion:
+        notes.append("relion_refine is not installed (apt-get install -y relion): RELION "
+                     "columns only from the cache")
+        print(notes[-1])
+    notes.append("RELION columns: relion_refine with --firstiter_cc (shared/CONVENTIONS.md)"
+                 f", same flags, K={args.K}; 'cached' = from benchmarks/relion_cache.json")
+    if args.cryoclass_args:
+        notes.append(f"cryoclass extra flags: {args.cryoclass_args}")
+    tmp = args.workdir is None
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench_accuracy_"))
+    os.makedirs(workdir, exist_ok=True)
+    print(f"work folder: {workdir}")
+    grid = [(n, snr, seed) for n in args.n for snr in args.snr for seed in args.seeds]
+    print(f"{len(grid)} sets: " + ", ".join(f"n={n} snr={s:g} seed={d}" for n, s, d in grid))
+    commands, rows = [], []
+    headers = ["n", "SNR", "seed", "oracle", "oracle<25A", "ARI", "best-match", "ang.err",
+               "time s", "RELION ARI", "RELION b-m", "RELION it", "RELION s"]
+    try:
+        for n, snr, seed in grid:
+            print(f"\n=== n={n} SNR={snr:g} seed={seed}", flush=True)
+            sim_dir = os.path.join(workdir, f"n{n}_snr{snr:g}_seed{seed}")
+            sim = C.simulate(sim_dir, n, args.box, args.apix, snr, args.classes, seed,
+                             commands=commands)
+            cmd = C.cryoclass_refine_cmd("cryoclass/run", args.box, args.apix, args.K,
+                                         args.tau2, args.iter, args.j,
+                                         extra=shlex.split(args.cryoclass_args))
+            cc = refine("cryoclass", cmd, sim_dir, "cryoclass/run", args, commands)
+            ev = cc["eval"] or {}
+            rel = None
+            rcmd = C.relion_refine_cmd("relion/run", args.box, args.apix, args.K, args.tau2,
+                                       relion_iter, args.j)
+            key = C.relion_cache_key(sim_dir, rcmd)
+            if not args.no_cache:
+                rel = C.relion_cache_get(key)
+                if rel:
+                    rel = dict(rel, source="cached")
+            if rel is None and args.relion and have_relion:
+                print("  [RELION]")
+                r = refine("RELION", rcmd, sim_dir, "relion/run", args, commands)
+                rel = {"status": r["status"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                       "ari": (r["eval"] or {}).get("ari"),
+                       "best_match": (r["eval"] or {}).get("best_match"),
+                       "median_ang_err_deg": (r["eval"] or {}).get("median_ang_err_deg"),
+                       "iteration": (r["eval"] or {}).get("iteration"),
+                       "machine": C.machine_line(info), "cmd": r["cmd"], "source": "run"}
+                if not args.no_cache and r["status"] == "ok":
+                    C.relion_cache_put(key, {k: v for k, v in rel.items() if k != "source"})
+            status = "" if cc["status"] == "ok" else f" [{cc['status']}]"
+            row = [n, f"{snr:g}", seed, C.fmt(sim["oracle_accuracy"]),
+                   C.fmt(sim["oracle_accuracy_25A"]), C.fmt(ev.get("ari")) + status,
+                   C.fmt(ev.get("best_match")), C.fmt(ev.get("median_ang_err_deg"), ".1f"),
+                   C.fmt(cc["wall_s"], ".0f")]
+            if rel:
+                tag = "*" if rel["source"] == "cached" else ""
+                row += [C.fmt(rel.get("ari")) + tag, C.fmt(rel.get("best_match")),
+                        str(rel.get("iteration")), C.fmt(rel.get("wall_s"), ".0f")]
+            else:
+                row += ["-", "-", "-", "-"]
+            rows.append(row)
+            print(C.format_table(headers, [row]), flush=True)
+        label = f" [{args.label}]" if args.label else ""
+        body = [f"bench_accuracy{label}: {args.classes} true classes, {args.box} px, "
+                f"{args.apix:g} A/px; K={args.K}, T={args.tau2:g}, {args.iter} iterations, "
+                f"--j {args.j}" + (f"; cryoclass extra: {args.cryoclass_args}"
+                                   if args.cryoclass_args else ""), "",
+                C.format_table(headers, rows), "",
+                "ang.err = median angular error (deg, C1); time = wall seconds; "
+                "* = RELION result from benchmarks/relion_cache.json (--firstiter_cc)"]
+        if not have_relion:
+            body.append("relion_refine not installed: RELION columns from the cache only")
+        elif not args.relion:
+            body.append("RELION not run (pass --relion); '-' = no cached result")
+        text = "\n".join(body)
+        print("\n" + text)
+        if not args.no_record:
+            C.append_results(f"bench_accuracy{label}", commands, text, info,
+                             notes + [f"work folder {workdir}" +
+                                      (" (temporary)" if tmp and not args.keep else "")])
+        return 0
+    finally:
+        if tmp and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

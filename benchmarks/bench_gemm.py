@@ -1,0 +1,190 @@
+"""This machine's single-precision matrix-product rate at the E-step's shapes.
+
+    .venv/bin/python benchmarks/bench_gemm.py            # numpy (BLAS) float32
+    .venv/bin/python benchmarks/bench_gemm.py --quick    # one size
+    .venv/bin/python benchmarks/bench_gemm.py --gpu      # also CuPy, where cupy + a GPU exist
+
+The E-step scores all (image x translation) rows against all (orientation x class)
+projections with one real GEMM per block: ``(B*T, 2n) @ (2n, M)``, where B*T ~ 2000
+shifted images, n ~ 500-1500 Fourier pixels (real and imaginary parts side by side: 2n)
+and M ~ 5000-20000 projections.  A product of (m, k) by (k, n) costs 2 m k n flops.
+
+Other scripts can import the rate::
+
+    from bench_gemm import measure_sgemm_gflops      # benchmarks/ on sys.path
+    gflops = measure_sgemm_gflops()                  # best of a few, numpy float32
+
+Prints a table of GFLOP/s per shape (best and median of ``--repeats`` timed products
+after one warm-up) and appends it to benchmarks/RESULTS.md.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+# (rows = B*T, inner = 2n, cols = M)
+DEFAULT_SHAPES = [(2000, 1000, 5000), (2000, 2000, 10000), (2000, 3000, 20000)]
+QUICK_SHAPES = [(2000, 1000, 5000)]
+
+
+def _timings_numpy(m, k, n, repeats, threads=None, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    out = np.empty((m, n), dtype=np.float32)
+    limiter = None
+    if threads:
+        try:
+            from threadpoolctl import threadpool_limits
+            limiter = threadpool_limits(limits=int(threads), user_api="blas")
+        except ImportError:
+            pass
+    try:
+        np.matmul(a, b, out=out)  # warm-up (thread pool start, page faults)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+    finally:
+        if limiter is not None:
+            limiter.unregister()
+    return times
+
+
+def _timings_cupy(m, k, n, repeats, seed=0):
+    import cupy as cp
+    rs = cp.random.RandomState(seed)
+    a = rs.standard_normal((m, k), dtype=cp.float32)
+    b = rs.standard_normal((k, n), dtype=cp.float32)
+    out = cp.empty((m, n), dtype=cp.float32)
+    cp.matmul(a, b, out=out)
+    cp.cuda.Device().synchronize()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        cp.matmul(a, b, out=out)
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1000.0)
+    return times
+
+
+def measure_sgemm_gflops(m=2000, k=2000, n=10000, repeats=3, threads=None, backend="numpy",
+                         stat="best"):
+    """GFLOP/s of a float32 ``(m, k) @ (k, n)`` product (2 m k n flops).
+
+    ``backend`` 'numpy' (the BLAS numpy links, ``threads`` BLAS threads via threadpoolctl;
+    default: BLAS's own default) or 'cupy' (cuBLAS on the current GPU, timed with CUDA
+    events).  ``stat`` 'best' (default) or 'median' of ``repeats`` timed products after
+    one warm-up."""
+    if backend == "cupy":
+        times = _timings_cupy(m, k, n, repeats)
+    elif backend == "numpy":
+        times = _timings_numpy(m, k, n, repeats, threads)
+    else:
+        raise ValueError(f"backend {backend!r}: use 'numpy' or 'cupy'")
+    t = min(times) if stat == "best" else statistics.median(times)
+    return 2.0 * m * k * n / t / 1e9
+
+
+def cupy_available():
+    try:
+        import cupy as cp
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def blas_name():
+    try:
+        from threadpoolctl import threadpool_info
+        infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if infos:
+            i = infos[0]
+            return (f"{i.get('internal_api')} {i.get('version')} "
+                    f"({i.get('num_threads')} threads, {i.get('architecture')})")
+    except Exception:
+        pass
+    return "unknown BLAS"
+
+
+def gpu_name():
+    try:
+        import cupy as cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return "unknown GPU"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"one shape {QUICK_SHAPES[0]}")
+    p.add_argument("--shape", nargs=3, type=int, action="append", metavar=("ROWS", "INNER",
+                                                                          "COLS"),
+                   help="a (ROWS, INNER) @ (INNER, COLS) product; repeatable")
+    p.add_argument("--repeats", type=int, default=3, help="timed products per shape (3)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="BLAS thread counts to try (default: BLAS's default only)")
+    p.add_argument("--gpu", action="store_true", help="also CuPy (needs cupy and a GPU)")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not append to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    shapes = [tuple(s) for s in args.shape] if args.shape else \
+        (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common as C
+    info = C.machine_info()
+    print(f"machine: {C.machine_line(info)}")
+    print(f"numpy {np.__version__}, BLAS: {blas_name()}")
+    rows = []
+    for threads in (args.threads or [None]):
+        for m, k, n in shapes:
+            times = _timings_numpy(m, k, n, args.repeats, threads)
+            flops = 2.0 * m * k * n
+            rows.append([f"numpy f32 ({threads or 'default'} thr)", f"{m} x {k} x {n}",
+                         f"{flops / 1e9:.0f}", f"{min(times) * 1e3:.1f}",
+                         f"{flops / min(times) / 1e9:.1f}",
+                         f"{flops / statistics.median(times) / 1e9:.1f}"])
+            print(C.format_table(HEADERS, rows[-1:]), flush=True)
+    gpu_note = None
+    if args.gpu:
+        if cupy_available():
+            import cupy as cp
+            gpu_note = f"GPU: {gpu_name()}, CuPy {cp.__version__}"
+            print(gpu_note)
+            for m, k, n in shapes:
+                times = _timings_cupy(m, k, n, max(args.repeats, 10))
+                flops = 2.0 * m * k * n
+                rows.append([f"cupy f32 (GPU)", f"{m} x {k} x {n}", f"{flops / 1e9:.0f}",
+                             f"{min(times) * 1e3:.2f}", f"{flops / min(times) / 1e9:.1f}",
+                             f"{flops / statistics.median(times) / 1e9:.1f}"])
+                print(C.format_table(HEADERS, rows[-1:]), flush=True)
+        else:
+            gpu_note = "CuPy variant not run: cupy not importable or no GPU"
+            print(gpu_note)
+    body = "\n".join([f"numpy {np.__version__}, BLAS: {blas_name()}"] +
+                     ([gpu_note] if gpu_note else []) +
+                     ["", C.format_table(HEADERS, rows), "",
+                      "shape = rows x inner x cols of (rows, inner) @ (inner, cols); "
+                      "GFLOP = 2 rows inner cols / 1e9; best / median of "
+                      f"{args.repeats} timed products after a warm-up (GPU: >= 10, CUDA "
+                      "events)"])
+    print("\n" + body)
+    if not args.no_record:
+        C.append_results("bench_gemm", [], body, info)
+    return 0
+
+
+HEADERS = ["backend", "shape", "GFLOP", "best ms", "GFLOP/s best", "GFLOP/s median"]
+
+if __name__ == "__main__":
+    sys.exit(main())
