@@ -91,6 +91,25 @@ def relion_version():
     return m.group(1) if m else "unknown"
 
 
+def blas_core():
+    """The BLAS (and OpenBLAS core type) the venv's numpy gets in this environment, asked
+    of a fresh interpreter (OpenBLAS picks its kernels when it is loaded: on CPUs it does
+    not know it falls back to slow generic ones, see bench_gemm.py --compare-coretypes)."""
+    code = ("import numpy\n"
+            "from threadpoolctl import threadpool_info\n"
+            "b=[i for i in threadpool_info() if i.get('user_api')=='blas']\n"
+            "print(f\"{b[0].get('internal_api')} {b[0].get('version')} core "
+            "{b[0].get('architecture')}\" if b else 'unknown')\n")
+    py = os.path.join(VENV_BIN, "python")
+    try:
+        out = subprocess.run([py if os.path.exists(py) else sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    env = os.environ.get("OPENBLAS_CORETYPE")
+    return (out or "unknown") + (f" (OPENBLAS_CORETYPE={env!r})" if env is not None else "")
+
+
 def machine_info():
     """Facts to print next to timings."""
     try:
@@ -106,6 +125,7 @@ def machine_info():
         "python": platform.python_version(),
         "git": _git_commit(),
         "relion": relion_version(),
+        "blas": blas_core(),
     }
 
 
@@ -113,14 +133,15 @@ def machine_line(info=None):
     info = info or machine_info()
     rel = f"RELION {info['relion']}" if info["relion"] else "relion_refine not installed"
     return (f"{info['date']}; host {info['host']}; nproc {info['nproc']}; {info['cpu']}; "
-            f"{info['mem_gib']} GiB RAM; cryoclass git {info['git']}; {rel}")
+            f"{info['mem_gib']} GiB RAM; {info.get('blas', '')}; cryoclass git {info['git']}; {rel}")
 
 
 # ----------------------------------------------------------------------------- running
 
 class RunStats(dict):
     """wall_s, user_s, sys_s, cpu_s, maxrss_mb (largest single process), tree_rss_mb
-    (peak of the summed RSS of the process tree, sampled every 0.25 s), rc, cmd, cwd,
+    (peak of the summed RSS of the process tree, sampled every 0.25 s), other_load (mean
+    cores busy with other processes during the run, from /proc/stat), rc, cmd, cwd,
     log, timed_out."""
     __getattr__ = dict.get
 
@@ -151,6 +172,37 @@ def _tree_rss_sampler(pid, stop, out):
         stop.wait(0.25)
 
 
+def _cpu_busy_seconds():
+    """Seconds all CPUs spent busy since boot (/proc/stat: all but idle and iowait)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / float(hz)
+
+
+def wait_for_idle(max_wait_s, threshold=0.5, quiet=False):
+    """Wait (at most ``max_wait_s``) until the machine's other CPU use, measured over 5 s
+    windows, is below ``threshold`` cores.  Returns the last measured load (cores)."""
+    deadline = time.monotonic() + max_wait_s
+    load = None
+    while True:
+        b0, t0 = _cpu_busy_seconds(), time.monotonic()
+        time.sleep(5)
+        b1, t1 = _cpu_busy_seconds(), time.monotonic()
+        if b0 is None or b1 is None:
+            return None
+        load = (b1 - b0) / (t1 - t0)
+        if load < threshold or time.monotonic() > deadline:
+            break
+        if not quiet:
+            print(f"  machine busy ({load:.2f} cores in use by others); waiting", flush=True)
+    return load
+
+
 def run_timed(cmd, cwd, log_path, env=None, timeout=None, echo=True):
     """Run ``cmd`` (list) in ``cwd``, stdout+stderr to ``log_path``.
 
@@ -174,6 +226,7 @@ def run_timed(cmd, cwd, log_path, env=None, timeout=None, echo=True):
     wrapped = cmd
     if os.path.exists(GNU_TIME):
         wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file] + cmd
+    busy0 = _cpu_busy_seconds()
     with open(log_path, "w") as log:
         t0 = time.monotonic()
         proc = subprocess.Popen(wrapped, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
@@ -204,6 +257,7 @@ def run_timed(cmd, cwd, log_path, env=None, timeout=None, echo=True):
                 timer.cancel()
             stop.set()
         wall = time.monotonic() - t0
+        busy1 = _cpu_busy_seconds()
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.join(timeout=2)
     maxrss_kb = usage.ru_maxrss
@@ -218,10 +272,16 @@ def run_timed(cmd, cwd, log_path, env=None, timeout=None, echo=True):
         wall_s=wall, user_s=usage.ru_utime, sys_s=usage.ru_stime,
         cpu_s=usage.ru_utime + usage.ru_stime, maxrss_mb=maxrss_kb / 1024.0,
         tree_rss_mb=peak["peak"] / 1024.0 ** 2, timed_out=timed_out["flag"])
+    # CPU the rest of the machine used meanwhile (other users' jobs skew timings).
+    if busy0 is not None and busy1 is not None and wall > 0:
+        stats["other_load"] = max(0.0, (busy1 - busy0 - stats.cpu_s) / wall)
     if echo:
         state = "TIMED OUT" if stats.timed_out else f"rc {stats.rc}"
+        other = stats.get("other_load")
         print(f"    {state}; wall {wall:.1f} s, CPU {stats.cpu_s:.1f} s, max RSS "
-              f"{stats.maxrss_mb:.0f} MB; log {log_path}", flush=True)
+              f"{stats.maxrss_mb:.0f} MB" + (f"; other processes used {other:.2f} cores "
+                                              "meanwhile" if other is not None else "") +
+              f"; log {log_path}", flush=True)
     return stats
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_gemm.py            # numpy (BLAS) float32
     .venv/bin/python benchmarks/bench_gemm.py --quick    # one size
     .venv/bin/python benchmarks/bench_gemm.py --gpu      # also CuPy, where cupy + a GPU exist
+    .venv/bin/python benchmarks/bench_gemm.py --compare-coretypes   # OpenBLAS kernels
 
 The E-step scores all (image x translation) rows against all (orientation x class)
 projections with one real GEMM per block: ``(B*T, 2n) @ (2n, M)``, where B*T ~ 2000
@@ -16,6 +17,12 @@ Other scripts can import the rate::
 
 Prints a table of GFLOP/s per shape (best and median of ``--repeats`` timed products
 after one warm-up) and appends it to benchmarks/RESULTS.md.
+
+OpenBLAS chooses its kernels from the CPU model when it loads; a model newer than the
+OpenBLAS release (numpy 1.26's OpenBLAS 0.3.23 on family 6 model 207, "Intel Xeon
+Processor" in a VM) falls back to the generic "Prescott" (SSE3) kernels, several times
+slower.  ``--compare-coretypes`` re-runs the measurement in fresh interpreters with
+OPENBLAS_CORETYPE unset and set to a few core names, so the loss is visible.
 """
 import argparse
 import os
@@ -101,6 +108,7 @@ def cupy_available():
 
 def blas_name():
     try:
+        import numpy  # noqa: F401  (load the BLAS first)
         from threadpoolctl import threadpool_info
         infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         if infos:
@@ -122,6 +130,42 @@ def gpu_name():
         return "unknown GPU"
 
 
+COMPARE_CORETYPES = [None, "Haswell", "SkylakeX", "Cooperlake", "SapphireRapids"]
+
+
+def compare_coretypes(shapes, repeats):
+    """Rows of the same measurement in fresh interpreters per OPENBLAS_CORETYPE."""
+    import json
+    import subprocess
+    rows = []
+    for core in COMPARE_CORETYPES:
+        env = dict(os.environ)
+        env.pop("OPENBLAS_CORETYPE", None)
+        if core:
+            env["OPENBLAS_CORETYPE"] = core
+        code = ("import json,sys; sys.path.insert(0, %r)\n"
+                "import bench_gemm as g\n"
+                "out = [g.blas_name()]\n"
+                "for m,k,n in %r:\n"
+                "    out.append(g.measure_sgemm_gflops(m,k,n,repeats=%d))\n"
+                "print(json.dumps(out))\n") % (os.path.dirname(os.path.abspath(__file__)),
+                                                 list(shapes), repeats)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True)
+        try:
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            print(f"OPENBLAS_CORETYPE={core}: failed: {res.stderr[-500:]}")
+            continue
+        arch = out[0].split("threads, ")[-1].rstrip(")")
+        row = [core or "(unset)", arch] + [f"{g:.1f}" for g in out[1:]]
+        rows.append(row)
+        print("  " + "  ".join(row), flush=True)
+    headers = ["OPENBLAS_CORETYPE", "core used"] + [f"{m}x{k}x{n} GFLOP/s"
+                                                    for m, k, n in shapes]
+    return headers, rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +177,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="BLAS thread counts to try (default: BLAS's default only)")
     p.add_argument("--gpu", action="store_true", help="also CuPy (needs cupy and a GPU)")
+    p.add_argument("--compare-coretypes", action="store_true",
+                   help="also measure with OPENBLAS_CORETYPE unset / "
+                        + " / ".join(c for c in COMPARE_CORETYPES if c))
     p.add_argument("--no-record", action="store_true",
                    help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -171,13 +218,20 @@ def main(argv=None):
         else:
             gpu_note = "CuPy variant not run: cupy not importable or no GPU"
             print(gpu_note)
+    extra = []
+    if args.compare_coretypes:
+        print("\nOpenBLAS core types (fresh interpreter each, best of "
+              f"{args.repeats}):", flush=True)
+        headers, crow = compare_coretypes(shapes, args.repeats)
+        extra = ["", "OpenBLAS kernels by OPENBLAS_CORETYPE (GFLOP/s, best of "
+                 f"{args.repeats}):", C.format_table(headers, crow)]
     body = "\n".join([f"numpy {np.__version__}, BLAS: {blas_name()}"] +
                      ([gpu_note] if gpu_note else []) +
                      ["", C.format_table(HEADERS, rows), "",
                       "shape = rows x inner x cols of (rows, inner) @ (inner, cols); "
                       "GFLOP = 2 rows inner cols / 1e9; best / median of "
                       f"{args.repeats} timed products after a warm-up (GPU: >= 10, CUDA "
-                      "events)"])
+                      "events)"] + extra)
     print("\n" + body)
     if not args.no_record:
         C.append_results("bench_gemm", [], body, info)

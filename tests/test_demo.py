@@ -29,7 +29,7 @@ def _demo(args, timeout):
 
 def test_demo_refuses_bad_options_clearly(tmp_path):
     for args, message in ((["--box", "33"], "--box 33: use an even box"),
-                          (["--particles", "5"], "--particles 5: use at least 10 per class"),
+                          (["--particles", "5"], "--particles 5: use at least 10"),
                           (["--iter", "0"], "--iter 0: must be at least 1")):
         res = _demo(args + ["--out", str(tmp_path / "d")], timeout=120)
         assert res.returncode == 2, res.stdout + res.stderr

@@ -171,9 +171,9 @@ def _run_protocol(project, prot, what):
         return launch(project, prot)
     except ProtocolFailed as exc:
         print(str(exc), file=sys.stderr, flush=True)
+        logs = os.path.dirname(os.path.join(project.path, prot.getStdoutLog()))
         raise CryoClassError("%s failed (run %s); its logs: %s"
-                             % (what, prot.getRunName(),
-                                os.path.dirname(os.path.join(project.path, prot.getStdoutLog())))) from None
+                             % (what, prot.getRunName(), logs)) from None
 
 
 class _LogFollower:
@@ -502,7 +502,8 @@ def _demo(args, out):
             ("all numbers", os.path.join(out, "summary.json"))):
         _say("  %-19s %s" % (label, path))
     _say("  open the project in Scipion's GUI (needs a display and Tk): source %s && "
-         "%s -O -m pyworkflow.apps.pw_project %s" % (env.env_sh, sys.executable, PROJECT_NAME))
+         "%s -O -m pyworkflow.apps.pw_project %s"
+         % (env.env_sh, sys.executable, PROJECT_NAME))
     _say("\nClasses at iteration %d (largest first; 'true class' = the simulated class "
          "most of its particles come from, 'purity' = their share of the class, 'of "
          "true' = the share of that true class it holds)" % rep["iteration"])

@@ -57,9 +57,18 @@ def add_args(parser):
     opt.add_argument("--norm", action="store_true", help="normalisation correction")
     opt.add_argument("--scale", action="store_true", help="intensity-scale correction")
     opt.add_argument("--blush", action="store_true", help="Blush regularisation (3D CNN prior)")
-    opt.add_argument("--init_classes", default="relion", choices=["relion"],
+    opt.add_argument("--init_classes", default="relion", choices=["relion", "input", "consensus"],
                      help="how K>1 classes start: 'relion' = random particle subsets in "
-                          "iteration 1")
+                          "iteration 1 (RELION); 'input' = the input rlnClassNumber; "
+                          "'consensus' = align to one map first, then the best of "
+                          "--restarts fixed-pose classifications (recommended when "
+                          "RELION's classes come out mixed)")
+    opt.add_argument("--consensus_iter", type=int, default=5,
+                     help="with --init_classes consensus: iterations of one-map alignment")
+    opt.add_argument("--restarts", type=int, default=3,
+                     help="with --init_classes consensus: random partitions tried")
+    opt.add_argument("--restart_iter", type=int, default=6,
+                     help="with --init_classes consensus: iterations per restart")
     samp = parser.add_argument_group("Sampling")
     samp.add_argument("--healpix_order", type=int, default=2,
                       help="coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)")
@@ -118,6 +127,9 @@ def settings_from_args(args):
                                  "<root>_itNNN_optimiser.star)")
     if args.iter is None:
         args.iter = 50
+    if args.init_classes == "consensus" and args.consensus_iter >= args.iter:
+        raise CryoClassError(f"--consensus_iter {args.consensus_iter} leaves no iteration for "
+                             f"classification with --iter {args.iter}; give more --iter")
     if args.K < 1:
         raise CryoClassError(f"--K {args.K}: the number of classes must be >= 1")
     if args.iter < 1:
@@ -144,7 +156,8 @@ def settings_from_args(args):
         continue_from=args.continue_from, skip_align=args.skip_align,
         incr_size=args.incr_size, adaptive_fraction=args.adaptive_fraction,
         max_significant=args.maxsig, block_size=args.block_size,
-        init_classes=args.init_classes)
+        init_classes=args.init_classes, consensus_iter=args.consensus_iter,
+        restarts=args.restarts, restart_iter=args.restart_iter)
 
 
 # Options that only say how to compute; a continued run may change them.

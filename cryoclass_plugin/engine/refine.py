@@ -72,7 +72,10 @@ class Settings:
     block_size: int = 256
     fine_table_bytes: float = 4e9   # memory for the fine projections + slice sums
     cache_bytes: float = 1e9        # keep prepared images between the two passes
-    init_classes: str = "relion"
+    init_classes: str = "relion"   # relion | input | consensus (see Refinement.run)
+    consensus_iter: int = 5
+    restarts: int = 3
+    restart_iter: int = 6
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -481,10 +484,78 @@ class Refinement:
         model.current_shell = int(new)
 
     def run(self):
+        """All iterations from the start (or the continued one) to ``--iter``.
+
+        ``--init_classes`` chooses how K > 1 classes start:
+
+        ``relion``
+            RELION's way: in iteration 1 each particle goes to one random class, so the
+            K maps start as reconstructions of random subsets.
+        ``input``
+            iteration 1 takes each particle's class from the input ``rlnClassNumber``.
+        ``consensus``
+            ours: ``--consensus_iter`` iterations align all particles to one map (a
+            consensus refinement inside the job); then ``--restarts`` classifications
+            without alignment, each from a different random partition, with hard
+            assignments, run ``--restart_iter`` iterations; the one with the best
+            log-likelihood gives the K starting maps for the remaining iterations of
+            full EM.  Random partitions of aligned particles break the symmetry between
+            classes far better than random partitions of unaligned ones, and the
+            restarts keep an unlucky start from deciding the result.
+        """
+        s = self.s
         model = self.start()
-        for it in range(model.iteration + 1, self.s.n_iter + 1):
-            model = self.iterate(model, it)
+        for it in range(model.iteration + 1, s.n_iter + 1):
+            allowed = None
+            if it == 1 and s.n_classes > 1 and s.init_classes == "input":
+                allowed = self._input_classes()
+            if s.init_classes == "consensus" and s.n_classes > 1:
+                if it <= s.consensus_iter:
+                    allowed = np.zeros(len(self.table), dtype=np.int64)
+                elif it == s.consensus_iter + 1:
+                    model = self._split_by_restarts(model, it)
+                    allowed = model.part_class.copy()
+            model = self.iterate(model, it, allowed=allowed)
         return model
+
+    def _input_classes(self):
+        df = self.table.df
+        if "rlnClassNumber" not in df.columns:
+            raise CryoClassError(f"{self.s.input_star}: --init_classes input needs "
+                                 "rlnClassNumber; use --init_classes relion or consensus")
+        cls = df["rlnClassNumber"].to_numpy(int) - 1
+        if cls.min() < 0 or cls.max() >= self.s.n_classes:
+            raise CryoClassError(f"{self.s.input_star}: rlnClassNumber runs from "
+                                 f"{cls.min() + 1} to {cls.max() + 1}, not 1..--K "
+                                 f"{self.s.n_classes}; give the matching --K")
+        return cls
+
+    def _split_by_restarts(self, model, iteration):
+        """Best of ``--restarts`` fixed-pose hard classifications from random partitions."""
+        import copy
+        s = self.s
+        best, best_ll = None, -np.inf
+        saved = s.skip_align
+        s.skip_align = True
+        try:
+            for r in range(max(1, s.restarts)):
+                trial = copy.deepcopy(model)
+                trial.pdf_class = np.full(s.n_classes, 1.0 / s.n_classes)
+                rng = np.random.default_rng([s.random_seed, iteration, r, 7])
+                allowed = rng.integers(0, s.n_classes, size=len(self.table))
+                for j in range(max(1, s.restart_iter)):
+                    trial = self.iterate(trial, iteration, allowed=allowed if j == 0 else None,
+                                         hard=True, write=False)
+                ll = trial.log_likelihood
+                if self.comm.rank == 0:
+                    self.log(f"restart {r + 1}/{s.restarts}: log-likelihood {ll:.6g}, "
+                             f"class sizes {np.bincount(trial.part_class, minlength=s.n_classes).tolist()}")
+                if ll > best_ll:
+                    best, best_ll = trial, ll
+        finally:
+            s.skip_align = saved
+        best.iteration = iteration - 1
+        return best
 
 
 @dataclass
