@@ -238,7 +238,20 @@ def run_timed(cmd, cwd, log_path, env=None, timeout=None, echo=True):
         timed_out = {"flag": False}
 
         def _kill():
+            """Kill the command's processes; the /usr/bin/time wrapper (if any) is left to
+            reap them and report their CPU time and peak memory; then the whole group."""
             timed_out["flag"] = True
+            if wrapped is not cmd:
+                try:
+                    import psutil
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        try:
+                            child.kill()
+                        except psutil.Error:
+                            pass
+                    time.sleep(2)
+                except Exception:
+                    pass
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -424,8 +437,6 @@ def iteration_times(root):
 
 def mean_iteration_time(times, first=2):
     vals = [t for it, t in times.items() if it >= first]
-    if not vals:
-        vals = list(times.values())
     return sum(vals) / len(vals) if vals else float("nan")
 
 
@@ -454,9 +465,10 @@ def evaluate_run(root, sim_dir, iteration=None):
     from cryoclass_plugin.engine import metrics
     from cryoclass_plugin.engine.mrc_io import read_map
 
-    its = iterations_written(root)
+    its = [i for i in iterations_written(root) if i >= 1]
     if not its:
-        raise RuntimeError(f"{root}: no _itNNN_data.star written")
+        raise RuntimeError(f"{root}: no iteration finished (no _itNNN_data.star with "
+                           "NNN >= 1)")
     it = its[-1] if iteration is None else iteration
     data = _particles_block(f"{root}_it{it:03d}_data.star")
     truth = _particles_block(os.path.join(sim_dir, "truth.star"))

@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=None,
                    help="kill a run after this many seconds (then the last iteration it "
                         "wrote is evaluated)")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                   help="before each run wait up to S seconds for other processes to leave "
+                        "the CPUs (< 0.5 cores busy)")
     p.add_argument("--workdir", default=None,
                    help="folder for data sets and outputs (kept; simulated sets in it are "
                         "reused); default: a temporary folder, removed unless --keep")
@@ -87,6 +90,8 @@ def refine(name, cmd, sim_dir, root, args, commands):
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.makedirs(out_dir)
+    if args.wait_idle:
+        C.wait_for_idle(args.wait_idle)
     stats = C.run_timed(cmd, cwd=sim_dir, log_path=os.path.join(out_dir, "stdout.txt"),
                         timeout=args.timeout)
     commands.append(f"(cd {sim_dir} && {stats.cmd})")
@@ -100,7 +105,7 @@ def refine(name, cmd, sim_dir, root, args, commands):
     except Exception as exc:
         print(f"  cannot evaluate {name}: {type(exc).__name__}: {exc}")
     return {"status": status, "wall_s": stats.wall_s, "cpu_s": stats.cpu_s,
-            "eval": ev, "cmd": stats.cmd}
+            "eval": ev, "cmd": stats.cmd, "other_load": stats.other_load}
 
 
 def main(argv=None):
@@ -126,7 +131,7 @@ def main(argv=None):
     print(f"{len(grid)} sets: " + ", ".join(f"n={n} snr={s:g} seed={d}" for n, s, d in grid))
     commands, rows = [], []
     headers = ["n", "SNR", "seed", "oracle", "oracle<25A", "ARI", "best-match", "ang.err",
-               "time s", "RELION ARI", "RELION b-m", "RELION it", "RELION s"]
+               "time s", "others", "RELION ARI", "RELION b-m", "RELION it", "RELION s"]
     try:
         for n, snr, seed in grid:
             print(f"\n=== n={n} SNR={snr:g} seed={seed}", flush=True)
@@ -154,6 +159,7 @@ def main(argv=None):
                        "best_match": (r["eval"] or {}).get("best_match"),
                        "median_ang_err_deg": (r["eval"] or {}).get("median_ang_err_deg"),
                        "iteration": (r["eval"] or {}).get("iteration"),
+                       "other_load": r["other_load"],
                        "machine": C.machine_line(info), "cmd": r["cmd"], "source": "run"}
                 if not args.no_cache and r["status"] == "ok":
                     C.relion_cache_put(key, {k: v for k, v in rel.items() if k != "source"})
@@ -161,7 +167,7 @@ def main(argv=None):
             row = [n, f"{snr:g}", seed, C.fmt(sim["oracle_accuracy"]),
                    C.fmt(sim["oracle_accuracy_25A"]), C.fmt(ev.get("ari")) + status,
                    C.fmt(ev.get("best_match")), C.fmt(ev.get("median_ang_err_deg"), ".1f"),
-                   C.fmt(cc["wall_s"], ".0f")]
+                   C.fmt(cc["wall_s"], ".0f"), C.fmt(cc["other_load"], ".1f")]
             if rel:
                 tag = "*" if rel["source"] == "cached" else ""
                 row += [C.fmt(rel.get("ari")) + tag, C.fmt(rel.get("best_match")),
@@ -176,7 +182,8 @@ def main(argv=None):
                 f"--j {args.j}" + (f"; cryoclass extra: {args.cryoclass_args}"
                                    if args.cryoclass_args else ""), "",
                 C.format_table(headers, rows), "",
-                "ang.err = median angular error (deg, C1); time = wall seconds; "
+                "ang.err = median angular error (deg, C1); time = wall seconds; others = cores "
+                "other processes kept busy meanwhile; "
                 "* = RELION result from benchmarks/relion_cache.json (--firstiter_cc)"]
         if not have_relion:
             body.append("relion_refine not installed: RELION columns from the cache only")

@@ -177,12 +177,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="BLAS thread counts to try (default: BLAS's default only)")
     p.add_argument("--gpu", action="store_true", help="also CuPy (needs cupy and a GPU)")
+    p.add_argument("--gpu-only", action="store_true", help="CuPy only (implies --gpu)")
     p.add_argument("--compare-coretypes", action="store_true",
                    help="also measure with OPENBLAS_CORETYPE unset / "
                         + " / ".join(c for c in COMPARE_CORETYPES if c))
     p.add_argument("--no-record", action="store_true",
                    help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    args.gpu = args.gpu or args.gpu_only
     shapes = [tuple(s) for s in args.shape] if args.shape else \
         (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
 
@@ -193,7 +195,7 @@ def main(argv=None):
     print(f"machine: {C.machine_line(info)}")
     print(f"numpy {np.__version__}, BLAS: {blas_name()}")
     rows = []
-    for threads in (args.threads or [None]):
+    for threads in ([] if args.gpu_only else (args.threads or [None])):
         for m, k, n in shapes:
             times = _timings_numpy(m, k, n, args.repeats, threads)
             flops = 2.0 * m * k * n

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     r.add_argument("--timeout", type=float, default=None,
                    help="kill a program after this many seconds (then evaluate the last "
                         "iteration it wrote)")
+    r.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                   help="before each program wait up to S seconds for other processes to "
+                        "leave the CPUs (< 0.5 cores busy); their load is reported anyway")
     w = p.add_argument_group("what to run")
     w.add_argument("--skip-relion", action="store_true", help="run cryoclass only")
     w.add_argument("--relion-only", action="store_true", help="run RELION only")
@@ -81,6 +84,8 @@ def run_program(name, cmd, sim_dir, root, args, commands, env=None):
         shutil.rmtree(out_dir)
     os.makedirs(out_dir)
     print(f"\n[{name}]", flush=True)
+    if args.wait_idle:
+        C.wait_for_idle(args.wait_idle)
     stats = C.run_timed(cmd, cwd=sim_dir, log_path=os.path.join(out_dir, "stdout.txt"),
                         env=env, timeout=args.timeout)
     commands.append(f"(cd <workdir>/data && {stats.cmd})")
@@ -120,6 +125,7 @@ def table_rows(results, sim):
     add("CPU time user+sys (s)", lambda r: C.fmt(r["stats"].cpu_s, ".1f"))
     add("  of which sys (s)", lambda r: C.fmt(r["stats"].sys_s, ".1f"))
     add("CPU use (cores)", lambda r: C.fmt(r["stats"].cpu_s / r["stats"].wall_s, ".2f"))
+    add("other processes' load (cores)", lambda r: C.fmt(r["stats"].other_load, ".2f"))
     add("max RSS, largest process (MB)", lambda r: C.fmt(r["stats"].maxrss_mb, ".0f"))
     add("peak RSS, process tree (MB)", lambda r: C.fmt(r["stats"].tree_rss_mb, ".0f"))
     add("s / iteration, iteration 1", lambda r: C.fmt(r["times"][1], ".1f"))
@@ -192,7 +198,7 @@ def main(argv=None):
         rel_name = next((n for n in results if n.startswith("RELION")), None)
         if run_cc and rel_name and results[rel_name]["eval"] and results["cryoclass"]["eval"]:
             r_it = results[rel_name]["eval"]["iteration"]
-            if r_it < results["cryoclass"]["eval"]["iteration"]:
+            if 1 <= r_it < results["cryoclass"]["eval"]["iteration"]:
                 try:
                     cc = dict(results["cryoclass"])
                     cc["eval"] = C.evaluate_run(cc["root"], sim_dir, iteration=r_it)

@@ -69,6 +69,8 @@ def add_args(parser):
                      help="with --init_classes consensus: random partitions tried")
     opt.add_argument("--restart_iter", type=int, default=6,
                      help="with --init_classes consensus: iterations per restart")
+    opt.add_argument("--restart_highres", type=float, default=25.0,
+                     help="with --init_classes consensus: resolution (A) of the restarts")
     samp = parser.add_argument_group("Sampling")
     samp.add_argument("--healpix_order", type=int, default=2,
                       help="coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)")
@@ -157,7 +159,8 @@ def settings_from_args(args):
         incr_size=args.incr_size, adaptive_fraction=args.adaptive_fraction,
         max_significant=args.maxsig, block_size=args.block_size,
         init_classes=args.init_classes, consensus_iter=args.consensus_iter,
-        restarts=args.restarts, restart_iter=args.restart_iter)
+        restarts=args.restarts, restart_iter=args.restart_iter,
+        restart_highres=args.restart_highres)
 
 
 # Options that only say how to compute; a continued run may change them.

@@ -76,6 +76,7 @@ class Settings:
     consensus_iter: int = 5
     restarts: int = 3
     restart_iter: int = 6
+    restart_highres: float = 25.0
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -321,7 +322,8 @@ class Refinement:
         return model
 
     # ------------------------------------------------------------------ one iteration
-    def iterate(self, model, iteration, allowed=None, hard=False, write=True):
+    def iterate(self, model, iteration, allowed=None, hard=False, write=True,
+                unregularised=False):
         s, xp, comm = self.s, self.xp, self.comm
         t0 = time.time()
         n = len(self.table)
@@ -432,7 +434,7 @@ class Refinement:
                 res[key] = to_numpy(comm.allreduce_sum(res[key]))
         maximise(acc, model, _MStepSettings(s), solvent_mask=None if self.solvent_mask is None
                  else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
-                 unregularised=use_cc)
+                 unregularised=use_cc or unregularised)
         self._update_particles(model, subset, res)
         self._update_image_size(model)
         model.iteration = iteration
@@ -537,15 +539,22 @@ class Refinement:
         best, best_ll = None, -np.inf
         saved = s.skip_align
         s.skip_align = True
+        # The restarts run RELION's soft EM on the aligned particles, with the E-step
+        # limited to --restart_highres: the classes differ most at low resolution, and
+        # high frequencies mostly add each particle's own noise to its class.
+        seed_shell = min(model.current_shell,
+                         int(np.ceil(self.box * self.apix / s.restart_highres)))
         try:
             for r in range(max(1, s.restarts)):
                 trial = copy.deepcopy(model)
                 trial.pdf_class = np.full(s.n_classes, 1.0 / s.n_classes)
+                trial.tau2[:] = model.tau2[0]      # the consensus map's signal spectrum
                 rng = np.random.default_rng([s.random_seed, iteration, r, 7])
                 allowed = rng.integers(0, s.n_classes, size=len(self.table))
                 for j in range(max(1, s.restart_iter)):
+                    trial.current_shell = seed_shell
                     trial = self.iterate(trial, iteration, allowed=allowed if j == 0 else None,
-                                         hard=True, write=False)
+                                         write=False)
                 ll = trial.log_likelihood
                 if self.comm.rank == 0:
                     self.log(f"restart {r + 1}/{s.restarts}: log-likelihood {ll:.6g}, "
@@ -555,6 +564,9 @@ class Refinement:
         finally:
             s.skip_align = saved
         best.iteration = iteration - 1
+        best.current_shell = model.current_shell
+        best.tau2 = model.tau2.copy()
+        best.tau2[:] = model.tau2[0]
         return best
 
 

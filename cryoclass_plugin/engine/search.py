@@ -169,15 +169,219 @@ class FineTables:
                                          self.data[sel_d], self.weight[sel_d])
 
 
-def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index):
+# Memory of one fine sub-batch: particles x (padded) fine rotations (or translations) x
+# 2 n_pix float32, the size of its largest arrays (gathered slices, M-step sums).
+FINE_BATCH_BYTES = 256 * 2 ** 20
+
+
+def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index,
+              reference=False, batch_bytes=None):
     """Evaluate the oversampled children of each particle's significant samples, take
-    the posterior over them, and add the particle to the M-step sums."""
-    for b in range(block.images_f.shape[0]):
-        _fine_particle(setup, block, b, sig_t[b], sig_kr[b], tables, acc, xp, results,
-                       first_index + b)
+    the posterior over them, and add the particles to the M-step sums.
+
+    The particles are taken in sub-batches of similar numbers of fine rotations and
+    translations (sorted by them); each sub-batch is padded to its largest sets with
+    samples of zero posterior, so that its scores, posteriors and M-step sums are a few
+    batched GEMMs and a single device-to-host transfer.  ``batch_bytes`` (default
+    :data:`FINE_BATCH_BYTES`) bounds a sub-batch's ``particles x rows x 2 n_pix x 4``
+    bytes; a particle with a larger set goes alone.  ``reference=True`` runs the
+    particle-by-particle code instead (kept to test the batched one).
+    """
+    B = block.images_f.shape[0]
+    if reference:
+        for b in range(B):
+            _fine_particle_reference(setup, block, b, sig_t[b], sig_kr[b], tables, acc, xp,
+                                     results, first_index + b)
+        return
+    if B == 0:
+        return
+    n_pix = int(setup.ky.shape[0])
+    rows = [tables.positions(np.unique(kr)) for kr in sig_kr]
+    t_children = [np.asarray(setup.translations.children(np.unique(t), setup.oversampling)[0],
+                             dtype=np.float32) for t in sig_t]
+    n_r = np.array([r.shape[0] for r in rows])
+    n_t = np.array([t.shape[0] for t in t_children])
+    budget = (FINE_BATCH_BYTES if batch_bytes is None else batch_bytes) // (8 * n_pix)
+    size = np.maximum(n_r, n_t)
+    order = np.lexsort((n_t, n_r))
+    sums = _FineSums(B, n_pix, setup.n_classes, xp)
+    start = 0
+    while start < B:
+        # Sorted by n_r: the sub-batch's padded size is set by its last particle (n_t
+        # only roughly, hence the running maximum).
+        end, biggest = start + 1, size[order[start]]
+        while end < B:
+            nxt = max(biggest, size[order[end]])
+            if (end + 1 - start) * nxt > budget:
+                break
+            biggest, end = nxt, end + 1
+        _fine_batch(setup, block, order[start:end], rows, t_children, tables, xp, sums,
+                    results, first_index)
+        start = end
+    sums.flush(setup, block, acc, xp)
 
 
-def _fine_particle(setup, block, b, sig_t, sig_kr, tables, acc, xp, results, i):
+class _FineSums:
+    """Per-block M-step sums of the fine pass that are not per rotation: residuals (for
+    the noise spectra), class weights and offsets, added to the accumulators once."""
+
+    def __init__(self, B, n_pix, n_classes, xp):
+        self.residual = xp.zeros((B, n_pix), dtype=xp.float32)
+        self.class_weight = np.zeros(n_classes)
+        self.offset_sq = 0.0
+        self.offset_weight = 0.0
+
+    def flush(self, setup, block, acc, xp):
+        S = acc.n_shells
+        shell = setup.pixel_shell
+        n_pix = shell.shape[0]
+        keep = shell < S
+        onehot = xp.zeros((n_pix, S), dtype=xp.float64)
+        onehot[xp.arange(n_pix)[keep], shell[keep]] = 1.0
+        shell_res = self.residual.astype(xp.float64) @ onehot                 # (B, S)
+        groups, inverse = np.unique(np.asarray(block.group), return_inverse=True)
+        member = np.zeros((groups.shape[0], inverse.shape[0]))
+        member[inverse, np.arange(inverse.shape[0])] = 1.0
+        groups_d = xp.asarray(groups)
+        acc.noise_sum[groups_d] += xp.asarray(member) @ shell_res
+        acc.noise_count[groups_d] += (xp.asarray(member.sum(axis=1))[:, None]
+                                      * onehot.sum(axis=0)[None, :])
+        acc.add_offsets(self.offset_sq, self.offset_weight)
+        K = self.class_weight.shape[0]
+        acc.add_class_weights(xp.arange(K), xp.asarray(self.class_weight))
+
+
+def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, first_index):
+    """Fine pass of the block's particles ``sel`` (host indices), padded to a common
+    number of fine rotations ``Rm`` and translations ``Tm``."""
+    Bs = sel.shape[0]
+    n = int(setup.ky.shape[0])
+    f32 = xp.float32
+    n_r = np.array([rows[b].shape[0] for b in sel])
+    n_t = np.array([t_children[b].shape[0] for b in sel])
+    Rm, Tm = int(n_r.max()), int(n_t.max())
+    # Padding repeats a particle's first row / translation; its scores are -inf.
+    rows_pad = np.empty((Bs, Rm), dtype=np.int64)
+    t_pad = np.empty((Bs, Tm, 2), dtype=np.float32)
+    for j, b in enumerate(sel):
+        rows_pad[j, :n_r[j]] = rows[b]
+        rows_pad[j, n_r[j]:] = rows[b][0]
+        t_pad[j, :n_t[j]] = t_children[b]
+        t_pad[j, n_t[j]:] = t_children[b][0]
+    r_valid = np.arange(Rm)[None, :] < n_r[:, None]
+    t_valid = np.arange(Tm)[None, :] < n_t[:, None]
+    total_off = block.origin_px[sel][:, None, :] + t_pad                    # (Bs, Tm, 2) px
+
+    sel_d = xp.asarray(sel)
+    x = block.images_f[sel_d]
+    c = block.ctf[sel_d]
+    isg = block.inv_sigma2[sel_d]
+    rows_d = xp.asarray(rows_pad)
+    p_rows = tables.slices[rows_d]                                          # (Bs, Rm, n)
+    pow_rows = tables.power[rows_d]                                         # (Bs, Rm, n)
+    # complex64 viewed as interleaved float32 (Re, Im): a real dot product of two such
+    # rows is Re(a conj(b)), so the cross terms are real batched GEMMs without copies.
+    p_pair = p_rows.view(f32)                                               # (Bs, Rm, 2n)
+    shifts = estep.phase_shifts(t_pad.reshape(-1, 2), setup.ky, setup.kx,
+                                setup.box).reshape(Bs, Tm, n)
+    valid = xp.asarray(t_valid[:, :, None] & r_valid[:, None, :])
+    ctf_w = c * isg
+    if setup.use_cc:
+        a = (x * c)[:, None, :] * shifts
+        scores = xp.matmul(a.view(f32), p_pair.transpose(0, 2, 1))         # (Bs, Tm, Rm)
+        norm = xp.sqrt(xp.maximum(xp.matmul((c * c)[:, None, :], pow_rows.transpose(0, 2, 1)),
+                                  1e-30))
+        scores /= norm
+        scores = xp.where(valid, scores, -xp.inf).reshape(Bs, Tm * Rm)
+        best = scores.argmax(axis=1)
+        loglik = scores.max(axis=1)
+        prob = xp.zeros(scores.shape, dtype=f32)
+        prob[xp.arange(Bs), best] = 1.0
+        pmax = prob.max(axis=1)
+        weighted = (x * ctf_w)[:, None, :] * shifts
+    else:
+        w, pw, const = estep.image_terms(x, c, isg)
+        weighted = w[:, None, :] * shifts                                   # x C / sigma2 s_t
+        scores = xp.matmul(weighted.view(f32), p_pair.transpose(0, 2, 1))  # (Bs, Tm, Rm)
+        scores -= xp.matmul(pw[:, None, :], pow_rows.transpose(0, 2, 1))
+        scores -= const[:, None, None].astype(scores.dtype)
+        scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, :, None]
+        scores += tables.log_prior[rows_d][:, None, :]
+        scores = xp.where(valid, scores, -xp.inf)
+        prob, loglik = estep.normalise_log(scores.reshape(Bs, Tm * Rm))
+        best = prob.argmax(axis=1)
+        pmax = prob.max(axis=1)
+    prob = prob.reshape(Bs, Tm, Rm)
+    w_rot = prob.sum(axis=1)                                                # (Bs, Rm)
+    w_trans = prob.sum(axis=2)                                              # (Bs, Tm)
+    # M-step sums per rotation: sum_t w_t x C / sigma2 s_t, one batched GEMM.
+    summed = xp.matmul(prob.transpose(0, 2, 1), weighted.view(f32)).view(xp.complex64)
+    ccw = c * ctf_w
+    # Noise residual sum_{t,r} w |x s_t - C P_r|^2 per pixel; its cross term is
+    # sum_t Re(x s_t conj(sum_r w_tr P_r)).
+    q = xp.matmul(prob, p_pair)                                             # (Bs, Tm, 2n)
+    shifted = x[:, None, :] * shifts
+    cross = (shifted.view(f32) * q).sum(axis=1).reshape(Bs, n, 2).sum(axis=2)
+    wpow = xp.matmul(w_rot[:, None, :], pow_rows)[:, 0, :]
+    sums.residual[sel_d] = ((x.real ** 2 + x.imag ** 2) * w_rot.sum(axis=1)[:, None]
+                            - 2.0 * c * cross + c ** 2 * wpow)
+    _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, ccw)
+    # One transfer per sub-batch: best sample, pmax, loglik, rotation/translation weights.
+    host = to_numpy(xp.concatenate([best.astype(xp.float64), pmax.astype(xp.float64),
+                                    loglik.astype(xp.float64),
+                                    w_rot.astype(xp.float64).ravel(),
+                                    w_trans.astype(xp.float64).ravel()]))
+    best_h = host[:Bs].astype(np.int64)
+    pmax_h, loglik_h = host[Bs:2 * Bs], host[2 * Bs:3 * Bs]
+    w_rot_h = host[3 * Bs:3 * Bs + Bs * Rm].reshape(Bs, Rm)
+    w_trans_h = host[3 * Bs + Bs * Rm:].reshape(Bs, Tm)
+    t_best, r_best = np.divmod(best_h, Rm)
+    ar = np.arange(Bs)
+    row_best = rows_pad[ar, r_best]
+    sums.class_weight += np.bincount(tables.row_class[rows_pad].ravel(), weights=w_rot_h.ravel(),
+                                     minlength=sums.class_weight.shape[0])
+    sums.offset_sq += float((w_trans_h * (total_off.astype(np.float64) ** 2).sum(axis=2)).sum())
+    sums.offset_weight += float(w_trans_h.sum())
+    ang = angular_distance_deg(tables.matrices_host[rows_pad],
+                               tables.matrices_host[row_best][:, None])
+    t_best_off = t_pad[ar, t_best]
+    dt = np.sqrt(((t_pad - t_best_off[:, None, :]) ** 2).sum(axis=2))
+    i = first_index + sel
+    results["class"][i] = tables.row_class[row_best]
+    results["eulers"][i] = tables.eulers[row_best]
+    results["origin_px"][i] = total_off[ar, t_best]
+    results["pmax"][i] = pmax_h
+    results["loglik"][i] = loglik_h
+    results["acc_rot"][i] = (w_rot_h * ang).sum(axis=1)
+    results["acc_trans_px"][i] = (w_trans_h * dt).sum(axis=1)
+
+
+def _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, ccw):
+    """Add a sub-batch's per-rotation sums to the tables.  Particles of a sub-batch share
+    rows, so the adds must accumulate duplicates: on the CPU one fancy-indexed add per
+    particle (each particle's rows are distinct; faster than ``np.add.at`` or a sparse
+    product), on the GPU atomic scatter-adds (padded rows add zeros)."""
+    if xp is np:
+        for j in range(rows_pad.shape[0]):
+            m = n_r[j]
+            r = rows_pad[j, :m]
+            tables.data[r] += summed[j, :m]
+            tables.weight[r] += w_rot[j, :m, None] * ccw[j][None, :]
+            tables.row_posterior[r] += w_rot[j, :m]
+        return
+    import cupyx
+    Bs, Rm, n = summed.shape
+    flat = rows_d.ravel()
+    cupyx.scatter_add(tables.data.view(xp.float32), flat,
+                      summed.view(xp.float32).reshape(Bs * Rm, 2 * n))
+    cupyx.scatter_add(tables.weight, flat,
+                      (w_rot[:, :, None] * ccw[:, None, :]).reshape(Bs * Rm, n))
+    tables.row_posterior += xp.bincount(flat, weights=w_rot.ravel().astype(xp.float64),
+                                        minlength=tables.row_posterior.shape[0])
+
+
+def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, results, i):
+    """The fine pass of one particle (the code before batching), for tests."""
     rows = tables.positions(np.unique(sig_kr))
     rows_d = xp.asarray(rows)
     t_children, _ = setup.translations.children(np.unique(sig_t), setup.oversampling)
