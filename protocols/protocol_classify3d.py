@@ -180,6 +180,18 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       help="K, the number of 3D classes. Each class starts from the "
                            "reference reconstructed from a random subset of the "
                            "particles.")
+        form.addParam("initialClasses", EnumParam, default=0,
+                      condition="not doContinue",
+                      choices=["RELION: random subsets", "consensus alignment + restarts"],
+                      label="How classes start",
+                      help="RELION: in iteration 1 each particle goes to one random "
+                           "class (RELION's Class3D). Consensus alignment + restarts "
+                           "(recommended when RELION's classes come out mixed, e.g. a "
+                           "domain present/absent or swung): the first iterations align "
+                           "all particles to one map, then the best of several "
+                           "classifications of the aligned particles from random "
+                           "partitions (at 25 A) starts the K classes "
+                           "(--init_classes consensus).")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -775,6 +787,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             seed = root.randomSeed.get()
         if seed is not None and seed >= 0:
             add("--random_seed", int(seed))
+        if not self.doContinue and self.initialClasses.get() == 1 and self._getK() > 1:
+            add("--init_classes", "consensus")
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))

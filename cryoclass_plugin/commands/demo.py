@@ -34,7 +34,7 @@ import time
 from ..engine.errors import CryoClassError
 
 PROJECT_NAME = "cryoclass_demo"
-DEFAULTS = dict(particles=1500, box=64, apix=4.0, snr=0.1, classes=3, iter=15, mpi=1,
+DEFAULTS = dict(particles=1000, box=64, apix=4.0, snr=0.1, classes=3, iter=12, mpi=1,
                 threads=2, seed=0, keep=1)
 
 

@@ -316,16 +316,13 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     w_trans = prob.sum(axis=2)                                              # (Bs, Tm)
     # M-step sums per rotation: sum_t w_t x C / sigma2 s_t, one batched GEMM.
     summed = xp.matmul(prob.transpose(0, 2, 1), weighted.view(f32)).view(xp.complex64)
-    ccw = c * ctf_w
-    # Noise residual sum_{t,r} w |x s_t - C P_r|^2 per pixel; its cross term is
-    # sum_t Re(x s_t conj(sum_r w_tr P_r)).
-    q = xp.matmul(prob, p_pair)                                             # (Bs, Tm, 2n)
-    shifted = x[:, None, :] * shifts
-    cross = (shifted.view(f32) * q).sum(axis=1).reshape(Bs, n, 2).sum(axis=2)
+    # Noise residual sum_{t,r} w |x s_t - C P_r|^2 per pixel.  Its cross term
+    # C sum_r Re(summed_r conj(P_r)) is (sum_r Re(summed_r C / sigma2 conj(P_r))) sigma2.
+    cross = (summed.view(f32) * p_pair).sum(axis=1).reshape(Bs, n, 2).sum(axis=2)
     wpow = xp.matmul(w_rot[:, None, :], pow_rows)[:, 0, :]
     sums.residual[sel_d] = ((x.real ** 2 + x.imag ** 2) * w_rot.sum(axis=1)[:, None]
-                            - 2.0 * c * cross + c ** 2 * wpow)
-    _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, ccw)
+                            - 2.0 * cross / isg + c ** 2 * wpow)
+    _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, c * ctf_w)
     # One transfer per sub-batch: best sample, pmax, loglik, rotation/translation weights.
     host = to_numpy(xp.concatenate([best.astype(xp.float64), pmax.astype(xp.float64),
                                     loglik.astype(xp.float64),
