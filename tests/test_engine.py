@@ -88,9 +88,15 @@ def test_relion_path_aligns_and_stays_finite(classified):
     print(f"RELION path: median angular error {err:.1f} deg, ARI {ari_of(data_dir, root):.3f} "
           f"(oracle accuracy {info['oracle_accuracy']:.3f})")
     assert err < 15.0          # the fine sampling step at healpix order 1
-    for k in (1, 2, 3):
-        vol, _ = read_map(f"{root}_it010_class{k:03d}.mrc")
-        assert np.isfinite(vol).all()
+    maps = [read_map(f"{root}_it010_class{k:03d}.mrc")[0] for k in (1, 2, 3)]
+    assert all(np.isfinite(v).all() for v in maps)
+    # Every true map is matched by a recovered one (FSC 0.5 better than 2.5 x apix is
+    # the benchmark's figure at 64 px; at 32 px and 300 particles we ask 4 x apix).
+    for t in (1, 2, 3):
+        true_map, _ = read_map(data_dir / f"true_class{t:03d}.mrc")
+        best = min(fsc_resolution(fsc(true_map, v), BOX, APIX, 0.5) for v in maps)
+        print(f"true class {t}: best recovered map reaches FSC 0.5 at {best:.1f} A")
+        assert best < 4 * APIX
 
 
 def test_consensus_start_runs_restarts_and_keeps_alignment(classified_consensus, classified):
