@@ -57,7 +57,7 @@ def add_args(parser):
     opt.add_argument("--norm", action="store_true", help="normalisation correction")
     opt.add_argument("--scale", action="store_true", help="intensity-scale correction")
     opt.add_argument("--blush", action="store_true", help="Blush regularisation (3D CNN prior)")
-    opt.add_argument("--init_classes", default="relion", choices=["relion", "input", "consensus"],
+    opt.add_argument("--init_classes", default="relion", choices=["relion", "input", "consensus", "pca"],
                      help="how K>1 classes start: 'relion' = random particle subsets in "
                           "iteration 1 (RELION); 'input' = the input rlnClassNumber; "
                           "'consensus' = align to one map first, then the best of "
@@ -129,7 +129,7 @@ def settings_from_args(args):
                                  "<root>_itNNN_optimiser.star)")
     if args.iter is None:
         args.iter = 50
-    if args.init_classes == "consensus" and args.consensus_iter >= args.iter:
+    if args.init_classes in ("consensus", "pca") and args.consensus_iter >= args.iter:
         raise CryoClassError(f"--consensus_iter {args.consensus_iter} leaves no iteration for "
                              f"classification with --iter {args.iter}; give more --iter")
     if args.K < 1:

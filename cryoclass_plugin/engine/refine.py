@@ -511,11 +511,12 @@ class Refinement:
             allowed = None
             if it == 1 and s.n_classes > 1 and s.init_classes == "input":
                 allowed = self._input_classes()
-            if s.init_classes == "consensus" and s.n_classes > 1:
+            if s.init_classes in ("consensus", "pca") and s.n_classes > 1:
                 if it <= s.consensus_iter:
                     allowed = np.zeros(len(self.table), dtype=np.int64)
                 elif it == s.consensus_iter + 1:
-                    model = self._split_by_restarts(model, it)
+                    model = (self._split_by_restarts(model, it) if s.init_classes == "consensus"
+                             else self._split_by_pca(model, it))
                     allowed = model.part_class.copy()
             model = self.iterate(model, it, allowed=allowed)
         return model
@@ -531,6 +532,24 @@ class Refinement:
                                  f"{cls.min() + 1} to {cls.max() + 1}, not 1..--K "
                                  f"{self.s.n_classes}; give the matching --K")
         return cls
+
+    def _split_by_pca(self, model, iteration):
+        """K-means of the particles' coordinates along the top K-1 heterogeneity
+        eigenvolumes (:mod:`.heterogeneity`) gives each particle its starting class."""
+        import copy
+        from .heterogeneity import kmeans, principal_coordinates
+        s = self.s
+        coords = principal_coordinates(self, model, max(1, s.n_classes - 1), s.restart_highres,
+                                       seed=s.random_seed, log=self.log)
+        labels = kmeans(coords, s.n_classes, seed=s.random_seed)
+        best = copy.deepcopy(model)
+        best.part_class = labels.astype(np.int64)
+        best.pdf_class = np.maximum(np.bincount(labels, minlength=s.n_classes), 1) / len(labels)
+        best.tau2[:] = model.tau2[0]
+        best.iteration = iteration - 1
+        if self.comm.rank == 0:
+            self.log(f"pca start: class sizes {np.bincount(labels, minlength=s.n_classes).tolist()}")
+        return best
 
     def _split_by_restarts(self, model, iteration):
         """Best of ``--restarts`` fixed-pose hard classifications from random partitions."""
