@@ -182,7 +182,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "particles.")
         form.addParam("initialClasses", EnumParam, default=0,
                       condition="not doContinue",
-                      choices=["RELION: random subsets", "consensus alignment + restarts"],
+                      choices=["RELION: random subsets", "consensus alignment + restarts",
+                               "consensus alignment + heterogeneity PCA"],
                       label="How classes start",
                       help="RELION: in iteration 1 each particle goes to one random "
                            "class (RELION's Class3D). Consensus alignment + restarts "
@@ -191,7 +192,12 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "all particles to one map, then the best of several "
                            "classifications of the aligned particles from random "
                            "partitions (at 25 A) starts the K classes "
-                           "(--init_classes consensus).")
+                           "(--init_classes consensus). Consensus alignment + "
+                           "heterogeneity PCA: after the consensus iterations, the "
+                           "particles are clustered along the main directions of 3D "
+                           "variability (--init_classes pca); with well-aligned "
+                           "particles it separates classes that random starts leave "
+                           "mixed.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -787,8 +793,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             seed = root.randomSeed.get()
         if seed is not None and seed >= 0:
             add("--random_seed", int(seed))
-        if not self.doContinue and self.initialClasses.get() == 1 and self._getK() > 1:
-            add("--init_classes", "consensus")
+        if not self.doContinue and self.initialClasses.get() > 0 and self._getK() > 1:
+            add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))

@@ -18,6 +18,7 @@ from .backend import to_numpy
 from .fourier import half_plane_pixels, ifft_centered
 from .geometry import euler_to_matrix
 from .masks import soft_sphere_mask
+from .mpi import split_range
 from .projector import BackProjector, Projector
 
 
@@ -45,7 +46,7 @@ def principal_coordinates(refinement, model, n_components, highres_angst, n_powe
     ky, kx = ky_all[:n_cur], kx_all[:n_cur]
     consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0)
     cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad, gridding=s.gridding)
-    lo, hi = split = __import__("cryoclass_plugin.engine.mpi", fromlist=["split_range"]).split_range(n, comm.rank, comm.size)
+    lo, hi = split_range(n, comm.rank, comm.size)
     # Whitened residuals and whitened CTFs of this rank's particles (small at low res).
     blocks = []
     for b0 in range(lo, hi, s.block_size):
