@@ -109,9 +109,12 @@ def table_rows(results, sim):
     names = list(results)
     rows = []
 
-    def add(label, fn):
+    def add(label, fn, timing=False):
         vals = []
         for n in names:
+            if timing and results[n].get("eval_only"):
+                vals.append("same run")  # the cryoclass run, evaluated at an earlier iteration
+                continue
             try:
                 vals.append(fn(results[n]))
             except (TypeError, KeyError, IndexError, ZeroDivisionError):
@@ -121,16 +124,16 @@ def table_rows(results, sim):
     add("status", lambda r: "ok" if r["ok"] else
         ("TIMED OUT" if r["stats"].timed_out else f"FAILED rc {r['stats'].rc}"))
     add("iterations evaluated", lambda r: str(r["eval"]["iteration"]))
-    add("wall time (s)", lambda r: C.fmt(r["stats"].wall_s, ".1f"))
-    add("CPU time user+sys (s)", lambda r: C.fmt(r["stats"].cpu_s, ".1f"))
-    add("  of which sys (s)", lambda r: C.fmt(r["stats"].sys_s, ".1f"))
-    add("CPU use (cores)", lambda r: C.fmt(r["stats"].cpu_s / r["stats"].wall_s, ".2f"))
-    add("other processes' load (cores)", lambda r: C.fmt(r["stats"].other_load, ".2f"))
-    add("max RSS, largest process (MB)", lambda r: C.fmt(r["stats"].maxrss_mb, ".0f"))
-    add("peak RSS, process tree (MB)", lambda r: C.fmt(r["stats"].tree_rss_mb, ".0f"))
-    add("s / iteration, iteration 1", lambda r: C.fmt(r["times"][1], ".1f"))
+    add("wall time (s)", lambda r: C.fmt(r["stats"].wall_s, ".1f"), timing=True)
+    add("CPU time user+sys (s)", lambda r: C.fmt(r["stats"].cpu_s, ".1f"), timing=True)
+    add("  of which sys (s)", lambda r: C.fmt(r["stats"].sys_s, ".1f"), timing=True)
+    add("CPU use (cores)", lambda r: C.fmt(r["stats"].cpu_s / r["stats"].wall_s, ".2f"), timing=True)
+    add("other processes' load (cores)", lambda r: C.fmt(r["stats"].other_load, ".2f"), timing=True)
+    add("max RSS, largest process (MB)", lambda r: C.fmt(r["stats"].maxrss_mb, ".0f"), timing=True)
+    add("peak RSS, process tree (MB)", lambda r: C.fmt(r["stats"].tree_rss_mb, ".0f"), timing=True)
+    add("s / iteration, iteration 1", lambda r: C.fmt(r["times"][1], ".1f"), timing=True)
     add("s / iteration, mean of it >= 2", lambda r: C.fmt(C.mean_iteration_time(r["times"]),
-                                                          ".1f"))
+                                                          ".1f"), timing=True)
     add("ARI vs truth", lambda r: C.fmt(r["eval"]["ari"], ".3f"))
     add("best-match accuracy", lambda r: C.fmt(r["eval"]["best_match"], ".3f"))
     add("median angular error (deg)", lambda r: C.fmt(r["eval"]["median_ang_err_deg"], ".2f"))
@@ -200,7 +203,7 @@ def main(argv=None):
             r_it = results[rel_name]["eval"]["iteration"]
             if 1 <= r_it < results["cryoclass"]["eval"]["iteration"]:
                 try:
-                    cc = dict(results["cryoclass"])
+                    cc = dict(results["cryoclass"], eval_only=True)
                     cc["eval"] = C.evaluate_run(cc["root"], sim_dir, iteration=r_it)
                     results[f"cryoclass at it {r_it}"] = cc
                 except Exception as exc:

@@ -170,8 +170,14 @@ class FineTables:
 
 
 # Memory of one fine sub-batch: particles x (padded) fine rotations (or translations) x
-# 2 n_pix float32, the size of its largest arrays (gathered slices, M-step sums).
+# 2 n_pix float32, the size of its largest arrays (gathered slices, M-step sums).  The CPU
+# prefers smaller sub-batches (cache); the GPU larger ones (fewer launches).
 FINE_BATCH_BYTES = 256 * 2 ** 20
+FINE_BATCH_BYTES_CPU = 16 * 2 ** 20
+# Padding limit of a sub-batch: its padded work (particles x max rotations x max
+# translations) may exceed its true work by this fraction plus this many samples.
+FINE_BATCH_WASTE = 0.25
+FINE_BATCH_SLACK = 1024
 
 
 def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index,
@@ -183,9 +189,10 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     translations (sorted by them); each sub-batch is padded to its largest sets with
     samples of zero posterior, so that its scores, posteriors and M-step sums are a few
     batched GEMMs and a single device-to-host transfer.  ``batch_bytes`` (default
-    :data:`FINE_BATCH_BYTES`) bounds a sub-batch's ``particles x rows x 2 n_pix x 4``
-    bytes; a particle with a larger set goes alone.  ``reference=True`` runs the
-    particle-by-particle code instead (kept to test the batched one).
+    :data:`FINE_BATCH_BYTES` on the GPU, :data:`FINE_BATCH_BYTES_CPU` on the CPU) bounds
+    a sub-batch's ``particles x max(rows, translations) x 2 n_pix x 4`` bytes; a particle
+    with a larger set goes alone.  ``reference=True`` runs the particle-by-particle code
+    instead (:func:`_fine_particle_reference`, kept to test the batched one).
     """
     B = block.images_f.shape[0]
     if reference:
@@ -201,20 +208,27 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
                              dtype=np.float32) for t in sig_t]
     n_r = np.array([r.shape[0] for r in rows])
     n_t = np.array([t.shape[0] for t in t_children])
-    budget = (FINE_BATCH_BYTES if batch_bytes is None else batch_bytes) // (8 * n_pix)
-    size = np.maximum(n_r, n_t)
+    if batch_bytes is None:
+        batch_bytes = FINE_BATCH_BYTES if xp is not np else FINE_BATCH_BYTES_CPU
+    budget = batch_bytes // (8 * n_pix)
+    work = n_r * n_t
     order = np.lexsort((n_t, n_r))
     sums = _FineSums(B, n_pix, setup.n_classes, xp)
     start = 0
     while start < B:
-        # Sorted by n_r: the sub-batch's padded size is set by its last particle (n_t
-        # only roughly, hence the running maximum).
-        end, biggest = start + 1, size[order[start]]
+        # Grow the sub-batch (sorted by n_r, then n_t) while it fits the memory budget and
+        # its padded work (particles x max rows x max translations) stays near its true
+        # work; a particle too big for the budget goes alone.
+        b = order[start]
+        end, r_max, t_max, true = start + 1, n_r[b], n_t[b], work[b]
         while end < B:
-            nxt = max(biggest, size[order[end]])
-            if (end + 1 - start) * nxt > budget:
+            b = order[end]
+            r2, t2, true2 = max(r_max, n_r[b]), max(t_max, n_t[b]), true + work[b]
+            count = end + 1 - start
+            if count * max(r2, t2) > budget or \
+                    count * r2 * t2 > (1.0 + FINE_BATCH_WASTE) * true2 + FINE_BATCH_SLACK:
                 break
-            biggest, end = nxt, end + 1
+            r_max, t_max, true, end = r2, t2, true2, end + 1
         _fine_batch(setup, block, order[start:end], rows, t_children, tables, xp, sums,
                     results, first_index)
         start = end
