@@ -174,18 +174,9 @@ def _settings_for_continue(args):
     options (threads, GPU, pre-reading) may change."""
     import dataclasses
     import json
-    from ..engine.refine import Settings
+    from ..engine.refine import Settings, continue_state_path
     path = args.continue_from
-    if not os.path.exists(path):
-        raise CryoClassError(f"--continue {path}: file not found; give an existing "
-                             "<root>_itNNN_optimiser.star")
-    if not path.endswith("_optimiser.star"):
-        raise CryoClassError(f"--continue {path}: expected a <root>_itNNN_optimiser.star "
-                             "file written by cryoclass refine")
-    state = path[: -len("_optimiser.star")] + "_state.npz"
-    if not os.path.exists(state):
-        raise CryoClassError(f"--continue {path}: its state file {os.path.basename(state)} "
-                             "is missing; continue from an earlier complete iteration")
+    state = continue_state_path(path)
     import numpy as np
     with np.load(state, allow_pickle=False) as z:
         saved = json.loads(str(z["__settings__"])) if "__settings__" in z.files else None

@@ -239,6 +239,22 @@ def fast_subset_size(iteration, n_particles, n_classes):
     return min(n_particles, size)
 
 
+def continue_state_path(optimiser_path):
+    """The exact-state file of a ``--continue <root>_itNNN_optimiser.star`` (checked)."""
+    path = optimiser_path
+    if not os.path.exists(path):
+        raise CryoClassError(f"--continue {path}: file not found; give an existing "
+                             "<root>_itNNN_optimiser.star")
+    if not path.endswith("_optimiser.star"):
+        raise CryoClassError(f"--continue {path}: expected a <root>_itNNN_optimiser.star "
+                             "file written by cryoclass refine")
+    state = path[: -len("_optimiser.star")] + "_state.npz"
+    if not os.path.exists(state):
+        raise CryoClassError(f"--continue {path}: its state file {os.path.basename(state)} "
+                             "is missing; continue from an earlier complete iteration")
+    return state
+
+
 class Refinement:
     def __init__(self, settings, log=print):
         self.s = settings
@@ -305,17 +321,7 @@ class Refinement:
 
     def _load_continue(self):
         path = self.s.continue_from
-        if not os.path.exists(path):
-            raise CryoClassError(f"--continue {path}: file not found; give an existing "
-                                 "<root>_itNNN_optimiser.star")
-        if not path.endswith("_optimiser.star"):
-            raise CryoClassError(f"--continue {path}: expected a <root>_itNNN_optimiser.star "
-                                 "file written by a previous run")
-        state = path[: -len("_optimiser.star")] + "_state.npz"
-        if not os.path.exists(state):
-            raise CryoClassError(f"--continue {path}: its state file {state} is missing; "
-                                 "continue from an earlier complete iteration")
-        model = ModelState.load(state)
+        model = ModelState.load(continue_state_path(path))
         if model.box != self.box or model.n_classes != self.s.n_classes:
             raise CryoClassError(f"--continue {path}: the run had box {model.box} and "
                                  f"{model.n_classes} classes; use the same --i and --K")
