@@ -502,6 +502,12 @@ class ProtCryoClassClassify3D(ProtClassify3D):
 
     def _validateCommon(self):
         errors = []
+        if (not self.doContinue and self.initialClasses.get() > 0
+                and self.numberOfIterations.get() is not None
+                and self.numberOfIterations.get() <= 5):
+            errors.append("'How classes start' = consensus alignment needs more than 5 "
+                          "iterations (the first 5 align to one map); give more "
+                          "iterations or choose RELION's start.")
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:

@@ -300,6 +300,13 @@ def test_validation_gpu_without_cupy_or_device(project, inputs):
     assert "GPU acceleration asked for" in _errors(prot)
 
 
+def test_validation_consensus_start_needs_iterations(project, inputs):
+    prot = _classifier(project, inputs, initialClasses=2, numberOfIterations=5)
+    assert "needs more than 5 iterations" in _errors(prot)
+    prot.numberOfIterations.set(8)
+    assert "needs more than 5" not in _errors(prot)
+
+
 def test_validation_symmetry(project, inputs):
     prot = _classifier(project, inputs, symmetryGroup="X7")
     assert "Symmetry 'X7' is not valid" in _errors(prot)

@@ -148,6 +148,9 @@ def demo_settings(args):
         offsetSearchRangePix=5.0,
         offsetSearchStepPix=1.0,
         randomSeed=args.seed + 1,
+        # Our recommended start (consensus alignment + heterogeneity PCA) needs the 5
+        # consensus iterations plus a few; short smoke runs keep RELION's start.
+        initialClasses=2 if args.iter > 8 else 0,
         numberOfMpi=args.mpi,
         numberOfThreads=args.threads,
     )
