@@ -204,9 +204,12 @@ def prepare_block(settings, model, images, indices, groups, ctfp, ky, kx, pixel_
     power_beyond = xp.zeros((len(indices), n_shells), dtype=xp.float64)
     sh_beyond = pixel_shell[n_cur:]
     if beyond.shape[1]:
+        # One bincount for the whole block (row j's shells offset by j * n_shells): a
+        # per-particle loop would synchronise a GPU once per particle.
         p = (beyond.real ** 2 + beyond.imag ** 2).astype(xp.float64)
-        for j in range(len(indices)):
-            power_beyond[j] = xp.bincount(sh_beyond, weights=p[j], minlength=n_shells)[:n_shells]
+        rows = xp.arange(len(indices), dtype=xp.int64)[:, None] * n_shells
+        power_beyond = xp.bincount((rows + sh_beyond[None, :]).ravel(), weights=p.ravel(),
+                                   minlength=len(indices) * n_shells).reshape(len(indices), n_shells)
     count_beyond = to_numpy(xp.bincount(sh_beyond, minlength=n_shells)[:n_shells]) if beyond.shape[1] \
         else np.zeros(n_shells)
     kx_c = kx[:n_cur].astype(xp.float32)[None] / (box * model.apix)
