@@ -100,7 +100,7 @@ def _coarse_shell(settings, box, apix, angular_step_deg):
     return int(np.ceil(box * apix / max(coarse_res, 2 * apix)))
 
 
-def _initial_model(settings, table, images, ref, apix, groups, n_groups, comm, rng):
+def _initial_model(settings, table, images, ref, apix, groups, n_groups, comm):
     box = table.box
     n = len(table)
     n_shells = box // 2 + 1
@@ -313,9 +313,8 @@ class Refinement:
         if s.continue_from:
             return self._load_continue()
         ref, _ = read_map(s.ref)
-        rng = np.random.default_rng([s.random_seed, 0])
         model = _initial_model(s, self.table, self.images, ref.astype(np.float32), self.apix,
-                               self.groups, len(self.group_names), self.comm, rng)
+                               self.groups, len(self.group_names), self.comm)
         if self.comm.rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(s.output_root)), exist_ok=True)
             write_iteration(s.output_root, 0, model, self.table, s, self.orientations,
@@ -331,8 +330,7 @@ class Refinement:
         return model
 
     # ------------------------------------------------------------------ one iteration
-    def iterate(self, model, iteration, allowed=None, hard=False, write=True,
-                unregularised=False):
+    def iterate(self, model, iteration, allowed=None, write=True):
         s, xp, comm = self.s, self.xp, self.comm
         t0 = time.time()
         n = len(self.table)
@@ -393,8 +391,7 @@ class Refinement:
                 block, pw_beyond, cnt_beyond = self._block(model, idx, allowed, xp, ky_all,
                                                            kx_all, pixel_shell, n_cur)
                 acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
-                search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0,
-                                       hard=hard)
+                search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0)
                 progress.update(2 * (b1 - b0))
             blocks = []
         # Pass 1: coarse search of every block; the significant samples are kept (small).
@@ -443,7 +440,7 @@ class Refinement:
                 res[key] = to_numpy(comm.allreduce_sum(res[key]))
         maximise(acc, model, _MStepSettings(s), solvent_mask=None if self.solvent_mask is None
                  else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
-                 unregularised=use_cc or unregularised)
+                 unregularised=use_cc)
         self._update_particles(model, subset, res)
         self._update_image_size(model)
         model.iteration = iteration
@@ -507,7 +504,7 @@ class Refinement:
         ``consensus``
             ours: ``--consensus_iter`` iterations align all particles to one map (a
             consensus refinement inside the job); then ``--restarts`` classifications
-            without alignment, each from a different random partition, with hard
+            without alignment, each from a different random partition, with soft
             assignments, run ``--restart_iter`` iterations; the one with the best
             log-likelihood gives the K starting maps for the remaining iterations of
             full EM.  Random partitions of aligned particles break the symmetry between
@@ -561,7 +558,7 @@ class Refinement:
         return best
 
     def _split_by_restarts(self, model, iteration):
-        """Best of ``--restarts`` fixed-pose hard classifications from random partitions."""
+        """Best of ``--restarts`` fixed-pose classifications from random partitions."""
         import copy
         s = self.s
         best, best_ll = None, -np.inf

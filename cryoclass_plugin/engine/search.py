@@ -450,14 +450,12 @@ def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, re
     results["acc_trans_px"][i] = float((w_trans_h * dt).sum())
 
 
-def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class_pixels=None,
-                    hard=False):
+def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class_pixels=None):
     """Classification without alignment (RELION's ``--skip_align``): each particle keeps
     its rotation (``eulers`` (B, 3), degrees) and origin; only its class posterior is
     computed, from the pixels of the first ``n_class_pixels`` of the list (a resolution
     limit for the class assignment), and the particle is added to every class's sums in
-    proportion to it.  ``hard`` gives each particle wholly to its best class (the
-    classification-EM variant used for restarts).
+    proportion to it.
     """
     B = block.images_f.shape[0]
     K = setup.n_classes
@@ -475,9 +473,6 @@ def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class
         allowed = xp.asarray(block.allowed_class)
         scores = xp.where(xp.arange(K)[None, :] == allowed[:, None], scores, -xp.inf)
     prob, lse = estep.normalise_log(scores)
-    if hard:
-        best = prob.argmax(axis=1)
-        prob = (xp.arange(K)[None, :] == best[:, None]).astype(prob.dtype)
     ctf_w = c * isg
     total = xp.zeros(x.shape[1], dtype=xp.float64)
     for k in range(K):
