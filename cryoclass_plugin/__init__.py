@@ -23,6 +23,11 @@ import shlex
 import shutil
 import sys
 
+from .blas_core import choose_openblas_core
+
+# Before anything imports numpy: OpenBLAS reads its kernel choice when it loads.
+choose_openblas_core()
+
 from .constants import (CRYOCLASS_ENGINE, CRYOCLASS_MPIRUN, ENGINE_PROGRAM,
                         ENGINE_SUBCOMMAND)
 

@@ -333,6 +333,7 @@ class Refinement:
     def iterate(self, model, iteration, allowed=None, write=True):
         s, xp, comm = self.s, self.xp, self.comm
         t0 = time.time()
+        timer = _StageTimer(xp)
         n = len(self.table)
         rng = np.random.default_rng([s.random_seed, iteration])
         if s.fast_subsets:
@@ -375,6 +376,7 @@ class Refinement:
             sigma_offset_px=model.sigma_offset_angst / self.apix,
             adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
             use_cc=use_cc)
+        timer.lap("setup")
         acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
         m = len(subset)
         res = {"class": np.zeros(m), "eulers": np.zeros((m, 3)), "origin_px": np.zeros((m, 2)),
@@ -391,7 +393,9 @@ class Refinement:
                 block, pw_beyond, cnt_beyond = self._block(model, idx, allowed, xp, ky_all,
                                                            kx_all, pixel_shell, n_cur)
                 acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
+                timer.lap("prepare")
                 search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0)
+                timer.lap("fixed-pose")
                 progress.update(2 * (b1 - b0))
             blocks = []
         # Pass 1: coarse search of every block; the significant samples are kept (small).
@@ -402,12 +406,14 @@ class Refinement:
             block, pw_beyond, cnt_beyond = self._block(model, subset[b0:b1], allowed, xp,
                                                        ky_all, kx_all, pixel_shell, n_cur)
             acc.add_power_beyond(self.groups[subset[b0:b1]], pw_beyond, cnt_beyond)
+            timer.lap("prepare")
             sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
             res["nsig"][b0:b1] = n_sig
             significant[b0] = (sig_t, sig_kr)
             if cache_ok:
                 cache[b0] = block
             progress.update(b1 - b0)
+            timer.lap("coarse")
         # Pass 2: fine search, in chunks of blocks whose rotations fit the table budget.
         rows_budget = max(1, int(s.fine_table_bytes // (n_pix * 20)))
         n_child = 8 ** s.oversampling
@@ -418,15 +424,19 @@ class Refinement:
                 merged = chunk_kr | new_kr
             if chunk and (b0 is None or len(merged) * n_child > rows_budget):
                 tables = search.FineTables(setup, np.fromiter(chunk_kr, dtype=np.int64), xp)
+                timer.lap("fine-tables")
                 for c0, c1 in chunk:
                     block = cache.pop(c0, None)
                     if block is None:
                         block, _, _ = self._block(model, subset[c0:c1], allowed, xp,
                                                   ky_all, kx_all, pixel_shell, n_cur)
+                        timer.lap("prepare")
                     sig_t, sig_kr = significant.pop(c0)
                     search.fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, res, c0)
                     progress.update(c1 - c0)
+                    timer.lap("fine")
                 tables.insert_into(acc.backprojectors)
+                timer.lap("insert")
                 del tables
                 chunk, chunk_kr = [], set()
                 merged = new_kr if b0 is not None else set()
@@ -434,6 +444,7 @@ class Refinement:
                 chunk.append((b0, b1))
                 chunk_kr = merged
         progress.close()
+        timer.lap("fine")
         acc.reduce(comm)
         if comm.size > 1:
             for key in res:
@@ -443,14 +454,18 @@ class Refinement:
                  unregularised=use_cc)
         self._update_particles(model, subset, res)
         self._update_image_size(model)
+        timer.lap("M-step")
         model.iteration = iteration
         model.log_likelihood = float(model.part_loglik.sum())
         elapsed = time.time() - t0
-        model.history.append({"iteration": iteration, "seconds": elapsed})
+        model.history.append({"iteration": iteration, "seconds": elapsed,
+                              "stage_seconds": dict(timer.seconds)})
         if comm.rank == 0 and write:
             write_iteration(s.output_root, iteration, model, self.table, s, self.orientations,
                             self.translations, self.group_names, self.group_counts)
+            timer.lap("output")
             self.log(_log_line(model, iteration, elapsed, m))
+            self.log(f"          stage seconds: {timer.summary()}")
         return model
 
     def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur):
@@ -613,6 +628,29 @@ def _log_line(model, iteration, seconds, n_used):
             f"dist [{dist}]  changes: classes {model.changes['classes']:.3f} "
             f"orient {model.changes['orientations']:.2f} deg "
             f"offsets {model.changes['offsets']:.2f} A  pmax {np.mean(model.part_pmax):.3f}")
+
+
+class _StageTimer:
+    """Wall seconds per stage of one iteration (prepare, coarse, fine, M-step, output).
+
+    On a GPU the device is synchronised at each stage boundary (a few times per block,
+    negligible) so that asynchronous kernels are charged to the stage that launched them.
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.seconds = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage):
+        if self.xp is not np:
+            self.xp.cuda.Device().synchronize()
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
+
+    def summary(self):
+        return " ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
 
 
 class _Progress:
