@@ -54,14 +54,20 @@ def main():
     ap.add_argument("--iter", type=int, default=25)
     ap.add_argument("--workdir", default="/tmp/bench_gpu")
     ap.add_argument("--timeout", type=int, default=420)
+    ap.add_argument("--skip-gemm", action="store_true", help="skip the GEMM-rate measurements")
+    ap.add_argument("--profile", metavar="FILE", default=None,
+                    help="run the refine under cProfile, write the stats to FILE and print "
+                         "the 30 functions with the most own time")
     a = ap.parse_args()
     import cupy as cp
     print("device:", cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
-    peak = gemm_rate(cp, 8192, 8192, 8192)
-    print(f"SGEMM peak (8192^3 float32): {peak:.0f} GFLOP/s")
-    for shape in [(256, 21, 230, 18432), (256, 21, 600, 18432)]:
-        r = estep_rate(cp, *shape)
-        print(f"E-step coarse GEMMs B,T,n,M={shape}: {r:.0f} GFLOP/s = {100 * r / peak:.0f}% of SGEMM peak")
+    if not a.skip_gemm:
+        peak = gemm_rate(cp, 8192, 8192, 8192)
+        print(f"SGEMM peak (8192^3 float32): {peak:.0f} GFLOP/s")
+        for shape in [(256, 21, 230, 18432), (256, 21, 600, 18432)]:
+            r = estep_rate(cp, *shape)
+            print(f"E-step coarse GEMMs B,T,n,M={shape}: {r:.0f} GFLOP/s = "
+                  f"{100 * r / peak:.0f}% of SGEMM peak")
     from cryoclass_plugin.engine.simulate import simulate_dataset
     from cryoclass_plugin.engine.metrics import adjusted_rand_index
     import starfile
@@ -69,10 +75,11 @@ def main():
     t = time.time()
     info = simulate_dataset(a.workdir, n=a.n, box=64, apix=4.0, snr=0.05, n_classes=3, seed=0)
     print(f"simulated {a.n} particles in {time.time() - t:.0f} s; oracle {info['oracle_accuracy']:.3f}")
-    cmd = [sys.executable, "-m", "cryoclass_plugin.engine", "refine",
+    prof = ["-m", "cProfile", "-o", a.profile] if a.profile else []
+    cmd = [sys.executable, *prof, "-m", "cryoclass_plugin.engine", "refine",
            "--i", f"{a.workdir}/particles.star", "--ref", f"{a.workdir}/ref.mrc",
            "--o", f"{a.workdir}/gpu/run", "--K", "4", "--tau2_fudge", "4", "--iter", str(a.iter),
-           "--ini_high", "50", "--particle_diameter", "200", "--zero_mask", "--flatten_solvent",
+           "--ini_high", "50", "--firstiter_cc", "--particle_diameter", "200", "--zero_mask", "--flatten_solvent",
            "--ctf", "--healpix_order", "2", "--oversampling", "1", "--offset_range", "5",
            "--offset_step", "2", "--pad", "2", "--skip_gridding", "--preread_images",
            "--gpu", "0", "--block_size", "1024"]
@@ -81,6 +88,9 @@ def main():
     proc = subprocess.run(cmd, timeout=a.timeout)
     wall = time.time() - t
     print(f"cryoclass refine --gpu: rc {proc.returncode}, wall {wall:.1f} s")
+    if a.profile and os.path.exists(a.profile):
+        import pstats
+        pstats.Stats(a.profile).sort_stats("tottime").print_stats(30)
     import glob
     last = sorted(glob.glob(f"{a.workdir}/gpu/run_it*_data.star"))[-1]
     truth = starfile.read(f"{a.workdir}/truth.star")

@@ -216,3 +216,22 @@ def test_pca_start_separates_classes_that_random_starts_leave_mixed(dataset, tmp
           f"(oracle accuracy {info['oracle_accuracy']:.3f})")
     assert pca_ari >= 0.8
     assert random_ari < 0.5
+
+
+def test_threshold_selection_matches_sorted_cut():
+    """The GPU's bisection threshold picks the same significant set as the CPU's sorted
+    cumulative sum (run here on numpy arrays: the function is array-module generic)."""
+    from cryoclass_plugin.engine import estep
+    rng = np.random.default_rng(3)
+    for scale in (0.5, 5.0, 40.0):           # broad, medium and peaked posteriors
+        logp = (rng.standard_normal((6, 4000)) * scale).astype(np.float32)
+        logp[0, 7] = 1e3                          # one degenerate, single-sample particle
+        ref, _ = estep.significant_samples(logp, 0.999)
+        prob = np.exp(logp - logp.max(axis=1, keepdims=True))
+        prob /= prob.sum(axis=1, keepdims=True)
+        got = estep._significant_threshold(prob, 0.999, None)
+        for r, g in zip(ref, got):
+            assert sorted(r.tolist()) == g.tolist()
+        capped = estep._significant_threshold(prob, 0.999, 3)
+        assert all(len(c) <= 3 for c in capped)
+        assert all(np.argmax(prob[b]) in capped[b] for b in range(6))

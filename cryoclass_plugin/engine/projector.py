@@ -144,10 +144,20 @@ class BackProjector:
             idx, w = _trilinear(coords, self.big)
             flat = idx.ravel()
             val = slices[start:stop, :, None]
-            self.data += xp.bincount(flat, weights=(w * val.real).ravel(), minlength=n_tot)
-            self.data += 1j * xp.bincount(flat, weights=(w * val.imag).ravel(), minlength=n_tot)
-            self.weight += xp.bincount(flat, weights=(w * weights[start:stop, :, None]).ravel(),
-                                       minlength=n_tot)
+            if xp is np:
+                # numpy: bincount is the fast scatter-add (np.add.at is ~10x slower).
+                self.data += np.bincount(flat, weights=(w * val.real).ravel(), minlength=n_tot)
+                self.data += 1j * np.bincount(flat, weights=(w * val.imag).ravel(), minlength=n_tot)
+                self.weight += np.bincount(flat, weights=(w * weights[start:stop, :, None]).ravel(),
+                                           minlength=n_tot)
+            else:
+                # CuPy: atomic adds; cupy.bincount would check its input on the host
+                # (a device synchronisation per call).
+                import cupyx
+                wv = w.astype(xp.float64)
+                pair = xp.stack([(wv * val.real).ravel(), (wv * val.imag).ravel()], axis=1)
+                cupyx.scatter_add(self.data.view(xp.float64).reshape(n_tot, 2), flat, pair)
+                cupyx.scatter_add(self.weight, flat, (wv * weights[start:stop, :, None]).ravel())
 
     def symmetrised(self):
         """``(data, weight)`` with every voxel's Hermitian mate added (``F(-k) = F(k)*``)."""

@@ -173,7 +173,19 @@ class FineTables:
 # 2 n_pix float32, the size of its largest arrays (gathered slices, M-step sums).  The CPU
 # prefers smaller sub-batches (cache); the GPU larger ones (fewer launches).
 FINE_BATCH_BYTES = 256 * 2 ** 20
+FINE_BATCH_BYTES_GPU_MAX = 2 * 2 ** 30
 FINE_BATCH_BYTES_CPU = 16 * 2 ** 20
+
+
+def fine_batch_bytes(xp):
+    """Sub-batch budget: 16 MiB on the CPU; on a GPU 1/32 of its memory (a sub-batch's
+    arrays take about 5 budgets), between 256 MiB and 2 GiB: larger sub-batches mean
+    fewer kernel launches in the early iterations, when particles have thousands of
+    significant rotations."""
+    if xp is np:
+        return FINE_BATCH_BYTES_CPU
+    total = xp.cuda.Device().mem_info[1]
+    return int(min(FINE_BATCH_BYTES_GPU_MAX, max(FINE_BATCH_BYTES, total // 32)))
 # Padding limit of a sub-batch: its padded work (particles x max rotations x max
 # translations) may exceed its true work by this fraction plus this many samples.
 FINE_BATCH_WASTE = 0.25
@@ -189,7 +201,7 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     translations (sorted by them); each sub-batch is padded to its largest sets with
     samples of zero posterior, so that its scores, posteriors and M-step sums are a few
     batched GEMMs and a single device-to-host transfer.  ``batch_bytes`` (default
-    :data:`FINE_BATCH_BYTES` on the GPU, :data:`FINE_BATCH_BYTES_CPU` on the CPU) bounds
+    :func:`fine_batch_bytes`) bounds
     a sub-batch's ``particles x max(rows, translations) x 2 n_pix x 4`` bytes; a particle
     with a larger set goes alone.  ``reference=True`` runs the particle-by-particle code
     instead (:func:`_fine_particle_reference`, kept to test the batched one).
@@ -204,12 +216,16 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
         return
     n_pix = int(setup.ky.shape[0])
     rows = [tables.positions(np.unique(kr)) for kr in sig_kr]
-    t_children = [np.asarray(setup.translations.children(np.unique(t), setup.oversampling)[0],
-                             dtype=np.float32) for t in sig_t]
+    # Children of every coarse offset once, (T, 4**os, 2); a particle takes its rows.
+    n_tc = setup.translations.n_children(setup.oversampling)
+    all_children = np.asarray(setup.translations.children(
+        np.arange(setup.translations.n_offsets), setup.oversampling)[0],
+        dtype=np.float32).reshape(-1, n_tc, 2)
+    t_children = [all_children[np.unique(t)].reshape(-1, 2) for t in sig_t]
     n_r = np.array([r.shape[0] for r in rows])
     n_t = np.array([t.shape[0] for t in t_children])
     if batch_bytes is None:
-        batch_bytes = FINE_BATCH_BYTES if xp is not np else FINE_BATCH_BYTES_CPU
+        batch_bytes = fine_batch_bytes(xp)
     budget = batch_bytes // (8 * n_pix)
     work = n_r * n_t
     order = np.lexsort((n_t, n_r))
@@ -387,8 +403,7 @@ def _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, ccw):
                       summed.view(xp.float32).reshape(Bs * Rm, 2 * n))
     cupyx.scatter_add(tables.weight, flat,
                       (w_rot[:, :, None] * ccw[:, None, :]).reshape(Bs * Rm, n))
-    tables.row_posterior += xp.bincount(flat, weights=w_rot.ravel().astype(xp.float64),
-                                        minlength=tables.row_posterior.shape[0])
+    cupyx.scatter_add(tables.row_posterior, flat, w_rot.ravel().astype(xp.float64))
 
 
 def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, results, i):
