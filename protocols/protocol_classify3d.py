@@ -180,7 +180,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       help="K, the number of 3D classes. Each class starts from the "
                            "reference reconstructed from a random subset of the "
                            "particles.")
-        form.addParam("initialClasses", EnumParam, default=0,
+        form.addParam("initialClasses", EnumParam, default=2,
                       condition="not doContinue",
                       choices=["RELION: random subsets", "consensus alignment + restarts",
                                "consensus alignment + heterogeneity PCA"],
@@ -197,7 +197,20 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "particles are clustered along the main directions of 3D "
                            "variability (--init_classes pca); with well-aligned "
                            "particles it separates classes that random starts leave "
-                           "mixed.")
+                           "mixed. With either consensus start, the iterations right "
+                           "after the split keep the consensus poses and only classify "
+                           "(see 'Fixed-pose iterations'). The default is the PCA start: "
+                           "on our benchmarks it recovers classes that RELION's start "
+                           "leaves mixed (benchmarks/RESULTS.md); choose RELION's start "
+                           "to reproduce RELION's Class3D.")
+        form.addParam("fixedPoseIterations", IntParam, default=8,
+                      condition="not doContinue and initialClasses > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Fixed-pose iterations",
+                      help="With a consensus start: iterations after the split that keep "
+                           "the consensus poses and classify only, below 25 A, before "
+                           "full expectation-maximisation over classes and poses "
+                           "(--classify_fixed_iter). 0 starts full EM at once.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -508,6 +521,9 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             errors.append("'How classes start' = consensus alignment needs more than 5 "
                           "iterations (the first 5 align to one map); give more "
                           "iterations or choose RELION's start.")
+        if (not self.doContinue and self.initialClasses.get() > 0
+                and (self.fixedPoseIterations.get() or 0) < 0):
+            errors.append("Fixed-pose iterations must be 0 or more.")
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:
@@ -801,6 +817,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--random_seed", int(seed))
         if not self.doContinue and self.initialClasses.get() > 0 and self._getK() > 1:
             add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
+            add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))

@@ -130,7 +130,9 @@ def _read_map(fn):
 
 
 def _classifier(project, inputs, **kwargs):
-    params = dict(numberOfClasses=N_CLASSES, numberOfIterations=ITERATIONS,
+    # RELION's start unless a test asks otherwise: the default consensus + PCA start needs
+    # more iterations than these short runs have.
+    params = dict(numberOfClasses=N_CLASSES, numberOfIterations=ITERATIONS, initialClasses=0,
                   maskDiameterA=MASK_DIAMETER, initialLowPassFilterA=30,
                   angularSamplingDeg=2, offsetSearchRangePix=3, randomSeed=11)
     params.update(kwargs)
@@ -298,6 +300,16 @@ def test_validation_gpu_without_cupy_or_device(project, inputs):
         pytest.skip("CuPy and a GPU are usable here")
     prot = _classifier(project, inputs, doGpu=True)
     assert "GPU acceleration asked for" in _errors(prot)
+
+
+def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
+    prot = project.newProtocol(ProtCryoClassClassify3D, numberOfClasses=3)
+    assert prot.initialClasses.get() == 2 and prot.fixedPoseIterations.get() == 8
+    prot = _classifier(project, inputs, initialClasses=2, fixedPoseIterations=4,
+                       numberOfIterations=12)
+    text = prot._getEngineArgs()
+    assert "--init_classes pca" in text and "--classify_fixed_iter 4" in text
+    assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
 
 
 def test_validation_consensus_start_needs_iterations(project, inputs):

@@ -70,7 +70,12 @@ def add_args(parser):
     opt.add_argument("--restart_iter", type=int, default=6,
                      help="with --init_classes consensus: iterations per restart")
     opt.add_argument("--restart_highres", type=float, default=25.0,
-                     help="with --init_classes consensus: resolution (A) of the restarts")
+                     help="with --init_classes consensus|pca: resolution (A) of the restarts, "
+                          "of the heterogeneity analysis and of the fixed-pose iterations")
+    opt.add_argument("--classify_fixed_iter", type=int, default=8,
+                     help="with --init_classes consensus|pca: iterations after the split "
+                          "that keep the consensus poses and only classify (at "
+                          "--restart_highres) before full EM; 0 goes to full EM at once")
     samp = parser.add_argument_group("Sampling")
     samp.add_argument("--healpix_order", type=int, default=2,
                       help="coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)")
@@ -132,6 +137,8 @@ def settings_from_args(args):
     if args.init_classes in ("consensus", "pca") and args.consensus_iter >= args.iter:
         raise CryoClassError(f"--consensus_iter {args.consensus_iter} leaves no iteration for "
                              f"classification with --iter {args.iter}; give more --iter")
+    if args.classify_fixed_iter < 0:
+        raise CryoClassError(f"--classify_fixed_iter {args.classify_fixed_iter}: give 0 or more")
     if args.K < 1:
         raise CryoClassError(f"--K {args.K}: the number of classes must be >= 1")
     if args.iter < 1:
@@ -160,7 +167,7 @@ def settings_from_args(args):
         max_significant=args.maxsig, block_size=args.block_size,
         init_classes=args.init_classes, consensus_iter=args.consensus_iter,
         restarts=args.restarts, restart_iter=args.restart_iter,
-        restart_highres=args.restart_highres)
+        restart_highres=args.restart_highres, classify_fixed_iter=args.classify_fixed_iter)
 
 
 # Options that only say how to compute; a continued run may change them.

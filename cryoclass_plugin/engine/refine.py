@@ -77,6 +77,7 @@ class Settings:
     restarts: int = 3
     restart_iter: int = 6
     restart_highres: float = 25.0
+    classify_fixed_iter: int = 8    # consensus|pca: fixed-pose iterations after the split
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -363,8 +364,11 @@ class Refinement:
             coarse = xp.zeros((1, 1), dtype=xp.complex64)   # no search: no coarse slices
         else:
             coarse_mats = xp.asarray(self.orientations.matrices)
-            coarse = xp.concatenate([p.project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
-                                     for p in projectors], axis=0)
+            # Only classes some particle may take (one during a consensus phase).
+            active = (np.arange(s.n_classes) if allowed is None
+                      else np.unique(np.asarray(allowed)[subset]))
+            coarse = xp.concatenate([projectors[k].project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
+                                     for k in active], axis=0)
         log_prior = xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)), dtype=xp.float32)
         setup = search.SearchSetup(
             box=box, n_coarse=n_coarse, ky=ky, kx=kx, pixel_shell=pixel_shell[:n_cur],
@@ -375,7 +379,7 @@ class Refinement:
             projectors=projectors, log_class_prior=log_prior,
             sigma_offset_px=model.sigma_offset_angst / self.apix,
             adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
-            use_cc=use_cc)
+            use_cc=use_cc, coarse_classes=None if s.skip_align else active)
         timer.lap("setup")
         acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
         m = len(subset)
@@ -525,11 +529,19 @@ class Refinement:
             full EM.  Random partitions of aligned particles break the symmetry between
             classes far better than random partitions of unaligned ones, and the
             restarts keep an unlucky start from deciding the result.
+        ``pca``
+            ours: the consensus iterations as above; then k-means of the particles'
+            coordinates along the top K-1 heterogeneity eigenvolumes gives the classes.
+
+        With ``consensus`` and ``pca`` the ``--classify_fixed_iter`` iterations after the
+        split keep the consensus poses and classify at ``--restart_highres``
+        (:meth:`_iterate_fixed_poses`); the iterations after them are full EM.
         """
         s = self.s
         model = self.start()
         for it in range(model.iteration + 1, s.n_iter + 1):
             allowed = None
+            fixed_poses = False
             if it == 1 and s.n_classes > 1 and s.init_classes == "input":
                 allowed = self._input_classes()
             if s.init_classes in ("consensus", "pca") and s.n_classes > 1:
@@ -539,8 +551,34 @@ class Refinement:
                     model = (self._split_by_restarts(model, it) if s.init_classes == "consensus"
                              else self._split_by_pca(model, it))
                     allowed = model.part_class.copy()
-            model = self.iterate(model, it, allowed=allowed)
+                fixed_poses = s.consensus_iter < it <= s.consensus_iter + s.classify_fixed_iter
+            if fixed_poses and not s.skip_align:
+                model = self._iterate_fixed_poses(model, it, allowed)
+            else:
+                model = self.iterate(model, it, allowed=allowed)
         return model
+
+    def _iterate_fixed_poses(self, model, iteration, allowed):
+        """One iteration of classification without alignment at ``--restart_highres``
+        (the phase after a consensus start, ``--classify_fixed_iter`` iterations).
+
+        Why: right after the split the K maps are noisy and alike; a full search against
+        them re-aligns the particles by noise (orientations jump by 30-40 deg) and the
+        class that happens to be sharpest takes the particles.  Keeping the consensus
+        poses and comparing only frequencies below ``--restart_highres``, where the
+        classes are determined, lets the classes separate first (measured in
+        benchmarks/RESULTS.md, "fixed-pose phase"); full EM then refines poses and
+        classes together.
+        """
+        s = self.s
+        shell = int(np.ceil(self.box * self.apix / s.restart_highres))
+        model.current_shell = min(model.current_shell, shell)
+        saved = s.skip_align
+        s.skip_align = True
+        try:
+            return self.iterate(model, iteration, allowed=allowed)
+        finally:
+            s.skip_align = saved
 
     def _input_classes(self):
         df = self.table.df

@@ -64,6 +64,9 @@ class SearchSetup:
     adaptive_fraction: float = 0.999
     max_significant: int = None
     use_cc: bool = False          # --firstiter_cc in iteration 1
+    # Classes that have coarse slices (rows of coarse_pair/power, R rows each, in this
+    # order); None = all K.  The consensus iterations of a consensus start use one.
+    coarse_classes: object = None
     block_log_budget: int = 64 * 2 ** 20   # floats of coarse scores per sub-block
 
 
@@ -73,12 +76,14 @@ def coarse_pass(setup, block, xp):
     nc = setup.n_coarse
     R = setup.orientations.matrices.shape[0]
     T = setup.translations.offsets.shape[0]
-    KR = setup.n_classes * R
+    classes = (np.arange(setup.n_classes) if setup.coarse_classes is None
+               else np.asarray(setup.coarse_classes, dtype=np.int64))
+    KR = classes.shape[0] * R
     shifts = estep.phase_shifts(setup.translations.offsets, setup.ky[:nc], setup.kx[:nc], setup.box)
     total_offsets = xp.asarray(block.origin_px, dtype=xp.float32)[:, None, :] + \
         xp.asarray(setup.translations.offsets, dtype=xp.float32)[None, :, :]
     prior_t = estep.log_offset_prior(total_offsets, setup.sigma_offset_px)        # (B, T)
-    class_of_col = xp.repeat(xp.arange(setup.n_classes), R)
+    class_of_col = xp.repeat(xp.asarray(classes), R)
     col_prior = setup.log_class_prior[class_of_col]                               # (KR,)
     step = max(1, int(setup.block_log_budget // max(1, T * KR)))
     sig_t, sig_kr, n_sig = [], [], []
@@ -106,8 +111,9 @@ def coarse_pass(setup, block, xp):
                                                   setup.max_significant)
         for idx in chosen:
             idx = to_numpy(idx)
+            col = idx % KR
             sig_t.append(idx // KR)
-            sig_kr.append(idx % KR)
+            sig_kr.append(classes[col // R] * R + col % R)     # global (class, rotation) id
             n_sig.append(idx.shape[0])
     return sig_t, sig_kr, np.asarray(n_sig)
 
