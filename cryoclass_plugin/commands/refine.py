@@ -75,7 +75,10 @@ def add_args(parser):
     opt.add_argument("--classify_fixed_iter", type=int, default=8,
                      help="with --init_classes consensus|pca: iterations after the split "
                           "that keep the consensus poses and only classify (at "
-                          "--restart_highres) before full EM; 0 goes to full EM at once")
+                          "--classify_fixed_highres) before full EM; 0 goes to full EM at once")
+    opt.add_argument("--classify_fixed_highres", type=float, default=40.0,
+                     help="with --classify_fixed_iter: E-step resolution limit (A) of the "
+                          "fixed-pose iterations")
     samp = parser.add_argument_group("Sampling")
     samp.add_argument("--healpix_order", type=int, default=2,
                       help="coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)")
@@ -139,6 +142,9 @@ def settings_from_args(args):
                              f"classification with --iter {args.iter}; give more --iter")
     if args.classify_fixed_iter < 0:
         raise CryoClassError(f"--classify_fixed_iter {args.classify_fixed_iter}: give 0 or more")
+    if args.classify_fixed_highres <= 0:
+        raise CryoClassError(f"--classify_fixed_highres {args.classify_fixed_highres:g}: give a "
+                             "resolution in Angstrom > 0 (e.g. 40)")
     if args.K < 1:
         raise CryoClassError(f"--K {args.K}: the number of classes must be >= 1")
     if args.iter < 1:
@@ -167,7 +173,8 @@ def settings_from_args(args):
         max_significant=args.maxsig, block_size=args.block_size,
         init_classes=args.init_classes, consensus_iter=args.consensus_iter,
         restarts=args.restarts, restart_iter=args.restart_iter,
-        restart_highres=args.restart_highres, classify_fixed_iter=args.classify_fixed_iter)
+        restart_highres=args.restart_highres, classify_fixed_iter=args.classify_fixed_iter,
+        classify_fixed_highres=args.classify_fixed_highres)
 
 
 # Options that only say how to compute; a continued run may change them.

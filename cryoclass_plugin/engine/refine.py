@@ -78,6 +78,7 @@ class Settings:
     restart_iter: int = 6
     restart_highres: float = 25.0
     classify_fixed_iter: int = 8    # consensus|pca: fixed-pose iterations after the split
+    classify_fixed_highres: float = 40.0   # their E-step resolution limit (A)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -331,7 +332,10 @@ class Refinement:
         return model
 
     # ------------------------------------------------------------------ one iteration
-    def iterate(self, model, iteration, allowed=None, write=True):
+    def iterate(self, model, iteration, allowed=None, write=True, class_shell_limit=None):
+        """One EM iteration.  With ``--skip_align``, ``class_shell_limit`` (shells) limits
+        the frequencies that decide the class posteriors; the maps are still
+        reconstructed from all frequencies of the current image size."""
         s, xp, comm = self.s, self.xp, self.comm
         t0 = time.time()
         timer = _StageTimer(xp)
@@ -357,6 +361,8 @@ class Refinement:
                                                       self.orientations.angular_step_deg))
         n_coarse = int(to_numpy((pixel_shell <= coarse_shell).sum()))
         ky, kx = ky_all[:n_cur], kx_all[:n_cur]
+        n_class_pixels = None if class_shell_limit is None else \
+            int(to_numpy((pixel_shell[:n_cur] <= int(class_shell_limit)).sum()))
 
         projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
                       for k in range(s.n_classes)]
@@ -398,7 +404,8 @@ class Refinement:
                                                            kx_all, pixel_shell, n_cur)
                 acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
                 timer.lap("prepare")
-                search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0)
+                search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0,
+                                       n_class_pixels=n_class_pixels)
                 timer.lap("fixed-pose")
                 progress.update(2 * (b1 - b0))
             blocks = []
@@ -534,7 +541,7 @@ class Refinement:
             coordinates along the top K-1 heterogeneity eigenvolumes gives the classes.
 
         With ``consensus`` and ``pca`` the ``--classify_fixed_iter`` iterations after the
-        split keep the consensus poses and classify at ``--restart_highres``
+        split keep the consensus poses and classify at ``--classify_fixed_highres``
         (:meth:`_iterate_fixed_poses`); the iterations after them are full EM.
         """
         s = self.s
@@ -559,24 +566,23 @@ class Refinement:
         return model
 
     def _iterate_fixed_poses(self, model, iteration, allowed):
-        """One iteration of classification without alignment at ``--restart_highres``
+        """One iteration of classification without alignment at ``--classify_fixed_highres``
         (the phase after a consensus start, ``--classify_fixed_iter`` iterations).
 
         Why: right after the split the K maps are noisy and alike; a full search against
         them re-aligns the particles by noise (orientations jump by 30-40 deg) and the
         class that happens to be sharpest takes the particles.  Keeping the consensus
-        poses and comparing only frequencies below ``--restart_highres``, where the
-        classes are determined, lets the classes separate first (measured in
+        poses and comparing only low frequencies (40 A by default), which the poses'
+        errors (~5-7 deg at SNR 0.1) spoil least, lets the classes separate first (measured in
         benchmarks/RESULTS.md, "fixed-pose phase"); full EM then refines poses and
         classes together.
         """
         s = self.s
-        shell = int(np.ceil(self.box * self.apix / s.restart_highres))
-        model.current_shell = min(model.current_shell, shell)
+        shell = int(np.ceil(self.box * self.apix / s.classify_fixed_highres))
         saved = s.skip_align
         s.skip_align = True
         try:
-            return self.iterate(model, iteration, allowed=allowed)
+            return self.iterate(model, iteration, allowed=allowed, class_shell_limit=shell)
         finally:
             s.skip_align = saved
 
