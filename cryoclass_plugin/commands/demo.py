@@ -34,7 +34,7 @@ import time
 from ..engine.errors import CryoClassError
 
 PROJECT_NAME = "cryoclass_demo"
-DEFAULTS = dict(particles=1000, box=64, apix=4.0, snr=0.1, classes=3, iter=12, mpi=1,
+DEFAULTS = dict(particles=1000, box=64, apix=4.0, snr=0.1, classes=3, iter=16, mpi=1,
                 threads=2, seed=0, keep=1)
 
 
@@ -151,6 +151,8 @@ def demo_settings(args):
         # Our recommended start (consensus alignment + heterogeneity PCA) needs the 5
         # consensus iterations plus a few; short smoke runs keep RELION's start.
         initialClasses=2 if args.iter > 8 else 0,
+        # Then up to 6 fixed-pose iterations (cheap), leaving at least 5 of full EM.
+        fixedPoseIterations=max(0, min(6, args.iter - 10)),
         numberOfMpi=args.mpi,
         numberOfThreads=args.threads,
     )
