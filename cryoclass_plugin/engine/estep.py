@@ -157,7 +157,7 @@ def _significant_threshold(prob, fraction, max_samples):
     # The best sample is always kept (a degenerate row with all mass below the floor).
     keep[xp.arange(B), prob.argmax(axis=1)] = True
     counts = keep.sum(axis=1)
-    rows, cols = xp.nonzero(keep)
+    cols = xp.nonzero(keep)[1]
     counts_h, cols_h = to_numpy(counts), to_numpy(cols)
     bounds = np.concatenate([[0], np.cumsum(counts_h)])
     chosen = [cols_h[bounds[b]:bounds[b + 1]] for b in range(B)]

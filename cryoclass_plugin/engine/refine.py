@@ -332,11 +332,14 @@ class Refinement:
         return model
 
     # ------------------------------------------------------------------ one iteration
-    def iterate(self, model, iteration, allowed=None, write=True, class_shell_limit=None):
-        """One EM iteration.  With ``--skip_align``, ``class_shell_limit`` (shells) limits
-        the frequencies that decide the class posteriors; the maps are still
+    def iterate(self, model, iteration, allowed=None, write=True, fixed_poses=False,
+                class_shell_limit=None):
+        """One EM iteration.  ``fixed_poses`` (or ``--skip_align``) keeps every particle's
+        pose and estimates only its class; then ``class_shell_limit`` (shells) limits the
+        frequencies that decide the class posteriors, while the maps are still
         reconstructed from all frequencies of the current image size."""
         s, xp, comm = self.s, self.xp, self.comm
+        skip_align = s.skip_align or fixed_poses
         t0 = time.time()
         timer = _StageTimer(xp)
         n = len(self.table)
@@ -366,7 +369,7 @@ class Refinement:
 
         projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
                       for k in range(s.n_classes)]
-        if s.skip_align:
+        if skip_align:
             coarse = xp.zeros((1, 1), dtype=xp.complex64)   # no search: no coarse slices
         else:
             coarse_mats = xp.asarray(self.orientations.matrices)
@@ -385,7 +388,7 @@ class Refinement:
             projectors=projectors, log_class_prior=log_prior,
             sigma_offset_px=model.sigma_offset_angst / self.apix,
             adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
-            use_cc=use_cc, coarse_classes=None if s.skip_align else active)
+            use_cc=use_cc, coarse_classes=None if skip_align else active)
         timer.lap("setup")
         acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
         m = len(subset)
@@ -397,7 +400,7 @@ class Refinement:
             raise RuntimeError("failure injected by CRYOCLASS_TEST_FAIL_RANK (tests only)")
         blocks = [(b0, min(hi, b0 + s.block_size)) for b0 in range(lo, hi, s.block_size)]
         progress = _Progress(2 * (hi - lo), iteration, s.n_iter, enabled=comm.rank == 0)
-        if s.skip_align:
+        if skip_align:
             for b0, b1 in blocks:
                 idx = subset[b0:b1]
                 block, pw_beyond, cnt_beyond = self._block(model, idx, allowed, xp, ky_all,
@@ -577,14 +580,9 @@ class Refinement:
         benchmarks/RESULTS.md, "fixed-pose phase"); full EM then refines poses and
         classes together.
         """
-        s = self.s
-        shell = int(np.ceil(self.box * self.apix / s.classify_fixed_highres))
-        saved = s.skip_align
-        s.skip_align = True
-        try:
-            return self.iterate(model, iteration, allowed=allowed, class_shell_limit=shell)
-        finally:
-            s.skip_align = saved
+        shell = int(np.ceil(self.box * self.apix / self.s.classify_fixed_highres))
+        return self.iterate(model, iteration, allowed=allowed, fixed_poses=True,
+                            class_shell_limit=shell)
 
     def _input_classes(self):
         df = self.table.df
@@ -621,32 +619,27 @@ class Refinement:
         import copy
         s = self.s
         best, best_ll = None, -np.inf
-        saved = s.skip_align
-        s.skip_align = True
         # The restarts run RELION's soft EM on the aligned particles, with the E-step
         # limited to --restart_highres: the classes differ most at low resolution, and
         # high frequencies mostly add each particle's own noise to its class.
         seed_shell = min(model.current_shell,
                          int(np.ceil(self.box * self.apix / s.restart_highres)))
-        try:
-            for r in range(max(1, s.restarts)):
-                trial = copy.deepcopy(model)
-                trial.pdf_class = np.full(s.n_classes, 1.0 / s.n_classes)
-                trial.tau2[:] = model.tau2[0]      # the consensus map's signal spectrum
-                rng = np.random.default_rng([s.random_seed, iteration, r, 7])
-                allowed = rng.integers(0, s.n_classes, size=len(self.table))
-                for j in range(max(1, s.restart_iter)):
-                    trial.current_shell = seed_shell
-                    trial = self.iterate(trial, iteration, allowed=allowed if j == 0 else None,
-                                         write=False)
-                ll = trial.log_likelihood
-                if self.comm.rank == 0:
-                    self.log(f"restart {r + 1}/{s.restarts}: log-likelihood {ll:.6g}, "
-                             f"class sizes {np.bincount(trial.part_class, minlength=s.n_classes).tolist()}")
-                if ll > best_ll:
-                    best, best_ll = trial, ll
-        finally:
-            s.skip_align = saved
+        for r in range(max(1, s.restarts)):
+            trial = copy.deepcopy(model)
+            trial.pdf_class = np.full(s.n_classes, 1.0 / s.n_classes)
+            trial.tau2[:] = model.tau2[0]      # the consensus map's signal spectrum
+            rng = np.random.default_rng([s.random_seed, iteration, r, 7])
+            allowed = rng.integers(0, s.n_classes, size=len(self.table))
+            for j in range(max(1, s.restart_iter)):
+                trial.current_shell = seed_shell
+                trial = self.iterate(trial, iteration, allowed=allowed if j == 0 else None,
+                                     write=False, fixed_poses=True)
+            ll = trial.log_likelihood
+            if self.comm.rank == 0:
+                self.log(f"restart {r + 1}/{s.restarts}: log-likelihood {ll:.6g}, "
+                         f"class sizes {np.bincount(trial.part_class, minlength=s.n_classes).tolist()}")
+            if ll > best_ll:
+                best, best_ll = trial, ll
         best.iteration = iteration - 1
         best.current_shell = model.current_shell
         best.tau2 = model.tau2.copy()
