@@ -208,9 +208,20 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       expertLevel=LEVEL_ADVANCED,
                       label="Fixed-pose iterations",
                       help="With a consensus start: iterations after the split that keep "
-                           "the consensus poses and classify only, below 25 A, before "
+                           "the consensus poses and classify only, below 40 A, before "
                            "full expectation-maximisation over classes and poses "
                            "(--classify_fixed_iter). 0 starts full EM at once.")
+        form.addParam("localRangeAfterSplit", FloatParam, default=15.0,
+                      condition="not doContinue and initialClasses > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Local search range after the split (deg)",
+                      help="With a consensus start: the full-EM iterations after the "
+                           "fixed-pose ones search each particle's orientation within "
+                           "this angle of its consensus pose (a Gaussian prior of sigma = "
+                           "range / 3) on a grid of half the angular sampling interval "
+                           "(--classify_local_sigma, --classify_local_order). A finer "
+                           "grid separates classes that 7.5 degree sampling leaves "
+                           "mixed. 0: global searches at the angular sampling interval.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -282,6 +293,20 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       label="Offset search step (pix)",
                       help="Step of the translational search (pixels); the coarse "
                            "pass uses twice this step, oversampling refines it.")
+        form.addParam("localAngularSearch", BooleanParam, default=False,
+                      condition="doImageAlignment",
+                      label="Perform local angular searches?",
+                      help="Search each particle's orientation only near the one it has "
+                           "(a Gaussian prior of sigma = range / 3, searched to the "
+                           "range; --sigma_ang), as RELION does. Needs particles with 3D "
+                           "alignment unless the classes start from a consensus "
+                           "alignment, whose iterations are then global and the later "
+                           "ones local.")
+        form.addParam("localAngularSearchRange", FloatParam, default=5.0,
+                      condition="doImageAlignment and localAngularSearch",
+                      label="Local angular search range (deg)",
+                      help="Orientations within this angle of each particle's current "
+                           "one are searched (3 sigma of the prior).")
 
         # ---- Helix
         form.addSection(label="Helix")
@@ -510,6 +535,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if not self.doImageAlignment and not parts.hasAlignmentProj():
             errors.append("'Perform image alignment?' is No, which needs particles with "
                           "3D alignment (e.g. from a 3D refinement); these have none.")
+        if self._localFromInput() and not parts.hasAlignmentProj():
+            errors.append("'Perform local angular searches?' is Yes with RELION's start, "
+                          "which needs particles with 3D alignment; these have none. "
+                          "Use a consensus start or global searches.")
         errors += self._validateCommon()
         return errors
 
@@ -524,6 +553,9 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if (not self.doContinue and self.initialClasses.get() > 0
                 and (self.fixedPoseIterations.get() or 0) < 0):
             errors.append("Fixed-pose iterations must be 0 or more.")
+        if (not self.doContinue and self.initialClasses.get() > 0
+                and (self.localRangeAfterSplit.get() or 0) < 0):
+            errors.append("Local search range after the split must be 0 (global) or more.")
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:
@@ -535,6 +567,9 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if self.doImageAlignment and (self.offsetSearchStepPix.get() <= 0 or
                                       self.offsetSearchRangePix.get() < 0):
             errors.append("Offset search step must be positive and the range >= 0.")
+        if (self.doImageAlignment and self.localAngularSearch
+                and not (self.localAngularSearchRange.get() or 0) > 0):
+            errors.append("Local angular search range must be positive (degrees).")
         return errors
 
     def _validateContinue(self):
@@ -739,7 +774,13 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         return int(dim)
 
     def _needsAlignment(self):
-        return not self.doImageAlignment
+        return not self.doImageAlignment or self._localFromInput()
+
+    def _localFromInput(self):
+        """Local angular searches around the input poses (RELION's start; a consensus
+        start finds its own poses first)."""
+        return bool(self.doImageAlignment and self.localAngularSearch
+                    and not (self.initialClasses.get() > 0 and self._getK() > 1))
 
     def _inputSignature(self):
         """Changes when the inputs change, so that a re-run redoes the conversion."""
@@ -818,6 +859,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if not self.doContinue and self.initialClasses.get() > 0 and self._getK() > 1:
             add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
             add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
+            add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))
@@ -832,6 +874,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--oversampling", 1)
             add("--offset_range", _num(self.offsetSearchRangePix.get()))
             add("--offset_step", _num(2 * self.offsetSearchStepPix.get()))
+            if self.localAngularSearch:
+                add("--sigma_ang", _num(self.localAngularSearchRange.get() / 3.0))
         else:
             add("--skip_align")
         add("--pad", 1 if self.skipPadding else 2)

@@ -232,7 +232,8 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
     assert value("--i").endswith("extra/input_particles.star")
     assert value("--o").endswith("extra/cryoclass")
     for flag in ("--skip_align", "--solvent_mask", "--strict_highres_exp", "--gpu",
-                 "--blush", "--fast_subsets", "--preread_images", "--ctf_intact_first_peak"):
+                 "--blush", "--fast_subsets", "--preread_images", "--ctf_intact_first_peak",
+                 "--sigma_ang"):
         assert flag not in args, flag
 
     prot = _classifier(project, inputs, isMapAbsoluteGreyScale=True, angularSamplingDeg=3,
@@ -251,10 +252,15 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
     for flag in ("--blush", "--fast_subsets", "--preread_images", "--ctf_intact_first_peak"):
         assert flag in args, flag
 
+    prot = _classifier(project, inputs, localAngularSearch=True, localAngularSearchRange=9.0)
+    args = prot._getEngineArgs().split()
+    assert value("--sigma_ang") == "3"
+
     prot = _classifier(project, inputs, doImageAlignment=False, scratchDir="/tmp/scratch",
-                       useParallelDisk=False)
+                       useParallelDisk=False, localAngularSearch=True)
     args = prot._getEngineArgs().split()
     assert "--skip_align" in args and "--healpix_order" not in args
+    assert "--sigma_ang" not in args
     assert "--no_parallel_disc_io" in args
     assert value("--scratch_dir") == "/tmp/scratch"
 
@@ -309,7 +315,12 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
                        numberOfIterations=12)
     text = prot._getEngineArgs()
     assert "--init_classes pca" in text and "--classify_fixed_iter 4" in text
+    assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
     assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
+    prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=0.0)
+    assert "--classify_local_sigma 0" in prot._getEngineArgs()
+    prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=-1.0)
+    assert "Local search range after the split" in "\n".join(prot.validate())
 
 
 def test_validation_consensus_start_needs_iterations(project, inputs):
@@ -332,6 +343,14 @@ def test_validation_helix_and_skip_align(project, inputs):
     assert "Helical reconstruction is not implemented" in _errors(prot)
     prot = _classifier(project, inputs, doImageAlignment=False)
     assert "needs particles with 3D alignment" in _errors(prot)
+    # Local searches around the input poses need them; a consensus start does not.
+    prot = _classifier(project, inputs, localAngularSearch=True)
+    assert "local angular searches" in _errors(prot)
+    prot = _classifier(project, inputs, localAngularSearch=True, initialClasses=2)
+    assert _errors(prot) == ""
+    prot = _classifier(project, inputs, localAngularSearch=True, initialClasses=2,
+                       localAngularSearchRange=0.0)
+    assert "search range must be positive" in _errors(prot)
 
 
 def test_validation_continue(project, inputs):

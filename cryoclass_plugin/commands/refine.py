@@ -79,6 +79,15 @@ def add_args(parser):
     opt.add_argument("--classify_fixed_highres", type=float, default=40.0,
                      help="with --classify_fixed_iter: E-step resolution limit (A) of the "
                           "fixed-pose iterations")
+    opt.add_argument("--classify_local_sigma", type=float, default=5.0,
+                     help="with --init_classes consensus|pca: after the fixed-pose "
+                          "iterations, search orientations locally around the consensus "
+                          "poses with this prior sigma (deg; to 3 sigma) on the finer grid "
+                          "of --classify_local_order; 0 = global searches at "
+                          "--healpix_order (--sigma_ang, if given, takes precedence)")
+    opt.add_argument("--classify_local_order", type=int, default=-1,
+                     help="HEALPix order of those local searches (default: --healpix_order "
+                          "+ 1, i.e. half the angular step)")
     samp = parser.add_argument_group("Sampling")
     samp.add_argument("--healpix_order", type=int, default=2,
                       help="coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)")
@@ -87,6 +96,10 @@ def add_args(parser):
     samp.add_argument("--offset_step", type=float, default=2, help="coarse offset step (px)")
     samp.add_argument("--skip_align", action="store_true",
                       help="classify without alignment: keep the input poses")
+    samp.add_argument("--sigma_ang", type=float, default=-1,
+                      help="local angular searches: Gaussian prior (deg) around each "
+                           "particle's current orientation, searched to 3 sigma (RELION's "
+                           "'local angular search range' / 3); needs input angles")
     helix = parser.add_argument_group("Helix")
     helix.add_argument("--helix", action="store_true", help="helical reconstruction")
     for name in HELIX_FLAGS[1:]:
@@ -147,6 +160,18 @@ def settings_from_args(args):
                              "resolution in Angstrom > 0 (e.g. 40)")
     if args.K < 1:
         raise CryoClassError(f"--K {args.K}: the number of classes must be >= 1")
+    if args.sigma_ang > 0 and args.skip_align:
+        raise CryoClassError(f"--sigma_ang {args.sigma_ang:g} with --skip_align: local "
+                             "angular searches need alignment; drop one of the two")
+    if args.classify_local_sigma < 0:
+        raise CryoClassError(f"--classify_local_sigma {args.classify_local_sigma:g}: give 0 "
+                             "(global searches) or a prior width in degrees")
+    if args.classify_local_order > 13 or (0 <= args.classify_local_order < args.healpix_order):
+        raise CryoClassError(f"--classify_local_order {args.classify_local_order}: give a "
+                             f"HEALPix order from --healpix_order ({args.healpix_order}) to 13")
+    if args.sigma_ang == 0:
+        raise CryoClassError("--sigma_ang 0: give a prior width in degrees > 0 for local "
+                             "searches, or leave the flag out for global searches")
     if args.iter < 1:
         raise CryoClassError(f"--iter {args.iter}: give at least 1 iteration")
     if args.tau2_fudge <= 0:
@@ -174,7 +199,9 @@ def settings_from_args(args):
         init_classes=args.init_classes, consensus_iter=args.consensus_iter,
         restarts=args.restarts, restart_iter=args.restart_iter,
         restart_highres=args.restart_highres, classify_fixed_iter=args.classify_fixed_iter,
-        classify_fixed_highres=args.classify_fixed_highres)
+        classify_fixed_highres=args.classify_fixed_highres, sigma_ang=args.sigma_ang,
+        classify_local_sigma=args.classify_local_sigma,
+        classify_local_order=args.classify_local_order)
 
 
 # Options that only say how to compute; a continued run may change them.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import estep, search
+from . import estep, local_search, search
 from .backend import select_backend, to_numpy
 from .ctf import ctf_params, ctf_values
 from .errors import CryoClassError
@@ -79,6 +79,9 @@ class Settings:
     restart_highres: float = 25.0
     classify_fixed_iter: int = 8    # consensus|pca: fixed-pose iterations after the split
     classify_fixed_highres: float = 40.0   # their E-step resolution limit (A)
+    sigma_ang: float = -1.0         # > 0: local angular searches, prior sigma (deg)
+    classify_local_sigma: float = 5.0   # consensus|pca: local searches after the split (deg)
+    classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -281,7 +284,8 @@ class Refinement:
         self.solvent_mask = (_solvent_mask(settings, self.box, self.apix)
                              if settings.flatten_solvent else None)
         self.mask2d = _image_mask(settings, self.box, self.apix, self.xp)
-        from .symmetry import symmetrize, symmetry_order
+        from .symmetry import symmetrize, symmetry_matrices, symmetry_order
+        self.sym_mats = symmetry_matrices(settings.sym)
         self.symmetrise = None if symmetry_order(settings.sym) == 1 else \
             (lambda v: self.xp.asarray(symmetrize(to_numpy(v), settings.sym)))
 
@@ -303,9 +307,14 @@ class Refinement:
                 "smaller mask diameter")
         if not s.continue_from:
             check_map_matches(s.ref, self.box, self.apix)
-        if s.skip_align and not {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(self.table.df.columns):
+        if s.skip_align and not self.table.has_angles:
             raise CryoClassError(f"{s.input_star}: --skip_align needs rlnAngleRot/Tilt/Psi "
                                  "(poses from a refinement); align first or drop --skip_align")
+        if s.sigma_ang > 0 and s.init_classes in ("relion", "input") and \
+                not self.table.has_angles:
+            raise CryoClassError(f"{s.input_star}: --sigma_ang (local angular searches) needs "
+                                 "rlnAngleRot/Tilt/Psi from an earlier refinement; give "
+                                 "aligned particles or drop --sigma_ang")
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
 
@@ -333,13 +342,19 @@ class Refinement:
 
     # ------------------------------------------------------------------ one iteration
     def iterate(self, model, iteration, allowed=None, write=True, fixed_poses=False,
-                class_shell_limit=None):
+                class_shell_limit=None, orientations=None, sigma_ang=None):
         """One EM iteration.  ``fixed_poses`` (or ``--skip_align``) keeps every particle's
         pose and estimates only its class; then ``class_shell_limit`` (shells) limits the
         frequencies that decide the class posteriors, while the maps are still
-        reconstructed from all frequencies of the current image size."""
+        reconstructed from all frequencies of the current image size.
+        ``orientations`` (an :class:`.sampling.OrientationGrid`; default the run's) and
+        ``sigma_ang`` (degrees; default ``--sigma_ang``; > 0: local searches around each
+        particle's current orientation, :mod:`.local_search`) choose the search."""
         s, xp, comm = self.s, self.xp, self.comm
         skip_align = s.skip_align or fixed_poses
+        grid = self.orientations if orientations is None else orientations
+        sigma_ang = s.sigma_ang if sigma_ang is None else sigma_ang
+        local = sigma_ang > 0 and not skip_align
         t0 = time.time()
         timer = _StageTimer(xp)
         n = len(self.table)
@@ -361,7 +376,7 @@ class Refinement:
         pixel_shell = xp.rint(xp.sqrt(radius2)).astype(xp.int64)
         n_cur = int(to_numpy((pixel_shell <= n_cur_shell).sum()))
         coarse_shell = min(n_cur_shell, _coarse_shell(s, box, self.apix,
-                                                      self.orientations.angular_step_deg))
+                                                      grid.angular_step_deg))
         n_coarse = int(to_numpy((pixel_shell <= coarse_shell).sum()))
         ky, kx = ky_all[:n_cur], kx_all[:n_cur]
         n_class_pixels = None if class_shell_limit is None else \
@@ -369,10 +384,11 @@ class Refinement:
 
         projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
                       for k in range(s.n_classes)]
-        if skip_align:
-            coarse = xp.zeros((1, 1), dtype=xp.complex64)   # no search: no coarse slices
+        if skip_align or local:
+            # No search, or each particle's own rotations: no shared coarse slices.
+            coarse = xp.zeros((1, 1), dtype=xp.complex64)
         else:
-            coarse_mats = xp.asarray(self.orientations.matrices)
+            coarse_mats = xp.asarray(grid.matrices)
             # Only classes some particle may take (one during a consensus phase).
             active = (np.arange(s.n_classes) if allowed is None
                       else np.unique(np.asarray(allowed)[subset]))
@@ -381,14 +397,15 @@ class Refinement:
         log_prior = xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)), dtype=xp.float32)
         setup = search.SearchSetup(
             box=box, n_coarse=n_coarse, ky=ky, kx=kx, pixel_shell=pixel_shell[:n_cur],
-            n_classes=s.n_classes, orientations=self.orientations,
+            n_classes=s.n_classes, orientations=grid,
             translations=self.translations, oversampling=s.oversampling,
             coarse_pair=estep.as_real_pair(coarse),
             coarse_power=(coarse.real ** 2 + coarse.imag ** 2),
             projectors=projectors, log_class_prior=log_prior,
             sigma_offset_px=model.sigma_offset_angst / self.apix,
             adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
-            use_cc=use_cc, coarse_classes=None if skip_align else active)
+            use_cc=use_cc, coarse_classes=None if skip_align or local else active,
+            sigma_ang=sigma_ang if local else 0.0)
         timer.lap("setup")
         acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
         m = len(subset)
@@ -418,10 +435,17 @@ class Refinement:
         cache_ok = (hi - lo) * n_pix * 16 <= s.cache_bytes
         for b0, b1 in blocks:
             block, pw_beyond, cnt_beyond = self._block(model, subset[b0:b1], allowed, xp,
-                                                       ky_all, kx_all, pixel_shell, n_cur)
+                                                       ky_all, kx_all, pixel_shell, n_cur,
+                                                       local=local)
             acc.add_power_beyond(self.groups[subset[b0:b1]], pw_beyond, cnt_beyond)
             timer.lap("prepare")
-            sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
+            if local:
+                cand_ids, cand_logp = local_search.candidate_rotations(grid, block.prior_views,
+                                                                       sigma_ang)
+                sig_t, sig_kr, n_sig = local_search.local_coarse_pass(
+                    setup, block, cand_ids, cand_logp, xp, search.fine_batch_bytes(xp))
+            else:
+                sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
             res["nsig"][b0:b1] = n_sig
             significant[b0] = (sig_t, sig_kr)
             if cache_ok:
@@ -443,7 +467,8 @@ class Refinement:
                     block = cache.pop(c0, None)
                     if block is None:
                         block, _, _ = self._block(model, subset[c0:c1], allowed, xp,
-                                                  ky_all, kx_all, pixel_shell, n_cur)
+                                                  ky_all, kx_all, pixel_shell, n_cur,
+                                                  local=local)
                         timer.lap("prepare")
                     sig_t, sig_kr = significant.pop(c0)
                     search.fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, res, c0)
@@ -475,19 +500,22 @@ class Refinement:
         model.history.append({"iteration": iteration, "seconds": elapsed,
                               "stage_seconds": dict(timer.seconds)})
         if comm.rank == 0 and write:
-            write_iteration(s.output_root, iteration, model, self.table, s, self.orientations,
+            write_iteration(s.output_root, iteration, model, self.table, s, grid,
                             self.translations, self.group_names, self.group_counts)
             timer.lap("output")
             self.log(_log_line(model, iteration, elapsed, m))
             self.log(f"          stage seconds: {timer.summary()}")
         return model
 
-    def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur):
+    def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur,
+               local=False):
         block, pw_beyond, cnt_beyond = prepare_block(
             self.s, model, self.images, idx, self.groups, self.ctfp, ky_all, kx_all,
             pixel_shell, n_cur, xp, self.mask2d)
         if allowed is not None:
             block.allowed_class = allowed[idx]
+        if local:
+            block.prior_views = local_search.prior_views(model.part_eulers[idx], self.sym_mats)
         return block, pw_beyond, cnt_beyond
 
     def _update_particles(self, model, subset, res):
@@ -565,8 +593,43 @@ class Refinement:
             if fixed_poses and not s.skip_align:
                 model = self._iterate_fixed_poses(model, it, allowed)
             else:
-                model = self.iterate(model, it, allowed=allowed)
+                model = self.iterate(model, it, allowed=allowed, **self._search_for(it))
         return model
+
+    def _search_for(self, iteration):
+        """The orientation search of an iteration (keywords of :meth:`iterate`).
+
+        RELION's start: ``--sigma_ang`` (local searches) or global, at ``--healpix_order``.
+        Consensus / pca starts: the consensus iterations are global at ``--healpix_order``
+        (they find the poses); the later ones are local, with ``--sigma_ang`` at
+        ``--healpix_order`` if given, else around the consensus poses on the grid of
+        ``--classify_local_order`` (default one order finer) with sigma
+        ``--classify_local_sigma``.  Why: with 7.5 deg sampling the poses' errors (~5-6
+        deg) hide differences between classes that a finer grid separates; measured in
+        benchmarks/RESULTS.md ("local searches after the split").
+        """
+        s = self.s
+        if s.init_classes not in ("consensus", "pca") or s.n_classes == 1:
+            return {}
+        if iteration <= s.consensus_iter:
+            return {"sigma_ang": -1.0}
+        if s.sigma_ang > 0 or s.classify_local_sigma <= 0:
+            return {}
+        return {"orientations": self._grid(self._classify_local_order()),
+                "sigma_ang": s.classify_local_sigma}
+
+    def _classify_local_order(self):
+        s = self.s
+        return s.classify_local_order if s.classify_local_order >= 0 else s.healpix_order + 1
+
+    def _grid(self, order):
+        """The orientation grid of a HEALPix order (the run's symmetry), cached."""
+        if order == self.orientations.healpix_order:
+            return self.orientations
+        grids = self.__dict__.setdefault("_grids", {})
+        if order not in grids:
+            grids[order] = OrientationGrid(order, sym=self.s.sym)
+        return grids[order]
 
     def _iterate_fixed_poses(self, model, iteration, allowed):
         """One iteration of classification without alignment at ``--classify_fixed_highres``

@@ -22,6 +22,7 @@ import numpy as np
 from . import estep
 from .backend import to_numpy
 from .geometry import euler_to_matrix, angular_distance_deg
+from .local_search import rotation_log_prior
 
 
 
@@ -35,6 +36,8 @@ class BlockData:
     group and the pixel's shell);  group : (B,) int;  origin_px : (B, 2) current origins
     allowed_class : (B,) int or None -- restrict a particle to one class (RELION's random
         seeding in the first iteration)
+    prior_views : (B, G, 3, 3) float64 or None -- local searches: each particle's current
+        orientation times the symmetry elements (:func:`.local_search.prior_views`)
     """
     images_f: object
     ctf: object
@@ -42,6 +45,7 @@ class BlockData:
     group: np.ndarray
     origin_px: np.ndarray
     allowed_class: object = None
+    prior_views: object = None
 
 
 @dataclass
@@ -68,6 +72,8 @@ class SearchSetup:
     # order); None = all K.  The consensus iterations of a consensus start use one.
     coarse_classes: object = None
     block_log_budget: int = 64 * 2 ** 20   # floats of coarse scores per sub-block
+    # Local searches (--sigma_ang, degrees): the rotation prior's sigma; 0 = global.
+    sigma_ang: float = 0.0
 
 
 def coarse_pass(setup, block, xp):
@@ -343,6 +349,10 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
         scores -= const[:, None, None].astype(scores.dtype)
         scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, :, None]
         scores += tables.log_prior[rows_d][:, None, :]
+        if block.prior_views is not None:
+            scores += xp.asarray(rotation_log_prior(tables.matrices_host[rows_pad],
+                                                    block.prior_views[sel], setup.sigma_ang),
+                                 dtype=f32)[:, None, :]
         scores = xp.where(valid, scores, -xp.inf)
         prob, loglik = estep.normalise_log(scores.reshape(Bs, Tm * Rm))
         best = prob.argmax(axis=1)
@@ -436,6 +446,10 @@ def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, re
         scores = estep.log_likelihoods(w, pw, const, shifts, estep.as_real_pair(p_rows), pow_rows)[0]
         scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, None]
         scores += tables.log_prior[rows_d][None, :]
+        if block.prior_views is not None:
+            scores += xp.asarray(rotation_log_prior(tables.matrices_host[rows][None],
+                                                    block.prior_views[b:b + 1], setup.sigma_ang),
+                                 dtype=xp.float32)
         prob, lse = estep.normalise_log(scores.reshape(1, -1))
         prob = prob.reshape(scores.shape)
         loglik = float(to_numpy(lse[0]))

@@ -75,6 +75,8 @@ class ParticleTable:
     box      image size in pixels (square).
     apix     pixel size of the images in Angstrom.
     has_ctf  whether the table has CTF parameters (``rlnDefocusU``).
+    has_angles  whether the file gave orientations (``rlnAngleRot/Tilt/Psi``); without
+             them ``df`` holds RELION's defaults (0), not poses.
     """
     df: pd.DataFrame
     optics: Optional[pd.DataFrame]
@@ -83,6 +85,7 @@ class ParticleTable:
     box: int
     apix: float
     has_ctf: bool
+    has_angles: bool = True
 
     def __len__(self):
         return len(self.df)
@@ -282,6 +285,7 @@ def read_particles(star_path, apix=None, require_ctf=False):
     for col, value in NO_CTF_DEFAULTS.items():
         if col not in df.columns:
             df[col] = value
+    has_angles = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(df.columns)
     for col, value in OPTIONAL_DEFAULTS.items():
         if col not in df.columns:
             df[col] = value
@@ -294,7 +298,8 @@ def read_particles(star_path, apix=None, require_ctf=False):
     df["rlnOpticsGroup"] = df["rlnOpticsGroup"].astype(np.int64)
     df = df.reset_index(drop=True)
     return ParticleTable(df=df, optics=optics, path=path, version=version, box=int(box),
-                         apix=float(table_apix), has_ctf=bool(has_ctf))
+                         apix=float(table_apix), has_ctf=bool(has_ctf),
+                         has_angles=has_angles)
 
 
 def _merge_optics(particles, optics, path):

@@ -1,0 +1,165 @@
+"""Local angular searches (RELION's ``--sigma_ang``; the Sampling tab's "Perform local
+angular searches?" with "Local angular search range" = 3 x sigma).
+
+Each particle is searched only near its current orientation ``A0`` (rotation matrix,
+:mod:`.geometry` convention): the coarse rotations ``A`` of the grid whose angular
+distance ``theta = min_g angle(A (A0 R_g)^T)`` is at most ``3 sigma`` (``R_g`` the
+symmetry group's elements: ``A0 R_g`` are the views equivalent to ``A0``), each with the
+Gaussian prior ``log p = -theta^2 / (2 sigma^2)``.  The nearest coarse rotation is always
+kept, so a sigma below the grid step still searches something.  The oversampled children
+of the significant local rotations get the same prior from their own distance (in the
+fine pass, :func:`rotation_log_prior`).
+
+RELION puts one Gaussian on the angle between projection directions and another on the
+psi difference (their product); ``theta`` is the angle of the rotation between the two
+poses, which for small angles is about ``sqrt(d_dir^2 + d_psi^2)`` (the same product
+prior) and stays defined at the poles, where rot and psi are degenerate.  RELION cuts
+each angle at 3 sigma (a box); here the cut is a ball of 3 sigma.
+
+The coarse pass of a local search projects each particle's own candidate rotations (all
+classes) at the coarse pixels and scores them against all coarse translations with one
+batched GEMM per sub-batch of particles (``(B, T, 2n) @ (B, 2n, K L)``), so its cost is
+``particles x classes x local rotations`` instead of ``x all rotations``.  The
+significant samples then go through the ordinary fine pass (:func:`.search.fine_pass`).
+"""
+import numpy as np
+
+from . import estep
+from .backend import to_numpy
+from .geometry import euler_to_matrix
+
+#: Ball radius of the search in units of sigma (RELION's ``sigma_cutoff``).
+SIGMA_CUTOFF = 3.0
+
+
+def prior_views(prior_eulers, sym_mats):
+    """``(B, G, 3, 3)``: each particle's orientation ``A0`` times the symmetry elements
+    (``A0 R_g``), the views equivalent to it.  ``prior_eulers`` (B, 3) degrees."""
+    A0 = euler_to_matrix(prior_eulers[:, 0], prior_eulers[:, 1], prior_eulers[:, 2])
+    return A0[:, None] @ np.asarray(sym_mats, dtype=np.float64)[None]
+
+
+def rotation_distance_deg(mats, views):
+    """Angle (degrees) from rotations ``mats`` (B, L, 3, 3) to the nearest of each
+    particle's equivalent views ``views`` (B, G, 3, 3): (B, L)."""
+    trace = np.einsum("blij,bgij->blg", mats, views).max(axis=2)
+    return np.rad2deg(np.arccos(np.clip((trace - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def rotation_log_prior(mats, views, sigma_deg):
+    """Gaussian log prior ``-theta^2 / (2 sigma^2)`` of rotations (B, L, 3, 3)."""
+    theta = rotation_distance_deg(mats, views)
+    return -0.5 * (theta / sigma_deg) ** 2
+
+
+def candidate_rotations(orientations, views, sigma_deg):
+    """Per particle, the coarse rotation ids within ``3 sigma`` of its views and their
+    log prior.
+
+    ``orientations`` is the :class:`.sampling.OrientationGrid` in use, ``views`` the
+    (B, G, 3, 3) array of :func:`prior_views`.  Returns two lists of length B: int64 ids
+    (direction-major, as the grid's) and float64 log priors.
+    """
+    cut = SIGMA_CUTOFF * sigma_deg
+    # The angle between two rotations bounds the angle between their projection
+    # directions (third rows), so directions further than the cut from every view's
+    # direction cannot hold a candidate.  The perturbation moves grid rotations off
+    # their nominal directions by up to ~sqrt(3) x perturb_deg.
+    margin = 2.0 * abs(orientations.perturb_deg) + 1e-6
+    cos_dir = np.cos(np.deg2rad(min(180.0, cut + margin)))
+    dirs = orientations.directions                                       # (D, 3)
+    n_psi = orientations.n_psi
+    mats = orientations.matrices
+    ids_out, logp_out = [], []
+    near = (views[:, :, 2, :] @ dirs.T).max(axis=1) >= cos_dir            # (B, D)
+    for b in range(views.shape[0]):
+        d = np.nonzero(near[b])[0]
+        if d.size == 0:
+            # sigma far below the grid: take the direction nearest to any view.
+            d = np.asarray([int(np.argmax((views[b, :, 2, :] @ dirs.T).max(axis=0)))])
+        ids = (d[:, None] * n_psi + np.arange(n_psi)[None, :]).ravel()
+        theta = rotation_distance_deg(mats[ids][None], views[b:b + 1])[0]
+        keep = theta <= cut
+        if not keep.any():
+            keep = theta == theta.min()
+        ids_out.append(ids[keep])
+        logp_out.append(-0.5 * (theta[keep] / sigma_deg) ** 2)
+    return ids_out, logp_out
+
+
+def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
+    """Coarse pass over each particle's candidate rotations (all classes, all coarse
+    translations, the coarse pixels).
+
+    Returns ``(sig_t, sig_kr, n_sig)`` as :func:`.search.coarse_pass`: per particle the
+    significant coarse translation indices and global (class, rotation) ids
+    ``k * R + r``.
+    """
+    B = block.images_f.shape[0]
+    nc = setup.n_coarse
+    K = setup.n_classes
+    R = setup.orientations.n_rotations
+    T = setup.translations.offsets.shape[0]
+    f32 = xp.float32
+    mats_all = setup.orientations.matrices
+    ky, kx = setup.ky[:nc], setup.kx[:nc]
+    shifts = estep.phase_shifts(setup.translations.offsets, ky, kx, setup.box)  # (T, nc)
+    total_offsets = xp.asarray(block.origin_px, dtype=f32)[:, None, :] + \
+        xp.asarray(setup.translations.offsets, dtype=f32)[None, :, :]
+    prior_t = estep.log_offset_prior(total_offsets, setup.sigma_offset_px)     # (B, T)
+    n_l = np.array([ids.shape[0] for ids in cand_ids])
+    # Sub-batch: particles x K x (padded) candidates x 2 nc floats within the budget.
+    per_particle = max(1, int(n_l.max()) * K * max(2 * nc, T) * 4)
+    step = max(1, int(batch_bytes // per_particle))
+    sig_t, sig_kr, n_sig = [], [], []
+    for s in range(0, B, step):
+        e = min(B, s + step)
+        Bs = e - s
+        Lm = int(n_l[s:e].max())
+        ids_pad = np.zeros((Bs, Lm), dtype=np.int64)
+        logp_pad = np.full((Bs, Lm), -np.inf)
+        for j in range(Bs):
+            m = n_l[s + j]
+            ids_pad[j, :m] = cand_ids[s + j]
+            ids_pad[j, m:] = cand_ids[s + j][0]
+            logp_pad[j, :m] = cand_logp[s + j]
+        mats = xp.asarray(mats_all[ids_pad.ravel()])
+        # (Bs, K Lm, nc) slices: class-major columns, column k * Lm + l.
+        slices = xp.stack([p.project(mats, ky, kx).reshape(Bs, Lm, nc)
+                           for p in setup.projectors], axis=1).reshape(Bs, K * Lm, nc)
+        power = slices.real ** 2 + slices.imag ** 2
+        x, c = block.images_f[s:e, :nc], block.ctf[s:e, :nc]
+        col_logp = xp.asarray(np.tile(logp_pad, (1, K)), dtype=f32)          # (Bs, K Lm)
+        if setup.use_cc:
+            a = (x * c)[:, None, :] * shifts[None]
+            scores = xp.matmul(a.view(f32), slices.view(f32).transpose(0, 2, 1))
+            norm = xp.sqrt(xp.maximum(xp.matmul((c * c)[:, None, :], power.transpose(0, 2, 1)),
+                                      1e-30))
+            scores /= norm
+            # Hard maximum inside the search ball.
+            scores = xp.where(xp.isfinite(col_logp)[:, None, :], scores, -xp.inf)
+        else:
+            w, pw, _ = estep.image_terms(x, c, block.inv_sigma2[s:e, :nc])
+            weighted = w[:, None, :] * shifts[None]                           # (Bs, T, nc)
+            scores = xp.matmul(weighted.view(f32), slices.view(f32).transpose(0, 2, 1))
+            scores -= xp.matmul(pw[:, None, :], power.transpose(0, 2, 1))
+            scores += prior_t[s:e, :, None]
+            class_prior = xp.repeat(setup.log_class_prior, Lm)                # (K Lm,)
+            scores += (col_logp + class_prior[None, :])[:, None, :]
+        if block.allowed_class is not None:
+            allowed = xp.asarray(block.allowed_class[s:e])
+            col_class = xp.repeat(xp.arange(K), Lm)
+            scores = xp.where(col_class[None, None, :] == allowed[:, None, None], scores, -xp.inf)
+        flat = scores.reshape(Bs, T * K * Lm)
+        if setup.use_cc:
+            chosen = [np.asarray([i]) for i in to_numpy(flat.argmax(axis=1))]
+        else:
+            chosen, _ = estep.significant_samples(flat, setup.adaptive_fraction,
+                                                  setup.max_significant)
+        for j, idx in enumerate(chosen):
+            idx = to_numpy(idx)
+            col = idx % (K * Lm)
+            sig_t.append(idx // (K * Lm))
+            sig_kr.append((col // Lm) * R + ids_pad[j, col % Lm])
+            n_sig.append(idx.shape[0])
+    return sig_t, sig_kr, np.asarray(n_sig)
