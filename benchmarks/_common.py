@@ -528,14 +528,15 @@ def file_digest(paths):
 
 
 def relion_cache_key(sim_dir, relion_cmd):
-    """Key of a RELION result: the data set's bytes and RELION's flags (output path and
-    executable path left out)."""
+    """Key of a RELION result: the data set's bytes and RELION's flags (output path,
+    executable path and thread count left out: threads change the time, not the answer)."""
     digest = file_digest([os.path.join(sim_dir, f) for f in
                           ("particles.star", "particles.mrcs", "ref.mrc")])
     flags = list(relion_cmd[1:])
-    if "--o" in flags:
-        i = flags.index("--o")
-        del flags[i:i + 2]
+    for flag in ("--o", "--j"):
+        if flag in flags:
+            i = flags.index(flag)
+            del flags[i:i + 2]
     return digest + " " + " ".join(flags)
 
 

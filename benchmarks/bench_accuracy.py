@@ -62,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="tag for these rows in RESULTS.md")
     p.add_argument("--relion", action="store_true",
                    help="run relion_refine where no cached result exists")
+    p.add_argument("--relion-only", action="store_true",
+                   help="run only RELION (fills the cache; e.g. at low priority beside "
+                        "other work); implies --relion")
+    p.add_argument("--relion-j", type=int, default=None,
+                   help="RELION's threads (default: --j)")
     p.add_argument("--relion-iter", type=int, default=None,
                    help="RELION's iterations (default: --iter)")
     p.add_argument("--no-cache", action="store_true",
@@ -82,6 +87,7 @@ def parse_args(argv=None):
     args.n = args.n or (FULL_N if args.full else DEFAULT_N)
     args.snr = args.snr or (FULL_SNR if args.full else DEFAULT_SNR)
     args.seeds = args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)
+    args.relion = args.relion or args.relion_only
     return args
 
 
@@ -141,11 +147,15 @@ def main(argv=None):
             cmd = C.cryoclass_refine_cmd("cryoclass/run", args.box, args.apix, args.K,
                                          args.tau2, args.iter, args.j,
                                          extra=shlex.split(args.cryoclass_args))
-            cc = refine("cryoclass", cmd, sim_dir, "cryoclass/run", args, commands)
+            if args.relion_only:
+                cc = {"status": "skipped", "wall_s": None, "cpu_s": None, "eval": None,
+                      "cmd": "", "other_load": None}
+            else:
+                cc = refine("cryoclass", cmd, sim_dir, "cryoclass/run", args, commands)
             ev = cc["eval"] or {}
             rel = None
             rcmd = C.relion_refine_cmd("relion/run", args.box, args.apix, args.K, args.tau2,
-                                       relion_iter, args.j)
+                                       relion_iter, args.relion_j or args.j)
             key = C.relion_cache_key(sim_dir, rcmd)
             if not args.no_cache:
                 rel = C.relion_cache_get(key)

@@ -85,6 +85,10 @@ def add_args(parser):
                           "poses with this prior sigma (deg; to 3 sigma) on the finer grid "
                           "of --classify_local_order; 0 = global searches at "
                           "--healpix_order (--sigma_ang, if given, takes precedence)")
+    opt.add_argument("--consensus_local_iter", type=int, default=2,
+                     help="with --init_classes consensus|pca: the last this many of the "
+                          "--consensus_iter iterations search locally (as after the split) "
+                          "to sharpen the consensus poses before the split")
     opt.add_argument("--classify_local_order", type=int, default=-1,
                      help="HEALPix order of those local searches (default: --healpix_order "
                           "+ 1, i.e. half the angular step)")
@@ -163,6 +167,8 @@ def settings_from_args(args):
     if args.sigma_ang > 0 and args.skip_align:
         raise CryoClassError(f"--sigma_ang {args.sigma_ang:g} with --skip_align: local "
                              "angular searches need alignment; drop one of the two")
+    if args.consensus_local_iter < 0:
+        raise CryoClassError(f"--consensus_local_iter {args.consensus_local_iter}: give 0 or more")
     if args.classify_local_sigma < 0:
         raise CryoClassError(f"--classify_local_sigma {args.classify_local_sigma:g}: give 0 "
                              "(global searches) or a prior width in degrees")
@@ -201,7 +207,8 @@ def settings_from_args(args):
         restart_highres=args.restart_highres, classify_fixed_iter=args.classify_fixed_iter,
         classify_fixed_highres=args.classify_fixed_highres, sigma_ang=args.sigma_ang,
         classify_local_sigma=args.classify_local_sigma,
-        classify_local_order=args.classify_local_order)
+        classify_local_order=args.classify_local_order,
+        consensus_local_iter=args.consensus_local_iter)
 
 
 # Options that only say how to compute; a continued run may change them.

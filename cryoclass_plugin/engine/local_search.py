@@ -97,7 +97,10 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
     """
     B = block.images_f.shape[0]
     nc = setup.n_coarse
-    K = setup.n_classes
+    # Only the classes some particle may take (one during consensus iterations).
+    classes = (np.arange(setup.n_classes) if setup.coarse_classes is None
+               else np.asarray(setup.coarse_classes, dtype=np.int64))
+    K = classes.shape[0]
     R = setup.orientations.n_rotations
     T = setup.translations.offsets.shape[0]
     f32 = xp.float32
@@ -125,8 +128,8 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
             logp_pad[j, :m] = cand_logp[s + j]
         mats = xp.asarray(mats_all[ids_pad.ravel()])
         # (Bs, K Lm, nc) slices: class-major columns, column k * Lm + l.
-        slices = xp.stack([p.project(mats, ky, kx).reshape(Bs, Lm, nc)
-                           for p in setup.projectors], axis=1).reshape(Bs, K * Lm, nc)
+        slices = xp.stack([setup.projectors[k].project(mats, ky, kx).reshape(Bs, Lm, nc)
+                           for k in classes], axis=1).reshape(Bs, K * Lm, nc)
         power = slices.real ** 2 + slices.imag ** 2
         x, c = block.images_f[s:e, :nc], block.ctf[s:e, :nc]
         col_logp = xp.asarray(np.tile(logp_pad, (1, K)), dtype=f32)          # (Bs, K Lm)
@@ -144,11 +147,11 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
             scores = xp.matmul(weighted.view(f32), slices.view(f32).transpose(0, 2, 1))
             scores -= xp.matmul(pw[:, None, :], power.transpose(0, 2, 1))
             scores += prior_t[s:e, :, None]
-            class_prior = xp.repeat(setup.log_class_prior, Lm)                # (K Lm,)
+            class_prior = xp.repeat(setup.log_class_prior[xp.asarray(classes)], Lm)  # (K Lm,)
             scores += (col_logp + class_prior[None, :])[:, None, :]
         if block.allowed_class is not None:
             allowed = xp.asarray(block.allowed_class[s:e])
-            col_class = xp.repeat(xp.arange(K), Lm)
+            col_class = xp.repeat(xp.asarray(classes), Lm)
             scores = xp.where(col_class[None, None, :] == allowed[:, None, None], scores, -xp.inf)
         flat = scores.reshape(Bs, T * K * Lm)
         if setup.use_cc:
@@ -160,6 +163,6 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
             idx = to_numpy(idx)
             col = idx % (K * Lm)
             sig_t.append(idx // (K * Lm))
-            sig_kr.append((col // Lm) * R + ids_pad[j, col % Lm])
+            sig_kr.append(classes[col // Lm] * R + ids_pad[j, col % Lm])
             n_sig.append(idx.shape[0])
     return sig_t, sig_kr, np.asarray(n_sig)

@@ -82,6 +82,7 @@ class Settings:
     sigma_ang: float = -1.0         # > 0: local angular searches, prior sigma (deg)
     classify_local_sigma: float = 5.0   # consensus|pca: local searches after the split (deg)
     classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
+    consensus_local_iter: int = 2       # the last consensus iterations search locally too
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -375,8 +376,12 @@ class Refinement:
         radius2 = (kx_all.astype(xp.float64) ** 2 + ky_all.astype(xp.float64) ** 2)
         pixel_shell = xp.rint(xp.sqrt(radius2)).astype(xp.int64)
         n_cur = int(to_numpy((pixel_shell <= n_cur_shell).sum()))
-        coarse_shell = min(n_cur_shell, _coarse_shell(s, box, self.apix,
-                                                      grid.angular_step_deg))
+        # A local search on a finer grid keeps the coarse size of the run's own grid:
+        # its coarse pass only has to find where the posterior lies inside the ball, and
+        # its cost (per-particle projections) grows with the pixels.
+        coarse_shell = min(n_cur_shell, _coarse_shell(
+            s, box, self.apix, max(grid.angular_step_deg,
+                                   self.orientations.angular_step_deg if local else 0.0)))
         n_coarse = int(to_numpy((pixel_shell <= coarse_shell).sum()))
         ky, kx = ky_all[:n_cur], kx_all[:n_cur]
         n_class_pixels = None if class_shell_limit is None else \
@@ -384,14 +389,14 @@ class Refinement:
 
         projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
                       for k in range(s.n_classes)]
+        # Only classes some particle may take (one during a consensus phase).
+        active = (np.arange(s.n_classes) if allowed is None
+                  else np.unique(np.asarray(allowed)[subset]))
         if skip_align or local:
             # No search, or each particle's own rotations: no shared coarse slices.
             coarse = xp.zeros((1, 1), dtype=xp.complex64)
         else:
             coarse_mats = xp.asarray(grid.matrices)
-            # Only classes some particle may take (one during a consensus phase).
-            active = (np.arange(s.n_classes) if allowed is None
-                      else np.unique(np.asarray(allowed)[subset]))
             coarse = xp.concatenate([projectors[k].project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
                                      for k in active], axis=0)
         log_prior = xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)), dtype=xp.float32)
@@ -404,7 +409,7 @@ class Refinement:
             projectors=projectors, log_class_prior=log_prior,
             sigma_offset_px=model.sigma_offset_angst / self.apix,
             adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
-            use_cc=use_cc, coarse_classes=None if skip_align or local else active,
+            use_cc=use_cc, coarse_classes=None if skip_align else active,
             sigma_ang=sigma_ang if local else 0.0)
         timer.lap("setup")
         acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
@@ -601,22 +606,28 @@ class Refinement:
 
         RELION's start: ``--sigma_ang`` (local searches) or global, at ``--healpix_order``.
         Consensus / pca starts: the consensus iterations are global at ``--healpix_order``
-        (they find the poses); the later ones are local, with ``--sigma_ang`` at
-        ``--healpix_order`` if given, else around the consensus poses on the grid of
-        ``--classify_local_order`` (default one order finer) with sigma
-        ``--classify_local_sigma``.  Why: with 7.5 deg sampling the poses' errors (~5-6
-        deg) hide differences between classes that a finer grid separates; measured in
-        benchmarks/RESULTS.md ("local searches after the split").
+        (they find the poses), except the last ``--consensus_local_iter``; those and the
+        iterations after the split search locally around each particle's pose on the
+        grid of ``--classify_local_order`` (default one order finer) with sigma
+        ``--classify_local_sigma`` (0: global at ``--healpix_order`` throughout).  With
+        ``--sigma_ang`` the consensus iterations are global and the later ones local at
+        ``--healpix_order``, as RELION's local searches.  Why: with 7.5 deg sampling
+        the poses' errors (~6-7 deg) hide differences between classes that a finer grid
+        separates; measured in benchmarks/RESULTS.md ("local searches").
         """
         s = self.s
         if s.init_classes not in ("consensus", "pca") or s.n_classes == 1:
             return {}
+        if s.sigma_ang > 0:
+            return {"sigma_ang": -1.0} if iteration <= s.consensus_iter else {}
+        local = {"orientations": self._grid(self._classify_local_order()),
+                 "sigma_ang": s.classify_local_sigma}
         if iteration <= s.consensus_iter:
+            n_local = min(s.consensus_local_iter, s.consensus_iter - 1)
+            if s.classify_local_sigma > 0 and iteration > s.consensus_iter - n_local:
+                return local
             return {"sigma_ang": -1.0}
-        if s.sigma_ang > 0 or s.classify_local_sigma <= 0:
-            return {}
-        return {"orientations": self._grid(self._classify_local_order()),
-                "sigma_ang": s.classify_local_sigma}
+        return local if s.classify_local_sigma > 0 else {}
 
     def _classify_local_order(self):
         s = self.s
