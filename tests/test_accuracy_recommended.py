@@ -2,8 +2,10 @@
 but leaves the classes mixed, the recommended start (``--init_classes pca``: consensus
 alignment, heterogeneity-PCA split, fixed-pose classification at 40 A, then full EM)
 recovers the classes.  64 px, 600 particles, SNR 0.1: the smallest set of the accuracy
-benchmark's kind (benchmarks/bench_accuracy.py), about 4 minutes on 2 cores for both
-runs.
+benchmark's kind (benchmarks/bench_accuracy.py), about 6 minutes on 2 cores for both
+runs.  The recommended path searches locally on a grid one order finer in its last two
+consensus iterations and after the fixed-pose phase (measured: ARI 0.838 at iteration 20
+on this set; 0.80 after the fixed-pose phase; RELION's start 0.009).
 """
 import numpy as np
 import starfile
@@ -43,5 +45,9 @@ def test_recommended_start_recovers_classes_that_relion_start_leaves_mixed(tmp_p
     a = starfile.read(tmp_path / "pca" / "run_it008_data.star")["particles"]
     b = starfile.read(tmp_path / "pca" / "run_it012_data.star")["particles"]
     assert np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])
-    assert pca_ari >= 0.75
+    # Global search at --healpix_order 2 in the consensus, local on order 3 later.
+    order = {it: int(starfile.read(tmp_path / "pca" / f"run_it{it:03d}_sampling.star")
+                     ["rlnHealpixOrder"]) for it in (3, 6, 10, 20)}
+    assert order == {3: 2, 6: 3, 10: 2, 20: 3}, order      # 10: fixed poses, no search
+    assert pca_ari >= 0.8
     assert pca_ari >= relion_ari + 0.2

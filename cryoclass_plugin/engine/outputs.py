@@ -166,7 +166,8 @@ def _optimiser_block(model, root, iteration, settings):
 def _sampling_block(settings, orientations, translations):
     return {
         "rlnSymmetryGroup": settings.sym,
-        "rlnHealpixOrder": settings.healpix_order,
+        # The grid this iteration searched (a local search may use a finer one).
+        "rlnHealpixOrder": int(orientations.healpix_order),
         "rlnPsiStep": float(orientations.psi_step_deg),
         "rlnTiltAngleLimit": -91,
         "rlnOffsetRange": settings.offset_range,
