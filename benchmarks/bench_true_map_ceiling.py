@@ -1,0 +1,101 @@
+"""How well can the classes be told apart when the maps are perfect?  One E-step with
+the simulator's TRUE class maps (rescaled to the run's greyscale), from the state of a
+finished run, with different searches.
+
+    .venv/bin/python benchmarks/bench_true_map_ceiling.py /tmp/acc/grid3/n600_snr0.1_seed0 \\
+        /tmp/acc/grid3/n600_snr0.1_seed0/cryoclass/run_it022_state.npz
+
+The data folder is a ``cryoclass simulate`` set (``true_classNNN.mrc``, ``truth.star``);
+the state is a ``run_itNNN_state.npz`` of a ``cryoclass refine`` run on it (its noise
+spectra and poses are used).  Prints the ARI against the truth and the median angular
+error for: fixed true poses, fixed run poses, a global search on the run's grid, and
+local searches on finer grids (HEALPix order, sigma).  The gap between "fixed true
+poses" (the simulator's oracle) and the searches is what pose uncertainty costs even
+with perfect maps; it chose the local searches of the recommended path.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import numpy as np
+import starfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cryoclass_plugin.commands import refine as refine_cmd  # noqa: E402
+from cryoclass_plugin.engine.geometry import angular_distance_deg, euler_to_matrix  # noqa: E402
+from cryoclass_plugin.engine.metrics import adjusted_rand_index  # noqa: E402
+from cryoclass_plugin.engine.model import ModelState  # noqa: E402
+from cryoclass_plugin.engine.mrc_io import read_map  # noqa: E402
+from cryoclass_plugin.engine.refine import Refinement  # noqa: E402
+from cryoclass_plugin.engine.sampling import OrientationGrid  # noqa: E402
+
+FLAGS = ("--firstiter_cc --tau2_fudge 4 --ini_high 50 --particle_diameter 205 --zero_mask "
+         "--flatten_solvent --ctf --healpix_order 2 --offset_range 5 --offset_step 2 --pad 2 "
+         "--skip_gridding --preread_images --j 2")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data")
+    p.add_argument("state")
+    p.add_argument("--local", default="2:5,3:3,3:5,4:3",
+                   help="order:sigma pairs of the local searches (default %(default)s)")
+    p.add_argument("--no-global", action="store_true", help="skip the global search")
+    a = p.parse_args(argv)
+    data = os.path.abspath(a.data)
+    model = ModelState.load(os.path.abspath(a.state))
+    os.chdir(data)
+    parser = argparse.ArgumentParser()
+    refine_cmd.add_args(parser)
+    args = parser.parse_args(["--i", "particles.star", "--ref", "ref.mrc", "--o",
+                              f"/tmp/true_map_ceiling_{os.getpid()}/run",
+                              "--K", str(model.n_classes)] + FLAGS.split())
+    r = Refinement(refine_cmd.settings_from_args(args), log=lambda m: None)
+    r.start()
+    truth = starfile.read("truth.star")["particles"]
+    labels = truth["rlnClassNumber"].to_numpy() - 1
+    true_e = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
+    true_o = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    true_m = euler_to_matrix(*true_e.T)
+    maps = np.stack([read_map(f"true_class{k + 1:03d}.mrc")[0].astype(np.float32)
+                     for k in range(model.n_classes)])
+    mean = maps.mean(axis=0)
+    scale = float((model.refs.mean(axis=0) * mean).sum() / (mean ** 2).sum())
+    run_ari = adjusted_rand_index(labels, model.part_class)
+    model.refs = (maps * scale).astype(np.float32)
+    model.pdf_class = np.full(model.n_classes, 1.0 / model.n_classes)
+
+    def err(m):
+        return float(np.median(angular_distance_deg(euler_to_matrix(*m.part_eulers.T), true_m)))
+
+    print(f"run: ARI {run_ari:.3f}, median angular error {err(model):.2f} deg "
+          f"(state of iteration {model.iteration}); true maps x {scale:.3g}")
+    it = model.iteration + 1
+    m = copy.deepcopy(model)
+    m.part_eulers, m.part_origin_angst = true_e.copy(), true_o.copy()
+    m = r.iterate(m, it, write=False, fixed_poses=True)
+    print(f"fixed true poses:             ARI {adjusted_rand_index(labels, m.part_class):.3f}")
+    m = r.iterate(copy.deepcopy(model), it, write=False, fixed_poses=True)
+    print(f"fixed run poses:              ARI {adjusted_rand_index(labels, m.part_class):.3f}")
+    if not a.no_global:
+        t = time.time()
+        m = r.iterate(copy.deepcopy(model), it, write=False)
+        print(f"global search, order {r.orientations.healpix_order}:      ARI "
+              f"{adjusted_rand_index(labels, m.part_class):.3f}, error {err(m):.2f} deg "
+              f"({time.time() - t:.0f} s)")
+    for pair in a.local.split(","):
+        order, sigma = int(pair.split(":")[0]), float(pair.split(":")[1])
+        t = time.time()
+        m = r.iterate(copy.deepcopy(model), it, write=False,
+                      orientations=OrientationGrid(order), sigma_ang=sigma)
+        print(f"local search, order {order}, sigma {sigma:g}: ARI "
+              f"{adjusted_rand_index(labels, m.part_class):.3f}, error {err(m):.2f} deg "
+              f"({time.time() - t:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
