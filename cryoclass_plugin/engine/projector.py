@@ -67,17 +67,23 @@ def _trilinear(coords, big):
     coords = xp.clip(coords, 0, big - 1.001)
     base = xp.floor(coords)
     frac = (coords - base).astype(xp.float32)
-    base = base.astype(xp.int64)
+    # int32 flat indices while the padded grid allows (up to 1290^3 voxels): half the
+    # memory traffic of int64 in these (R, n, 8) arrays, the projector's largest.
+    itype = xp.int32 if big ** 3 < 2 ** 31 else xp.int64
+    base = base.astype(itype)
     first = (base[..., 2] * big + base[..., 1]) * big + base[..., 0]
     steps = xp.asarray([0, 1, big, big + 1, big * big, big * big + 1,
-                        big * big + big, big * big + big + 1], dtype=xp.int64)
+                        big * big + big, big * big + big + 1], dtype=itype)
     idx = first[..., None] + steps
     fx, fy, fz = frac[..., 0], frac[..., 1], frac[..., 2]
-    wx = xp.stack([1 - fx, fx], axis=-1)
-    wy = xp.stack([1 - fy, fy], axis=-1)
-    wz = xp.stack([1 - fz, fz], axis=-1)
-    w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :])
-    return idx, w.reshape(idx.shape)
+    gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
+    # Neighbour order (z, y, x) with x fastest, as ``steps``; products written in place
+    # (cheaper than broadcasting stacked factors).
+    w = xp.empty(idx.shape, dtype=xp.float32)
+    for j, wzy in enumerate((gz * gy, gz * fy, fz * gy, fz * fy)):
+        w[..., 2 * j] = wzy * gx
+        w[..., 2 * j + 1] = wzy * fx
+    return idx, w
 
 
 class Projector:
