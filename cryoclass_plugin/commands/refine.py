@@ -232,6 +232,9 @@ def _settings_for_continue(args):
         raise CryoClassError(f"--continue {path}: the state file has no settings; it was "
                              "not written by this version of cryoclass")
     names = {f.name for f in dataclasses.fields(Settings)}
+    # Runs written before the local searches existed continue as they started: global.
+    saved.setdefault("classify_local_sigma", 0.0)
+    saved.setdefault("consensus_local_iter", 0)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
     settings.continue_from = path
     if args.iter is not None:
