@@ -175,3 +175,16 @@ def test_local_search_errors(aligned_dir, tmp_path, capsys, flags, message):
     assert _refine(aligned_dir, tmp_path / "run", "particles.star", "--iter", "1", *flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_candidates_do_not_depend_on_the_chunking(monkeypatch):
+    rng = np.random.default_rng(4)
+    grid = OrientationGrid(2, sym="C2")
+    eulers = np.column_stack([rng.uniform(-180, 180, 30), np.degrees(np.arccos(rng.uniform(-1, 1, 30))),
+                              rng.uniform(-180, 180, 30)])
+    views = local_search.prior_views(eulers, symmetry_matrices("C2"))
+    whole = local_search.candidate_rotations(grid, views, 7.0)
+    monkeypatch.setattr(local_search, "CANDIDATE_CHUNK", 300)      # one particle or a few
+    chunked = local_search.candidate_rotations(grid, views, 7.0)
+    for a, b in zip(whole[0] + whole[1], chunked[0] + chunked[1]):
+        np.testing.assert_array_equal(a, b)

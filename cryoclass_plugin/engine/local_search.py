@@ -30,6 +30,9 @@ from .geometry import euler_to_matrix
 
 #: Ball radius of the search in units of sigma (RELION's ``sigma_cutoff``).
 SIGMA_CUTOFF = 3.0
+#: Rotations whose distance to the prior is computed at once (~80 bytes each per
+#: symmetry element).
+CANDIDATE_CHUNK = 1 << 20
 
 
 def prior_views(prior_eulers, sym_mats):
@@ -70,20 +73,47 @@ def candidate_rotations(orientations, views, sigma_deg):
     dirs = orientations.directions                                       # (D, 3)
     n_psi = orientations.n_psi
     mats = orientations.matrices
-    ids_out, logp_out = [], []
     near = (views[:, :, 2, :] @ dirs.T).max(axis=1) >= cos_dir            # (B, D)
-    for b in range(views.shape[0]):
-        d = np.nonzero(near[b])[0]
-        if d.size == 0:
-            # sigma far below the grid: take the direction nearest to any view.
-            d = np.asarray([int(np.argmax((views[b, :, 2, :] @ dirs.T).max(axis=0)))])
-        ids = (d[:, None] * n_psi + np.arange(n_psi)[None, :]).ravel()
-        theta = rotation_distance_deg(mats[ids][None], views[b:b + 1])[0]
+    # Many particles at once: (particle, direction) pairs times every psi, in chunks of
+    # about CANDIDATE_CHUNK rotations (a wide ball holds most of the grid).
+    per_particle = near.sum(axis=1) * n_psi
+    B = near.shape[0]
+    limit = max(1, CANDIDATE_CHUNK // views.shape[1])      # views[rb] is G matrices a row
+    rb_all, ids_all, theta_all = [], [], []
+    start = 0
+    while start < B:
+        stop = start + 1
+        total = per_particle[start]
+        while stop < B and total + per_particle[stop] <= limit:
+            total += per_particle[stop]
+            stop += 1
+        pb, pd = np.nonzero(near[start:stop])
+        rb = np.repeat(pb + start, n_psi)
+        ids = (pd[:, None] * n_psi + np.arange(n_psi)[None, :]).ravel()
+        trace = np.einsum("rij,rgij->rg", mats[ids], views[rb]).max(axis=1)
+        theta = np.rad2deg(np.arccos(np.clip((trace - 1.0) / 2.0, -1.0, 1.0)))
         keep = theta <= cut
-        if not keep.any():
-            keep = theta == theta.min()
-        ids_out.append(ids[keep])
-        logp_out.append(-0.5 * (theta[keep] / sigma_deg) ** 2)
+        rb_all.append(rb[keep])
+        ids_all.append(ids[keep])
+        theta_all.append(theta[keep])
+        start = stop
+    rb, ids, theta = (np.concatenate(a) for a in (rb_all, ids_all, theta_all))
+    bounds = np.searchsorted(rb, np.arange(B + 1))
+    ids_out, logp_out = [], []
+    for b in range(B):
+        lo, hi = bounds[b], bounds[b + 1]
+        if hi > lo:
+            ids_out.append(ids[lo:hi])
+            logp_out.append(-0.5 * (theta[lo:hi] / sigma_deg) ** 2)
+            continue
+        # Nothing inside the ball (sigma far below the grid step): the nearest
+        # rotations of the direction nearest to any view.
+        d = int(np.argmax((views[b, :, 2, :] @ dirs.T).max(axis=0)))
+        cand = d * n_psi + np.arange(n_psi)
+        th = rotation_distance_deg(mats[cand][None], views[b:b + 1])[0]
+        sel = th == th.min()
+        ids_out.append(cand[sel])
+        logp_out.append(-0.5 * (th[sel] / sigma_deg) ** 2)
     return ids_out, logp_out
 
 
