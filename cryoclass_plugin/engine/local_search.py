@@ -90,8 +90,7 @@ def candidate_rotations(orientations, views, sigma_deg):
         pb, pd = np.nonzero(near[start:stop])
         rb = np.repeat(pb + start, n_psi)
         ids = (pd[:, None] * n_psi + np.arange(n_psi)[None, :]).ravel()
-        trace = np.einsum("rij,rgij->rg", mats[ids], views[rb]).max(axis=1)
-        theta = np.rad2deg(np.arccos(np.clip((trace - 1.0) / 2.0, -1.0, 1.0)))
+        theta = rotation_distance_deg(mats[ids][:, None], views[rb])[:, 0]
         keep = theta <= cut
         rb_all.append(rb[keep])
         ids_all.append(ids[keep])
@@ -149,13 +148,13 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
         e = min(B, s + step)
         Bs = e - s
         Lm = int(n_l[s:e].max())
+        # Pad each particle's candidates to Lm with its first one (prior -inf).
+        filled = np.arange(Lm)[None, :] < n_l[s:e, None]
         ids_pad = np.zeros((Bs, Lm), dtype=np.int64)
         logp_pad = np.full((Bs, Lm), -np.inf)
-        for j in range(Bs):
-            m = n_l[s + j]
-            ids_pad[j, :m] = cand_ids[s + j]
-            ids_pad[j, m:] = cand_ids[s + j][0]
-            logp_pad[j, :m] = cand_logp[s + j]
+        ids_pad[filled] = np.concatenate(cand_ids[s:e])
+        logp_pad[filled] = np.concatenate(cand_logp[s:e])
+        ids_pad = np.where(filled, ids_pad, ids_pad[:, :1])
         mats = xp.asarray(mats_all[ids_pad.ravel()])
         # (Bs, K Lm, nc) slices: class-major columns, column k * Lm + l.
         slices = xp.stack([setup.projectors[k].project(mats, ky, kx).reshape(Bs, Lm, nc)
