@@ -65,12 +65,31 @@ def _compare(got, ref, label):
     _close(acc.class_weight, a_ref.class_weight, f"{label}: class weights", PROB_TOL)
     _close(acc.offset_sq, a_ref.offset_sq, f"{label}: offsets", PROB_TOL)
     _close(acc.offset_weight, a_ref.offset_weight, f"{label}: offset weights", PROB_TOL)
+    # --norm / --scale per-particle sums (present only with the flags).
+    assert set(res) == set(r_ref)
+    for key in ("norm_resid", "scale_xa", "scale_aa"):
+        if key in r_ref:
+            _close(res[key], r_ref[key], f"{label}: {key}", PROB_TOL)
 
 
 @pytest.mark.parametrize("batch", ["default", "small", "alone"])
 @pytest.mark.parametrize("cc", [False, True], ids=["ml", "firstiter_cc"])
 def test_batched_fine_pass_matches_reference_on_each_block(data_dir, tmp_path, monkeypatch,
                                                            batch, cc):
+    _shadowed_run(data_dir, tmp_path, monkeypatch, batch, cc)
+
+
+@pytest.mark.parametrize("batch", ["default", "small"])
+def test_batched_fine_pass_matches_reference_with_norm_and_scale(data_dir, tmp_path,
+                                                                 monkeypatch, batch):
+    """--norm / --scale: the per-particle residual, cross and power sums of both codes
+    agree and are filled (3 iterations: the last two run with corrections != 1)."""
+    calls = _shadowed_run(data_dir, tmp_path, monkeypatch, batch, False,
+                          "--norm", "--scale", iterations=3)
+    assert all(c[2] for c in calls)
+
+
+def _shadowed_run(data_dir, tmp_path, monkeypatch, batch, cc, *flags, iterations=2):
     original = search.fine_pass
     calls = []
 
@@ -87,14 +106,19 @@ def test_batched_fine_pass_matches_reference_on_each_block(data_dir, tmp_path, m
         original(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index,
                  batch_bytes=batch_bytes)
         _compare((tables, acc, results), ref, f"iteration block at {first_index}")
-        calls.append((setup.use_cc, max(len(np.unique(k)) for k in sig_kr)))
+        part = slice(first_index, first_index + len(sig_kr))
+        has_sums = all(k in results for k in ("norm_resid", "scale_xa", "scale_aa")) and \
+            (results["norm_resid"][part] > 0).all() and (results["scale_aa"][part] > 0).all() \
+            and results["scale_xa"][part].sum() > 0
+        calls.append((setup.use_cc, max(len(np.unique(k)) for k in sig_kr), has_sums))
 
     monkeypatch.setattr(search, "fine_pass", shadowed)
-    extra = ["--iter", "2"] + (["--firstiter_cc"] if cc else [])
+    extra = ["--iter", str(iterations)] + (["--firstiter_cc"] if cc else []) + list(flags)
     assert _refine(data_dir, tmp_path / "run", *extra) == 0
-    assert len(calls) >= 2 * 3                     # 80 particles / 32: 3 blocks x 2 iterations
+    assert len(calls) >= iterations * 3            # 80 particles / 32: 3 blocks per iteration
     assert any(c[0] for c in calls) == cc
     assert max(c[1] for c in calls) > 1            # some particle had several rotations
+    return calls
 
 
 def test_two_iterations_batched_equal_reference(data_dir, tmp_path, monkeypatch):

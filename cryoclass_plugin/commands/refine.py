@@ -10,7 +10,6 @@ Example (the RELION tutorial's Class3D job)::
 Under ``mpirun -np N`` the particles are split over the ranks.
 """
 import os
-import sys
 import time
 
 from ..engine.errors import CryoClassError, NotImplementedOption
@@ -54,8 +53,15 @@ def add_args(parser):
                      help="mask the references with a soft sphere (or --solvent_mask)")
     opt.add_argument("--strict_highres_exp", type=float, default=-1,
                      help="limit the E-step to this resolution (A)")
-    opt.add_argument("--norm", action="store_true", help="normalisation correction")
-    opt.add_argument("--scale", action="store_true", help="intensity-scale correction")
+    opt.add_argument("--norm", action="store_true",
+                     help="normalisation correction (RELION): estimate each particle's "
+                          "rlnNormCorrection n_i from its residual power (shells > 3) and "
+                          "multiply its image by mean(n) / n_i; starts from the input's "
+                          "rlnNormCorrection if present")
+    opt.add_argument("--scale", action="store_true",
+                     help="intensity-scale correction (RELION): estimate each group's "
+                          "rlnGroupScaleCorrection (one group per micrograph) from the "
+                          "well-determined shells (SSNR > 3) and scale its references by it")
     opt.add_argument("--blush", action="store_true", help="Blush regularisation (3D CNN prior)")
     opt.add_argument("--init_classes", default="relion", choices=["relion", "input", "consensus", "pca"],
                      help="how K>1 classes start: 'relion' = random particle subsets in "
@@ -142,10 +148,6 @@ def settings_from_args(args):
     if args.helix or any(getattr(args, n) is not None for n in HELIX_FLAGS[1:]):
         raise NotImplementedOption("--helix: helical processing is not implemented in "
                                    "cryoclass; run without the helical options")
-    if args.norm or args.scale:
-        # Accepted like RELION's GUI passes them; the corrections are not estimated yet.
-        print("cryoclass refine: note: --norm/--scale are accepted but the normalisation "
-              "and scale corrections are kept at 1 (not implemented yet)", file=sys.stderr)
     if args.continue_from:
         return _settings_for_continue(args)
     for flag in ("i", "o", "ref"):

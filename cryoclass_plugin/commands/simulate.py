@@ -36,6 +36,15 @@ def add_args(parser):
                         help="rotation (degrees) of the hinged subunit in class 3 (20)")
     parser.add_argument("--no_ctf", action="store_true",
                         help="no CTF (and no defocus columns in particles.star)")
+    parser.add_argument("--norm_spread", type=float, default=0.0,
+                        help="per-particle intensity variation: each whole image (signal "
+                             "and noise) times a log-normal factor of this spread, the "
+                             "truth in truth.star rlnNormCorrection (0 = none; test of "
+                             "refine --norm)")
+    parser.add_argument("--scale_spread", type=float, default=0.0,
+                        help="per-micrograph signal scale: each micrograph's signal times a "
+                             "log-normal factor of this spread, the truth in truth.star "
+                             "data_groups (0 = none; test of refine --scale)")
 
 
 def main(args):
@@ -44,7 +53,8 @@ def main(args):
         args.out, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
         n_classes=args.classes, seed=args.seed, class_fractions=args.fractions,
         n_micrographs=args.micrographs, max_shift_px=args.max_shift,
-        apply_ctf=not args.no_ctf, hinge_deg=args.hinge, log=print)
+        apply_ctf=not args.no_ctf, hinge_deg=args.hinge, log=print,
+        norm_spread=args.norm_spread, scale_spread=args.scale_spread)
     print(f"oracle_accuracy {result['oracle_accuracy']:.4f}")
     print(f"oracle_accuracy_25A {result['oracle_accuracy_25A']:.4f}")
     print(f"class sizes {' '.join(str(s) for s in result['class_sizes'])}")

@@ -4,6 +4,14 @@
 signal spectra, SSNR, resolution, offset prior) plus the per-particle state of data.star
 (class, angles, origins, max posterior, ...).  All arrays are numpy (host).
 
+RELION's ``--norm`` and ``--scale`` state: ``part_norm`` is each particle's
+normalisation correction (RELION's ``rlnNormCorrection``, the image's noise standard
+deviation, in RELION's Fourier scale) and ``avg_norm`` their mean
+(``rlnNormCorrectionAverage``); the E-step and M-step see each image multiplied by
+``avg_norm / part_norm``.  ``scale_correction`` is each group's intensity scale
+(``rlnGroupScaleCorrection``), which multiplies the CTF of the group's particles.
+Without the flags they stay 1.
+
 Units: spectra are per Fourier shell of the unpadded box (``N // 2 + 1`` shells), per
 real/imaginary component, in the engine's unnormalised FFT scale; angles in degrees;
 origins in Angstrom with RELION's sign.
@@ -39,6 +47,9 @@ class ModelState:
     part_loglik: np.ndarray = None
     part_acc_rot: np.ndarray = None
     part_acc_trans_px: np.ndarray = None
+    part_norm: np.ndarray = None          # (n,) norm correction (RELION rlnNormCorrection)
+    avg_norm: float = 1.0                 # mean of part_norm (rlnNormCorrectionAverage)
+    scale_correction: np.ndarray = None   # (G,) per group (rlnGroupScaleCorrection)
     changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
                                                     "classes": 1.0})
     log_likelihood: float = 0.0
@@ -81,4 +92,10 @@ class ModelState:
         with np.load(path, allow_pickle=False) as z:
             scalars = json.loads(str(z["__scalars__"]))
             arrays = {k: z[k] for k in z.files if not k.startswith("__")}
-        return cls(**scalars, **arrays)
+        model = cls(**scalars, **arrays)
+        # State files written before --norm / --scale existed: corrections of 1.
+        if model.part_norm is None and model.part_class is not None:
+            model.part_norm = np.ones(len(model.part_class))
+        if model.scale_correction is None:
+            model.scale_correction = np.ones(model.n_groups)
+        return model

@@ -15,7 +15,15 @@ resolution per class, and the new offset prior width.  Formulas (Scheres 2012):
   class's resolution is the last shell, counting from the centre, with SSNR >= 1;
 - ``sigma2 = sum w |X s - C P|^2 / (2 * number of pixel observations)`` per group and
   shell, and ``sigma_offset^2 = sum w |offset|^2 / (2 sum w)``;
-- class priors: summed posteriors over the particles, normalised.
+- class priors: summed posteriors over the particles, normalised;
+- ``--norm`` (RELION's ``exp_wsum_norm_correction``): each particle's norm correction
+  ``n_i = (n_i_old / avg_norm_old) sqrt(2 W_i)`` with ``W_i`` its posterior-weighted
+  residual power ``sum_w |X s - C P|^2`` over the pixels of shells > 3 inside the E-step
+  radius plus its image power beyond it, on RELION's Fourier scale;
+  ``avg_norm`` = the mean of the new ``n_i`` (:func:`update_norm_corrections`);
+- ``--scale``: each group's scale ``s_g = sum_w Re(X s conj(C P)) / sum_w |C P|^2`` over
+  the well-determined shells, C without the current scale, divided by the
+  particle-count-weighted mean over the groups (:func:`update_scale_corrections`).
 """
 import numpy as np
 
@@ -131,3 +139,100 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
     if acc.offset_weight > 0:
         sigma_px = np.sqrt(acc.offset_sq / (2.0 * acc.offset_weight))
         model.sigma_offset_angst = max(float(sigma_px) * model.apix, 1.0)
+
+
+# ----------------------------------------------------------------------------- --norm, --scale
+
+#: The norm-correction sums leave out shells 0..3 (RELION: ``ires > 3``), where CTF and
+#: model errors dominate the residual.
+NORM_MIN_SHELL = 4
+#: The scale-correction sums use the shells where the live classes' best SSNR (our
+#: ``T tau2 <W>``, RELION's ``data_vs_prior``) exceeds this (RELION: > 3, per class) ...
+SCALE_MIN_SSNR = 3.0
+#: ... and always shells 1..3 (so that the first iterations, before any SSNR, have some).
+SCALE_ALWAYS_SHELLS = 3
+
+
+def correction_pixels(model, pixel_shell, current_shell, do_norm, do_scale):
+    """0/1 float64 weights over the E-step pixels (``pixel_shell`` (n,) host ints, all
+    ``<= current_shell``) of the ``--norm`` and ``--scale`` sums; None where off.
+
+    Norm: shells > 3 (RELION).  Scale: shells 1..3 and the shells where the SSNR of the
+    model (max over the classes with prior > 0.001, from the last M-step) is > 3 --
+    RELION takes each class's own shells with data-vs-prior > 3; one set for all
+    classes keeps the batched fine pass's sums per pixel, and the classes' SSNRs are
+    close whenever they share particles.  Shell 0 (the mean, set by the background
+    normalisation) is never used.
+    """
+    pixel_shell = np.asarray(pixel_shell)
+    norm = (pixel_shell >= NORM_MIN_SHELL).astype(np.float64) if do_norm else None
+    scale = None
+    if do_scale:
+        alive = model.pdf_class > 0.001
+        ssnr = model.ssnr[alive].max(axis=0) if alive.any() else np.zeros(model.n_shells)
+        good = ssnr > SCALE_MIN_SSNR
+        good[1:SCALE_ALWAYS_SHELLS + 1] = True
+        good[0] = False
+        good[current_shell + 1:] = False
+        scale = good[np.minimum(pixel_shell, model.n_shells - 1)].astype(np.float64)
+    return norm, scale
+
+
+def norm_power_beyond(shell_power):
+    """Per particle (host (B,)): the image power of the shells beyond the E-step radius
+    (``shell_power`` (B, n_shells), zero inside it) that the norm sums take (RELION
+    extends ``exp_wsum_norm_correction`` with them, as the noise spectra)."""
+    return np.asarray(shell_power)[:, NORM_MIN_SHELL:].sum(axis=1)
+
+
+def update_norm_corrections(model, subset, wsum):
+    """RELION's norm-correction update for the particles ``subset`` from ``wsum`` (their
+    posterior-weighted residual power, :func:`correction_pixels` / :func:`norm_power_beyond`,
+    in the engine's unnormalised FFT scale).
+
+    ``n_new = (n_old / avg_norm_old) * sqrt(2 W)``; the factor 2 because W, like sigma2,
+    is a variance per real/imaginary component.  A particle whose sum is zero or not
+    finite keeps its value.  ``avg_norm`` becomes the mean of the updated particles' new
+    values (RELION: of the particles of the iteration; all of them without
+    ``--fast_subsets``).
+    """
+    # RELION's forward FFT divides by the number of pixels N = box^2; the engine's is
+    # unnormalised (fourier.py), so its |.|^2 sums are N^2 times RELION's.
+    n_pix = float(model.box) ** 2
+    w = np.asarray(wsum, dtype=np.float64) / n_pix ** 2
+    old = model.part_norm[subset]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        new = (old / model.avg_norm) * np.sqrt(2.0 * np.maximum(w, 0.0))
+    ok = np.isfinite(new) & (new > 0) & np.isfinite(w) & (w > 0)
+    new = np.where(ok, new, old)
+    model.part_norm[subset] = new
+    if new.size and np.isfinite(new.mean()) and new.mean() > 0:
+        model.avg_norm = float(new.mean())
+
+
+def update_scale_corrections(model, groups, xa, aa, group_counts):
+    """RELION's scale-correction update from the per-particle sums ``xa`` =
+    ``sum_w Re(X s conj(C P))`` and ``aa`` = ``sum_w |C P|^2`` (``groups`` the
+    particles' groups), taken with the CTF times the group's current scale.
+
+    ``s_g = XA_g / AA_g`` with the current scale divided out of the sums (``XA / s``,
+    ``AA / s^2``, as RELION); a group without sums (``AA_g == 0``) or with a
+    non-positive ratio keeps its scale.  All are then divided by their mean weighted by
+    the groups' particle counts, so that the average scale is 1 (RELION).
+    """
+    G = model.n_groups
+    old = np.asarray(model.scale_correction, dtype=np.float64)
+    groups = np.asarray(groups, dtype=np.int64)
+    s_part = old[groups]
+    XA = np.bincount(groups, weights=np.asarray(xa) / s_part, minlength=G)[:G]
+    AA = np.bincount(groups, weights=np.asarray(aa) / s_part ** 2, minlength=G)[:G]
+    new = old.copy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = XA / AA
+    ok = (AA > 0) & np.isfinite(ratio) & (ratio > 0)
+    new[ok] = ratio[ok]
+    counts = np.asarray(group_counts, dtype=np.float64)
+    mean = float((counts * new).sum() / max(counts.sum(), 1e-300))
+    if np.isfinite(mean) and mean > 0:
+        new /= mean
+    model.scale_correction = new

@@ -54,7 +54,7 @@ def _model_blocks(model, root, iteration, settings, group_names, group_counts):
         "rlnNrBodies": 1,
         "rlnNrGroups": model.n_groups,
         "rlnTau2FudgeFactor": settings.tau2_fudge,
-        "rlnNormCorrectionAverage": 1.0,
+        "rlnNormCorrectionAverage": float(getattr(model, "avg_norm", 1.0)),
         "rlnSigmaOffsetsAngst": model.sigma_offset_angst,
         "rlnOrientationalPriorMode": 0,
         "rlnSigmaPriorRotAngle": 0.0,
@@ -88,7 +88,8 @@ def _model_blocks(model, root, iteration, settings, group_names, group_counts):
         "rlnGroupNumber": np.arange(1, model.n_groups + 1),
         "rlnGroupName": list(group_names),
         "rlnGroupNrParticles": np.asarray(group_counts, dtype=int),
-        "rlnGroupScaleCorrection": np.ones(model.n_groups),
+        "rlnGroupScaleCorrection": (np.ones(model.n_groups) if model.scale_correction is None
+                                    else np.asarray(model.scale_correction, dtype=float)),
     })
     for g in range(model.n_groups):
         blocks[f"model_group_{g + 1}"] = pd.DataFrame({
@@ -110,7 +111,7 @@ def _data_table(model, table):
     df["rlnOriginXAngst"] = model.part_origin_angst[:, 0]
     df["rlnOriginYAngst"] = model.part_origin_angst[:, 1]
     df["rlnClassNumber"] = model.part_class.astype(int) + 1
-    df["rlnNormCorrection"] = 1.0
+    df["rlnNormCorrection"] = 1.0 if model.part_norm is None else model.part_norm
     df["rlnLogLikeliContribution"] = model.part_loglik
     df["rlnMaxValueProbDistribution"] = model.part_pmax
     df["rlnNrOfSignificantSamples"] = model.part_nsig.astype(int)

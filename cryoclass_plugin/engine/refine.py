@@ -22,7 +22,8 @@ from .masks import soft_circle_mask, soft_sphere_mask
 from .model import ModelState
 from .mpi import get_comm, split_range
 from .mrc_io import ImageSource, check_map_matches, read_map
-from .mstep import Accumulators, maximise, power_spectrum_half
+from .mstep import (Accumulators, correction_pixels, maximise, norm_power_beyond,
+                    power_spectrum_half, update_norm_corrections, update_scale_corrections)
 from .outputs import iteration_root, write_iteration
 from .projector import Projector
 from .sampling import OrientationGrid, TranslationGrid
@@ -120,9 +121,12 @@ def _initial_model(settings, table, images, ref, apix, groups, n_groups, comm):
     power_sum = np.zeros((n_groups, n_shells))
     count = np.zeros((n_groups, n_shells))
     mask2d = _image_mask(settings, box, apix, np)
+    part_norm, avg_norm = _initial_norm(settings, table.df)
     for s in range(0, len(sample), 256):
         idx = sample[s:s + 256]
         imgs = images.get(idx) * mask2d if mask2d is not None else images.get(idx)
+        if settings.norm:
+            imgs = imgs * (avg_norm / part_norm[idx])[:, None, None]
         f = fft_centered(imgs.astype(np.float64), axes=(1, 2))[:, ky + box // 2, kx + box // 2]
         p = f.real ** 2 + f.imag ** 2
         for j, i in enumerate(idx):
@@ -166,7 +170,24 @@ def _initial_model(settings, table, images, ref, apix, groups, n_groups, comm):
     model.part_loglik = np.zeros(n)
     model.part_acc_rot = np.zeros(n)
     model.part_acc_trans_px = np.zeros(n)
+    model.part_norm = part_norm
+    model.avg_norm = avg_norm
+    model.scale_correction = np.ones(n_groups)
     return model
+
+
+def _initial_norm(settings, df):
+    """Per-particle norm corrections and their mean at the start: with ``--norm`` the
+    input's ``rlnNormCorrection`` where present (missing, non-positive or non-finite
+    values: 1), else 1."""
+    n = len(df)
+    part_norm = np.ones(n)
+    if settings.norm and "rlnNormCorrection" in df.columns:
+        import pandas as pd
+        given = pd.to_numeric(df["rlnNormCorrection"], errors="coerce").to_numpy(np.float64)
+        ok = np.isfinite(given) & (given > 0)
+        part_norm[ok] = given[ok]
+    return part_norm, float(part_norm.mean()) if n else 1.0
 
 
 def _image_mask(settings, box, apix, xp):
@@ -205,6 +226,11 @@ def prepare_block(settings, model, images, indices, groups, ctfp, ky, kx, pixel_
                    * (xp.asarray(origin_px[:, 0:1], dtype=xp.float32) * kx[None].astype(xp.float32)
                       + xp.asarray(origin_px[:, 1:2], dtype=xp.float32) * ky[None].astype(xp.float32)))
     f = f * phase.astype(xp.complex64)
+    if settings.norm:
+        # RELION's norm correction: the image (all pixels, also those beyond the current
+        # radius, which feed the noise estimate) times avg_norm / n_i.
+        factor = (model.avg_norm / model.part_norm[indices]).astype(np.float32)
+        f = f * xp.asarray(factor)[:, None]
     n_shells = model.n_shells
     beyond = f[:, n_cur:]
     power_beyond = xp.zeros((len(indices), n_shells), dtype=xp.float64)
@@ -227,6 +253,10 @@ def prepare_block(settings, model, images, indices, groups, ctfp, ky, kx, pixel_
     else:
         ctf = xp.ones((len(indices), n_cur), dtype=xp.float32)
     g = groups[indices]
+    if settings.scale:
+        # RELION's scale correction: the group's intensity scale multiplies the CTF, so
+        # the references are compared (and the images inserted) at the group's scale.
+        ctf = ctf * xp.asarray(model.scale_correction[g].astype(np.float32))[:, None]
     sigma2 = xp.asarray(model.sigma2[g][:, to_numpy(pixel_shell[:n_cur])], dtype=xp.float32)
     block = search.BlockData(images_f=f[:, :n_cur], ctf=ctf, inv_sigma2=1.0 / sigma2,
                              group=g, origin_px=origin_px.astype(np.float32))
@@ -400,6 +430,11 @@ class Refinement:
             coarse = xp.concatenate([projectors[k].project(coarse_mats, ky[:n_coarse], kx[:n_coarse])
                                      for k in active], axis=0)
         log_prior = xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)), dtype=xp.float32)
+        # --norm / --scale sums (not in a --firstiter_cc iteration, whose scores are
+        # cross-correlations: RELION does not update the corrections there either).
+        do_norm, do_scale = s.norm and not use_cc, s.scale and not use_cc
+        norm_pixels, scale_pixels = correction_pixels(
+            model, to_numpy(pixel_shell[:n_cur]), n_cur_shell, do_norm, do_scale)
         setup = search.SearchSetup(
             box=box, n_coarse=n_coarse, ky=ky, kx=kx, pixel_shell=pixel_shell[:n_cur],
             n_classes=s.n_classes, orientations=grid,
@@ -410,13 +445,19 @@ class Refinement:
             sigma_offset_px=model.sigma_offset_angst / self.apix,
             adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
             use_cc=use_cc, coarse_classes=None if skip_align else active,
-            sigma_ang=sigma_ang if local else 0.0)
+            sigma_ang=sigma_ang if local else 0.0,
+            norm_pixels=None if norm_pixels is None else xp.asarray(norm_pixels),
+            scale_pixels=None if scale_pixels is None else xp.asarray(scale_pixels))
         timer.lap("setup")
         acc = Accumulators(s.n_classes, len(self.group_names), box, s.pad, xp)
         m = len(subset)
         res = {"class": np.zeros(m), "eulers": np.zeros((m, 3)), "origin_px": np.zeros((m, 2)),
                "pmax": np.zeros(m), "loglik": np.zeros(m), "acc_rot": np.zeros(m),
                "acc_trans_px": np.zeros(m), "nsig": np.zeros(m)}
+        if do_norm:
+            res["norm_resid"] = np.zeros(m)
+        if do_scale:
+            res["scale_xa"], res["scale_aa"] = np.zeros(m), np.zeros(m)
         lo, hi = split_range(m, comm.rank, comm.size)
         if os.environ.get("CRYOCLASS_TEST_FAIL_RANK") == str(comm.rank) and comm.size > 1:
             raise RuntimeError("failure injected by CRYOCLASS_TEST_FAIL_RANK (tests only)")
@@ -428,6 +469,8 @@ class Refinement:
                 block, pw_beyond, cnt_beyond = self._block(model, idx, allowed, xp, ky_all,
                                                            kx_all, pixel_shell, n_cur)
                 acc.add_power_beyond(self.groups[idx], pw_beyond, cnt_beyond)
+                if do_norm:
+                    res["norm_resid"][b0:b1] += norm_power_beyond(pw_beyond)
                 timer.lap("prepare")
                 search.fixed_pose_pass(setup, block, model.part_eulers[idx], acc, xp, res, b0,
                                        n_class_pixels=n_class_pixels)
@@ -443,6 +486,8 @@ class Refinement:
                                                        ky_all, kx_all, pixel_shell, n_cur,
                                                        local=local)
             acc.add_power_beyond(self.groups[subset[b0:b1]], pw_beyond, cnt_beyond)
+            if do_norm:
+                res["norm_resid"][b0:b1] += norm_power_beyond(pw_beyond)
             timer.lap("prepare")
             if local:
                 cand_ids, cand_logp = local_search.candidate_rotations(grid, block.prior_views,
@@ -497,6 +542,11 @@ class Refinement:
                  else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
                  unregularised=use_cc)
         self._update_particles(model, subset, res)
+        if do_norm:
+            update_norm_corrections(model, subset, res["norm_resid"])
+        if do_scale:
+            update_scale_corrections(model, self.groups[subset], res["scale_xa"],
+                                     res["scale_aa"], self.group_counts)
         self._update_image_size(model)
         timer.lap("M-step")
         model.iteration = iteration

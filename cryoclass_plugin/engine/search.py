@@ -14,6 +14,12 @@ The fine posterior then feeds the M-step sums (:class:`.mstep.Accumulators`): pe
 significant rotation, the posterior-weighted, re-centred, CTF- and noise-weighted image
 ``sum_t w_t X s_t`` (one GEMM ``w^T @ X s``) is added to that rotation's 2D slice, and
 all slices of a group are inserted into the 3D accumulators once.
+
+With ``--norm`` / ``--scale`` (``SearchSetup.norm_pixels`` / ``scale_pixels``) the fine
+pass (and the fixed-pose pass) also adds per-particle sums to the results: the
+posterior-weighted residual power (RELION's ``exp_wsum_norm_correction``) and the
+cross and reference-power terms of the scale correction (``exp_wsum_scale_correction_XA``
+/ ``_AA``); the M-step turns them into the corrections (:mod:`.mstep`).
 """
 from dataclasses import dataclass
 
@@ -74,6 +80,13 @@ class SearchSetup:
     block_log_budget: int = 64 * 2 ** 20   # floats of coarse scores per sub-block
     # Local searches (--sigma_ang, degrees): the rotation prior's sigma; 0 = global.
     sigma_ang: float = 0.0
+    # --norm: (n,) float64 0/1 over the pixels whose posterior-weighted residual power
+    # goes into each particle's norm-correction sum (results["norm_resid"]); None = off.
+    norm_pixels: object = None
+    # --scale: (n,) float64 0/1 over the pixels of the scale-correction sums
+    # (results["scale_xa"] = sum w Re(X s conj(C P)), results["scale_aa"] = sum w |C P|^2,
+    # with the CTF C as used, i.e. including the group's current scale); None = off.
+    scale_pixels: object = None
 
 
 def coarse_pass(setup, block, xp):
@@ -366,18 +379,25 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     # C sum_r Re(summed_r conj(P_r)) is (sum_r Re(summed_r C / sigma2 conj(P_r))) sigma2.
     cross = (summed.view(f32) * p_pair).sum(axis=1).reshape(Bs, n, 2).sum(axis=2)
     wpow = xp.matmul(w_rot[:, None, :], pow_rows)[:, 0, :]
-    sums.residual[sel_d] = ((x.real ** 2 + x.imag ** 2) * w_rot.sum(axis=1)[:, None]
-                            - 2.0 * cross / isg + c ** 2 * wpow)
+    residual = ((x.real ** 2 + x.imag ** 2) * w_rot.sum(axis=1)[:, None]
+                - 2.0 * cross / isg + c ** 2 * wpow)
+    sums.residual[sel_d] = residual
     _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, c * ctf_w)
-    # One transfer per sub-batch: best sample, pmax, loglik, rotation/translation weights.
+    # --norm / --scale: per-particle sums over their pixels (cross / isg is
+    # sum_{t,r} w Re(x s_t C conj(P_r)), c^2 wpow is sum_r w |C P_r|^2).
+    extra = _correction_sums(setup, xp, residual, cross / isg, c ** 2 * wpow)
+    # One transfer per sub-batch: best sample, pmax, loglik, rotation/translation weights
+    # (and the correction sums).
     host = to_numpy(xp.concatenate([best.astype(xp.float64), pmax.astype(xp.float64),
-                                    loglik.astype(xp.float64),
-                                    w_rot.astype(xp.float64).ravel(),
+                                    loglik.astype(xp.float64)] + extra +
+                                   [w_rot.astype(xp.float64).ravel(),
                                     w_trans.astype(xp.float64).ravel()]))
     best_h = host[:Bs].astype(np.int64)
     pmax_h, loglik_h = host[Bs:2 * Bs], host[2 * Bs:3 * Bs]
-    w_rot_h = host[3 * Bs:3 * Bs + Bs * Rm].reshape(Bs, Rm)
-    w_trans_h = host[3 * Bs + Bs * Rm:].reshape(Bs, Tm)
+    o = (3 + len(extra)) * Bs
+    _store_correction_sums(setup, results, first_index + sel, host[3 * Bs:o])
+    w_rot_h = host[o:o + Bs * Rm].reshape(Bs, Rm)
+    w_trans_h = host[o + Bs * Rm:].reshape(Bs, Tm)
     t_best, r_best = np.divmod(best_h, Rm)
     ar = np.arange(Bs)
     row_best = rows_pad[ar, r_best]
@@ -397,6 +417,29 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     results["loglik"][i] = loglik_h
     results["acc_rot"][i] = (w_rot_h * ang).sum(axis=1)
     results["acc_trans_px"][i] = (w_trans_h * dt).sum(axis=1)
+
+
+def _correction_sums(setup, xp, residual, cross, power):
+    """Device (B,) float64 sums of the ``--norm`` / ``--scale`` corrections, from the
+    per-pixel (B, n) posterior-weighted residual power, cross term
+    ``sum w Re(X s conj(C P))`` and reference power ``sum w |C P|^2``: the residual over
+    ``setup.norm_pixels``, the other two over ``setup.scale_pixels`` (only those on)."""
+    out = []
+    if setup.norm_pixels is not None:
+        out.append(residual.astype(xp.float64) @ setup.norm_pixels)
+    if setup.scale_pixels is not None:
+        out.append(cross.astype(xp.float64) @ setup.scale_pixels)
+        out.append(power.astype(xp.float64) @ setup.scale_pixels)
+    return out
+
+
+def _store_correction_sums(setup, results, index, host):
+    """Add the host copy of :func:`_correction_sums` (concatenated) to ``results``."""
+    B = index.shape[0]
+    names = (["norm_resid"] if setup.norm_pixels is not None else []) + \
+        (["scale_xa", "scale_aa"] if setup.scale_pixels is not None else [])
+    for j, name in enumerate(names):
+        results[name][index] += host[j * B:(j + 1) * B]
 
 
 def _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, ccw):
@@ -462,10 +505,14 @@ def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, re
     tables.data[rows_d] += summed * ctf_w[None, :]
     tables.weight[rows_d] += w_rot[:, None] * (c[0] * ctf_w)[None, :]
     tables.row_posterior[rows_d] += w_rot
-    residual = ((x[0].real ** 2 + x[0].imag ** 2) * w_rot.sum()
-                - 2.0 * c[0] * (summed * xp.conj(p_rows)).real.sum(axis=0)
-                + c[0] ** 2 * (w_rot @ pow_rows))
+    cross = c[0] * (summed * xp.conj(p_rows)).real.sum(axis=0)
+    power = c[0] ** 2 * (w_rot @ pow_rows)
+    residual = (x[0].real ** 2 + x[0].imag ** 2) * w_rot.sum() - 2.0 * cross + power
     acc.add_noise(block.group[b], setup.pixel_shell, residual)
+    extra = _correction_sums(setup, xp, residual[None], cross[None], power[None])
+    if extra:
+        _store_correction_sums(setup, results, np.array([i]),
+                               to_numpy(xp.concatenate(extra)))
     acc.add_offsets(float(to_numpy((w_trans * (xp.asarray(total_off) ** 2).sum(axis=1)).sum())),
                     float(to_numpy(w_trans.sum())))
     acc.add_class_weights(xp.asarray(tables.row_class[rows]), w_rot)
@@ -518,10 +565,23 @@ def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class
             acc.backprojectors[k].insert(mats[sel], setup.ky, setup.kx,
                                          (pk * x[sel] * ctf_w[sel]).astype(xp.complex64),
                                          (pk * c[sel] * ctf_w[sel]).astype(xp.float32))
+    residuals = xp.empty(x.shape, dtype=xp.float32) if setup.norm_pixels is not None else None
     for b in range(B):
         diff = x[b][None, :] - c[b][None, :] * slices[:, b, :]
         residual = (prob[b][:, None] * (diff.real ** 2 + diff.imag ** 2)).sum(axis=0)
         acc.add_noise(block.group[b], setup.pixel_shell, residual)
+        if residuals is not None:
+            residuals[b] = residual
+    cross = power = None
+    if setup.scale_pixels is not None:
+        # sum_k w_k Re(x conj(C P_k)) and sum_k w_k |C P_k|^2 per pixel.
+        cross = c * (xp.einsum("bk,kbp->bp", prob, slices.real) * x.real
+                     + xp.einsum("bk,kbp->bp", prob, slices.imag) * x.imag)
+        power = c ** 2 * xp.einsum("bk,kbp->bp", prob, slices.real ** 2 + slices.imag ** 2)
+    extra = _correction_sums(setup, xp, residuals, cross, power)
+    if extra:
+        _store_correction_sums(setup, results, first_index + np.arange(B),
+                               to_numpy(xp.concatenate(extra)))
     acc.add_class_weights(xp.repeat(xp.arange(K), B), prob.T.ravel())
     origins = block.origin_px.astype(np.float64)
     acc.add_offsets(float((origins ** 2).sum()), float(B))

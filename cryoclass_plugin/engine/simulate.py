@@ -38,6 +38,18 @@ Images
               / noise variance.
 
     ``snr=inf`` gives noise-free images (signal variance 1).
+Intensity variation (for RELION's ``--norm`` / ``--scale``; off by default, and then the
+    output is unchanged)
+    ``norm_spread > 0``: each particle's whole image (signal and noise) is multiplied by
+    ``f_i = exp(norm_spread z_i)`` (z standard normal), divided by the mean of the f_i;
+    ``f_i`` is the image's noise standard deviation relative to the average, RELION's
+    meaning of ``rlnNormCorrection``, written as that column of ``truth.star``.
+    ``scale_spread > 0``: the signal (not the noise) of micrograph m is multiplied by
+    ``g_m = exp(scale_spread z_m)``, divided by their particle-weighted mean (RELION
+    normalises its group scales so); ``truth.star`` gets a ``data_groups`` block
+    (rlnMicrographName, rlnGroupScaleCorrection, rlnGroupNrParticles) and
+    ``truth_summary.json`` ``group_scales``.  The SNR definition above is before these
+    factors; the true maps stay on the average greyscale.
 Poses
     Uniform on SO(3): rot ~ U(-180, 180), tilt = arccos(U(-1, 1)), psi ~ U(-180, 180)
     (degrees); origins uniform in [-max_shift_px, max_shift_px] pixels per axis.
@@ -425,7 +437,8 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
                      class_fractions=None, n_micrographs=10, max_shift_px=3.0,
                      defocus_range=(10000.0, 30000.0), astigmatism_max=600.0,
                      voltage=300.0, cs=2.7, q0=0.1, apply_ctf=True, hinge_deg=20.0,
-                     sigma_a=None, oversampling=2, poses=None, origins_px=None, log=None):
+                     sigma_a=None, oversampling=2, poses=None, origins_px=None, log=None,
+                     norm_spread=0.0, scale_spread=0.0):
     """Simulate a data set in ``out_dir`` (see the module docstring for the model).
 
     Writes ``particles.star`` (RELION 3.1: optics + particles, no angles/origins),
@@ -435,7 +448,9 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     ``oracle_accuracy_25A``, ``class_sizes``, ``signal_scale`` and ``seconds``.
 
     ``poses`` (n, 3) Euler angles (degrees) and ``origins_px`` (n, 2) pixels replace the
-    random ones (tests, benchmarks at chosen views).
+    random ones (tests, benchmarks at chosen views).  ``norm_spread`` / ``scale_spread``
+    (log-normal spreads, default 0 = none) vary each particle's image intensity / each
+    micrograph's signal scale (module docstring).
     """
     from .mrc_io import StackWriter, write_map
     from .star_io import optics_group_table, write_particles, write_star
@@ -472,6 +487,20 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     defocus_u, defocus_v = defocus + astig / 2, defocus - astig / 2
     defocus_angle = rng.uniform(-180.0, 180.0, n)
     micrograph = (np.arange(n) * n_micrographs) // n
+    # Intensity variation, each from its own stream (the default output is unchanged).
+    norm_spread, scale_spread = float(norm_spread), float(scale_spread)
+    if norm_spread < 0 or scale_spread < 0:
+        raise CryoClassError(f"--norm_spread {norm_spread:g} --scale_spread {scale_spread:g}: "
+                             "give spreads >= 0")
+    norm_factor = group_scale = None
+    if norm_spread > 0:
+        z = np.random.default_rng([int(seed), 11]).standard_normal(n)
+        norm_factor = np.exp(norm_spread * z)
+        norm_factor /= norm_factor.mean()
+    if scale_spread > 0:
+        group_scale = np.exp(scale_spread * np.random.default_rng(
+            [int(seed), 13]).standard_normal(int(n_micrographs)))
+        group_scale /= group_scale[micrograph].mean()
     matrices = euler_to_matrix(eulers[:, 0], eulers[:, 1], eulers[:, 2])
 
     k = (np.arange(box) - box // 2) / (box * apix)
@@ -527,13 +556,23 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         for b0 in range(0, n, BATCH):
             b1 = min(n, b0 + BATCH)
             block = np.asarray(stack.data[b0:b1], dtype=np.float64) * scale
+            if group_scale is not None:
+                block *= group_scale[micrograph[b0:b1]][:, None, None]
             if noisy:
                 block += _batch_noise(seed, b0, b1 - b0, box)
+            if norm_factor is not None:
+                block *= norm_factor[b0:b1][:, None, None]
             stack.data[b0:b1] = block.astype(np.float32)
 
     def oracle(dd, ee):
         """Oracle labels: the class of least residual (the true class scores 0)."""
-        margin = scale * scale * dd + 2.0 * scale * ee
+        if group_scale is None:
+            margin = scale * scale * dd + 2.0 * scale * ee
+        else:
+            # Each particle's signal scale; a norm factor scales signal and noise alike
+            # and cancels from the comparison.
+            s_i = (scale * group_scale[micrograph])[:, None]
+            margin = s_i * s_i * dd + 2.0 * s_i * ee
         margin[np.arange(n), classes] = 0.0
         return np.argmin(margin, axis=1)
 
@@ -574,8 +613,18 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"] = eulers.T
     truth["rlnOriginXAngst"] = origin_px[:, 0] * apix
     truth["rlnOriginYAngst"] = origin_px[:, 1] * apix
+    truth_blocks = {"optics": optics, "particles": truth}
+    if norm_factor is not None:
+        truth["rlnNormCorrection"] = norm_factor
+    if group_scale is not None:
+        truth_blocks["groups"] = pd.DataFrame({
+            "rlnMicrographName": [f"Micrographs/mic{m + 1:03d}.mrc"
+                                  for m in range(int(n_micrographs))],
+            "rlnGroupScaleCorrection": group_scale,
+            "rlnGroupNrParticles": np.bincount(micrograph, minlength=int(n_micrographs)),
+        })
     truth_path = os.path.join(out_dir, "truth.star")
-    write_star(truth_path, {"optics": optics, "particles": truth})
+    write_star(truth_path, truth_blocks)
 
     seconds = time.time() - t_start
     summary = {
@@ -587,6 +636,12 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         "ctf": bool(apply_ctf), "hinge_deg": float(hinge_deg), "sigma_A": sigma_a,
         "seconds": round(seconds, 2),
     }
+    if norm_factor is not None:
+        summary["norm_spread"] = norm_spread
+    if group_scale is not None:
+        summary["scale_spread"] = scale_spread
+        summary["group_scales"] = {f"Micrographs/mic{m + 1:03d}.mrc": float(v)
+                                   for m, v in enumerate(group_scale)}
     summary_path = os.path.join(out_dir, "truth_summary.json")
     tmp = summary_path + f".tmp{os.getpid()}"
     with open(tmp, "w") as fh:
