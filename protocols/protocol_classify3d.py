@@ -222,6 +222,18 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "(--classify_local_sigma, --classify_local_order). A finer "
                            "grid separates classes that 7.5 degree sampling leaves "
                            "mixed. 0: global searches at the angular sampling interval.")
+        form.addParam("sharedConsensusBeyond", FloatParam, default=25.0,
+                      condition="not doContinue and initialClasses > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Classes share the consensus beyond (A)",
+                      help="With a consensus start: after the split, the references that "
+                           "the particles are compared with keep each class's own density "
+                           "only below this resolution and only where the classes differ; "
+                           "elsewhere they share the consensus map. This stops the "
+                           "largest (sharpest) class from taking particles of the others "
+                           "and removes the class maps' noise where they do not differ "
+                           "(--class_difference_highres). The written class maps are "
+                           "the plain reconstructions. 0: compare with the plain class maps.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -556,6 +568,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if (not self.doContinue and self.initialClasses.get() > 0
                 and (self.localRangeAfterSplit.get() or 0) < 0):
             errors.append("Local search range after the split must be 0 (global) or more.")
+        if (not self.doContinue and self.initialClasses.get() > 0
+                and (self.sharedConsensusBeyond.get() or 0) < 0):
+            errors.append("'Classes share the consensus beyond' must be 0 (off) or a "
+                          "resolution in Angstrom.")
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:
@@ -860,6 +876,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
             add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
             add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
+            add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))

@@ -110,3 +110,18 @@ def test_gpu_norm_and_scale_match_cpu(tmp_path):
     gb = starfile.read(tmp_path / "gpu" / "run_it003_model.star", always_dict=True)["model_groups"]
     np.testing.assert_allclose(gb["rlnGroupScaleCorrection"].to_numpy(),
                                ga["rlnGroupScaleCorrection"].to_numpy(), rtol=0.02)
+
+
+def test_gpu_shared_consensus_references_match_cpu():
+    from cryoclass_plugin.engine.focus import shared_consensus_references
+    from cryoclass_plugin.engine.masks import soft_sphere_mask
+    rng = np.random.default_rng(4)
+    refs = rng.standard_normal((3, 32, 32, 32)).astype(np.float32)
+    refs[0, 20:26, 10:16, 12:18] += 3.0          # a region where class 0 differs
+    w = np.array([0.5, 0.3, 0.2])
+    inside = soft_sphere_mask(32, 13, 3.0)
+    cpu, m_cpu = shared_consensus_references(refs, w, 4.0, 25.0, inside)
+    gpu, m_gpu = shared_consensus_references(cupy.asarray(refs), cupy.asarray(w), 4.0, 25.0,
+                                             cupy.asarray(inside))
+    assert np.abs(cpu - gpu.get()).max() < 1e-4 * np.abs(cpu).max()
+    assert np.abs(m_cpu - m_gpu.get()).max() < 1e-4

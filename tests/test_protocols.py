@@ -316,11 +316,16 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     text = prot._getEngineArgs()
     assert "--init_classes pca" in text and "--classify_fixed_iter 4" in text
     assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
+    assert "--class_difference_highres 25" in text
     assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=0.0)
     assert "--classify_local_sigma 0" in prot._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=-1.0)
     assert "Local search range after the split" in "\n".join(prot.validate())
+    prot = _classifier(project, inputs, initialClasses=2, sharedConsensusBeyond=0.0)
+    assert "--class_difference_highres 0" in prot._getEngineArgs()
+    prot = _classifier(project, inputs, initialClasses=2, sharedConsensusBeyond=-5.0)
+    assert "share the consensus beyond" in "\n".join(prot.validate())
 
 
 def test_validation_consensus_start_needs_iterations(project, inputs):

@@ -95,6 +95,11 @@ def add_args(parser):
                      help="with --init_classes consensus|pca: the last this many of the "
                           "--consensus_iter iterations search locally (as after the split) "
                           "to sharpen the consensus poses before the split")
+    opt.add_argument("--class_difference_highres", type=float, default=25.0,
+                     help="with --init_classes consensus|pca: after the split the E-step's "
+                          "class references share the consensus map beyond this resolution "
+                          "(A) and outside the region where the classes differ (the written "
+                          "class maps stay plain reconstructions); 0 = plain class maps")
     opt.add_argument("--classify_local_order", type=int, default=-1,
                      help="HEALPix order of those local searches (default: --healpix_order "
                           "+ 1, i.e. half the angular step)")
@@ -177,6 +182,9 @@ def settings_from_args(args):
     if args.classify_local_order > 13 or (0 <= args.classify_local_order < args.healpix_order):
         raise CryoClassError(f"--classify_local_order {args.classify_local_order}: give a "
                              f"HEALPix order from --healpix_order ({args.healpix_order}) to 13")
+    if args.class_difference_highres < 0:
+        raise CryoClassError(f"--class_difference_highres {args.class_difference_highres:g}: "
+                             "give 0 (plain class maps) or a resolution in Angstrom (e.g. 25)")
     if args.sigma_ang == 0:
         raise CryoClassError("--sigma_ang 0: give a prior width in degrees > 0 for local "
                              "searches, or leave the flag out for global searches")
@@ -210,7 +218,8 @@ def settings_from_args(args):
         classify_fixed_highres=args.classify_fixed_highres, sigma_ang=args.sigma_ang,
         classify_local_sigma=args.classify_local_sigma,
         classify_local_order=args.classify_local_order,
-        consensus_local_iter=args.consensus_local_iter)
+        consensus_local_iter=args.consensus_local_iter,
+        class_difference_highres=args.class_difference_highres)
 
 
 # Options that only say how to compute; a continued run may change them.
@@ -237,6 +246,8 @@ def _settings_for_continue(args):
     # Runs written before the local searches existed continue as they started: global.
     saved.setdefault("classify_local_sigma", 0.0)
     saved.setdefault("consensus_local_iter", 0)
+    # ... and before the shared-consensus references: plain class maps.
+    saved.setdefault("class_difference_highres", 0.0)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
     settings.continue_from = path
     if args.iter is not None:

@@ -84,6 +84,7 @@ class Settings:
     classify_local_sigma: float = 5.0   # consensus|pca: local searches after the split (deg)
     classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
     consensus_local_iter: int = 2       # the last consensus iterations search locally too
+    class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -417,7 +418,8 @@ class Refinement:
         n_class_pixels = None if class_shell_limit is None else \
             int(to_numpy((pixel_shell[:n_cur] <= int(class_shell_limit)).sum()))
 
-        projectors = [Projector(xp.asarray(model.refs[k]), pad=s.pad, gridding=s.gridding)
+        refs = self._estep_references(model, iteration)
+        projectors = [Projector(refs[k], pad=s.pad, gridding=s.gridding)
                       for k in range(s.n_classes)]
         # Only classes some particle may take (one during a consensus phase).
         active = (np.arange(s.n_classes) if allowed is None
@@ -561,6 +563,23 @@ class Refinement:
             self.log(_log_line(model, iteration, elapsed, m))
             self.log(f"          stage seconds: {timer.summary()}")
         return model
+
+    def _estep_references(self, model, iteration):
+        """The class references of an iteration's E-step (on the device): the class maps,
+        or after a consensus / PCA split with ``--class_difference_highres`` the maps
+        that share the consensus where the classes do not differ (:mod:`.focus`)."""
+        s, xp = self.s, self.xp
+        refs = xp.asarray(model.refs)
+        if not (s.init_classes in ("consensus", "pca") and s.n_classes > 1
+                and s.class_difference_highres > 0 and iteration > s.consensus_iter + 1):
+            return refs
+        from .focus import shared_consensus_references
+        radius = (s.particle_diameter if s.particle_diameter > 0
+                  else self.box * self.apix) / (2.0 * self.apix)
+        inside = soft_sphere_mask(self.box, radius, 3.0, xp)
+        focused, _ = shared_consensus_references(refs, xp.asarray(model.pdf_class), self.apix,
+                                                 s.class_difference_highres, inside)
+        return focused
 
     def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur,
                local=False):

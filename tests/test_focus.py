@@ -1,0 +1,75 @@
+"""Class references that share the consensus (engine/focus.py)."""
+import numpy as np
+
+from cryoclass_plugin.engine.focus import difference_weights, shared_consensus_references
+from cryoclass_plugin.engine.fourier import low_pass
+from cryoclass_plugin.engine.masks import soft_sphere_mask
+
+BOX, APIX = 48, 4.0
+
+
+def _blob(centre, sigma_px):
+    z, y, x = np.meshgrid(*[np.arange(BOX) - BOX // 2] * 3, indexing="ij")
+    d2 = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2
+    return np.exp(-d2 / (2 * sigma_px ** 2))
+
+
+def _classes(noise, seed=0):
+    """Three classes: a common body, plus a domain present (class 0), absent (class 1)
+    or moved by 4 px (class 2); each map with its own white noise (reconstruction noise)."""
+    body = _blob((0, 0, 0), 6.0) + _blob((0, 8, 0), 4.0)
+    truth = np.stack([body + _blob((8, -6, 4), 3.0), body,
+                      body + _blob((8, -6, 8), 3.0)]).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    noisy = truth + noise * rng.standard_normal(truth.shape).astype(np.float32)
+    # Reconstructions are band-limited; so is their noise.
+    noisy = np.stack([low_pass(v, APIX, 12.0) for v in noisy])
+    return truth, noisy
+
+
+def test_identical_classes_give_the_maps_back():
+    _, noisy = _classes(0.05)
+    same = np.repeat(noisy[:1], 3, axis=0)
+    inside = soft_sphere_mask(BOX, 20, 3.0)
+    refs, m = shared_consensus_references(same, np.full(3, 1 / 3), APIX, 25.0, inside)
+    assert np.allclose(refs, same, atol=1e-5)
+
+
+def test_references_keep_the_differences_and_drop_the_noise():
+    truth, noisy = _classes(0.08)
+    inside = soft_sphere_mask(BOX, 20, 3.0)
+    w = np.full(3, 1 / 3)
+    refs, m = shared_consensus_references(noisy, w, APIX, 25.0, inside)
+    # The weights are high where the domain differs and low on the common body.
+    domain = _blob((8, -6, 6), 3.0) > 0.5
+    # The common body away from the domain (the 25 A low-pass spreads the difference
+    # by ~6 px around the domain).
+    far = _blob((8, -6, 6), 3.0) < np.exp(-10.0 ** 2 / (2 * 3.0 ** 2))
+    body = ((_blob((0, 0, 0), 6.0) > 0.5) | (_blob((0, 8, 0), 4.0) > 0.5)) & far
+    assert m[domain].mean() > 0.6, m[domain].mean()
+    assert m[body].mean() < 0.2, m[body].mean()
+    # Class-minus-class differences of the references match the true ones better than
+    # those of the noisy maps (the quantity that decides a particle's class).
+    true_lp = np.stack([low_pass(v, APIX, 25.0) for v in truth])
+
+    def err(maps):
+        e = 0.0
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            e += np.sum(((maps[a] - maps[b]) - (true_lp[a] - true_lp[b])) ** 2 * inside)
+        return e
+    raw_lp = np.stack([low_pass(v, APIX, 25.0) for v in noisy])
+    assert err(refs) < 0.6 * err(raw_lp), (err(refs), err(raw_lp))
+    # Beyond 25 A (and the filter's 4-shell edge) the references are nearly the consensus:
+    # only the smooth weights m(x) spread some of the low-resolution differences there.
+    def high_diff(maps):
+        hi = maps - np.stack([low_pass(v, APIX, 15.0) for v in maps])
+        return np.sum((hi[0] - hi[1]) ** 2) + np.sum((hi[0] - hi[2]) ** 2)
+    assert high_diff(refs) < 0.05 * high_diff(noisy), (high_diff(refs), high_diff(noisy))
+
+
+def test_difference_weights_are_zero_for_pure_noise():
+    rng = np.random.default_rng(3)
+    dev = rng.standard_normal((3, BOX, BOX, BOX)).astype(np.float64) * 0.1
+    inside = soft_sphere_mask(BOX, 20, 3.0)
+    m = difference_weights(dev, np.full(3, 1 / 3), inside, APIX)
+    assert m[inside > 0.5].mean() < 0.1
