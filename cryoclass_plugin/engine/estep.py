@@ -91,6 +91,40 @@ def cross_correlations(images_f, ctf, shifts, refs_pair, refs_power):
     return cross / norm[:, None, :]
 
 
+def own_slice_scores(x, ctf, inv_sigma2, shifts, slices, power, use_cc):
+    """Scores of each particle against its own set of reference slices, as batched GEMMs
+    (the fine pass and the local searches' coarse pass).
+
+    Parameters
+    ----------
+    x, ctf, inv_sigma2 : (B, n) the particles' pixels, CTFs and 1 / sigma2
+    shifts : (B, T, n) or (1, T, n) complex phase factors (:func:`phase_shifts`)
+    slices : (B, M, n) complex64, each particle's M reference slices
+    power : (B, M, n) real, their ``|P|^2``
+    use_cc : RELION's first-iteration cross-correlation instead of the likelihood
+
+    Returns ``(scores, weighted)``: scores (B, T, M) float32, either the normalised cross
+    correlation (:func:`cross_correlations`) or the log-likelihood without the image
+    constant (cross term minus projection power, :func:`log_likelihoods`); ``weighted``
+    (B, T, n) = ``x C / sigma2 s_t``, which the M-step sums with the posteriors.
+    """
+    xp = get_xp(x)
+    f32 = xp.float32
+    # complex64 viewed as interleaved float32 (Re, Im): a real dot product of two such
+    # rows is Re(a conj(b)), so the cross terms are real batched GEMMs without copies.
+    slices_t = slices.view(f32).transpose(0, 2, 1)                          # (B, 2n, M)
+    weighted = (x * (ctf * inv_sigma2))[:, None, :] * shifts                # (B, T, n)
+    if use_cc:
+        scores = xp.matmul(((x * ctf)[:, None, :] * shifts).view(f32), slices_t)
+        norm = xp.sqrt(xp.maximum(xp.matmul((ctf * ctf)[:, None, :], power.transpose(0, 2, 1)),
+                                  1e-30))
+        scores /= norm
+    else:
+        scores = xp.matmul(weighted.view(f32), slices_t)
+        scores -= xp.matmul((0.5 * ctf * ctf * inv_sigma2)[:, None, :], power.transpose(0, 2, 1))
+    return scores, weighted
+
+
 def significant_samples(log_post, fraction=0.999, max_samples=None):
     """Per particle, the smallest set of samples whose posterior mass reaches
     ``fraction`` (RELION's adaptive-oversampling threshold).

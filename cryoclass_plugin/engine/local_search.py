@@ -162,19 +162,12 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
         power = slices.real ** 2 + slices.imag ** 2
         x, c = block.images_f[s:e, :nc], block.ctf[s:e, :nc]
         col_logp = xp.asarray(np.tile(logp_pad, (1, K)), dtype=f32)          # (Bs, K Lm)
+        scores, _ = estep.own_slice_scores(x, c, block.inv_sigma2[s:e, :nc], shifts[None],
+                                           slices, power, setup.use_cc)
         if setup.use_cc:
-            a = (x * c)[:, None, :] * shifts[None]
-            scores = xp.matmul(a.view(f32), slices.view(f32).transpose(0, 2, 1))
-            norm = xp.sqrt(xp.maximum(xp.matmul((c * c)[:, None, :], power.transpose(0, 2, 1)),
-                                      1e-30))
-            scores /= norm
             # Hard maximum inside the search ball.
             scores = xp.where(xp.isfinite(col_logp)[:, None, :], scores, -xp.inf)
         else:
-            w, pw, _ = estep.image_terms(x, c, block.inv_sigma2[s:e, :nc])
-            weighted = w[:, None, :] * shifts[None]                           # (Bs, T, nc)
-            scores = xp.matmul(weighted.view(f32), slices.view(f32).transpose(0, 2, 1))
-            scores -= xp.matmul(pw[:, None, :], power.transpose(0, 2, 1))
             scores += prior_t[s:e, :, None]
             class_prior = xp.repeat(setup.log_class_prior[xp.asarray(classes)], Lm)  # (K Lm,)
             scores += (col_logp + class_prior[None, :])[:, None, :]

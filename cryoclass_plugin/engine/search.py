@@ -341,24 +341,18 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
                                 setup.box).reshape(Bs, Tm, n)
     valid = xp.asarray(t_valid[:, :, None] & r_valid[:, None, :])
     ctf_w = c * isg
+    # weighted = x C / sigma2 s_t, summed with the posteriors for the M-step below.
+    scores, weighted = estep.own_slice_scores(x, c, isg, shifts, p_rows, pow_rows,
+                                              setup.use_cc)                # (Bs, Tm, Rm)
     if setup.use_cc:
-        a = (x * c)[:, None, :] * shifts
-        scores = xp.matmul(a.view(f32), p_pair.transpose(0, 2, 1))         # (Bs, Tm, Rm)
-        norm = xp.sqrt(xp.maximum(xp.matmul((c * c)[:, None, :], pow_rows.transpose(0, 2, 1)),
-                                  1e-30))
-        scores /= norm
         scores = xp.where(valid, scores, -xp.inf).reshape(Bs, Tm * Rm)
         best = scores.argmax(axis=1)
         loglik = scores.max(axis=1)
         prob = xp.zeros(scores.shape, dtype=f32)
         prob[xp.arange(Bs), best] = 1.0
         pmax = prob.max(axis=1)
-        weighted = (x * ctf_w)[:, None, :] * shifts
     else:
-        w, pw, const = estep.image_terms(x, c, isg)
-        weighted = w[:, None, :] * shifts                                   # x C / sigma2 s_t
-        scores = xp.matmul(weighted.view(f32), p_pair.transpose(0, 2, 1))  # (Bs, Tm, Rm)
-        scores -= xp.matmul(pw[:, None, :], pow_rows.transpose(0, 2, 1))
+        const = 0.5 * ((x.real ** 2 + x.imag ** 2) * isg).sum(axis=1)
         scores -= const[:, None, None].astype(scores.dtype)
         scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, :, None]
         scores += tables.log_prior[rows_d][:, None, :]
