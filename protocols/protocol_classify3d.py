@@ -208,7 +208,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       expertLevel=LEVEL_ADVANCED,
                       label="Fixed-pose iterations",
                       help="With a consensus start: iterations after the split that keep "
-                           "the consensus poses and classify only, below 40 A, before "
+                           "the consensus poses and classify only, below 25 A, before "
                            "full expectation-maximisation over classes and poses "
                            "(--classify_fixed_iter). 0 starts full EM at once.")
         form.addParam("localRangeAfterSplit", FloatParam, default=15.0,

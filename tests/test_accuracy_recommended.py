@@ -1,6 +1,6 @@
 """Issue 7's guard: on a ribosome-like set where RELION's Class3D aligns the particles
 but leaves the classes mixed, the recommended start (``--init_classes pca``: consensus
-alignment, heterogeneity-PCA split, fixed-pose classification at 40 A, then full EM)
+alignment, heterogeneity-PCA split, fixed-pose classification at 25 A, then full EM)
 recovers the classes.  64 px, 600 particles, SNR 0.1: the smallest set of the accuracy
 benchmark's kind (benchmarks/bench_accuracy.py), about 6 minutes on 2 cores for both
 runs.  The recommended path searches locally on a grid one order finer in its last two

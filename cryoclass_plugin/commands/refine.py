@@ -82,7 +82,7 @@ def add_args(parser):
                      help="with --init_classes consensus|pca: iterations after the split "
                           "that keep the consensus poses and only classify (at "
                           "--classify_fixed_highres) before full EM; 0 goes to full EM at once")
-    opt.add_argument("--classify_fixed_highres", type=float, default=40.0,
+    opt.add_argument("--classify_fixed_highres", type=float, default=25.0,
                      help="with --classify_fixed_iter: E-step resolution limit (A) of the "
                           "fixed-pose iterations")
     opt.add_argument("--classify_local_sigma", type=float, default=5.0,

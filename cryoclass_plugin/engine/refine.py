@@ -79,7 +79,7 @@ class Settings:
     restart_iter: int = 6
     restart_highres: float = 25.0
     classify_fixed_iter: int = 8    # consensus|pca: fixed-pose iterations after the split
-    classify_fixed_highres: float = 40.0   # their E-step resolution limit (A)
+    classify_fixed_highres: float = 25.0   # their E-step resolution limit (A)
     sigma_ang: float = -1.0         # > 0: local angular searches, prior sigma (deg)
     classify_local_sigma: float = 5.0   # consensus|pca: local searches after the split (deg)
     classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
@@ -718,7 +718,7 @@ class Refinement:
         Why: right after the split the K maps are noisy and alike; a full search against
         them re-aligns the particles by noise (orientations jump by 30-40 deg) and the
         class that happens to be sharpest takes the particles.  Keeping the consensus
-        poses and comparing only low frequencies (40 A by default), which the poses'
+        poses and comparing only low frequencies (25 A by default), which the poses'
         errors (~5-7 deg at SNR 0.1) spoil least, lets the classes separate first (measured in
         benchmarks/RESULTS.md, "fixed-pose phase"); full EM then refines poses and
         classes together.
