@@ -77,7 +77,7 @@ def shared_consensus_references(refs, class_weights, apix, highres_angst, inside
     vols = refs.astype(xp.float64)
     consensus = xp.tensordot(w, vols, axes=1)
     filt = _low_pass_filter(consensus.shape, apix, highres_angst, xp)
-    dev = ifft_centered(fft_centered(vols - consensus[None], axes=(1, 2, 3)) * filt[None],
-                        axes=(1, 2, 3)).real
+    # One class at a time: the transforms are complex128 volumes (box 256: 270 MB each).
+    dev = xp.stack([ifft_centered(fft_centered(v - consensus) * filt).real for v in vols])
     m = difference_weights(dev, w, inside, apix)
     return (consensus[None] + m[None] * dev).astype(refs.dtype), m
