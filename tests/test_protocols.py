@@ -31,8 +31,11 @@ from cryoclass_plugin.protocols.protocol_select_classes import (mean_ssnr,  # no
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# Tiny data: 150 particles of 32 px at 6 A/px (a 192 A box), two classes.
-N_PARTS, BOX, APIX, N_CLASSES, SNR, SEED = 150, 32, 6.0, 2, 2.0, 5
+# Tiny data: 150 particles of 32 px at 6 A/px (a 192 A box), two classes.  SNR 0.5 (was
+# 2.0): at SNR 2 the --norm correction that the protocol passes (as RELION's GUI does)
+# absorbs much of the class difference into per-particle scales (PCA split ARI 0.27 ->
+# 0.03 on this set), a regime real particles (SNR < 0.5) never reach.
+N_PARTS, BOX, APIX, N_CLASSES, SNR, SEED = 150, 32, 6.0, 2, 0.5, 5
 MASK_DIAMETER = 180
 ITERATIONS = 8
 
