@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_gemm.py --quick    # one size
     .venv/bin/python benchmarks/bench_gemm.py --gpu      # also CuPy, where cupy + a GPU exist
     .venv/bin/python benchmarks/bench_gemm.py --compare-coretypes   # OpenBLAS kernels
+    .venv/bin/python benchmarks/bench_gemm.py --estep    # the E-step's own rate vs SGEMM
 
 The E-step scores all (image x translation) rows against all (orientation x class)
 projections with one real GEMM per block: ``(B*T, 2n) @ (2n, M)``, where B*T ~ 2000
@@ -181,9 +182,18 @@ def main(argv=None):
     p.add_argument("--compare-coretypes", action="store_true",
                    help="also measure with OPENBLAS_CORETYPE unset / "
                         + " / ".join(c for c in COMPARE_CORETYPES if c))
+    p.add_argument("--estep", action="store_true",
+                   help="also time the E-step's scoring calls (estep.log_likelihoods, the "
+                        "coarse pass; estep.own_slice_scores, the fine pass) at the tutorial "
+                        "job's shapes and print their rate as a share of the SGEMM rate")
     p.add_argument("--no-record", action="store_true",
                    help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    if args.estep:
+        # The engine picks OpenBLAS's kernels (OPENBLAS_CORETYPE) before numpy loads; the
+        # SGEMM rate it is compared with must use the same kernels.
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import cryoclass_plugin  # noqa: F401
     args.gpu = args.gpu or args.gpu_only
     shapes = [tuple(s) for s in args.shape] if args.shape else \
         (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
@@ -221,6 +231,10 @@ def main(argv=None):
             gpu_note = "CuPy variant not run: cupy not importable or no GPU"
             print(gpu_note)
     extra = []
+    if args.estep:
+        peak = max(float(r[4]) for r in rows if r[0].startswith("numpy")) if rows else None
+        lines = estep_rates(args.repeats, peak)
+        extra += [""] + lines
     if args.compare_coretypes:
         print("\nOpenBLAS core types (fresh interpreter each, best of "
               f"{args.repeats}):", flush=True)
@@ -241,6 +255,56 @@ def main(argv=None):
 
 
 HEADERS = ["backend", "shape", "GFLOP", "best ms", "GFLOP/s best", "GFLOP/s median"]
+
+# The tutorial job's E-step (64 px, K=4, 7.5 deg, offsets 5 / 2 px): a block of B=256
+# particles x T=21 translations against M = K x 4608 coarse rotations at n ~ 230 coarse
+# pixels; the fine pass: 64 particles x 9 translations x ~200 own rotations at n ~ 1500.
+ESTEP_COARSE = [(256, 21, 230, 4 * 4608), (256, 21, 600, 4 * 4608)]
+ESTEP_FINE = [(64, 9, 1500, 200)]
+
+
+def estep_rates(repeats, peak):
+    """Rates of the E-step's two scoring calls (numpy) against ``peak`` GFLOP/s."""
+    import numpy as np
+    from cryoclass_plugin.engine import estep
+    rng = np.random.default_rng(0)
+
+    def cplx(*shape):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    lines = ["E-step scoring calls (numpy float32; GFLOP counts the GEMMs only):"]
+    for B, T, n, M in ESTEP_COARSE:
+        w, pw = cplx(B, n), rng.standard_normal((B, n)).astype(np.float32)
+        const, shifts = np.zeros(B, np.float32), cplx(T, n)
+        pair = rng.standard_normal((M, 2 * n)).astype(np.float32)
+        power = rng.standard_normal((M, n)).astype(np.float32)
+        sec = best(lambda: estep.log_likelihoods(w, pw, const, shifts, pair, power))
+        gf = (2.0 * B * T * 2 * n * M + 2.0 * B * n * M) / sec / 1e9
+        share = f" = {100 * gf / peak:.0f}% of the SGEMM rate above" if peak else ""
+        lines.append(f"  coarse  log_likelihoods B,T,n,M={B},{T},{n},{M}: {sec * 1e3:.0f} ms, "
+                     f"{gf:.1f} GFLOP/s{share}")
+    for B, T, n, R in ESTEP_FINE:
+        x, c = cplx(B, n), rng.standard_normal((B, n)).astype(np.float32)
+        isg = np.ones((B, n), np.float32)
+        shifts, slices = cplx(B, T, n), cplx(B, R, n)
+        power = (slices.real ** 2 + slices.imag ** 2).astype(np.float32)
+        sec = best(lambda: estep.own_slice_scores(x, c, isg, shifts, slices, power, False))
+        gf = (2.0 * B * T * 2 * n * R + 2.0 * B * n * R) / sec / 1e9
+        share = f" = {100 * gf / peak:.0f}% of the SGEMM rate above" if peak else ""
+        lines.append(f"  fine    own_slice_scores B,T,n,R={B},{T},{n},{R}: {sec * 1e3:.0f} ms, "
+                     f"{gf:.1f} GFLOP/s{share}")
+    for line in lines:
+        print(line, flush=True)
+    return lines
 
 if __name__ == "__main__":
     sys.exit(main())
