@@ -276,6 +276,26 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     sums.flush(setup, block, acc, xp)
 
 
+def _add_noise_rows(setup, groups, residual, acc, xp):
+    """Add the per-pixel residual power of a block's particles (B, n) to the noise sums
+    of their groups (``groups`` (B,) host ints): two small GEMMs (pixels -> shells,
+    particles -> groups) instead of a loop over particles."""
+    S = acc.n_shells
+    shell = setup.pixel_shell
+    n_pix = shell.shape[0]
+    keep = shell < S
+    onehot = xp.zeros((n_pix, S), dtype=xp.float64)
+    onehot[xp.arange(n_pix)[keep], shell[keep]] = 1.0
+    shell_res = residual.astype(xp.float64) @ onehot                          # (B, S)
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    member = np.zeros((uniq.shape[0], inverse.shape[0]))
+    member[inverse, np.arange(inverse.shape[0])] = 1.0
+    groups_d = xp.asarray(uniq)
+    acc.noise_sum[groups_d] += xp.asarray(member) @ shell_res
+    acc.noise_count[groups_d] += (xp.asarray(member.sum(axis=1))[:, None]
+                                  * onehot.sum(axis=0)[None, :])
+
+
 class _FineSums:
     """Per-block M-step sums of the fine pass that are not per rotation: residuals (for
     the noise spectra), class weights and offsets, added to the accumulators once."""
@@ -287,20 +307,7 @@ class _FineSums:
         self.offset_weight = 0.0
 
     def flush(self, setup, block, acc, xp):
-        S = acc.n_shells
-        shell = setup.pixel_shell
-        n_pix = shell.shape[0]
-        keep = shell < S
-        onehot = xp.zeros((n_pix, S), dtype=xp.float64)
-        onehot[xp.arange(n_pix)[keep], shell[keep]] = 1.0
-        shell_res = self.residual.astype(xp.float64) @ onehot                 # (B, S)
-        groups, inverse = np.unique(np.asarray(block.group), return_inverse=True)
-        member = np.zeros((groups.shape[0], inverse.shape[0]))
-        member[inverse, np.arange(inverse.shape[0])] = 1.0
-        groups_d = xp.asarray(groups)
-        acc.noise_sum[groups_d] += xp.asarray(member) @ shell_res
-        acc.noise_count[groups_d] += (xp.asarray(member.sum(axis=1))[:, None]
-                                      * onehot.sum(axis=0)[None, :])
+        _add_noise_rows(setup, block.group, self.residual, acc, xp)
         acc.add_offsets(self.offset_sq, self.offset_weight)
         K = self.class_weight.shape[0]
         acc.add_class_weights(xp.arange(K), xp.asarray(self.class_weight))
@@ -550,7 +557,6 @@ def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class
         scores = xp.where(xp.arange(K)[None, :] == allowed[:, None], scores, -xp.inf)
     prob, lse = estep.normalise_log(scores)
     ctf_w = c * isg
-    total = xp.zeros(x.shape[1], dtype=xp.float64)
     for k in range(K):
         keep = to_numpy(prob[:, k] > 1e-6)
         if keep.any():
@@ -559,13 +565,11 @@ def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class
             acc.backprojectors[k].insert(mats[sel], setup.ky, setup.kx,
                                          (pk * x[sel] * ctf_w[sel]).astype(xp.complex64),
                                          (pk * c[sel] * ctf_w[sel]).astype(xp.float32))
-    residuals = xp.empty(x.shape, dtype=xp.float32) if setup.norm_pixels is not None else None
-    for b in range(B):
-        diff = x[b][None, :] - c[b][None, :] * slices[:, b, :]
-        residual = (prob[b][:, None] * (diff.real ** 2 + diff.imag ** 2)).sum(axis=0)
-        acc.add_noise(block.group[b], setup.pixel_shell, residual)
-        if residuals is not None:
-            residuals[b] = residual
+    # Noise residual sum_k w_k |x - C P_k|^2 per particle and pixel.
+    diff = x[None] - c[None] * slices                                       # (K, B, n)
+    residuals = xp.einsum("bk,kbp->bp", prob, diff.real ** 2 + diff.imag ** 2)
+    del diff
+    _add_noise_rows(setup, block.group, residuals, acc, xp)
     cross = power = None
     if setup.scale_pixels is not None:
         # sum_k w_k Re(x conj(C P_k)) and sum_k w_k |C P_k|^2 per pixel.
