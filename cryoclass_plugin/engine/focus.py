@@ -35,20 +35,12 @@ in Angstrom; numpy or cupy (the array module of ``refs``).
 import numpy as np
 
 from .backend import get_xp
-from .fourier import fft_centered, ifft_centered, radial_index, resolution_to_shell
+from .fourier import fft_centered, ifft_centered, low_pass, radial_index
 
 # Smoothing of the deviations' variance before the noise cut (Angstrom, Gaussian sigma):
 # about the size of a secondary-structure element, so that the cut follows domains,
 # not single noisy voxels.
 VARIANCE_SMOOTHING_ANGST = 8.0
-
-
-def _low_pass_filter(shape, apix, res_angstrom, xp, edge_shells=4.0):
-    """Raised-cosine low-pass filter on a centred transform, ``edge_shells`` wide."""
-    cutoff = resolution_to_shell(res_angstrom, shape[0], apix)
-    r = radial_index(shape, xp)
-    t = xp.clip((cutoff + edge_shells / 2 - r) / edge_shells, 0.0, 1.0)
-    return 0.5 - 0.5 * xp.cos(np.pi * t)
 
 
 def _gaussian_filter(shape, sigma_px, xp):
@@ -76,8 +68,9 @@ def shared_consensus_references(refs, class_weights, apix, highres_angst, inside
     w = w / max(float(w.sum()), 1e-300)
     vols = refs.astype(xp.float64)
     consensus = xp.tensordot(w, vols, axes=1)
-    filt = _low_pass_filter(consensus.shape, apix, highres_angst, xp)
     # One class at a time: the transforms are complex128 volumes (box 256: 270 MB each).
-    dev = xp.stack([ifft_centered(fft_centered(v - consensus) * filt).real for v in vols])
+    # A 4-shell raised-cosine edge: a sharp cut would ring across the particle.
+    dev = xp.stack([low_pass(v - consensus, apix, highres_angst, edge_shells=4.0)
+                    for v in vols])
     m = difference_weights(dev, w, inside, apix)
     return (consensus[None] + m[None] * dev).astype(refs.dtype), m
