@@ -34,7 +34,7 @@ def _adjoint_volume(bp):
 def principal_coordinates(refinement, model, n_components, highres_angst, n_power=8,
                           seed=0, log=None):
     """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes."""
-    from .refine import prepare_block
+    from .refine import mask_diameter_angst, prepare_block
     r, s, xp, comm = refinement, refinement.s, refinement.xp, refinement.comm
     box, apix = r.box, r.apix
     n = len(r.table)
@@ -57,8 +57,7 @@ def principal_coordinates(refinement, model, n_components, highres_angst, n_powe
         white = xp.sqrt(block.inv_sigma2) * block.ctf                 # (B, n) = A's weights
         resid = xp.sqrt(block.inv_sigma2) * block.images_f - white * cons_proj.project(mats, ky, kx)
         blocks.append((idx, mats, white, resid))
-    mask = xp.asarray(soft_sphere_mask(box, (s.particle_diameter if s.particle_diameter > 0
-                                             else box * apix) / (2 * apix), 5.0))
+    mask = xp.asarray(soft_sphere_mask(box, mask_diameter_angst(s, box, apix) / (2 * apix), 5.0))
     rng = np.random.default_rng(seed)
     q = n_components
     vols = [xp.asarray(rng.standard_normal((box,) * 3).astype(np.float32)) * mask for _ in range(q)]

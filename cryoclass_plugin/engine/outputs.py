@@ -54,7 +54,7 @@ def _model_blocks(model, root, iteration, settings, group_names, group_counts):
         "rlnNrBodies": 1,
         "rlnNrGroups": model.n_groups,
         "rlnTau2FudgeFactor": settings.tau2_fudge,
-        "rlnNormCorrectionAverage": float(getattr(model, "avg_norm", 1.0)),
+        "rlnNormCorrectionAverage": float(model.avg_norm),
         "rlnSigmaOffsetsAngst": model.sigma_offset_angst,
         "rlnOrientationalPriorMode": 0,
         "rlnSigmaPriorRotAngle": 0.0,

@@ -99,10 +99,15 @@ def _group_index(df):
     return idx, [f"group{n}" for n in names]
 
 
+def mask_diameter_angst(settings, box, apix):
+    """The particle mask's diameter (A): ``--particle_diameter``, or the box."""
+    return settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+
+
 def _coarse_shell(settings, box, apix, angular_step_deg):
     """RELION's coarse size: the resolution at which the coarse angular step moves a
     point at the particle's edge by about one resolution element (safety factor 1.2)."""
-    diameter = settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+    diameter = mask_diameter_angst(settings, box, apix)
     rotated_distance = np.deg2rad(angular_step_deg) * diameter / 2.0
     coarse_res = rotated_distance / 1.2
     return int(np.ceil(box * apix / max(coarse_res, 2 * apix)))
@@ -194,7 +199,7 @@ def _initial_norm(settings, df):
 def _image_mask(settings, box, apix, xp):
     if not settings.zero_mask:
         return None
-    diameter = settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+    diameter = mask_diameter_angst(settings, box, apix)
     return soft_circle_mask(box, diameter / (2 * apix), 5.0, xp=xp).astype(xp.float32)
 
 
@@ -205,7 +210,7 @@ def _solvent_mask(settings, box, apix):
             raise CryoClassError(f"{settings.solvent_mask}: mask box {mask.shape[0]} differs "
                                  f"from the particles' {box}; resample the mask (--solvent_mask)")
         return np.clip(mask, 0, 1).astype(np.float32)
-    diameter = settings.particle_diameter if settings.particle_diameter > 0 else box * apix
+    diameter = mask_diameter_angst(settings, box, apix)
     return soft_sphere_mask(box, diameter / (2 * apix), 5.0).astype(np.float32)
 
 
@@ -574,8 +579,7 @@ class Refinement:
                 and s.class_difference_highres > 0 and iteration > s.consensus_iter + 1):
             return refs
         from .focus import shared_consensus_references
-        radius = (s.particle_diameter if s.particle_diameter > 0
-                  else self.box * self.apix) / (2.0 * self.apix)
+        radius = mask_diameter_angst(s, self.box, self.apix) / (2.0 * self.apix)
         inside = soft_sphere_mask(self.box, radius, 3.0, xp)
         focused, _ = shared_consensus_references(refs, xp.asarray(model.pdf_class), self.apix,
                                                  s.class_difference_highres, inside)

@@ -433,6 +433,11 @@ def _class_sizes(n, n_classes, fractions):
     return sizes
 
 
+def _micrograph_name(m):
+    """``rlnMicrographName`` of micrograph ``m`` (0-based): one group per micrograph."""
+    return f"Micrographs/mic{m + 1:03d}.mrc"
+
+
 def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, seed=0,
                      class_fractions=None, n_micrographs=10, max_shift_px=3.0,
                      defocus_range=(10000.0, 30000.0), astigmatism_max=600.0,
@@ -598,7 +603,7 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     optics = optics_group_table(apix, box, voltage=voltage, cs=cs, q0=q0)
     particles = pd.DataFrame({
         "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)],
-        "rlnMicrographName": [f"Micrographs/mic{m + 1:03d}.mrc" for m in micrograph],
+        "rlnMicrographName": [_micrograph_name(m) for m in micrograph],
         "rlnDefocusU": defocus_u if apply_ctf else np.zeros(n),
         "rlnDefocusV": defocus_v if apply_ctf else np.zeros(n),
         "rlnDefocusAngle": defocus_angle if apply_ctf else np.zeros(n),
@@ -618,8 +623,7 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         truth["rlnNormCorrection"] = norm_factor
     if group_scale is not None:
         truth_blocks["groups"] = pd.DataFrame({
-            "rlnMicrographName": [f"Micrographs/mic{m + 1:03d}.mrc"
-                                  for m in range(int(n_micrographs))],
+            "rlnMicrographName": [_micrograph_name(m) for m in range(int(n_micrographs))],
             "rlnGroupScaleCorrection": group_scale,
             "rlnGroupNrParticles": np.bincount(micrograph, minlength=int(n_micrographs)),
         })
@@ -640,7 +644,7 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         summary["norm_spread"] = norm_spread
     if group_scale is not None:
         summary["scale_spread"] = scale_spread
-        summary["group_scales"] = {f"Micrographs/mic{m + 1:03d}.mrc": float(v)
+        summary["group_scales"] = {_micrograph_name(m): float(v)
                                    for m, v in enumerate(group_scale)}
     summary_path = os.path.join(out_dir, "truth_summary.json")
     tmp = summary_path + f".tmp{os.getpid()}"
