@@ -55,12 +55,18 @@ def test_backprojection_is_adjoint_of_projection(phantom, pad):
     proj = pj.Projector(phantom, pad=pad, gridding=False)
     s = (rng.standard_normal((5, len(ky))) + 1j * rng.standard_normal((5, len(ky)))).astype(np.complex64)
     lhs = np.vdot(s, proj.project(R, ky, kx))
-    # Adjoint of the interpolation (the '+k' half of BackProjector.insert).
-    idx, w = pj._trilinear(pj._slice_coordinates(R, ky, kx, pad, pad * N), pad * N)
-    acc = np.zeros((pad * N) ** 3, complex)
-    np.add.at(acc, idx.ravel(), (w * s[..., None]).ravel())
-    rhs = np.vdot(acc, proj._flat)
+    # BackProjector.insert before symmetrisation (the '+k' half) is the adjoint of the
+    # interpolation: <s, P v> = <P^T s, v>, and its weight volume is P^T applied to
+    # the weights.
+    bp = pj.BackProjector(N, pad=pad)
+    weights = rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+    bp.insert(R, ky, kx, s, weights)
+    rhs = np.vdot(bp.data, proj._flat)
     assert abs(lhs - rhs) < 1e-4 * abs(lhs)
+    ones = pj.Projector(np.zeros((N,) * 3, np.float32), pad=pad, gridding=False)
+    ones._flat = np.ones_like(ones._flat)       # every voxel 1: P 1 = 1 (weights sum to 1)
+    assert np.allclose(ones.project(R, ky, kx), 1.0, atol=1e-5)
+    assert np.isclose(bp.weight.sum(), weights.astype(np.float64).sum(), rtol=1e-5)
 
 
 def fsc_curve(a, b):
