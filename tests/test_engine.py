@@ -178,6 +178,29 @@ def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_pa
             assert np.array_equal(va, vb)
 
 
+def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
+    """The PCA start with shared-consensus references: the joint consensus map lives in
+    the state file, so a run cut after an iteration that uses it continues exactly."""
+    data_dir, _ = dataset
+    flags = ("--K", "2", "--init_classes", "pca", "--consensus_iter", "1",
+             "--classify_fixed_iter", "1", "--classify_local_order", "1")
+    full = tmp_path / "full" / "run"
+    refine(data_dir, full, *flags, "--iter", "4")
+    cut = tmp_path / "cut" / "run"
+    refine(data_dir, cut, *flags, "--iter", "3")
+    from cryoclass_plugin.engine.model import ModelState
+    state = ModelState.load(f"{cut}_it003_state.npz")
+    assert state.consensus_ref is not None and state.consensus_ref.shape == (BOX,) * 3
+    assert cli.main(["refine", "--continue", f"{cut}_it003_optimiser.star", "--iter", "4"]) == 0
+    a, b = last_data(full, 4), last_data(cut, 4)
+    assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
+    assert np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])
+    for k in (1, 2):
+        va, _ = read_map(f"{full}_it004_class{k:03d}.mrc")
+        vb, _ = read_map(f"{cut}_it004_class{k:03d}.mrc")
+        assert np.array_equal(va, vb)
+
+
 def test_bad_input_gives_one_line_errors(dataset, tmp_path, capsys):
     data_dir, _ = dataset
     base = ["refine", "--i", str(data_dir / "particles.star"), "--ref", str(data_dir / "ref.mrc"),

@@ -100,6 +100,11 @@ def add_args(parser):
                           "class references share the consensus map beyond this resolution "
                           "(A) and outside the region where the classes differ (the written "
                           "class maps stay plain reconstructions); 0 = plain class maps")
+    opt.add_argument("--consensus_from_class_maps", action="store_true",
+                     help="with --class_difference_highres: the shared consensus is the "
+                          "class-prior-weighted mean of the class maps (each regularised "
+                          "with 1/K of the particles) instead of a reconstruction from all "
+                          "particles together (the default)")
     opt.add_argument("--classify_local_order", type=int, default=-1,
                      help="HEALPix order of those local searches (default: --healpix_order "
                           "+ 1, i.e. half the angular step)")
@@ -219,7 +224,8 @@ def settings_from_args(args):
         classify_local_sigma=args.classify_local_sigma,
         classify_local_order=args.classify_local_order,
         consensus_local_iter=args.consensus_local_iter,
-        class_difference_highres=args.class_difference_highres)
+        class_difference_highres=args.class_difference_highres,
+        joint_consensus=not args.consensus_from_class_maps)
 
 
 # Options that only say how to compute; a continued run may change them.
@@ -248,6 +254,8 @@ def _settings_for_continue(args):
     saved.setdefault("consensus_local_iter", 0)
     # ... and before the shared-consensus references: plain class maps.
     saved.setdefault("class_difference_highres", 0.0)
+    # ... and before the joint consensus reconstruction: the mean of the class maps.
+    saved.setdefault("joint_consensus", False)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
     settings.continue_from = path
     if args.iter is not None:

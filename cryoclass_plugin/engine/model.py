@@ -50,6 +50,10 @@ class ModelState:
     part_norm: np.ndarray = None          # (n,) norm correction (RELION rlnNormCorrection)
     avg_norm: float = 1.0                 # mean of part_norm (rlnNormCorrectionAverage)
     scale_correction: np.ndarray = None   # (G,) per group (rlnGroupScaleCorrection)
+    # After a consensus / PCA split (--class_difference_highres): the reconstruction of
+    # all particles together and its tau2 (see mstep.maximise, focus).
+    consensus_ref: np.ndarray = None      # (N, N, N) float32
+    consensus_tau2: np.ndarray = None     # (n_shells,)
     changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
                                                     "classes": 1.0})
     log_likelihood: float = 0.0

@@ -98,17 +98,22 @@ def resolution_shell(ssnr):
     return int(below[0]) if below.size else ssnr.shape[0] - 1
 
 
-def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregularised=False):
+def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregularised=False,
+             consensus=False):
     """Update ``model`` (a :class:`.model.ModelState`) in place from reduced sums.
 
     ``unregularised`` reconstructs without the tau2 prior (first iteration after a
     ``--firstiter_cc`` pass, when the reference's greyscale, hence tau2, is unknown).
+    ``consensus`` also reconstructs all classes' sums together
+    (:func:`reconstruct_consensus`).
     """
     xp = acc.xp
     K = len(acc.backprojectors)
     n_shells = acc.n_shells
     total = float(to_numpy(acc.class_weight.sum()))
     class_w = to_numpy(acc.class_weight)
+    if consensus and not unregularised:
+        reconstruct_consensus(acc, model, settings, solvent_mask, symmetrise)
     for k, bp in enumerate(acc.backprojectors):
         if class_w[k] <= 1e-6 * max(total, 1e-300):
             # An empty class keeps its map; its prior goes to (almost) zero below.
@@ -139,6 +144,41 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
     if acc.offset_weight > 0:
         sigma_px = np.sqrt(acc.offset_sq / (2.0 * acc.offset_weight))
         model.sigma_offset_angst = max(float(sigma_px) * model.apix, 1.0)
+
+
+def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=None):
+    """The consensus map: one reconstruction from the sums of all classes (every
+    particle, each with its posterior-weighted poses over all classes), regularised by
+    its own tau2 (``model.consensus_tau2``; the first time the class-prior-weighted
+    mean of the classes' tau2).  Sets ``model.consensus_ref`` and ``consensus_tau2``.
+
+    Why not the prior-weighted mean of the class maps: each class map is Wiener-filtered
+    with its own SSNR (1/K of the particles), so their mean is low-passed harder than a
+    reconstruction from all particles, and the E-step's alignment (the references share
+    this consensus beyond ``--class_difference_highres``, :mod:`.focus`) loses the
+    frequencies that the whole data set does determine.  Costs one reconstruction and
+    one more padded volume pair (data complex128 + weight float64) during the M-step.
+    """
+    xp = acc.xp
+    first = acc.backprojectors[0]
+    joint = BackProjector(first.box, first.pad, xp)
+    for bp in acc.backprojectors:
+        joint.add(bp.data, bp.weight)
+    if model.consensus_tau2 is not None:
+        tau2 = np.asarray(model.consensus_tau2, dtype=np.float64)
+    else:
+        w = np.maximum(np.asarray(model.pdf_class, dtype=np.float64), 0.0)
+        w = w / max(float(w.sum()), 1e-300)
+        tau2 = (w[:, None] * model.tau2).sum(axis=0)
+    vol = joint.reconstruct(tau2=xp.asarray(tau2), tau2_fudge=settings.tau2_fudge,
+                            gridding=settings.gridding)
+    del joint
+    if symmetrise is not None:
+        vol = symmetrise(vol)
+    if solvent_mask is not None:
+        vol = vol * solvent_mask
+    model.consensus_ref = to_numpy(vol).astype(np.float32)
+    model.consensus_tau2 = power_spectrum_half(vol)
 
 
 # ----------------------------------------------------------------------------- --norm, --scale

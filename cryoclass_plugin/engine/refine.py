@@ -85,6 +85,7 @@ class Settings:
     classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
     consensus_local_iter: int = 2       # the last consensus iterations search locally too
     class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
+    joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -547,7 +548,7 @@ class Refinement:
                 res[key] = to_numpy(comm.allreduce_sum(res[key]))
         maximise(acc, model, _MStepSettings(s), solvent_mask=None if self.solvent_mask is None
                  else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
-                 unregularised=use_cc)
+                 unregularised=use_cc, consensus=self._shares_consensus(iteration))
         self._update_particles(model, subset, res)
         if do_norm:
             update_norm_corrections(model, subset, res["norm_resid"])
@@ -581,9 +582,20 @@ class Refinement:
         from .focus import shared_consensus_references
         radius = mask_diameter_angst(s, self.box, self.apix) / (2.0 * self.apix)
         inside = soft_sphere_mask(self.box, radius, 3.0, xp)
+        consensus = (None if model.consensus_ref is None or not s.joint_consensus
+                     else xp.asarray(model.consensus_ref))
         focused, _ = shared_consensus_references(refs, xp.asarray(model.pdf_class), self.apix,
-                                                 s.class_difference_highres, inside)
+                                                 s.class_difference_highres, inside,
+                                                 consensus=consensus)
         return focused
+
+    def _shares_consensus(self, iteration):
+        """Whether the E-step references of the iteration after this one share a
+        consensus (:meth:`_estep_references`), so that this M-step reconstructs it."""
+        s = self.s
+        return (s.init_classes in ("consensus", "pca") and s.n_classes > 1
+                and s.class_difference_highres > 0 and s.joint_consensus
+                and iteration > s.consensus_iter)
 
     def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur,
                local=False):
