@@ -26,6 +26,15 @@ def ifft_centered(arr, axes=None):
     return xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(arr, axes=axes), axes=axes), axes=axes)
 
 
+def ifft_centered_real(arr):
+    """Real inverse of a centred, Hermitian-symmetric transform (``F(-k) = F(k)*``):
+    the same as ``ifft_centered(arr).real`` with a half-size real transform."""
+    xp = _xp(arr)
+    n = arr.shape
+    half = xp.fft.ifftshift(arr)[..., :n[-1] // 2 + 1]
+    return xp.fft.fftshift(xp.fft.irfftn(half, s=n))
+
+
 def freq_grid(shape, xp=np):
     """Integer frequency coordinates of a centred grid, one array per axis (ij order)."""
     return xp.meshgrid(*[xp.arange(n) - n // 2 for n in shape], indexing="ij")

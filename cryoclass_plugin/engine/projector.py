@@ -17,7 +17,7 @@ slices are ``(n_rotations, n_pixels)`` complex64 arrays.
 import numpy as np
 
 from .backend import get_xp
-from .fourier import fft_centered, ifft_centered, radial_index
+from .fourier import fft_centered, ifft_centered_real, radial_index
 
 # Rotations interpolated per chunk.  On the CPU small chunks keep the (chunk, n_pixels)
 # temporaries of the eight corner passes in cache (32 rotations x 1500 pixels x 8 bytes
@@ -154,6 +154,10 @@ class Projector:
         return out
 
 
+_SHELL_CACHE = {}
+_SHELL_CACHE_MAX_BIG = 256
+
+
 class BackProjector:
     """Accumulates weighted slices into a padded 3D transform and reconstructs.
 
@@ -211,17 +215,18 @@ class BackProjector:
                 cupyx.scatter_add(data_pair, flat, pair)
                 cupyx.scatter_add(self.weight, flat, (wv * weights[start:stop][None]).ravel())
 
+    def _mate(self, a):
+        """``a`` at every voxel's Hermitian mate: index i holds k = i - P/2, its mate -k
+        sits at (P - i) mod P on each axis."""
+        a = a.reshape((self.big,) * 3)[::-1, ::-1, ::-1]
+        return self.xp.roll(a, 1, axis=(0, 1, 2)).ravel()
+
     def symmetrised(self):
         """``(data, weight)`` with every voxel's Hermitian mate added (``F(-k) = F(k)*``)."""
-        xp = self.xp
-        shape = (self.big,) * 3
+        return self.data + self.xp.conj(self._mate(self.data)), self.symmetrised_weight()
 
-        def mate(a):
-            # Index i holds k = i - P/2; its mate -k sits at (P - i) mod P on each axis.
-            a = a.reshape(shape)[::-1, ::-1, ::-1]
-            return xp.roll(a, 1, axis=(0, 1, 2)).ravel()
-
-        return self.data + xp.conj(mate(self.data)), self.weight + mate(self.weight)
+    def symmetrised_weight(self):
+        return self.weight + self._mate(self.weight)
 
     def add(self, other_data, other_weight):
         """Add accumulators summed elsewhere (e.g. by an MPI reduction)."""
@@ -229,10 +234,21 @@ class BackProjector:
         self.weight += other_weight
 
     def shells(self):
-        """Shell (in unpadded frequency pixels, rounded) of every padded voxel (flat)."""
+        """Shell (in unpadded frequency pixels, rounded) of every padded voxel (flat).
+
+        Cached per grid up to 256^3 voxels (134 MB of int64): each M-step asks for it
+        twice per class."""
         xp = self.xp
+        key = (self.big, self.pad, xp.__name__)
+        cached = _SHELL_CACHE.get(key)
+        if cached is not None:
+            return cached
         r = radial_index((self.big,) * 3, xp).ravel() / self.pad
-        return xp.rint(r).astype(xp.int64)
+        sh = xp.rint(r).astype(xp.int64)
+        if self.big <= _SHELL_CACHE_MAX_BIG:
+            _SHELL_CACHE.clear()            # one grid at a time
+            _SHELL_CACHE[key] = sh
+        return sh
 
     def reconstruct(self, tau2=None, tau2_fudge=1.0, max_shell=None, gridding=True):
         """Regularised reconstruction ``V = D / (W + 1 / (pad^3 T tau2))`` per voxel.
@@ -260,7 +276,8 @@ class BackProjector:
         if max_shell is not None:
             vol_f = xp.where(sh <= max_shell, vol_f, 0.0)
         vol_f = vol_f.reshape((self.big,) * 3)
-        real = ifft_centered(vol_f).real
+        # Hermitian by construction (symmetrised sums, shell-wise prior): a real inverse.
+        real = ifft_centered_real(vol_f)
         lo = self.big // 2 - self.box // 2
         vol = real[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]
         if gridding:
@@ -272,7 +289,7 @@ class BackProjector:
         xp = self.xp
         sh = self.shells()
         keep = sh < n_shells
-        _, weight = self.symmetrised()
+        weight = self.symmetrised_weight()
         num = xp.bincount(sh[keep], weights=weight[keep], minlength=n_shells)
         cnt = xp.bincount(sh[keep], minlength=n_shells)
         return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0) * self.pad ** 3
