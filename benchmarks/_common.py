@@ -518,10 +518,20 @@ def evaluate_run(root, sim_dir, iteration=None):
 
 # ----------------------------------------------------------------------------- RELION cache
 
+# MRC header bytes that hold the labels (nlabl and ten 80-character labels): mrcfile
+# writes a creation time there, so two simulations of the same set differ only in them.
+MRC_LABELS = (220, 1024)
+
+
 def file_digest(paths):
+    """SHA-1 (16 hex digits) of the files' bytes; for MRC files without the header's
+    labels (their creation time), so that re-simulated identical sets match."""
     h = hashlib.sha1()
     for p in paths:
         with open(p, "rb") as fh:
+            if p.endswith((".mrc", ".mrcs")):
+                h.update(fh.read(MRC_LABELS[0]))
+                fh.seek(MRC_LABELS[1])
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
