@@ -179,11 +179,12 @@ def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_pa
 
 
 def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
-    """The PCA start with shared-consensus references: the joint consensus map lives in
-    the state file, so a run cut after an iteration that uses it continues exactly."""
+    """The PCA start with shared-consensus references and --joint_consensus: the joint
+    consensus map lives in the state file, so a run cut after an iteration that uses it
+    continues exactly."""
     data_dir, _ = dataset
     flags = ("--K", "2", "--init_classes", "pca", "--consensus_iter", "1",
-             "--classify_fixed_iter", "1", "--classify_local_order", "1")
+             "--classify_fixed_iter", "1", "--classify_local_order", "1", "--joint_consensus")
     full = tmp_path / "full" / "run"
     refine(data_dir, full, *flags, "--iter", "4")
     cut = tmp_path / "cut" / "run"

@@ -100,11 +100,12 @@ def add_args(parser):
                           "class references share the consensus map beyond this resolution "
                           "(A) and outside the region where the classes differ (the written "
                           "class maps stay plain reconstructions); 0 = plain class maps")
-    opt.add_argument("--consensus_from_class_maps", action="store_true",
-                     help="with --class_difference_highres: the shared consensus is the "
+    opt.add_argument("--joint_consensus", action="store_true",
+                     help="with --class_difference_highres: the shared consensus is "
+                          "reconstructed from all particles together instead of being the "
                           "class-prior-weighted mean of the class maps (each regularised "
-                          "with 1/K of the particles) instead of a reconstruction from all "
-                          "particles together (the default)")
+                          "with 1/K of the particles); measured: better poses, about the "
+                          "same classes (benchmarks/RESULTS.md, 'joint consensus')")
     opt.add_argument("--classify_local_order", type=int, default=-1,
                      help="HEALPix order of those local searches (default: --healpix_order "
                           "+ 1, i.e. half the angular step)")
@@ -225,7 +226,7 @@ def settings_from_args(args):
         classify_local_order=args.classify_local_order,
         consensus_local_iter=args.consensus_local_iter,
         class_difference_highres=args.class_difference_highres,
-        joint_consensus=not args.consensus_from_class_maps)
+        joint_consensus=args.joint_consensus)
 
 
 # Options that only say how to compute; a continued run may change them.

@@ -85,7 +85,7 @@ class Settings:
     classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
     consensus_local_iter: int = 2       # the last consensus iterations search locally too
     class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
-    joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
+    joint_consensus: bool = False   # ... a consensus reconstructed from all classes' sums
 
 
 # ----------------------------------------------------------------------------- set-up
