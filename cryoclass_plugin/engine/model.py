@@ -50,10 +50,9 @@ class ModelState:
     part_norm: np.ndarray = None          # (n,) norm correction (RELION rlnNormCorrection)
     avg_norm: float = 1.0                 # mean of part_norm (rlnNormCorrectionAverage)
     scale_correction: np.ndarray = None   # (G,) per group (rlnGroupScaleCorrection)
-    # After a consensus / PCA split (--class_difference_highres): the reconstruction of
-    # all particles together and its tau2 (see mstep.maximise, focus).
+    # --joint_consensus after a consensus / PCA split: the reconstruction of all
+    # particles together (mstep.reconstruct_consensus, focus).
     consensus_ref: np.ndarray = None      # (N, N, N) float32
-    consensus_tau2: np.ndarray = None     # (n_shells,)
     changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
                                                     "classes": 1.0})
     log_likelihood: float = 0.0
@@ -96,7 +95,11 @@ class ModelState:
         with np.load(path, allow_pickle=False) as z:
             scalars = json.loads(str(z["__scalars__"]))
             arrays = {k: z[k] for k in z.files if not k.startswith("__")}
-        model = cls(**scalars, **arrays)
+        # Fields this version does not know (e.g. derivable ones an earlier development
+        # version saved) are left out.
+        import dataclasses
+        known = {f.name for f in dataclasses.fields(cls)}
+        model = cls(**{k: v for k, v in {**scalars, **arrays}.items() if k in known})
         # State files written before --norm / --scale existed: corrections of 1.
         if model.part_norm is None and model.part_class is not None:
             model.part_norm = np.ones(len(model.part_class))

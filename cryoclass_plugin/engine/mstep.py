@@ -149,8 +149,8 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
 def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=None):
     """The consensus map: one reconstruction from the sums of all classes (every
     particle, each with its posterior-weighted poses over all classes), regularised by
-    its own tau2 (``model.consensus_tau2``; the first time the class-prior-weighted
-    mean of the classes' tau2).  Sets ``model.consensus_ref`` and ``consensus_tau2``.
+    the power spectrum of the previous consensus map (the first time, the
+    class-prior-weighted mean of the classes' tau2).  Sets ``model.consensus_ref``.
 
     Why not the prior-weighted mean of the class maps: each class map is Wiener-filtered
     with its own SSNR (1/K of the particles), so their mean is low-passed harder than a
@@ -164,8 +164,8 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     joint = BackProjector(first.box, first.pad, xp)
     for bp in acc.backprojectors:
         joint.add(bp.data, bp.weight)
-    if model.consensus_tau2 is not None:
-        tau2 = np.asarray(model.consensus_tau2, dtype=np.float64)
+    if model.consensus_ref is not None:
+        tau2 = power_spectrum_half(xp.asarray(model.consensus_ref))
     else:
         w = np.maximum(np.asarray(model.pdf_class, dtype=np.float64), 0.0)
         w = w / max(float(w.sum()), 1e-300)
@@ -178,7 +178,6 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     if solvent_mask is not None:
         vol = vol * solvent_mask
     model.consensus_ref = to_numpy(vol).astype(np.float32)
-    model.consensus_tau2 = power_spectrum_half(vol)
 
 
 # ----------------------------------------------------------------------------- --norm, --scale

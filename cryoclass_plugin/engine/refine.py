@@ -576,8 +576,7 @@ class Refinement:
         that share the consensus where the classes do not differ (:mod:`.focus`)."""
         s, xp = self.s, self.xp
         refs = xp.asarray(model.refs)
-        if not (s.init_classes in ("consensus", "pca") and s.n_classes > 1
-                and s.class_difference_highres > 0 and iteration > s.consensus_iter + 1):
+        if not self._shares_references(iteration):
             return refs
         from .focus import shared_consensus_references
         radius = mask_diameter_angst(s, self.box, self.apix) / (2.0 * self.apix)
@@ -589,13 +588,17 @@ class Refinement:
                                                  consensus=consensus)
         return focused
 
-    def _shares_consensus(self, iteration):
-        """Whether the E-step references of the iteration after this one share a
-        consensus (:meth:`_estep_references`), so that this M-step reconstructs it."""
+    def _shares_references(self, iteration):
+        """Whether the E-step references of an iteration share the consensus
+        (``--class_difference_highres`` after a consensus / PCA split)."""
         s = self.s
         return (s.init_classes in ("consensus", "pca") and s.n_classes > 1
-                and s.class_difference_highres > 0 and s.joint_consensus
-                and iteration > s.consensus_iter)
+                and s.class_difference_highres > 0 and iteration > s.consensus_iter + 1)
+
+    def _shares_consensus(self, iteration):
+        """Whether this iteration's M-step reconstructs the joint consensus: with
+        ``--joint_consensus`` when the next iteration's references share it."""
+        return self.s.joint_consensus and self._shares_references(iteration + 1)
 
     def _block(self, model, idx, allowed, xp, ky_all, kx_all, pixel_shell, n_cur,
                local=False):
