@@ -159,6 +159,17 @@ def test_outputs_have_relion_names_and_labels(classified):
         assert sum(line.startswith("iter") for line in fh) == 10
 
 
+def assert_same_iteration(root_a, root_b, it, n_classes):
+    """Two runs' iteration ``it``: the same classes and angles, bit-identical maps."""
+    a, b = last_data(root_a, it), last_data(root_b, it)
+    assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
+    assert np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])
+    for k in range(1, n_classes + 1):
+        va, _ = read_map(f"{root_a}_it{it:03d}_class{k:03d}.mrc")
+        vb, _ = read_map(f"{root_b}_it{it:03d}_class{k:03d}.mrc")
+        assert np.array_equal(va, vb)
+
+
 def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_path):
     data_dir, _ = dataset
     full = tmp_path / "full" / "run"
@@ -169,13 +180,7 @@ def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_pa
     refine(data_dir, cut, "--K", "2", "--iter", "1")
     assert cli.main(["refine", "--continue", f"{cut}_it001_optimiser.star", "--iter", "3"]) == 0
     for other in (again, cut):
-        a, b = last_data(full, 3), last_data(other, 3)
-        assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
-        assert np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])
-        for k in (1, 2):
-            va, _ = read_map(f"{full}_it003_class{k:03d}.mrc")
-            vb, _ = read_map(f"{other}_it003_class{k:03d}.mrc")
-            assert np.array_equal(va, vb)
+        assert_same_iteration(full, other, 3, n_classes=2)
 
 
 def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
@@ -193,13 +198,7 @@ def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
     state = ModelState.load(f"{cut}_it003_state.npz")
     assert state.consensus_ref is not None and state.consensus_ref.shape == (BOX,) * 3
     assert cli.main(["refine", "--continue", f"{cut}_it003_optimiser.star", "--iter", "4"]) == 0
-    a, b = last_data(full, 4), last_data(cut, 4)
-    assert (a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()).all()
-    assert np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])
-    for k in (1, 2):
-        va, _ = read_map(f"{full}_it004_class{k:03d}.mrc")
-        vb, _ = read_map(f"{cut}_it004_class{k:03d}.mrc")
-        assert np.array_equal(va, vb)
+    assert_same_iteration(full, cut, 4, n_classes=2)
 
 
 def test_bad_input_gives_one_line_errors(dataset, tmp_path, capsys):
