@@ -15,7 +15,7 @@ frequencies (``--restart_highres``), where the classes differ and the noise is s
 import numpy as np
 
 from .backend import to_numpy
-from .fourier import half_plane_pixels, ifft_centered
+from .fourier import half_plane_pixels
 from .geometry import euler_to_matrix
 from .masks import soft_sphere_mask
 from .mpi import split_range
@@ -24,11 +24,7 @@ from .projector import BackProjector, Projector
 
 def _adjoint_volume(bp):
     """Real-space volume of a back-projector's raw data sums (the adjoint of projection)."""
-    xp = bp.xp
-    data, _ = bp.symmetrised()
-    vol = ifft_centered(data.reshape((bp.big,) * 3)).real
-    lo = bp.big // 2 - bp.box // 2
-    return vol[lo:lo + bp.box, lo:lo + bp.box, lo:lo + bp.box]
+    return bp.real_space(bp.symmetrised_data())
 
 
 def principal_coordinates(refinement, model, n_components, highres_angst, n_power=8,

@@ -223,7 +223,10 @@ class BackProjector:
 
     def symmetrised(self):
         """``(data, weight)`` with every voxel's Hermitian mate added (``F(-k) = F(k)*``)."""
-        return self.data + self.xp.conj(self._mate(self.data)), self.symmetrised_weight()
+        return self.symmetrised_data(), self.symmetrised_weight()
+
+    def symmetrised_data(self):
+        return self.data + self.xp.conj(self._mate(self.data))
 
     def symmetrised_weight(self):
         return self.weight + self._mate(self.weight)
@@ -275,14 +278,18 @@ class BackProjector:
         vol_f = xp.where(reached, data / xp.maximum(denom, 1e-300), 0.0)
         if max_shell is not None:
             vol_f = xp.where(sh <= max_shell, vol_f, 0.0)
-        vol_f = vol_f.reshape((self.big,) * 3)
-        # Hermitian by construction (symmetrised sums, shell-wise prior): a real inverse.
-        real = ifft_centered_real(vol_f)
-        lo = self.big // 2 - self.box // 2
-        vol = real[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]
+        # Hermitian by construction (symmetrised sums, shell-wise prior).
+        vol = self.real_space(vol_f)
         if gridding:
             vol = vol / gridding_correction(self.box, self.pad, xp)
         return vol.astype(xp.float32)
+
+    def real_space(self, transform):
+        """The unpadded ``(N, N, N)`` real-space box of a Hermitian padded transform
+        (flat or ``(P, P, P)``, centred)."""
+        real = ifft_centered_real(transform.reshape((self.big,) * 3))
+        lo = self.big // 2 - self.box // 2
+        return real[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]
 
     def mean_weight_per_shell(self, n_shells):
         """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
