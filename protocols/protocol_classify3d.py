@@ -244,6 +244,18 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "poses). No: the mean of the class maps. On our benchmarks "
                            "the classes came out the same or slightly worse with Yes "
                            "(--joint_consensus).")
+        form.addParam("autoMaskSigma", FloatParam, default=3.0,
+                      condition="not doContinue and initialClasses > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Mask the references around their density (sigma)",
+                      help="With a consensus start and no reference mask: the references "
+                           "the particles are compared with are masked around their "
+                           "density, found where the 15 A low-passed mean map stands this "
+                           "many robust standard deviations above its median inside the "
+                           "particle mask (extended 8 A, 12 A soft edge). It removes the "
+                           "maps' noise in the solvent, which the projections would add "
+                           "to every score. The written class maps are not masked "
+                           "(--auto_mask_sigma). 0: no automatic mask.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -889,6 +901,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))
             if self.jointConsensus and (self.sharedConsensusBeyond.get() or 0) > 0:
                 add("--joint_consensus")
+            if not root.referenceMask.hasValue():
+                add("--auto_mask_sigma", _num(max(0.0, self.autoMaskSigma.get() or 0.0)))
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))

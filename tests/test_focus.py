@@ -128,3 +128,47 @@ def test_joint_consensus_is_sharper_than_the_mean_of_the_class_maps():
     def err(v):
         return np.sum((v - truth) ** 2)
     assert err(model.consensus_ref) < 0.92 * err(mean), (err(model.consensus_ref), err(mean))
+
+
+def _references_of(init_classes, auto_mask_sigma, iteration, refs, pdf, solvent_mask=""):
+    """``Refinement._estep_references`` on given class maps, without data."""
+    from types import SimpleNamespace
+    from cryoclass_plugin.engine.refine import Refinement, Settings
+    r = Refinement.__new__(Refinement)
+    r.s = Settings(input_star="x.star", output_root="o", ref="r.mrc", n_classes=len(refs),
+                   particle_diameter=BOX * APIX * 0.9, init_classes=init_classes,
+                   consensus_iter=4, auto_mask_sigma=auto_mask_sigma,
+                   solvent_mask=solvent_mask)
+    r.xp, r.box, r.apix = np, BOX, APIX
+    model = SimpleNamespace(refs=refs, pdf_class=np.asarray(pdf), consensus_ref=None)
+    return r._estep_references(model, iteration)
+
+
+def test_estep_references_are_masked_around_the_density():
+    """With a consensus / PCA start the E-step references are masked around the
+    density of their mean (default threshold 3 sigma): zero far from it, unchanged on
+    it.  RELION's start, a user's ``--solvent_mask`` and ``--auto_mask_sigma 0`` leave
+    them as they are, and so does the first iteration (its map is the unaligned
+    reference)."""
+    from cryoclass_plugin.engine.masks import auto_solvent_mask
+    from cryoclass_plugin.engine.refine import AUTO_MASK_SIGMA
+    truth, noisy = _classes(0.05)
+    pdf = [0.4, 0.3, 0.3]
+    masked = _references_of("pca", -1.0, 3, noisy, pdf)   # consensus phase: no sharing
+    inside = soft_sphere_mask(BOX, BOX * 0.9 / 2, 3.0)
+    mask = auto_solvent_mask(np.tensordot(np.asarray(pdf), noisy.astype(np.float64),
+                                          axes=1), APIX, inside, AUTO_MASK_SIGMA)
+    np.testing.assert_allclose(masked, noisy * mask[None], rtol=1e-5, atol=1e-7)
+    assert 0.02 < mask.mean() < 0.5 * inside.mean()
+    on_density = truth.max(axis=0) > 0.5
+    np.testing.assert_allclose(masked[:, on_density], noisy[:, on_density], rtol=1e-6)
+    # noise far from the density is gone (was there before)
+    far = mask == 0
+    assert np.abs(noisy[:, far]).max() > 0.01 and np.all(masked[:, far] == 0)
+    for plain in (_references_of("relion", -1.0, 3, noisy, pdf),
+                  _references_of("pca", 0.0, 3, noisy, pdf),
+                  _references_of("pca", -1.0, 3, noisy, pdf, solvent_mask="mask.mrc"),
+                  _references_of("pca", -1.0, 1, noisy, pdf)):
+        np.testing.assert_array_equal(plain, noisy)
+    # an explicit threshold applies to RELION's start too
+    assert np.all(_references_of("relion", 3.0, 3, noisy, pdf)[:, far] == 0)

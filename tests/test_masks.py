@@ -71,3 +71,51 @@ def test_apply_soft_mask_zero_and_background():
 def test_resolution_helpers():
     assert masks.resolution_to_radius_px(10.0, 64, 2.5) == pytest.approx(16.0)
     assert masks.nyquist_angstrom(2.5) == 5.0
+
+
+def _blob_map(box=48, apix=4.0, seed=0, noise=0.02):
+    """Two Gaussian blobs (sigma 6 A) off-centre plus white noise: a map whose density
+    fills a few per cent of a particle mask, like a reconstruction."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:box, :box, :box] - box // 2
+    vol = np.zeros((box, box, box))
+    for cz, cy, cx in [(3, -4, 2), (-3, 5, -4)]:
+        d2 = (z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2
+        vol += np.exp(-d2 * apix ** 2 / (2 * 6.0 ** 2))
+    return vol + noise * rng.standard_normal(vol.shape), vol
+
+
+def test_auto_solvent_mask_covers_density_and_excludes_solvent():
+    box, apix = 48, 4.0
+    noisy, clean = _blob_map(box, apix)
+    inside = masks.soft_sphere_mask(box, 20.0, 3.0)
+    m = masks.auto_solvent_mask(noisy, apix, inside, threshold_sigma=3.0,
+                                extend_angst=8.0, edge_angst=12.0)
+    assert m.shape == (box, box, box) and m.dtype == np.float32
+    assert m.min() >= 0.0 and m.max() <= 1.0
+    assert np.all(m <= inside + 1e-6)           # never beyond the particle mask
+    # all of the density's power is kept ...
+    kept = ((clean * m) ** 2).sum() / (clean ** 2).sum()
+    assert kept > 0.999, kept
+    # ... in a fraction of the particle mask's volume ...
+    assert m.sum() < 0.25 * inside.sum(), (m.sum(), inside.sum())
+    # ... and voxels farther than extend + edge (20 A = 5 px) from it are solvent (0)
+    from scipy.ndimage import distance_transform_edt
+    far = distance_transform_edt(clean < 0.05 * clean.max()) * apix > 40.0
+    assert far.any() and np.all(m[far] == 0.0)
+    # the mask is 1 on the density itself
+    assert np.all(m[clean > 0.5 * clean.max()] == 1.0)
+
+
+def test_auto_solvent_mask_threshold_follows_the_noise():
+    """A higher threshold in noise units gives a smaller mask; a flat map (no spread)
+    gives the particle mask itself."""
+    box, apix = 48, 4.0
+    noisy, _ = _blob_map(box, apix, noise=0.05)
+    inside = masks.soft_sphere_mask(box, 20.0, 3.0)
+    loose = masks.auto_solvent_mask(noisy, apix, inside, threshold_sigma=2.0)
+    tight = masks.auto_solvent_mask(noisy, apix, inside, threshold_sigma=6.0)
+    assert tight.sum() < loose.sum()
+    assert np.all(tight <= loose + 1e-6)
+    flat = masks.auto_solvent_mask(np.ones((box, box, box)), apix, inside)
+    np.testing.assert_allclose(flat, inside)

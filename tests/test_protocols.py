@@ -321,8 +321,11 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
     assert "--class_difference_highres 25" in text
     assert "--joint_consensus" not in text
-    prot = _classifier(project, inputs, initialClasses=2, jointConsensus=True)
+    assert "--auto_mask_sigma 3" in text
+    prot = _classifier(project, inputs, initialClasses=2, jointConsensus=True,
+                       autoMaskSigma=0.0)
     assert "--joint_consensus" in prot._getEngineArgs()
+    assert "--auto_mask_sigma 0" in prot._getEngineArgs()
     assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=0.0)
     assert "--classify_local_sigma 0" in prot._getEngineArgs()

@@ -106,6 +106,13 @@ def add_args(parser):
                           "class-prior-weighted mean of the class maps (each regularised "
                           "with 1/K of the particles); measured: better poses, about the "
                           "same classes (benchmarks/RESULTS.md, 'joint consensus')")
+    opt.add_argument("--auto_mask_sigma", type=float, default=-1.0,
+                     help="mask the E-step references around their density: where the "
+                          "15 A low-passed mean of the class maps exceeds its median inside "
+                          "the particle mask by this many robust standard deviations, "
+                          "extended 8 A with a 12 A soft edge (the written maps are not "
+                          "masked); 0: off; default: 3 with --init_classes consensus|pca, "
+                          "off with RELION's start")
     opt.add_argument("--classify_local_order", type=int, default=-1,
                      help="HEALPix order of those local searches (default: --healpix_order "
                           "+ 1, i.e. half the angular step)")
@@ -226,7 +233,8 @@ def settings_from_args(args):
         classify_local_order=args.classify_local_order,
         consensus_local_iter=args.consensus_local_iter,
         class_difference_highres=args.class_difference_highres,
-        joint_consensus=args.joint_consensus)
+        joint_consensus=args.joint_consensus,
+        auto_mask_sigma=args.auto_mask_sigma)
 
 
 # Options that only say how to compute; a continued run may change them.
@@ -257,6 +265,8 @@ def _settings_for_continue(args):
     saved.setdefault("class_difference_highres", 0.0)
     # ... and before the joint consensus reconstruction: the mean of the class maps.
     saved.setdefault("joint_consensus", False)
+    # ... and before the automatic reference mask: none.
+    saved.setdefault("auto_mask_sigma", 0.0)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
     settings.continue_from = path
     if args.iter is not None:

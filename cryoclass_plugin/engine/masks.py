@@ -75,6 +75,59 @@ def nyquist_angstrom(apix):
     return 2.0 * float(apix)
 
 
-__all__ = ["raised_cosine", "soft_sphere_mask", "soft_circle_mask",
+# ----------------------------------------------------------------------------- automatic mask
+
+#: Connected pieces of the thresholded map smaller than this fraction of the largest are
+#: dropped from an automatic mask (at a 15 A low-pass a particle is one piece; what else
+#: crosses a 3-sigma threshold is noise, a few voxels a piece).
+MIN_ISLAND_FRACTION = 0.05
+
+
+def auto_solvent_mask(volume, apix, inside, threshold_sigma=3.0, lowpass_angst=15.0,
+                      extend_angst=8.0, edge_angst=12.0):
+    """A soft mask around the density of ``volume`` (N, N, N), computed from the map
+    itself, as a RELION user makes one with ``relion_mask_create`` (low-pass, threshold,
+    extend, soft edge), with the threshold set from the map's own noise:
+
+    1. low-pass the map to ``lowpass_angst`` (so that the mask follows domains, not
+       single noisy voxels);
+    2. inside the particle mask ``inside`` (> 0.5), take the median ``m`` and the robust
+       spread ``s = 1.4826 * MAD`` of the values: most voxels of a particle mask are
+       solvent, so they measure the noise;
+    3. the density is where the low-passed map exceeds ``m + threshold_sigma * s``,
+       without its islands of less than ``MIN_ISLAND_FRACTION`` of the largest
+       connected piece (noise that crossed the threshold: a few voxels each);
+    4. extend it by ``extend_angst`` and add a raised-cosine edge ``edge_angst`` wide
+       (distances from the thresholded voxels, in A);
+    5. multiply by ``inside``, so the mask never reaches beyond the particle mask.
+
+    Returns a float32 (N, N, N) array in [0, 1] on the array module of ``volume`` (the
+    distance transform runs on the host: scipy).  A map with no voxel over the threshold
+    (a flat or pure-noise map) gives ``inside`` itself.
+    """
+    from scipy.ndimage import distance_transform_edt, label
+    from .backend import get_xp, to_numpy
+    from .fourier import low_pass
+    xp = get_xp(volume)
+    smooth = to_numpy(low_pass(xp.asarray(volume, dtype=xp.float64), apix, lowpass_angst,
+                               edge_shells=2.0))
+    inside_h = np.asarray(to_numpy(inside), dtype=np.float64)
+    values = smooth[inside_h > 0.5]
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    density = (smooth > median + threshold_sigma * spread) & (inside_h > 0.5)
+    if spread <= 0 or not density.any():
+        return xp.asarray(inside_h.astype(np.float32))
+    pieces, _ = label(density)
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    keep = sizes >= MIN_ISLAND_FRACTION * sizes.max()
+    density = keep[pieces]
+    distance_angst = distance_transform_edt(~density) * float(apix)
+    soft = raised_cosine(distance_angst, float(extend_angst), float(edge_angst), np)
+    return xp.asarray((soft * inside_h).astype(np.float32))
+
+
+__all__ = ["raised_cosine", "auto_solvent_mask", "soft_sphere_mask", "soft_circle_mask",
            "particle_diameter_to_radius_px", "apply_soft_mask", "resolution_to_radius_px",
            "nyquist_angstrom", "shell_resolution_angstrom"]
