@@ -14,7 +14,8 @@ MPI runs use ``.venv/bin/mpirun --allow-run-as-root --oversubscribe -np R`` with
 
 Time per iteration is read from the engine's ``<o>.log`` lines ``iter N  X s ...``
 (file timestamps if there is no log); the table reports the mean over iterations >= 2
-(iteration 1 scores by cross-correlation and is not typical), the E-step resolution of
+(iteration 1 scores by cross-correlation and is not typical; ``--from-iter M`` for later
+ones), the E-step resolution of
 those iterations (iteration time depends on it), and for each factor the time ratio
 against its smallest value with the exponent ``log(time ratio) / log(factor ratio)``
 (1 = linear in particles and classes; for the box, 2 = proportional to the pixels of a 2D
@@ -50,6 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=list(FACTOR_NAMES),
                    help="vary only these factors")
     p.add_argument("--iter", type=int, default=3, help="iterations per run (3; >= 2)")
+    p.add_argument("--from-iter", type=int, default=2, metavar="M",
+                   help="average the time per iteration over iterations >= M (2); with "
+                        "--cryoclass-args '--strict_highres_exp R' and enough --iter, M "
+                        "can be an iteration by which every box has reached R, so that "
+                        "boxes compare at the same E-step resolution")
     p.add_argument("--apix", type=float, default=4.0, help="pixel size (4.0)")
     p.add_argument("--snr", type=float, default=0.05, help="SNR of the simulated sets")
     p.add_argument("--threads", type=int, default=None,
@@ -131,20 +137,23 @@ def main(argv=None):
             if stats.rc != 0 or stats.timed_out:
                 print(f"  run {'timed out' if stats.timed_out else 'failed'}; last lines:\n"
                       f"{C.tail(stats.log)}")
-            later = [it for it in times if it >= 2]
+            later = [it for it in times if it >= args.from_iter]
             res = [log_its[it][1] for it in later if it in log_its and log_its[it][1]]
             results[(n, K, box, ranks)] = {
-                "t_iter": C.mean_iteration_time(times) if later else float("nan"),
+                "t_iter": (C.mean_iteration_time(times, args.from_iter) if later
+                           else float("nan")),
                 "t_first": times.get(1, float("nan")), "n_iter": len(times),
                 "estep_res": sum(res) / len(res) if res else None, "j": j,
                 "wall": stats.wall_s, "cpu": stats.cpu_s, "rss": stats.maxrss_mb,
                 "tree_rss": stats.tree_rss_mb, "other": stats.get("other_load"),
                 "ok": stats.rc == 0 and not stats.timed_out}
             r = results[(n, K, box, ranks)]
-            print(f"  s/iteration (it >= 2): {C.fmt(r['t_iter'], '.1f')}, iteration 1: "
+            print(f"  s/iteration (it >= {args.from_iter}): {C.fmt(r['t_iter'], '.1f')}, "
+                  f"iteration 1: "
                   f"{C.fmt(r['t_first'], '.1f')}", flush=True)
 
-        headers = ["n", "K", "box", "ranks x j", "s/it (it>=2)", "s it 1", "E-step res A",
+        headers = ["n", "K", "box", "ranks x j", f"s/it (it>={args.from_iter})", "s it 1",
+                   "E-step res A",
                    "wall s", "CPU s", "max RSS MB", "tree RSS MB", "others' load", "status"]
         rows = []
         for (n, K, box, ranks), r in results.items():
@@ -182,7 +191,8 @@ def main(argv=None):
             C.format_table(headers, rows), "",
             C.format_table(["factor", "change", "factor x", "time x", "exponent", "ideal"],
                            rrows), "",
-            "s/it = mean seconds per iteration over iterations >= 2 (engine log); "
+            f"s/it = mean seconds per iteration over iterations >= {args.from_iter} (engine "
+            "log), E-step res A = their mean E-step resolution; "
             "others' load = cores other processes kept busy during the run"])
         print("\n" + text)
         if not args.no_record:

@@ -184,9 +184,9 @@ def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_pa
 
 
 def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
-    """The PCA start with shared-consensus references and --joint_consensus: the joint
-    consensus map lives in the state file, so a run cut after an iteration that uses it
-    continues exactly."""
+    """The PCA start with shared-consensus references, the joint consensus and the
+    automatic reference mask (the defaults): the joint consensus map lives in the state
+    file, so a run cut after an iteration that uses it continues exactly."""
     data_dir, _ = dataset
     flags = ("--K", "2", "--init_classes", "pca", "--consensus_iter", "1",
              "--classify_fixed_iter", "1", "--classify_local_order", "1", "--joint_consensus")
@@ -199,6 +199,22 @@ def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
     assert state.consensus_ref is not None and state.consensus_ref.shape == (BOX,) * 3
     assert cli.main(["refine", "--continue", f"{cut}_it003_optimiser.star", "--iter", "4"]) == 0
     assert_same_iteration(full, cut, 4, n_classes=2)
+
+
+def test_consensus_and_mask_flags():
+    """--joint_consensus is the default, --mean_consensus turns it off, and the two
+    exclude each other; --auto_mask_sigma defaults to 'automatic' (-1)."""
+    import argparse
+    from cryoclass_plugin.commands import refine as refine_cmd
+    parser = argparse.ArgumentParser()
+    refine_cmd.add_args(parser)
+    base = ["--i", "p.star", "--ref", "r.mrc", "--o", "out/run"]
+    args = parser.parse_args(base)
+    assert args.joint_consensus is True and args.auto_mask_sigma == -1.0
+    assert parser.parse_args(base + ["--mean_consensus"]).joint_consensus is False
+    assert parser.parse_args(base + ["--auto_mask_sigma", "0"]).auto_mask_sigma == 0.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--mean_consensus", "--joint_consensus"])
 
 
 def test_bad_input_gives_one_line_errors(dataset, tmp_path, capsys):

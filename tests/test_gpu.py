@@ -125,3 +125,15 @@ def test_gpu_shared_consensus_references_match_cpu():
                                              cupy.asarray(inside))
     assert np.abs(cpu - gpu.get()).max() < 1e-4 * np.abs(cpu).max()
     assert np.abs(m_cpu - m_gpu.get()).max() < 1e-4
+
+
+def test_gpu_auto_solvent_mask_matches_cpu():
+    from cryoclass_plugin.engine.masks import auto_solvent_mask, soft_sphere_mask
+    rng = np.random.default_rng(2)
+    z, y, x = np.mgrid[:48, :48, :48] - 24
+    vol = np.exp(-((z - 3) ** 2 + y ** 2 + (x + 2) ** 2) / 8.0) + 0.02 * rng.standard_normal((48,) * 3)
+    inside = soft_sphere_mask(48, 20.0, 3.0)
+    cpu = auto_solvent_mask(vol, 4.0, inside, 3.0)
+    gpu = auto_solvent_mask(cupy.asarray(vol), 4.0, cupy.asarray(inside), 3.0)
+    assert isinstance(gpu, cupy.ndarray)
+    assert np.abs(cpu - gpu.get()).max() < 1e-5

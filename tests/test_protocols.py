@@ -320,11 +320,11 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     assert "--init_classes pca" in text and "--classify_fixed_iter 4" in text
     assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
     assert "--class_difference_highres 25" in text
-    assert "--joint_consensus" not in text
+    assert "--joint_consensus" in text and "--mean_consensus" not in text
     assert "--auto_mask_sigma 3" in text
-    prot = _classifier(project, inputs, initialClasses=2, jointConsensus=True,
+    prot = _classifier(project, inputs, initialClasses=2, jointConsensus=False,
                        autoMaskSigma=0.0)
-    assert "--joint_consensus" in prot._getEngineArgs()
+    assert "--mean_consensus" in prot._getEngineArgs()
     assert "--auto_mask_sigma 0" in prot._getEngineArgs()
     assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=0.0)

@@ -100,12 +100,17 @@ def add_args(parser):
                           "class references share the consensus map beyond this resolution "
                           "(A) and outside the region where the classes differ (the written "
                           "class maps stay plain reconstructions); 0 = plain class maps")
-    opt.add_argument("--joint_consensus", action="store_true",
-                     help="with --class_difference_highres: the shared consensus is "
-                          "reconstructed from all particles together instead of being the "
-                          "class-prior-weighted mean of the class maps (each regularised "
-                          "with 1/K of the particles); measured: better poses, about the "
-                          "same classes (benchmarks/RESULTS.md, 'joint consensus')")
+    joint = opt.add_mutually_exclusive_group()
+    joint.add_argument("--joint_consensus", dest="joint_consensus", action="store_true",
+                       default=True,
+                       help="with --class_difference_highres: the shared consensus is "
+                            "reconstructed from all particles together (the default; "
+                            "sharper than the mean of the class maps, each regularised "
+                            "with 1/K of the particles)")
+    joint.add_argument("--mean_consensus", dest="joint_consensus", action="store_false",
+                       help="... instead the class-prior-weighted mean of the class maps "
+                            "(the default before the automatic mask; benchmarks/RESULTS.md, "
+                            "'automatic mask')")
     opt.add_argument("--auto_mask_sigma", type=float, default=-1.0,
                      help="mask the E-step references around their density: where the "
                           "15 A low-passed mean of the class maps exceeds its median inside "

@@ -17,7 +17,7 @@ import numpy as np
 from .backend import to_numpy
 from .fourier import half_plane_pixels
 from .geometry import euler_to_matrix
-from .masks import auto_solvent_mask, soft_sphere_mask
+from .masks import soft_sphere_mask
 from .mpi import split_range
 from .projector import BackProjector, Projector
 
@@ -40,17 +40,8 @@ def principal_coordinates(refinement, model, n_components, highres_angst, n_powe
                                   + ky_all.astype(xp.float64) ** 2)).astype(xp.int64)
     n_cur = int(to_numpy((pixel_shell <= shell).sum()))
     ky, kx = ky_all[:n_cur], kx_all[:n_cur]
-    consensus = xp.asarray((model.pdf_class[:, None, None, None] * model.refs).sum(axis=0))
-    mask = xp.asarray(soft_sphere_mask(box, mask_diameter_angst(s, box, apix) / (2 * apix), 5.0))
-    sigma = r._auto_mask_sigma()
-    if sigma > 0:
-        # As the E-step's references (Refinement._estep_references): the consensus without
-        # its noise in the solvent.  The structures vary where there is density (the
-        # mask's extension and soft edge, 20 A, cover a domain's swing), so the
-        # eigenvolumes are kept inside the same mask.
-        mask = auto_solvent_mask(consensus, apix, mask, sigma)
-        consensus = consensus * mask
-    cons_proj = Projector(consensus.astype(xp.float32), pad=s.pad, gridding=s.gridding)
+    consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0)
+    cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad, gridding=s.gridding)
     lo, hi = split_range(n, comm.rank, comm.size)
     # Whitened residuals and whitened CTFs of this rank's particles (small at low res).
     blocks = []
@@ -62,6 +53,7 @@ def principal_coordinates(refinement, model, n_components, highres_angst, n_powe
         white = xp.sqrt(block.inv_sigma2) * block.ctf                 # (B, n) = A's weights
         resid = xp.sqrt(block.inv_sigma2) * block.images_f - white * cons_proj.project(mats, ky, kx)
         blocks.append((idx, mats, white, resid))
+    mask = xp.asarray(soft_sphere_mask(box, mask_diameter_angst(s, box, apix) / (2 * apix), 5.0))
     rng = np.random.default_rng(seed)
     q = n_components
     vols = [xp.asarray(rng.standard_normal((box,) * 3).astype(np.float32)) * mask for _ in range(q)]

@@ -152,12 +152,13 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     the power spectrum of the previous consensus map (the first time, the
     class-prior-weighted mean of the classes' tau2).  Sets ``model.consensus_ref``.
 
-    Used with ``--joint_consensus``.  Why: each class map is Wiener-filtered with its own
-    SSNR (1/K of the particles), so the default consensus, their prior-weighted mean, is
-    low-passed harder than a reconstruction from all particles, and the E-step's
-    alignment (the references share the consensus beyond ``--class_difference_highres``,
-    :mod:`.focus`) loses frequencies the whole data set determines.  Measured: poses
-    0.1-0.3 degrees better, classes not (benchmarks/RESULTS.md, "joint consensus").
+    Used with ``--joint_consensus`` (the default).  Why: each class map is
+    Wiener-filtered with its own SSNR (1/K of the particles), so their prior-weighted
+    mean (``--mean_consensus``) is low-passed harder than a reconstruction from all
+    particles, and the E-step's alignment (the references share the consensus beyond
+    ``--class_difference_highres``, :mod:`.focus`) loses frequencies the whole data set
+    determines.  Measured: poses 0.1-0.3 degrees better; with the automatic reference
+    mask the classes too (benchmarks/RESULTS.md, "joint consensus", "automatic mask").
     Costs one reconstruction and one more padded volume pair (data complex128 + weight
     float64) during the M-step.
     """

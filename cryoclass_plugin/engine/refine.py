@@ -85,7 +85,7 @@ class Settings:
     classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
     consensus_local_iter: int = 2       # the last consensus iterations search locally too
     class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
-    joint_consensus: bool = False   # ... a consensus reconstructed from all classes' sums
+    joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
     auto_mask_sigma: float = -1.0   # E-step references masked around their density
                                     # (threshold in robust sigmas; 0 off; < 0: 3 with a
                                     # consensus|pca start, off with RELION's)
@@ -597,8 +597,10 @@ class Refinement:
         if sigma > 0 and iteration > 1:
             # Why: the density fills ~5 % of the box, a particle mask ~35 %; the rest of
             # the references is reconstruction noise that the projections add to every
-            # score.  Measured (benchmarks/RESULTS.md, "automatic mask"): 600 particles
-            # at SNR 0.05, ARI 0.779 -> 0.825 and 0.846 -> 0.912 (two seeds).
+            # score.  Measured (benchmarks/RESULTS.md, "automatic mask"; with the joint
+            # consensus): 600 particles at SNR 0.05, ARI 0.779 -> 0.839 and 0.846 -> 0.921
+            # (two seeds).  Only the E-step's references: masking the PCA split's
+            # eigenvolumes too kept a spurious split of one class alive with K=4.
             from .masks import auto_solvent_mask
             w = np.maximum(model.pdf_class, 0.0)
             w = xp.asarray(w / max(float(w.sum()), 1e-300))
