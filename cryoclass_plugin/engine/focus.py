@@ -28,8 +28,8 @@ Wiener-filtered with the SSNR of 1/K of the particles, so ``M`` is low-passed ha
 than the data allow.  Measured (benchmarks/RESULTS.md, "joint consensus" and
 "automatic mask"): the poses improve by 0.1-0.3 degrees everywhere; with plain
 references the classes did not (ARI 0.003 lower on average over nine sets), with the
-automatically masked references (:func:`.masks.auto_solvent_mask`) they do (nine-set
-mean 0.942 against 0.933 with ``M``; worst set 0.852 against 0.825).
+automatically masked references (:func:`.masks.auto_solvent_mask`) they do (six
+600-particle sets: mean 0.942 against 0.933 with ``M``, worst set 0.839 against 0.825).
 
 ``m`` is near 1 where the classes differ (the variance stands well above the noise
 level) and 0 elsewhere; the median works as the noise level as long as the classes
