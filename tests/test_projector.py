@@ -118,3 +118,19 @@ def test_tiny_prior_in_high_shells_keeps_low_shells(phantom):
     fsc = fsc_curve(phantom, rec)
     assert fsc[1:5].min() > 0.95
     assert np.abs(fft_centered(rec))[N // 2, N // 2, N // 2 + 10] < 1e-3 * np.abs(fft_centered(phantom)).max()
+
+
+def test_real_space_is_the_centred_inverse_transform_cropped():
+    """``BackProjector.real_space`` (shifts folded into the slicing) equals the plain
+    centred inverse FFT of a Hermitian padded transform, cropped to the box."""
+    from cryoclass_plugin.engine.fourier import fft_centered, ifft_centered
+    from cryoclass_plugin.engine.projector import BackProjector
+    rng = np.random.default_rng(4)
+    box, pad = 12, 2
+    bp = BackProjector(box, pad)
+    big = bp.big
+    transform = fft_centered(rng.standard_normal((big,) * 3))     # Hermitian
+    want = ifft_centered(transform).real
+    lo = big // 2 - box // 2
+    want = want[lo:lo + box, lo:lo + box, lo:lo + box]
+    np.testing.assert_allclose(bp.real_space(transform.ravel()), want, atol=1e-10)

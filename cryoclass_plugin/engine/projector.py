@@ -17,7 +17,7 @@ slices are ``(n_rotations, n_pixels)`` complex64 arrays.
 import numpy as np
 
 from .backend import get_xp
-from .fourier import fft_centered, ifft_centered_real, radial_index
+from .fourier import fft_centered, radial_index
 
 # Rotations interpolated per chunk.  On the CPU small chunks keep the (chunk, n_pixels)
 # temporaries of the eight corner passes in cache (32 rotations x 1500 pixels x 8 bytes
@@ -266,30 +266,46 @@ class BackProjector:
         xp = self.xp
         sh = self.shells()
         data, weight = self.symmetrised()
-        denom = weight.copy()
+        # The prior per shell (0 where there is none), gathered once onto the grid; then
+        # 1 / (W + prior) in place on that one float64 volume and one product with the
+        # data (a box-128 reconstruction handles 256^3 voxels: each temporary costs).
+        n_grid_shells = int(np.ceil(np.sqrt(3.0) * (self.big // 2) / self.pad)) + 2
+        prior_shell = xp.zeros(n_grid_shells, dtype=xp.float64)
         if tau2 is not None:
-            tau2 = xp.asarray(tau2, dtype=xp.float64)
-            t = tau2[xp.minimum(sh, tau2.shape[0] - 1)]
-            prior = xp.where(t > 0, 1.0 / (self.pad ** 3 * tau2_fudge * xp.maximum(t, 1e-300)), 0.0)
-            prior = xp.where(sh < tau2.shape[0], prior, 0.0)
-            denom = denom + prior
+            tau2 = xp.asarray(tau2, dtype=xp.float64)[:n_grid_shells]
+            prior_shell[:tau2.shape[0]] = xp.where(
+                tau2 > 0, 1.0 / (self.pad ** 3 * tau2_fudge * xp.maximum(tau2, 1e-300)), 0.0)
+        inverse = prior_shell[sh]
+        inverse += weight
+        xp.maximum(inverse, 1e-300, out=inverse)
+        xp.divide(1.0, inverse, out=inverse)
         # Voxels no slice reached (negligible weight) carry no information: leave them 0.
-        reached = weight > 1e-12 * float(weight.max() if weight.size else 1.0)
-        vol_f = xp.where(reached, data / xp.maximum(denom, 1e-300), 0.0)
+        threshold = 1e-12 * float(weight.max() if weight.size else 1.0)
+        inverse[weight <= threshold] = 0.0
         if max_shell is not None:
-            vol_f = xp.where(sh <= max_shell, vol_f, 0.0)
+            inverse[sh > max_shell] = 0.0
+        data *= inverse                       # data is symmetrised()'s own new array
+        del inverse, weight
         # Hermitian by construction (symmetrised sums, shell-wise prior).
-        vol = self.real_space(vol_f)
+        vol = self.real_space(data)
         if gridding:
             vol = vol / gridding_correction(self.box, self.pad, xp)
         return vol.astype(xp.float32)
 
     def real_space(self, transform):
         """The unpadded ``(N, N, N)`` real-space box of a Hermitian padded transform
-        (flat or ``(P, P, P)``, centred)."""
-        real = ifft_centered_real(transform.reshape((self.big,) * 3))
-        lo = self.big // 2 - self.box // 2
-        return real[lo:lo + self.box, lo:lo + self.box, lo:lo + self.box]
+        (flat or ``(P, P, P)``, centred): ``ifft_centered_real`` and the central crop,
+        with the shifts folded into the slicing (only the half transform is shifted, and
+        only the crop is gathered from the unshifted result)."""
+        xp, P, N = self.xp, self.big, self.box
+        t = transform.reshape((P,) * 3)
+        # ifftshift along the last axis, kept half: frequencies 0 .. P/2 - 1, then the
+        # Nyquist plane (index 0 of the centred grid, -P/2 = +P/2).
+        half = xp.concatenate([t[..., P // 2:], t[..., :1]], axis=-1)
+        real = xp.fft.irfftn(xp.fft.ifftshift(half, axes=(0, 1)), s=(P,) * 3)
+        # fftshift(real)[P/2 - N/2 + i] = real[(i - N/2) mod P]
+        idx = (xp.arange(N) - N // 2) % P
+        return real[idx][:, idx][:, :, idx]
 
     def mean_weight_per_shell(self, n_shells):
         """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
