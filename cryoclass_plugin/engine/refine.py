@@ -581,7 +581,10 @@ class Refinement:
     def _estep_references(self, model, iteration):
         """The class references of an iteration's E-step (on the device): the class maps,
         or after a consensus / PCA split with ``--class_difference_highres`` the maps
-        that share the consensus where the classes do not differ (:mod:`.focus`)."""
+        that share the consensus where the classes do not differ (:mod:`.focus`); from
+        iteration 2 on with the automatic mask (:meth:`_auto_mask_sigma`) multiplied by
+        a mask around the density of their class-prior-weighted mean
+        (:func:`.masks.auto_solvent_mask`)."""
         s, xp = self.s, self.xp
         refs = xp.asarray(model.refs)
         radius = mask_diameter_angst(s, self.box, self.apix) / (2.0 * self.apix)
@@ -605,7 +608,8 @@ class Refinement:
             w = np.maximum(model.pdf_class, 0.0)
             w = xp.asarray(w / max(float(w.sum()), 1e-300))
             mean = xp.tensordot(w, refs.astype(xp.float64), axes=1)
-            refs = (refs * auto_solvent_mask(mean, self.apix, inside, sigma)[None]).astype(refs.dtype)
+            mask = auto_solvent_mask(mean, self.apix, inside, sigma)
+            refs = (refs * mask[None]).astype(refs.dtype)
         return refs
 
     def _auto_mask_sigma(self):
