@@ -594,6 +594,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                 and (self.sharedConsensusBeyond.get() or 0) < 0):
             errors.append("'Classes share the consensus beyond' must be 0 (off) or a "
                           "resolution in Angstrom.")
+        if (not self.doContinue and self.initialClasses.get() > 0
+                and (self.autoMaskSigma.get() or 0) < 0):
+            errors.append("'Mask the references around their density' must be 0 (off) or "
+                          "a threshold in standard deviations (e.g. 3).")
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:
@@ -902,7 +906,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             if (self.sharedConsensusBeyond.get() or 0) > 0:
                 add("--joint_consensus" if self.jointConsensus else "--mean_consensus")
             if not root.referenceMask.hasValue():
-                add("--auto_mask_sigma", _num(max(0.0, self.autoMaskSigma.get() or 0.0)))
+                add("--auto_mask_sigma", _num(self.autoMaskSigma.get() or 0.0))
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))

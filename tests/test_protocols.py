@@ -326,6 +326,8 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
                        autoMaskSigma=0.0)
     assert "--mean_consensus" in prot._getEngineArgs()
     assert "--auto_mask_sigma 0" in prot._getEngineArgs()
+    prot = _classifier(project, inputs, initialClasses=2, autoMaskSigma=-1.0)
+    assert "Mask the references around their density" in "\n".join(prot.validate())
     assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, localRangeAfterSplit=0.0)
     assert "--classify_local_sigma 0" in prot._getEngineArgs()
