@@ -134,3 +134,13 @@ def test_real_space_is_the_centred_inverse_transform_cropped():
     lo = big // 2 - box // 2
     want = want[lo:lo + box, lo:lo + box, lo:lo + box]
     np.testing.assert_allclose(bp.real_space(transform.ravel()), want, atol=1e-10)
+
+
+def test_ifft_centered_real_matches_the_complex_inverse():
+    """Without a crop, on 2D and 3D Hermitian transforms: the complex inverse's real part."""
+    from cryoclass_plugin.engine.fourier import fft_centered, ifft_centered, ifft_centered_real
+    rng = np.random.default_rng(5)
+    for shape in ((16, 16), (8, 12, 10)):
+        transform = fft_centered(rng.standard_normal(shape))
+        np.testing.assert_allclose(ifft_centered_real(transform), ifft_centered(transform).real,
+                                   atol=1e-10)

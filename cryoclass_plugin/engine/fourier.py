@@ -26,13 +26,26 @@ def ifft_centered(arr, axes=None):
     return xp.fft.fftshift(xp.fft.ifftn(xp.fft.ifftshift(arr, axes=axes), axes=axes), axes=axes)
 
 
-def ifft_centered_real(arr):
+def ifft_centered_real(arr, crop=None):
     """Real inverse of a centred, Hermitian-symmetric transform (``F(-k) = F(k)*``):
-    the same as ``ifft_centered(arr).real`` with a half-size real transform."""
+    the same as ``ifft_centered(arr).real`` with a half-size real transform; with
+    ``crop`` = M (even shapes), only the central ``M`` voxels per axis of that result.
+
+    The shifts are folded into slicing: only the half transform that ``irfftn`` reads
+    is shifted, and the output is gathered from the unshifted result
+    (``fftshift(r)[n/2 - M/2 + i] = r[(i - M/2) mod n]``), so no full-size ``roll``
+    of the input or the output is made."""
     xp = _xp(arr)
     n = arr.shape
-    half = xp.fft.ifftshift(arr)[..., :n[-1] // 2 + 1]
-    return xp.fft.fftshift(xp.fft.irfftn(half, s=n))
+    # ifftshift along the last axis, kept half: frequencies 0 .. n/2 - 1, then the
+    # Nyquist plane (index 0 of the centred grid, -n/2 = +n/2).
+    half = xp.concatenate([arr[..., n[-1] // 2:], arr[..., :1]], axis=-1)
+    real = xp.fft.irfftn(xp.fft.ifftshift(half, axes=tuple(range(arr.ndim - 1))), s=n)
+    m = n if crop is None else (crop,) * arr.ndim
+    for axis, (size, keep) in enumerate(zip(n, m)):
+        idx = (xp.arange(keep) - keep // 2) % size
+        real = xp.take(real, idx, axis=axis)
+    return real
 
 
 def freq_grid(shape, xp=np):

@@ -17,7 +17,7 @@ slices are ``(n_rotations, n_pixels)`` complex64 arrays.
 import numpy as np
 
 from .backend import get_xp
-from .fourier import fft_centered, radial_index
+from .fourier import fft_centered, ifft_centered_real, radial_index
 
 # Rotations interpolated per chunk.  On the CPU small chunks keep the (chunk, n_pixels)
 # temporaries of the eight corner passes in cache (32 rotations x 1500 pixels x 8 bytes
@@ -269,7 +269,7 @@ class BackProjector:
         # The prior per shell (0 where there is none), gathered once onto the grid; then
         # 1 / (W + prior) in place on that one float64 volume and one product with the
         # data (a box-128 reconstruction handles 256^3 voxels: each temporary costs).
-        n_grid_shells = int(np.ceil(np.sqrt(3.0) * (self.big // 2) / self.pad)) + 2
+        n_grid_shells = int(sh.max()) + 1
         prior_shell = xp.zeros(n_grid_shells, dtype=xp.float64)
         if tau2 is not None:
             tau2 = xp.asarray(tau2, dtype=xp.float64)[:n_grid_shells]
@@ -294,18 +294,8 @@ class BackProjector:
 
     def real_space(self, transform):
         """The unpadded ``(N, N, N)`` real-space box of a Hermitian padded transform
-        (flat or ``(P, P, P)``, centred): ``ifft_centered_real`` and the central crop,
-        with the shifts folded into the slicing (only the half transform is shifted, and
-        only the crop is gathered from the unshifted result)."""
-        xp, P, N = self.xp, self.big, self.box
-        t = transform.reshape((P,) * 3)
-        # ifftshift along the last axis, kept half: frequencies 0 .. P/2 - 1, then the
-        # Nyquist plane (index 0 of the centred grid, -P/2 = +P/2).
-        half = xp.concatenate([t[..., P // 2:], t[..., :1]], axis=-1)
-        real = xp.fft.irfftn(xp.fft.ifftshift(half, axes=(0, 1)), s=(P,) * 3)
-        # fftshift(real)[P/2 - N/2 + i] = real[(i - N/2) mod P]
-        idx = (xp.arange(N) - N // 2) % P
-        return real[idx][:, idx][:, :, idx]
+        (flat or ``(P, P, P)``, centred)."""
+        return ifft_centered_real(transform.reshape((self.big,) * 3), crop=self.box)
 
     def mean_weight_per_shell(self, n_shells):
         """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
