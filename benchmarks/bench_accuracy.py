@@ -12,8 +12,10 @@ the RELION tutorial's Class3D settings (K=3 here, T=4, 25 iterations, --ini_high
 7.5 deg, offsets 5 / 1 px, --firstiter_cc, --j 2; see ``_common.tutorial_flags``) plus
 ``--cryoclass-args``.  Per set it prints the oracle accuracy (all frequencies and < 25 A:
 the best any classifier can do given the true poses), cryoclass's adjusted Rand index,
-best-match accuracy and median angular error against truth.star, its wall time, and
-RELION's ARI / best-match accuracy / time.
+best-match accuracy and median angular error against truth.star, the FSC 0.5 resolution
+of its class maps against the true maps next to that of the oracle reconstruction (the
+same flags with the true poses and classes: what these settings can reach), its wall
+time, and RELION's ARI / best-match accuracy / time.
 
 RELION (run with --firstiter_cc, the same flags, K=3) takes far longer than the default
 grid's budget on 2 cores, and its answer does not change when cryoclass does, so its
@@ -81,6 +83,8 @@ def parse_args(argv=None):
                    help="folder for data sets and outputs (kept; simulated sets in it are "
                         "reused); default: a temporary folder, removed unless --keep")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--no-oracle-fsc", action="store_true",
+                   help="skip the oracle reconstructions (true poses and classes)")
     p.add_argument("--no-record", action="store_true",
                    help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -89,6 +93,24 @@ def parse_args(argv=None):
     args.seeds = args.seeds or (FULL_SEEDS if args.full else DEFAULT_SEEDS)
     args.relion = args.relion or args.relion_only
     return args
+
+
+def _resolutions(values):
+    """``worst / best`` of per-class resolutions (A), or '-'."""
+    if not values:
+        return "-"
+    return f"{max(values):.1f} / {min(values):.1f}"
+
+
+def _oracle_flags(cryoclass_args):
+    """The run's extra flags that also apply to a fixed-pose K=1 reconstruction (the
+    reconstruction and noise settings; not the classification start or searches)."""
+    keep = {"--tau2_estimate": 1, "--solvent_mask": 1, "--pad": 1}
+    words, out = shlex.split(cryoclass_args), []
+    for i, w in enumerate(words):
+        if w in keep:
+            out += words[i:i + 1 + keep[w]]
+    return out
 
 
 def refine(name, cmd, sim_dir, root, args, commands):
@@ -137,7 +159,8 @@ def main(argv=None):
     print(f"{len(grid)} sets: " + ", ".join(f"n={n} snr={s:g} seed={d}" for n, s, d in grid))
     commands, rows = [], []
     headers = ["n", "SNR", "seed", "oracle", "oracle<25A", "ARI", "best-match", "ang.err",
-               "time s", "others", "RELION ARI", "RELION b-m", "RELION it", "RELION s"]
+               "FSC A", "oracle FSC A", "time s", "others", "RELION ARI", "RELION b-m",
+               "RELION it", "RELION s"]
     try:
         for n, snr, seed in grid:
             print(f"\n=== n={n} SNR={snr:g} seed={seed}", flush=True)
@@ -153,6 +176,14 @@ def main(argv=None):
             else:
                 cc = refine("cryoclass", cmd, sim_dir, "cryoclass/run", args, commands)
             ev = cc["eval"] or {}
+            oracle_fsc = None
+            if not args.relion_only and not args.no_oracle_fsc:
+                try:
+                    oracle_fsc = C.oracle_reconstruction(
+                        sim_dir, args.box, args.apix, args.tau2, args.iter, args.j,
+                        extra=_oracle_flags(args.cryoclass_args))["fsc_res_A"]
+                except Exception as exc:
+                    print(f"  oracle reconstruction: {type(exc).__name__}: {exc}")
             rel = None
             rcmd = C.relion_refine_cmd("relion/run", args.box, args.apix, args.K, args.tau2,
                                        relion_iter, args.relion_j or args.j)
@@ -177,6 +208,7 @@ def main(argv=None):
             row = [n, f"{snr:g}", seed, C.fmt(sim["oracle_accuracy"]),
                    C.fmt(sim["oracle_accuracy_25A"]), C.fmt(ev.get("ari")) + status,
                    C.fmt(ev.get("best_match")), C.fmt(ev.get("median_ang_err_deg"), ".1f"),
+                   _resolutions(ev.get("fsc_res_A")), _resolutions(oracle_fsc),
                    C.fmt(cc["wall_s"], ".0f"), C.fmt(cc["other_load"], ".1f")]
             if rel:
                 tag = "*" if rel["source"] == "cached" else ""
@@ -192,7 +224,11 @@ def main(argv=None):
                 f"--j {args.j}" + (f"; cryoclass extra: {args.cryoclass_args}"
                                    if args.cryoclass_args else ""), "",
                 C.format_table(headers, rows), "",
-                "ang.err = median angular error (deg, C1); time = wall seconds; others = cores "
+                "ang.err = median angular error (deg, C1); FSC = FSC 0.5 of the class map "
+                "matched to each true class against its true map (A; worst / best); "
+                "oracle FSC = the same for maps reconstructed from the true poses and "
+                "classes with the same flags (cryoclass --K 1 --skip_align per class): "
+                "the reachable resolution; time = wall seconds; others = cores "
                 "other processes kept busy meanwhile; "
                 "* = RELION result from benchmarks/relion_cache.json (--firstiter_cc)"]
         if not have_relion:

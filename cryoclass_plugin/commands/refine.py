@@ -111,6 +111,12 @@ def add_args(parser):
                        help="... instead the class-prior-weighted mean of the class maps "
                             "(the default before the automatic mask; benchmarks/RESULTS.md, "
                             "'automatic mask')")
+    opt.add_argument("--tau2_estimate", choices=("power", "em"), default="power",
+                     help="how each class's signal spectrum tau2 is updated: 'power' "
+                          "(RELION) = the power spectrum of the reconstructed map; 'em' = "
+                          "that plus the reconstruction's posterior variance (the exact EM "
+                          "update of a Gaussian prior's variance, which does not shrink "
+                          "tau2 towards 0 in shells of low SSNR)")
     opt.add_argument("--auto_mask_sigma", type=float, default=-1.0,
                      help="mask the E-step references around their density: where the "
                           "15 A low-passed mean of the class maps exceeds its median inside "
@@ -239,7 +245,7 @@ def settings_from_args(args):
         consensus_local_iter=args.consensus_local_iter,
         class_difference_highres=args.class_difference_highres,
         joint_consensus=args.joint_consensus,
-        auto_mask_sigma=args.auto_mask_sigma)
+        auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=args.tau2_estimate)
 
 
 # Options that only say how to compute; a continued run may change them.
@@ -272,6 +278,7 @@ def _settings_for_continue(args):
     saved.setdefault("joint_consensus", False)
     # ... and before the automatic reference mask: none.
     saved.setdefault("auto_mask_sigma", 0.0)
+    saved.setdefault("tau2_estimate", "power")
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
     settings.continue_from = path
     if args.iter is not None:

@@ -123,7 +123,7 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
             tau2_prior = None
             vol = bp.reconstruct(tau2=None, gridding=settings.gridding)
         else:
-            tau2_prior = model.tau2[k]
+            tau2_prior = np.array(model.tau2[k], dtype=np.float64)
             vol = bp.reconstruct(tau2=xp.asarray(tau2_prior), tau2_fudge=settings.tau2_fudge,
                                  gridding=settings.gridding)
         if symmetrise is not None:
@@ -132,9 +132,13 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
             vol = vol * solvent_mask
         model.refs[k] = to_numpy(vol).astype(np.float32)
         mean_w = to_numpy(bp.mean_weight_per_shell(n_shells))
-        model.tau2[k] = power_spectrum_half(vol)
-        model.ssnr[k] = settings.tau2_fudge * (model.tau2[k] if tau2_prior is None
-                                               else tau2_prior) * mean_w
+        power = power_spectrum_half(vol)
+        # The SSNR (which sets the next E-step's frequencies) is T x the new map's power
+        # x the mean weight, with either tau2 estimate.
+        model.ssnr[k] = settings.tau2_fudge * power * mean_w
+        model.tau2[k] = power
+        if settings.tau2_estimate == "em" and tau2_prior is not None:
+            model.tau2[k] += _posterior_variance(bp, tau2_prior, n_shells)
         model.class_resolution_shell[k] = resolution_shell(model.ssnr[k])
     model.pdf_class = np.maximum(class_w / max(total, 1e-300), 0.0)
     cnt = to_numpy(acc.noise_count)
@@ -144,6 +148,19 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
     if acc.offset_weight > 0:
         sigma_px = np.sqrt(acc.offset_sq / (2.0 * acc.offset_weight))
         model.sigma_offset_angst = max(float(sigma_px) * model.apix, 1.0)
+
+
+def _posterior_variance(bp, tau2, n_shells):
+    """The exact EM update's second term for tau2 (``--tau2_estimate em``): the mean
+    posterior variance per shell of the reconstruction, ``mean 1 / (W + 1 / tau2)``
+    (no fudge: the model's own prior).
+
+    Not scaled by the solvent mask's volume (though the map's power is taken after
+    masking): the prior's signal lives inside the mask, so a voxel the data do not reach
+    keeps its whole prior variance there.  Scaled by the mask's mean square (tried), the
+    update shrinks tau2 by that fraction in every low-SNR shell, each iteration, as the
+    power-only update does (RELION's): benchmarks/RESULTS.md, "tau2 estimate"."""
+    return to_numpy(bp.mean_posterior_variance_per_shell(tau2, n_shells))
 
 
 def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=None):
@@ -173,6 +190,8 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
         w = np.maximum(np.asarray(model.pdf_class, dtype=np.float64), 0.0)
         w = w / max(float(w.sum()), 1e-300)
         tau2 = (w[:, None] * model.tau2).sum(axis=0)
+    if settings.tau2_estimate == "em":
+        tau2 = tau2 + _posterior_variance(joint, tau2, acc.n_shells)
     vol = joint.reconstruct(tau2=xp.asarray(tau2), tau2_fudge=settings.tau2_fudge,
                             gridding=settings.gridding)
     del joint

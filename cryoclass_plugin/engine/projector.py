@@ -297,6 +297,26 @@ class BackProjector:
         (flat or ``(P, P, P)``, centred)."""
         return ifft_centered_real(transform.reshape((self.big,) * 3), crop=self.box)
 
+    def mean_posterior_variance_per_shell(self, tau2, n_shells):
+        """Average posterior variance per shell of the unpadded map's transform, per
+        real/imaginary component (tau2 units), under the Gaussian model with prior
+        variance ``tau2`` (no fudge): ``mean 1 / (pad^3 W + 1 / tau2)`` over each shell's
+        voxels; 0 in shells where ``tau2`` is 0 (no prior: the variance is unbounded
+        where W is 0, and RELION's update ignores it anyway)."""
+        xp = self.xp
+        sh = self.shells()
+        keep = sh < n_shells
+        tau2 = xp.asarray(tau2, dtype=xp.float64)[:n_shells]
+        inv_tau2 = xp.where(tau2 > 0, 1.0 / xp.maximum(tau2, 1e-300), 0.0)
+        shell_kept = sh[keep]
+        precision = self.symmetrised_weight()[keep] * self.pad ** 3
+        precision += inv_tau2[shell_kept]
+        variance = xp.where((precision > 0) & (inv_tau2[shell_kept] > 0),
+                            1.0 / xp.maximum(precision, 1e-300), 0.0)
+        num = xp.bincount(shell_kept, weights=variance, minlength=n_shells)
+        cnt = xp.bincount(shell_kept, minlength=n_shells)
+        return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0)
+
     def mean_weight_per_shell(self, n_shells):
         """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
         xp = self.xp

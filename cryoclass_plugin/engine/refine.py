@@ -87,6 +87,7 @@ class Settings:
     class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
     joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
     auto_mask_sigma: float = -1.0   # E-step references masked around their density
+    tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
                                     # (threshold in robust sigmas; 0 off; < 0: 3 with a
                                     # consensus|pca start, off with RELION's)
 
@@ -852,6 +853,7 @@ class _MStepSettings:
     def __init__(self, s):
         self.tau2_fudge = s.tau2_fudge
         self.gridding = s.gridding
+        self.tau2_estimate = getattr(s, "tau2_estimate", "power")
 
 
 def _log_line(model, iteration, seconds, n_used):
