@@ -101,7 +101,9 @@ def test_recommended_start_recovers_classes_that_relion_start_leaves_mixed(datas
     got = got.set_index("rlnImageName").loc[truth.index]
     ang = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     err = float(np.median(angular_errors_deg(truth[ang].to_numpy(float), got[ang].to_numpy(float))))
-    oracle = _oracle_resolutions(data, tmp_path / "oracle", n_iter, TUTORIAL[2:])
+    # The recommended start updates tau2 by EM (--tau2_estimate auto): so does the oracle.
+    oracle = _oracle_resolutions(data, tmp_path / "oracle", n_iter,
+                                 TUTORIAL[2:] + ["--tau2_estimate", "em"])
     ours = []
     for k in (1, 2, 3):
         mine = got["rlnClassNumber"][truth["rlnClassNumber"] == k]
