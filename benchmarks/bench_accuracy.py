@@ -104,18 +104,12 @@ def _resolutions(values):
 
 def _oracle_flags(cryoclass_args):
     """The run's extra flags that also apply to a fixed-pose K=1 reconstruction (the
-    reconstruction and noise settings; not the classification start or searches), and
-    the tau2 update the run uses (``--tau2_estimate auto`` follows the start, which the
-    oracle's K=1 run does not have)."""
+    reconstruction and noise settings; not the classification start or searches)."""
     keep = {"--tau2_estimate": 1, "--solvent_mask": 1, "--pad": 1}
     words, out = shlex.split(cryoclass_args), []
     for i, w in enumerate(words):
         if w in keep:
             out += words[i:i + 1 + keep[w]]
-    if "--tau2_estimate" not in words or "auto" in out:
-        start = words[words.index("--init_classes") + 1] if "--init_classes" in words else ""
-        out = [w for w in out if w not in ("--tau2_estimate", "auto")]
-        out += ["--tau2_estimate", "em" if start in ("consensus", "pca") else "power"]
     return out
 
 

@@ -101,9 +101,7 @@ def test_recommended_start_recovers_classes_that_relion_start_leaves_mixed(datas
     got = got.set_index("rlnImageName").loc[truth.index]
     ang = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     err = float(np.median(angular_errors_deg(truth[ang].to_numpy(float), got[ang].to_numpy(float))))
-    # The recommended start updates tau2 by EM (--tau2_estimate auto): so does the oracle.
-    oracle = _oracle_resolutions(data, tmp_path / "oracle", n_iter,
-                                 TUTORIAL[2:] + ["--tau2_estimate", "em"])
+    oracle = _oracle_resolutions(data, tmp_path / "oracle", n_iter, TUTORIAL[2:])
     ours = []
     for k in (1, 2, 3):
         mine = got["rlnClassNumber"][truth["rlnClassNumber"] == k]

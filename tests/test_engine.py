@@ -215,14 +215,8 @@ def test_consensus_and_mask_flags():
     assert parser.parse_args(base + ["--auto_mask_sigma", "0"]).auto_mask_sigma == 0.0
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--mean_consensus", "--joint_consensus"])
-    assert args.tau2_estimate == "auto"
+    assert args.tau2_estimate == "power"
     assert parser.parse_args(base + ["--tau2_estimate", "em"]).tau2_estimate == "em"
-    # 'auto' is the EM update with a consensus / PCA start and RELION's otherwise.
-    from types import SimpleNamespace
-    from cryoclass_plugin.engine.refine import tau2_estimate_for
-    assert [tau2_estimate_for(SimpleNamespace(tau2_estimate="auto", init_classes=start))
-            for start in ("relion", "input", "consensus", "pca")] == ["power", "power", "em", "em"]
-    assert tau2_estimate_for(SimpleNamespace(tau2_estimate="power", init_classes="pca")) == "power"
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--tau2_estimate", "fsc"])
 

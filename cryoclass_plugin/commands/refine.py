@@ -111,15 +111,15 @@ def add_args(parser):
                        help="... instead the class-prior-weighted mean of the class maps "
                             "(the default before the automatic mask; benchmarks/RESULTS.md, "
                             "'automatic mask')")
-    opt.add_argument("--tau2_estimate", choices=("auto", "power", "em"), default="auto",
-                     help="how each class's signal spectrum tau2 (the prior of the next "
-                          "reconstruction) is updated: 'power' (RELION) = the power "
-                          "spectrum of the solvent-flattened map, which shrinks "
+    opt.add_argument("--tau2_estimate", choices=("power", "em"), default="power",
+                     help="how each class's signal spectrum tau2 (the prior of its next "
+                          "reconstruction) is updated: 'power' (RELION, the default) = the "
+                          "power spectrum of the solvent-flattened map, which shrinks "
                           "iteration after iteration in shells of low SSNR; 'em' = that "
                           "plus the reconstruction's posterior variance (the exact EM "
-                          "update of a Gaussian prior's variance; sharper maps); default "
-                          "'auto': em with --init_classes consensus|pca, power with "
-                          "RELION's start")
+                          "update of a Gaussian prior's variance): class maps several A "
+                          "sharper, but with one class too many a spurious split of a "
+                          "true class can survive (benchmarks/RESULTS.md, 'tau2 estimate')")
     opt.add_argument("--auto_mask_sigma", type=float, default=-1.0,
                      help="mask the E-step references around their density: where the "
                           "15 A low-passed mean of the class maps exceeds its median inside "

@@ -87,8 +87,7 @@ class Settings:
     class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
     joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
     auto_mask_sigma: float = -1.0   # E-step references masked around their density
-    tau2_estimate: str = "auto"     # "power" (RELION), "em" (+ posterior variance), or
-                                    # "auto": em with a consensus / PCA start, else power
+    tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
                                     # (threshold in robust sigmas; 0 off; < 0: 3 with a
                                     # consensus|pca start, off with RELION's)
 
@@ -846,15 +845,6 @@ class Refinement:
         return best
 
 
-def tau2_estimate_for(s):
-    """``--tau2_estimate`` as run: 'auto' is the exact EM update ('em') with a consensus /
-    PCA start and RELION's ('power') with RELION's or the input's start, whose results
-    compare with RELION's."""
-    if s.tau2_estimate in ("power", "em"):
-        return s.tau2_estimate
-    return "em" if s.init_classes in ("consensus", "pca") else "power"
-
-
 @dataclass
 class _MStepSettings:
     tau2_fudge: float
@@ -863,7 +853,7 @@ class _MStepSettings:
     def __init__(self, s):
         self.tau2_fudge = s.tau2_fudge
         self.gridding = s.gridding
-        self.tau2_estimate = tau2_estimate_for(s)
+        self.tau2_estimate = s.tau2_estimate
 
 
 def _log_line(model, iteration, seconds, n_used):
