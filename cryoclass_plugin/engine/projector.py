@@ -297,6 +297,15 @@ class BackProjector:
         (flat or ``(P, P, P)``, centred)."""
         return ifft_centered_real(transform.reshape((self.big,) * 3), crop=self.box)
 
+    def _mean_per_shell(self, values, n_shells):
+        """Average of per-voxel ``values`` (flat, padded grid) over each shell < n_shells."""
+        xp = self.xp
+        sh = self.shells()
+        keep = sh < n_shells
+        num = xp.bincount(sh[keep], weights=values[keep], minlength=n_shells)
+        cnt = xp.bincount(sh[keep], minlength=n_shells)
+        return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0)
+
     def mean_posterior_variance_per_shell(self, tau2, n_shells):
         """Average posterior variance per shell of the unpadded map's transform, per
         real/imaginary component (tau2 units), under the Gaussian model with prior
@@ -304,25 +313,17 @@ class BackProjector:
         voxels; 0 in shells where ``tau2`` is 0 (no prior: the variance is unbounded
         where W is 0, and RELION's update ignores it anyway)."""
         xp = self.xp
+        # 1 / tau2 per shell on the whole grid (0 beyond the given shells, as where
+        # tau2 is 0); the shells >= n_shells are left out of the mean anyway.
         sh = self.shells()
-        keep = sh < n_shells
-        tau2 = xp.asarray(tau2, dtype=xp.float64)[:n_shells]
-        inv_tau2 = xp.where(tau2 > 0, 1.0 / xp.maximum(tau2, 1e-300), 0.0)
-        shell_kept = sh[keep]
-        precision = self.symmetrised_weight()[keep] * self.pad ** 3
-        precision += inv_tau2[shell_kept]
-        variance = xp.where((precision > 0) & (inv_tau2[shell_kept] > 0),
-                            1.0 / xp.maximum(precision, 1e-300), 0.0)
-        num = xp.bincount(shell_kept, weights=variance, minlength=n_shells)
-        cnt = xp.bincount(shell_kept, minlength=n_shells)
-        return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0)
+        inv_tau2 = xp.zeros(int(sh.max()) + 1, dtype=xp.float64)
+        tau2 = xp.asarray(tau2, dtype=xp.float64)[:inv_tau2.shape[0]]
+        inv_tau2[:tau2.shape[0]] = xp.where(tau2 > 0, 1.0 / xp.maximum(tau2, 1e-300), 0.0)
+        prior = inv_tau2[sh]
+        variance = xp.where(prior > 0, 1.0 / (self.symmetrised_weight() * self.pad ** 3
+                                              + xp.maximum(prior, 1e-300)), 0.0)
+        return self._mean_per_shell(variance, n_shells)
 
     def mean_weight_per_shell(self, n_shells):
         """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
-        xp = self.xp
-        sh = self.shells()
-        keep = sh < n_shells
-        weight = self.symmetrised_weight()
-        num = xp.bincount(sh[keep], weights=weight[keep], minlength=n_shells)
-        cnt = xp.bincount(sh[keep], minlength=n_shells)
-        return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0) * self.pad ** 3
+        return self._mean_per_shell(self.symmetrised_weight(), n_shells) * self.pad ** 3

@@ -87,9 +87,9 @@ class Settings:
     class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
     joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
     auto_mask_sigma: float = -1.0   # E-step references masked around their density
-    tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
                                     # (threshold in robust sigmas; 0 off; < 0: 3 with a
                                     # consensus|pca start, off with RELION's)
+    tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
 
 
 #: Default threshold of the automatic reference mask (robust standard deviations of the
