@@ -337,10 +337,25 @@ def launch(project, prot, wait=True, timeout=None, poll=2.0, check=True):
             raise ProtocolFailed("protocol %s still running after %ss" %
                                  (prot.getRunName(), timeout), prot)
         time.sleep(poll)
-        project._updateProtocol(prot)
+        refresh(project, prot)
     if check:
+        if not wait:
+            refresh(project, prot)
         check_finished(prot)
     return prot
+
+
+def refresh(project, prot):
+    """Re-read ``prot`` from its run database, whatever its time stamp says.
+
+    pyworkflow's ``Project._updateProtocol`` skips the read when the protocol's stored
+    time stamp is not older than the run database's, and takes that stamp *after* the
+    read: a run that writes "finished" in between stays "running" in memory, and once
+    its process has exited the alive check marks it failed ("Process ... not found
+    running on the machine"; seen under load).  Clearing the stamp forces the read, so
+    the run database's own status wins."""
+    prot.lastUpdateTimeStamp.set(None)
+    project._updateProtocol(prot)
 
 
 def check_finished(prot):

@@ -210,7 +210,7 @@ def _run_classification(project, prot, poll=1.0, heartbeat=60.0):
     """Launch the classification in the background and stream the engine's log
     (``extra/cryoclass.log``, one line per iteration) until the run ends."""
     from ..constants import OUTPUT_ROOT
-    from ..scipion_env import ProtocolFailed, check_finished
+    from ..scipion_env import ProtocolFailed, check_finished, refresh
     errors = prot.validate()
     if errors:
         raise CryoClassError("3D classification: the protocol's form is not valid: %s"
@@ -228,7 +228,7 @@ def _run_classification(project, prot, poll=1.0, heartbeat=60.0):
             time.sleep(poll)
             if follower.poll():
                 last_output = time.time()
-            project._updateProtocol(prot)
+            refresh(project, prot)
             if not prot.isActive():
                 break
             if time.time() - last_output >= heartbeat:
@@ -246,6 +246,7 @@ def _run_classification(project, prot, poll=1.0, heartbeat=60.0):
         raise
     time.sleep(0.2)
     follower.poll()
+    refresh(project, prot)
     try:
         check_finished(prot)
     except ProtocolFailed as exc:
