@@ -518,49 +518,17 @@ def evaluate_run(root, sim_dir, iteration=None):
 
 def oracle_reconstruction(sim_dir, box, apix, tau2=4.0, iters=25, j=2, extra=(),
                           folder="oracle_reconstruction"):
-    """The class maps that the engine reconstructs from the TRUE poses and classes: per
-    true class, ``cryoclass refine --K 1 --skip_align`` on that class's rows of
-    ``truth.star`` with the tutorial's flags (same T, iterations, masks, --norm/--scale)
-    plus ``extra``.  What a perfect classification and alignment would give with these
-    settings: the reachable resolution, as the oracle accuracy is the reachable ARI.
-
-    Returns ``{"fsc_res_A": [per true class, FSC 0.5 against its true map], "seconds"}``;
-    reuses finished runs in ``sim_dir/folder``."""
+    """The class maps reconstructed from the TRUE poses and classes with the tutorial's
+    flags (same T, iterations, masks, --norm/--scale) plus ``extra``
+    (``cryoclass_plugin.oracle_reconstruction``): the reachable resolution, as the
+    oracle accuracy is the reachable ARI.  Returns ``{"fsc_res_A": [per true class],
+    "seconds"}``; reuses finished runs in ``sim_dir/folder``."""
     import time
-    import numpy as np
-    import starfile
-    from cryoclass_plugin.engine import metrics
-    from cryoclass_plugin.engine.mrc_io import read_map
+    from cryoclass_plugin.oracle_reconstruction import oracle_resolutions
 
     t0 = time.time()
-    truth = starfile.read(os.path.join(sim_dir, "truth.star"), always_dict=True)
-    parts = truth["particles"]
-    res = []
-    for k in sorted(int(c) for c in parts["rlnClassNumber"].unique()):
-        work = os.path.join(sim_dir, folder, f"class{k:03d}")
-        final = os.path.join(work, f"run_it{iters:03d}_class001.mrc")
-        if not os.path.exists(final):
-            os.makedirs(work, exist_ok=True)
-            blocks = dict(truth)
-            blocks["particles"] = parts[parts["rlnClassNumber"] == k].reset_index(drop=True)
-            starfile.write(blocks, os.path.join(work, "particles.star"), overwrite=True)
-            for name in ("particles.mrcs", "ref.mrc"):
-                link = os.path.join(work, name)
-                if not os.path.lexists(link):
-                    os.symlink(os.path.join(os.path.abspath(sim_dir), name), link)
-            cmd = [CRYOCLASS, "refine", "--i", "particles.star", "--ref", "ref.mrc",
-                   "--o", "run", "--firstiter_cc"] + tutorial_flags(box, apix, 1, tau2,
-                                                                      iters, j)
-            cmd = [str(c) for c in cmd] + ["--skip_align"] + list(extra)
-            stats = run_timed(cmd, cwd=work, log_path=os.path.join(work, "stdout.txt"),
-                              echo=False)
-            if stats.rc != 0:
-                raise RuntimeError(f"oracle reconstruction of class {k} failed; see "
-                                   f"{stats.log}")
-        vol, _ = read_map(final)
-        true_map, apix_t = read_map(os.path.join(sim_dir, f"true_class{k:03d}.mrc"))
-        res.append(metrics.fsc_resolution(metrics.fsc(true_map, vol), true_map.shape[0],
-                                          apix_t))
+    flags = ["--firstiter_cc"] + tutorial_flags(box, apix, 1, tau2, iters, j) + list(extra)
+    res = oracle_resolutions(sim_dir, flags, iters, os.path.join(sim_dir, folder))
     return {"fsc_res_A": res, "seconds": time.time() - t0}
 
 

@@ -16,42 +16,14 @@ import pytest
 import starfile
 
 from cryoclass_plugin import cli
-from cryoclass_plugin.engine.metrics import (adjusted_rand_index, angular_errors_deg, fsc,
-                                             fsc_resolution)
-from cryoclass_plugin.engine.mrc_io import read_map
+from cryoclass_plugin.engine.metrics import adjusted_rand_index, angular_errors_deg
+from cryoclass_plugin.oracle_reconstruction import map_resolution, oracle_resolutions
 from cryoclass_plugin.engine.simulate import simulate_dataset
 
 TUTORIAL = ["--K", "3", "--tau2_fudge", "4", "--ini_high", "50", "--firstiter_cc",
             "--particle_diameter", "205", "--zero_mask", "--flatten_solvent", "--ctf",
             "--healpix_order", "2", "--offset_range", "5", "--offset_step", "2", "--pad", "2",
             "--skip_gridding", "--preread_images", "--j", "2"]
-
-
-def _oracle_resolutions(data_dir, work, n_iter, flags):
-    """FSC 0.5 (A) against each true map of the map reconstructed from that class's
-    particles at their TRUE poses with the same flags (--K 1 --skip_align): what a
-    perfect classification and alignment would reach."""
-    truth = starfile.read(data_dir / "truth.star", always_dict=True)
-    res = []
-    for k in sorted(truth["particles"]["rlnClassNumber"].unique()):
-        d = work / f"oracle{k}"
-        d.mkdir(parents=True)
-        blocks = dict(truth)
-        blocks["particles"] = truth["particles"][truth["particles"]["rlnClassNumber"] == k]
-        starfile.write(blocks, d / "particles.star")
-        (d / "particles.mrcs").symlink_to(data_dir / "particles.mrcs")
-        assert cli.main(["refine", "--i", str(d / "particles.star"), "--ref",
-                         str(data_dir / "ref.mrc"), "--o", str(d / "run"), "--iter", str(n_iter),
-                         "--skip_align"] + flags + ["--K", "1"]) == 0
-        res.append(_resolution(d / f"run_it{n_iter:03d}_class001.mrc",
-                               data_dir / f"true_class{k:03d}.mrc"))
-    return res
-
-
-def _resolution(map_path, true_path):
-    vol, apix = read_map(str(map_path))
-    true, _ = read_map(str(true_path))
-    return fsc_resolution(fsc(vol, true), true.shape[0], apix)
 
 
 def _ari(data_dir, root, it):
@@ -101,12 +73,12 @@ def test_recommended_start_recovers_classes_that_relion_start_leaves_mixed(datas
     got = got.set_index("rlnImageName").loc[truth.index]
     ang = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     err = float(np.median(angular_errors_deg(truth[ang].to_numpy(float), got[ang].to_numpy(float))))
-    oracle = _oracle_resolutions(data, tmp_path / "oracle", n_iter, TUTORIAL[2:])
+    oracle = oracle_resolutions(data, TUTORIAL[2:], n_iter, tmp_path / "oracle")
     ours = []
     for k in (1, 2, 3):
         mine = got["rlnClassNumber"][truth["rlnClassNumber"] == k]
         best = int(np.bincount(mine.to_numpy(), minlength=4)[1:].argmax()) + 1
-        ours.append(_resolution(f"{tmp_path / 'pca' / 'run'}_it{n_iter:03d}_class{best:03d}.mrc",
+        ours.append(map_resolution(f"{tmp_path / 'pca' / 'run'}_it{n_iter:03d}_class{best:03d}.mrc",
                                 data / f"true_class{k:03d}.mrc"))
     print(f"median angular error {err:.2f} deg; FSC 0.5 against the true maps "
           f"{np.round(ours, 1).tolist()} A, oracle reconstruction {np.round(oracle, 1).tolist()} A")
