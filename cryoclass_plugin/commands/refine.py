@@ -222,7 +222,12 @@ def settings_from_args(args):
                              "for 3D classification)")
     from ..engine.symmetry import parse_symmetry
     parse_symmetry(args.sym)
-    return Settings(
+    return Settings(**_settings_fields(args))
+
+
+def _settings_fields(args):
+    """The :class:`Settings` fields that the parsed flags ``args`` give."""
+    return dict(
         input_star=args.i, output_root=args.o, ref=args.ref or "", n_classes=args.K,
         tau2_fudge=args.tau2_fudge, n_iter=args.iter, ini_high=args.ini_high,
         firstiter_cc=args.firstiter_cc, particle_diameter=args.particle_diameter,
@@ -256,6 +261,36 @@ COMPUTE_OPTIONS = {"j": "threads", "gpu": "gpu", "preread_images": "preread_imag
                    "scratch_dir": "scratch_dir", "block_size": "block_size", "pool": "pool"}
 
 
+# Settings a continued run may be given again (the Scipion protocol repeats --i, and a
+# path may be spelled differently from another folder); all others must match the run's.
+CONTINUE_FREE_FIELDS = {"n_iter", "output_root", "continue_from", "input_star", "ref",
+                        "solvent_mask", "scratch_dir", "threads", "gpu", "preread_images",
+                        "block_size", "pool"}
+
+
+def _check_unchanged_on_continue(args, settings):
+    """A flag given with ``--continue`` that would change a fixed setting of the run is an
+    error (it used to be ignored without a word)."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    default = _settings_fields(parser.parse_args([]))
+    given = _settings_fields(args)
+    flag = {"n_classes": "K", "max_significant": "maxsig"}
+    for field, value in given.items():
+        if field in CONTINUE_FREE_FIELDS or value == default[field]:
+            continue
+        saved = getattr(settings, field)
+        if value != saved:
+            name = flag.get(field, field)
+            if field == "gridding":              # the flag says the opposite
+                name, value, saved = "skip_gridding", not value, not saved
+            raise CryoClassError(
+                f"--continue {args.continue_from}: --{name} {value} differs from the run's "
+                f"{saved}; a continued run keeps its settings (drop --{name}, or start a new "
+                "run with --o to change it)")
+
+
 def _settings_for_continue(args):
     """``--continue <root>_itNNN_optimiser.star``: the run's own settings (as RELION
     takes them from the optimiser file); ``--iter`` may extend the run and the compute
@@ -283,6 +318,7 @@ def _settings_for_continue(args):
     saved.setdefault("auto_mask_sigma", 0.0)
     saved.setdefault("tau2_estimate", "power")
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
+    _check_unchanged_on_continue(args, settings)
     settings.continue_from = path
     if args.iter is not None:
         settings.n_iter = args.iter
