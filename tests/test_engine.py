@@ -184,22 +184,25 @@ def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_pa
 
 
 def test_continue_refuses_a_changed_setting(dataset, tmp_path, capsys):
-    """A flag given with --continue that would change the run's settings is a one-line
-    error (not ignored); the same values again, as the Scipion protocol passes them, and
-    the compute options are accepted."""
+    """With --continue, a flag that would change a fixed setting of the run is a one-line
+    error (not ignored); the same values again (as the Scipion protocol passes them), the
+    compute options and what relion_refine lets a continued run change (here T) are
+    accepted, and the last takes effect."""
     data_dir, _ = dataset
     cut = tmp_path / "cut" / "run"
     refine(data_dir, cut, "--K", "2", "--iter", "1")
     capsys.readouterr()
     start = ["refine", "--continue", f"{cut}_it001_optimiser.star", "--iter", "2"]
-    for extra, word in ((["--tau2_fudge", "16"], "--tau2_fudge 16.0 differs"),
-                        (["--K", "3"], "--K 3 differs"),
-                        (["--pad", "1"], "--pad 1 differs")):
+    for extra, word in ((["--K", "3"], "--K 3 differs from the run's 2"),
+                        (["--particle_diameter", "150"], "--particle_diameter 150.0 differs"),
+                        (["--sym", "C2"], "--sym C2 differs")):
         assert cli.main(start + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], err
-    assert cli.main(start + ["--K", "2", "--i", str(data_dir / "particles.star"),
-                             "--j", "1"]) == 0
+    assert cli.main(start + ["--K", "2", "--i", str(data_dir / "particles.star"), "--j", "1",
+                             "--tau2_fudge", "8"]) == 0
+    general = starfile.read(f"{cut}_it002_optimiser.star")     # a key-value block
+    assert float(general["rlnTau2FudgeFactor"]) == 8.0
 
 
 def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):

@@ -140,6 +140,7 @@ def _references_of(init_classes, auto_mask_sigma, iteration, refs, pdf, solvent_
                    consensus_iter=4, auto_mask_sigma=auto_mask_sigma,
                    solvent_mask=solvent_mask)
     r.xp, r.box, r.apix = np, BOX, APIX
+    r.consensus_end = r.s.consensus_iter
     model = SimpleNamespace(refs=refs, pdf_class=np.asarray(pdf), consensus_ref=None)
     return r._estep_references(model, iteration)
 

@@ -71,6 +71,11 @@ def add_args(parser):
                           "RELION's classes come out mixed)")
     opt.add_argument("--consensus_iter", type=int, default=5,
                      help="with --init_classes consensus: iterations of one-map alignment")
+    opt.add_argument("--consensus_extra_iter", type=int, default=6,
+                     help="with --init_classes consensus|pca: up to this many more global "
+                          "consensus iterations while the last one still moved the poses "
+                          "by more than the angular sampling step on average (0: exactly "
+                          "--consensus_iter)")
     opt.add_argument("--restarts", type=int, default=3,
                      help="with --init_classes consensus: random partitions tried")
     opt.add_argument("--restart_iter", type=int, default=6,
@@ -201,6 +206,8 @@ def settings_from_args(args):
     if args.sigma_ang > 0 and args.skip_align:
         raise CryoClassError(f"--sigma_ang {args.sigma_ang:g} with --skip_align: local "
                              "angular searches need alignment; drop one of the two")
+    if args.consensus_extra_iter < 0:
+        raise CryoClassError(f"--consensus_extra_iter {args.consensus_extra_iter}: give 0 or more")
     if args.consensus_local_iter < 0:
         raise CryoClassError(f"--consensus_local_iter {args.consensus_local_iter}: give 0 or more")
     if args.classify_local_sigma < 0:
@@ -245,6 +252,7 @@ def _settings_fields(args):
         incr_size=args.incr_size, adaptive_fraction=args.adaptive_fraction,
         max_significant=args.maxsig, block_size=args.block_size,
         init_classes=args.init_classes, consensus_iter=args.consensus_iter,
+        consensus_extra_iter=args.consensus_extra_iter,
         restarts=args.restarts, restart_iter=args.restart_iter,
         restart_highres=args.restart_highres, classify_fixed_iter=args.classify_fixed_iter,
         classify_fixed_highres=args.classify_fixed_highres, sigma_ang=args.sigma_ang,
@@ -256,45 +264,48 @@ def _settings_fields(args):
         auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=args.tau2_estimate)
 
 
-# Options that only say how to compute; a continued run may change them.
-COMPUTE_OPTIONS = {"j": "threads", "gpu": "gpu", "preread_images": "preread_images",
-                   "scratch_dir": "scratch_dir", "block_size": "block_size", "pool": "pool"}
+# What a continued run may change: how to compute, and what relion_refine's --continue
+# lets change (regularisation, E-step resolution limit, sampling, padding, seed).  The
+# input paths are the run's own (the Scipion protocol repeats --i, and a path may be
+# spelled differently from another folder).  All other settings must match the run's.
+CONTINUE_CHANGEABLE = {"threads", "gpu", "preread_images", "scratch_dir", "block_size",
+                       "pool", "tau2_fudge", "strict_highres_exp", "healpix_order",
+                       "sigma_ang", "offset_range", "offset_step", "pad", "skip_align",
+                       "max_significant", "adaptive_fraction", "random_seed"}
+CONTINUE_RUN_FILES = {"input_star", "ref", "solvent_mask", "continue_from"}
+FLAG_OF_FIELD = {"n_classes": "K", "max_significant": "maxsig", "threads": "j",
+                 "n_iter": "iter", "output_root": "o"}
 
 
-# Settings a continued run may be given again (the Scipion protocol repeats --i, and a
-# path may be spelled differently from another folder); all others must match the run's.
-CONTINUE_FREE_FIELDS = {"n_iter", "output_root", "continue_from", "input_star", "ref",
-                        "solvent_mask", "scratch_dir", "threads", "gpu", "preread_images",
-                        "block_size", "pool"}
-
-
-def _check_unchanged_on_continue(args, settings):
-    """A flag given with ``--continue`` that would change a fixed setting of the run is an
-    error (it used to be ignored without a word)."""
+def _apply_continue_flags(args, settings):
+    """The flags given with ``--continue`` onto the run's ``settings``: ``--iter``, ``--o``
+    and :data:`CONTINUE_CHANGEABLE` take effect; any other flag that would change a
+    setting of the run is a one-line error (it used to be ignored without a word)."""
     import argparse
     parser = argparse.ArgumentParser()
     add_args(parser)
     default = _settings_fields(parser.parse_args([]))
-    given = _settings_fields(args)
-    flag = {"n_classes": "K", "max_significant": "maxsig"}
-    for field, value in given.items():
-        if field in CONTINUE_FREE_FIELDS or value == default[field]:
+    for field, value in _settings_fields(args).items():
+        if value == default[field] or field in CONTINUE_RUN_FILES:
+            continue
+        if field in CONTINUE_CHANGEABLE or field in ("n_iter", "output_root"):
+            setattr(settings, field, value)
             continue
         saved = getattr(settings, field)
         if value != saved:
-            name = flag.get(field, field)
+            name = FLAG_OF_FIELD.get(field, field)
             if field == "gridding":              # the flag says the opposite
                 name, value, saved = "skip_gridding", not value, not saved
             raise CryoClassError(
                 f"--continue {args.continue_from}: --{name} {value} differs from the run's "
-                f"{saved}; a continued run keeps its settings (drop --{name}, or start a new "
-                "run with --o to change it)")
+                f"{saved}; a continued run keeps this setting (drop --{name}, or start a "
+                "new run to change it)")
 
 
 def _settings_for_continue(args):
     """``--continue <root>_itNNN_optimiser.star``: the run's own settings (as RELION
-    takes them from the optimiser file); ``--iter`` may extend the run and the compute
-    options (threads, GPU, pre-reading) may change."""
+    takes them from the optimiser file), with the changes :func:`_apply_continue_flags`
+    allows (``--iter`` extends the run)."""
     import dataclasses
     import json
     from ..engine.refine import Settings, continue_state_path
@@ -317,19 +328,11 @@ def _settings_for_continue(args):
     # ... and before the automatic reference mask: none.
     saved.setdefault("auto_mask_sigma", 0.0)
     saved.setdefault("tau2_estimate", "power")
+    # ... and before the adaptive consensus length: exactly --consensus_iter.
+    saved.setdefault("consensus_extra_iter", 0)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
-    _check_unchanged_on_continue(args, settings)
     settings.continue_from = path
-    if args.iter is not None:
-        settings.n_iter = args.iter
-    if args.o:
-        settings.output_root = args.o
-    for arg, field in COMPUTE_OPTIONS.items():
-        value = getattr(args, arg)
-        default = {"j": 1, "gpu": None, "preread_images": False, "scratch_dir": "",
-                   "block_size": 256, "pool": 1}[arg]
-        if value != default:
-            setattr(settings, field, value)
+    _apply_continue_flags(args, settings)
     return settings
 
 

@@ -53,6 +53,9 @@ class ModelState:
     # --joint_consensus after a consensus / PCA split: the reconstruction of all
     # particles together (mstep.reconstruct_consensus, focus).
     consensus_ref: np.ndarray = None      # (N, N, N) float32
+    # Consensus / PCA starts: the last consensus iteration, once the run has searched
+    # globally beyond --consensus_iter (Refinement._extend_consensus); 0 = as set.
+    consensus_end: int = 0
     changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
                                                     "classes": 1.0})
     log_likelihood: float = 0.0
