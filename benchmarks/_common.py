@@ -310,7 +310,7 @@ def tail(path, n=15):
 # ----------------------------------------------------------------------------- data sets
 
 def simulate(out_dir, n, box=64, apix=4.0, snr=0.05, classes=3, seed=0, reuse=True,
-             commands=None):
+             commands=None, hinge=20.0):
     """Simulate a data set with ``cryoclass simulate``; returns the truth summary dict
     (oracle_accuracy, oracle_accuracy_25A, ...) plus ``dir`` and ``cmd``.
 
@@ -318,13 +318,16 @@ def simulate(out_dir, n, box=64, apix=4.0, snr=0.05, classes=3, seed=0, reuse=Tr
     kept (the simulator is deterministic for a seed)."""
     summary_path = os.path.join(out_dir, "truth_summary.json")
     want = {"n": int(n), "box": int(box), "apix": float(apix), "classes": int(classes),
-            "seed": int(seed), "snr": float(snr)}
+            "seed": int(seed), "snr": float(snr), "hinge_deg": float(hinge)}
     cmd = [CRYOCLASS, "simulate", out_dir, "--n", n, "--box", box, "--apix", apix,
            "--snr", snr, "--classes", classes, "--seed", seed]
+    if float(hinge) != 20.0:                   # the simulator's default domain swing
+        cmd += ["--hinge", hinge]
     cmd_text = shlex.join(str(c) for c in cmd)
     if reuse and os.path.exists(summary_path):
         with open(summary_path) as fh:
             have = json.load(fh)
+        have.setdefault("hinge_deg", 20.0)
         same = all(float(have.get(k, "nan")) == float(v) for k, v in want.items())
         if same and os.path.exists(os.path.join(out_dir, "particles.mrcs")):
             have.update(dir=out_dir, cmd=cmd_text + "   # (reused)")

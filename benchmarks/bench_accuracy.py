@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="the whole grid (hours)")
     p.add_argument("--box", type=int, default=64, help="box in pixels (64)")
     p.add_argument("--apix", type=float, default=4.0, help="pixel size in A (4.0)")
+    p.add_argument("--hinge", type=float, default=20.0,
+                   help="the simulator's domain swing of class 3 in degrees (20)")
     p.add_argument("--classes", type=int, default=3, help="true classes (3)")
     p.add_argument("--K", type=int, default=3, help="classes to refine (3)")
     p.add_argument("--tau2", type=float, default=4.0, help="--tau2_fudge (4)")
@@ -164,9 +166,10 @@ def main(argv=None):
     try:
         for n, snr, seed in grid:
             print(f"\n=== n={n} SNR={snr:g} seed={seed}", flush=True)
-            sim_dir = os.path.join(workdir, f"n{n}_snr{snr:g}_seed{seed}")
+            hinge = "" if args.hinge == 20.0 else f"_hinge{args.hinge:g}"
+            sim_dir = os.path.join(workdir, f"n{n}_snr{snr:g}_seed{seed}{hinge}")
             sim = C.simulate(sim_dir, n, args.box, args.apix, snr, args.classes, seed,
-                             commands=commands)
+                             commands=commands, hinge=args.hinge)
             cmd = C.cryoclass_refine_cmd("cryoclass/run", args.box, args.apix, args.K,
                                          args.tau2, args.iter, args.j,
                                          extra=shlex.split(args.cryoclass_args))
@@ -219,7 +222,8 @@ def main(argv=None):
             rows.append(row)
             print(C.format_table(headers, [row]), flush=True)
         label = f" [{args.label}]" if args.label else ""
-        body = [f"bench_accuracy{label}: {args.classes} true classes, {args.box} px, "
+        hinge = "" if args.hinge == 20.0 else f" (domain swing {args.hinge:g} deg)"
+        body = [f"bench_accuracy{label}: {args.classes} true classes{hinge}, {args.box} px, "
                 f"{args.apix:g} A/px; K={args.K}, T={args.tau2:g}, {args.iter} iterations, "
                 f"--j {args.j}" + (f"; cryoclass extra: {args.cryoclass_args}"
                                    if args.cryoclass_args else ""), "",
