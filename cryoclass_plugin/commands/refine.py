@@ -116,6 +116,9 @@ def add_args(parser):
                        help="... instead the class-prior-weighted mean of the class maps "
                             "(the default before the automatic mask; benchmarks/RESULTS.md, "
                             "'automatic mask')")
+    opt.add_argument("--consensus_tau2_estimate", choices=("", "power", "em"), default="",
+                     help="with --joint_consensus: the same choice for the shared consensus "
+                          "map of the E-step references ('' = as --tau2_estimate)")
     opt.add_argument("--tau2_estimate", choices=("power", "em"), default="power",
                      help="how each class's signal spectrum tau2 (the prior of its next "
                           "reconstruction) is updated: 'power' (RELION, the default) = the "
@@ -261,7 +264,8 @@ def _settings_fields(args):
         consensus_local_iter=args.consensus_local_iter,
         class_difference_highres=args.class_difference_highres,
         joint_consensus=args.joint_consensus,
-        auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=args.tau2_estimate)
+        auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=args.tau2_estimate,
+        consensus_tau2_estimate=args.consensus_tau2_estimate)
 
 
 # What a continued run may change: how to compute, and what relion_refine's --continue
@@ -328,6 +332,7 @@ def _settings_for_continue(args):
     # ... and before the automatic reference mask: none.
     saved.setdefault("auto_mask_sigma", 0.0)
     saved.setdefault("tau2_estimate", "power")
+    saved.setdefault("consensus_tau2_estimate", "")
     # ... and before the adaptive consensus length: exactly --consensus_iter.
     saved.setdefault("consensus_extra_iter", 0)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})

@@ -190,7 +190,7 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
         w = np.maximum(np.asarray(model.pdf_class, dtype=np.float64), 0.0)
         w = w / max(float(w.sum()), 1e-300)
         tau2 = (w[:, None] * model.tau2).sum(axis=0)
-    if settings.tau2_estimate == "em":
+    if getattr(settings, "consensus_tau2_estimate", settings.tau2_estimate) == "em":
         tau2 = tau2 + _posterior_variance(joint, tau2, acc.n_shells)
     vol = joint.reconstruct(tau2=xp.asarray(tau2), tau2_fudge=settings.tau2_fudge,
                             gridding=settings.gridding)

@@ -91,6 +91,7 @@ class Settings:
                                     # (threshold in robust sigmas; 0 off; < 0: 3 with a
                                     # consensus|pca start, off with RELION's)
     tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
+    consensus_tau2_estimate: str = ""   # the joint consensus's update ("": tau2_estimate)
 
 
 #: Default threshold of the automatic reference mask (robust standard deviations of the
@@ -560,7 +561,7 @@ class Refinement:
         if comm.size > 1:
             for key in res:
                 res[key] = to_numpy(comm.allreduce_sum(res[key]))
-        maximise(acc, model, _MStepSettings(s), solvent_mask=None if self.solvent_mask is None
+        maximise(acc, model, _MStepSettings(s, self._in_consensus(iteration)), solvent_mask=None if self.solvent_mask is None
                  else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
                  unregularised=use_cc, consensus=self._shares_consensus(iteration))
         self._update_particles(model, subset, res)
@@ -759,6 +760,12 @@ class Refinement:
             return {"sigma_ang": -1.0}
         return local if s.classify_local_sigma > 0 else {}
 
+    def _in_consensus(self, iteration):
+        """Whether ``iteration`` belongs to the consensus phase of a consensus/PCA start."""
+        s = self.s
+        return (s.init_classes in ("consensus", "pca") and s.n_classes > 1
+                and iteration <= self.consensus_end)
+
     def _last_global_consensus(self):
         """The last consensus iteration that searches globally (the local ones follow)."""
         s = self.s
@@ -889,10 +896,12 @@ class _MStepSettings:
     tau2_fudge: float
     gridding: bool
 
-    def __init__(self, s):
+    def __init__(self, s, consensus_phase=False):
         self.tau2_fudge = s.tau2_fudge
         self.gridding = s.gridding
-        self.tau2_estimate = s.tau2_estimate
+        self.consensus_tau2_estimate = s.consensus_tau2_estimate or s.tau2_estimate
+        # In the consensus iterations the one class map is the consensus.
+        self.tau2_estimate = self.consensus_tau2_estimate if consensus_phase else s.tau2_estimate
 
 
 def _log_line(model, iteration, seconds, n_used):
