@@ -203,6 +203,16 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "on our benchmarks it recovers classes that RELION's start "
                            "leaves mixed (benchmarks/RESULTS.md); choose RELION's start "
                            "to reproduce RELION's Class3D.")
+        form.addParam("consensusExtraIterations", IntParam, default=6,
+                      condition="not doContinue and initialClasses > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Extra consensus iterations (at most)",
+                      help="With a consensus start: while the last global consensus "
+                           "iteration still moved the poses by more than the angular "
+                           "sampling interval on average, the job aligns globally once "
+                           "more before the split, up to this many times "
+                           "(--consensus_extra_iter; the log says when). 0: exactly the "
+                           "engine's consensus iterations.")
         form.addParam("fixedPoseIterations", IntParam, default=8,
                       condition="not doContinue and initialClasses > 0",
                       expertLevel=LEVEL_ADVANCED,
@@ -916,6 +926,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--random_seed", int(seed))
         if not self.doContinue and self.initialClasses.get() > 0 and self._getK() > 1:
             add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
+            add("--consensus_extra_iter", int(self.consensusExtraIterations.get()))
             add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
             add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
             add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))

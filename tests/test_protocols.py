@@ -319,6 +319,7 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     text = prot._getEngineArgs()
     assert "--init_classes pca" in text and "--classify_fixed_iter 4" in text
     assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
+    assert "--consensus_extra_iter 6" in text
     assert "--class_difference_highres 25" in text
     assert "--joint_consensus" in text and "--mean_consensus" not in text
     assert "--auto_mask_sigma 3" in text
