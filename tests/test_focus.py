@@ -119,7 +119,8 @@ def test_joint_consensus_is_sharper_than_the_mean_of_the_class_maps():
     tau2 = power_spectrum_half(truth)
     model = SimpleNamespace(consensus_ref=None, pdf_class=np.array([0.5, 0.5]),
                             tau2=np.stack([tau2, tau2]))
-    settings = SimpleNamespace(tau2_fudge=1.0, gridding=False, tau2_estimate="power")
+    settings = SimpleNamespace(tau2_fudge=1.0, gridding=False, tau2_estimate="power",
+                               consensus_tau2_estimate="power")
     reconstruct_consensus(acc, model, settings)
     assert np.allclose(model.consensus_ref,
                        everything.reconstruct(tau2=tau2, gridding=False), atol=1e-5)

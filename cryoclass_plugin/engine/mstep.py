@@ -177,7 +177,9 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     determines.  Measured: poses 0.1-0.3 degrees better; with the automatic reference
     mask the classes too (benchmarks/RESULTS.md, "joint consensus", "automatic mask").
     Costs one reconstruction and one more padded volume pair (data complex128 + weight
-    float64) during the M-step.
+    float64) during the M-step.  Its signal spectrum is updated as
+    ``settings.consensus_tau2_estimate`` says ("em" by default: plus the posterior
+    variance, as :func:`maximise` does for the class maps with ``--tau2_estimate em``).
     """
     xp = acc.xp
     first = acc.backprojectors[0]
@@ -190,7 +192,7 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
         w = np.maximum(np.asarray(model.pdf_class, dtype=np.float64), 0.0)
         w = w / max(float(w.sum()), 1e-300)
         tau2 = (w[:, None] * model.tau2).sum(axis=0)
-    if getattr(settings, "consensus_tau2_estimate", settings.tau2_estimate) == "em":
+    if settings.consensus_tau2_estimate == "em":
         tau2 = tau2 + _posterior_variance(joint, tau2, acc.n_shells)
     vol = joint.reconstruct(tau2=xp.asarray(tau2), tau2_fudge=settings.tau2_fudge,
                             gridding=settings.gridding)
