@@ -116,13 +116,13 @@ def add_args(parser):
                        help="... instead the class-prior-weighted mean of the class maps "
                             "(the default before the automatic mask; benchmarks/RESULTS.md, "
                             "'automatic mask')")
-    opt.add_argument("--consensus_tau2_estimate", choices=("power", "em"), default="em",
+    opt.add_argument("--consensus_tau2_estimate", choices=("", "power", "em"), default="",
                      help="with --init_classes consensus|pca: the same choice for the "
                           "consensus map (the one map of the consensus iterations, then "
-                          "the shared consensus of the E-step references; default em: "
-                          "poses 0.1-0.3 degrees better on all eight accuracy sets, "
-                          "benchmarks/RESULTS.md 'consensus map'); the class maps keep "
-                          "--tau2_estimate")
+                          "the shared consensus of the E-step references); default: as "
+                          "--tau2_estimate.  em: poses 0.1-0.3 degrees better on all eight "
+                          "accuracy sets, but at K=4 one run kept a true class split "
+                          "(benchmarks/RESULTS.md 'consensus map')")
     opt.add_argument("--tau2_estimate", choices=("power", "em"), default="power",
                      help="how each class's signal spectrum tau2 (the prior of its next "
                           "reconstruction) is updated: 'power' (RELION, the default) = the "

@@ -178,8 +178,8 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     mask the classes too (benchmarks/RESULTS.md, "joint consensus", "automatic mask").
     Costs one reconstruction and one more padded volume pair (data complex128 + weight
     float64) during the M-step.  Its signal spectrum is updated as
-    ``settings.consensus_tau2_estimate`` says ("em" by default: plus the posterior
-    variance, as :func:`maximise` does for the class maps with ``--tau2_estimate em``).
+    ``settings.consensus_tau2_estimate`` says ("em": plus the posterior variance, as
+    :func:`maximise` does for the class maps with ``--tau2_estimate em``).
     """
     xp = acc.xp
     first = acc.backprojectors[0]

@@ -91,7 +91,7 @@ class Settings:
                                     # (threshold in robust sigmas; 0 off; < 0: 3 with a
                                     # consensus|pca start, off with RELION's)
     tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
-    consensus_tau2_estimate: str = "em"  # ... of the consensus map ("": as tau2_estimate)
+    consensus_tau2_estimate: str = ""   # ... of the consensus map ("": as tau2_estimate)
 
 
 #: Default threshold of the automatic reference mask (robust standard deviations of the
