@@ -72,14 +72,18 @@ def test_recommended_start_recovers_classes_that_relion_start_leaves_mixed(datas
     _assert_poses_and_maps(data, tmp_path / "pca" / "run", n_iter, tmp_path / "oracle")
 
 
-def _assert_poses_and_maps(data, root, n_iter, oracle_dir):
-    """Issue 3's pose and map criteria for a run ``root`` on the set ``data``."""
+def _assert_poses_and_maps(data, root, n_iter, oracle_dir, oracle_flags=(),
+                           max_resolution=None):
+    """Issue 3's pose and map criteria for a run ``root`` on the set ``data``: median
+    angular error below the 7.5-degree step; each class map within 15 % of the oracle
+    reconstruction's resolution (the same flags plus ``oracle_flags``) and, if given,
+    better than ``max_resolution`` (A)."""
     truth = starfile.read(data / "truth.star")["particles"].set_index("rlnImageName")
     got = starfile.read(f"{root}_it{n_iter:03d}_data.star")["particles"]
     got = got.set_index("rlnImageName").loc[truth.index]
     ang = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     err = float(np.median(angular_errors_deg(truth[ang].to_numpy(float), got[ang].to_numpy(float))))
-    oracle = oracle_resolutions(data, TUTORIAL[2:], n_iter, oracle_dir)
+    oracle = oracle_resolutions(data, TUTORIAL[2:] + list(oracle_flags), n_iter, oracle_dir)
     ours = []
     for k in (1, 2, 3):
         mine = got["rlnClassNumber"][truth["rlnClassNumber"] == k]
@@ -90,6 +94,8 @@ def _assert_poses_and_maps(data, root, n_iter, oracle_dir):
           f"{np.round(ours, 1).tolist()} A, oracle reconstruction {np.round(oracle, 1).tolist()} A")
     assert err < 7.5
     assert all(r <= 1.15 * o for r, o in zip(ours, oracle)), (ours, oracle)
+    if max_resolution is not None:
+        assert max(ours) < max_resolution, (ours, max_resolution)
 
 
 def test_recommended_start_with_one_class_too_many(dataset, tmp_path):
@@ -136,3 +142,28 @@ def test_recommended_start_at_snr_005(tmp_path_factory, tmp_path):
     print(f"600 particles, SNR 0.05, K=3: oracle {info['oracle_accuracy']:.3f}; ARI {ari:.3f}")
     assert ari >= 0.9
     _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle")
+
+
+def test_class_maps_better_than_2_5_pixels_where_the_data_carry_it(tmp_path_factory, tmp_path):
+    """Issue 3's map criterion, FSC 0.5 against the true map better than 2.5 x the pixel
+    size (10 A here), on a set whose particles carry it: 1000 particles at SNR 2.  (With
+    600 particles at SNR 0.05-0.1 even the oracle reconstruction, from the true poses
+    and classes, stops at 16-19 A; with 5000 at SNR 0.2 our maps reach 9.5-9.7 A:
+    benchmarks/RESULTS.md, "Issue 3's remaining criteria".)  The recommended start with
+    the EM update of the signal spectrum (``--tau2_estimate em``, for sharper maps when
+    K is right).  Measured (20 iterations, one thread): ARI 0.967, 3.4 deg, class maps
+    9.4-9.6 A; about 3 minutes on 2 cores with the oracle reconstructions."""
+    data = tmp_path_factory.mktemp("acc_hi") / "data"
+    info = simulate_dataset(str(data), n=1000, box=64, apix=4.0, snr=2.0, n_classes=3, seed=0)
+    assert info["oracle_accuracy"] >= 0.98, info
+    n_iter = 20
+    root = tmp_path / "em" / "run"
+    assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
+                     str(data / "ref.mrc"), "--o", str(root), "--iter", str(n_iter),
+                     "--init_classes", "pca", "--consensus_iter", "6", "--norm", "--scale",
+                     "--tau2_estimate", "em"] + TUTORIAL) == 0
+    ari = _ari(data, root, n_iter)
+    print(f"1000 particles, SNR 2, K=3, --tau2_estimate em: ARI {ari:.3f}")
+    assert ari >= 0.9
+    _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle",
+                           oracle_flags=["--tau2_estimate", "em"], max_resolution=2.5 * 4.0)
