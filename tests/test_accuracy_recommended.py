@@ -118,6 +118,24 @@ def test_recommended_start_with_one_class_too_many(dataset, tmp_path):
     assert np.sort(sizes)[0] <= 0.1 * sizes.sum()      # the extra class empty or junk
 
 
+def _recommended_run(tmp_path_factory, tmp_path, n, snr, seed, n_iter, extra=()):
+    """Simulate a three-class set, run the recommended start on it (with --norm --scale,
+    as the protocol), check ARI >= 0.9 against the truth; returns (data, root, n_iter)."""
+    data = tmp_path_factory.mktemp(f"acc_n{n}_snr{snr:g}") / "data"
+    info = simulate_dataset(str(data), n=n, box=64, apix=4.0, snr=snr, n_classes=3, seed=seed)
+    assert info["oracle_accuracy"] >= 0.98, info
+    root = tmp_path / "pca" / "run"
+    assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
+                     str(data / "ref.mrc"), "--o", str(root), "--iter", str(n_iter),
+                     "--init_classes", "pca", "--consensus_iter", "6", "--norm", "--scale"]
+                    + list(extra) + TUTORIAL) == 0
+    ari = _ari(data, root, n_iter)
+    print(f"{n} particles, SNR {snr:g}, K=3 {' '.join(extra)}: oracle "
+          f"{info['oracle_accuracy']:.3f}; ARI {ari:.3f}")
+    assert ari >= 0.9
+    return data, root, n_iter
+
+
 def test_recommended_start_at_snr_005(tmp_path_factory, tmp_path):
     """Issue 3 at SNR 0.05 (K=3; 600 particles, seed 1 of the accuracy benchmark's
     sets): ARI >= 0.9 against the truth, median angular error below the sampling step,
@@ -129,18 +147,8 @@ def test_recommended_start_at_snr_005(tmp_path_factory, tmp_path):
     (benchmarks/bench_true_map_ceiling.py), so at this SNR the assignment is as good as
     perfect maps would make it.  On seed 0 of the same kind we reach 0.843 against that
     ceiling's 0.92-0.94 (benchmarks/RESULTS.md, "Issue 3's remaining criteria")."""
-    data = tmp_path_factory.mktemp("acc005") / "data"
-    info = simulate_dataset(str(data), n=600, box=64, apix=4.0, snr=0.05, n_classes=3, seed=1)
-    assert info["oracle_accuracy"] >= 0.98, info
-    n_iter = 25
-    root = tmp_path / "pca" / "run"
-    assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
-                     str(data / "ref.mrc"), "--o", str(root), "--iter", str(n_iter),
-                     "--init_classes", "pca", "--consensus_iter", "6", "--norm", "--scale"]
-                    + TUTORIAL) == 0
-    ari = _ari(data, root, n_iter)
-    print(f"600 particles, SNR 0.05, K=3: oracle {info['oracle_accuracy']:.3f}; ARI {ari:.3f}")
-    assert ari >= 0.9
+    data, root, n_iter = _recommended_run(tmp_path_factory, tmp_path, n=600, snr=0.05, seed=1,
+                                          n_iter=25)
     _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle")
 
 
@@ -153,17 +161,7 @@ def test_class_maps_better_than_2_5_pixels_where_the_data_carry_it(tmp_path_fact
     the EM update of the signal spectrum (``--tau2_estimate em``, for sharper maps when
     K is right).  Measured (20 iterations, one thread): ARI 0.967, 3.4 deg, class maps
     9.4-9.6 A; about 3 minutes on 2 cores with the oracle reconstructions."""
-    data = tmp_path_factory.mktemp("acc_hi") / "data"
-    info = simulate_dataset(str(data), n=1000, box=64, apix=4.0, snr=2.0, n_classes=3, seed=0)
-    assert info["oracle_accuracy"] >= 0.98, info
-    n_iter = 20
-    root = tmp_path / "em" / "run"
-    assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
-                     str(data / "ref.mrc"), "--o", str(root), "--iter", str(n_iter),
-                     "--init_classes", "pca", "--consensus_iter", "6", "--norm", "--scale",
-                     "--tau2_estimate", "em"] + TUTORIAL) == 0
-    ari = _ari(data, root, n_iter)
-    print(f"1000 particles, SNR 2, K=3, --tau2_estimate em: ARI {ari:.3f}")
-    assert ari >= 0.9
+    data, root, n_iter = _recommended_run(tmp_path_factory, tmp_path, n=1000, snr=2.0, seed=0,
+                                          n_iter=20, extra=["--tau2_estimate", "em"])
     _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle",
                            oracle_flags=["--tau2_estimate", "em"], max_resolution=2.5 * 4.0)

@@ -561,7 +561,8 @@ class Refinement:
         if comm.size > 1:
             for key in res:
                 res[key] = to_numpy(comm.allreduce_sum(res[key]))
-        maximise(acc, model, _MStepSettings(s, self._in_consensus(iteration)), solvent_mask=None if self.solvent_mask is None
+        maximise(acc, model, _MStepSettings(s, self._in_consensus(iteration)),
+                 solvent_mask=None if self.solvent_mask is None
                  else xp.asarray(self.solvent_mask), symmetrise=self.symmetrise,
                  unregularised=use_cc, consensus=self._shares_consensus(iteration))
         self._update_particles(model, subset, res)
@@ -775,14 +776,16 @@ class Refinement:
 
     def _extend_consensus(self, model, iteration):
         """Before ``iteration``: if it would be the first local consensus iteration (or the
-        split) but the last global one still moved the poses by more than the angular
-        sampling step on average, search globally once more (the whole consensus phase
-        moves one iteration later), up to ``--consensus_extra_iter`` times and while at
-        least two full-EM iterations stay after the fixed-pose phase.  Why: on a 600-
-        particle SNR 0.05 set with a 30-degree domain swing the consensus poses were still
-        moving at iteration 4 (median error 15 deg, 10 % of particles flipped at the
-        split); the split then failed (ARI 0.29), and four more global iterations gave
-        10 deg, no flips and ARI 0.91 (benchmarks/RESULTS.md, "adaptive consensus").
+        split) but the last global one still moved the poses by more than the coarse
+        angular step of ``--healpix_order`` on average (the mean of
+        ``model.changes["orientations"]``), search globally once more (the rest of the
+        consensus phase moves one iteration later), up to ``--consensus_extra_iter`` times
+        and while at least two full-EM iterations stay after the fixed-pose phase.  Why:
+        on a 600-particle SNR 0.05 set with a 30-degree domain swing the consensus poses
+        were still moving at iteration 4 (median error 15 deg, 10 % of the particles
+        flipped at the split); the split then failed (ARI 0.29); with three more global
+        iterations: 10 deg, no flips, ARI 0.89 (benchmarks/RESULTS.md, "adaptive
+        consensus").
         The decision reads only the saved state, so ``--continue`` repeats it."""
         s = self.s
         if iteration - 1 != self._last_global_consensus() or iteration <= 2:
