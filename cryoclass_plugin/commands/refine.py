@@ -273,13 +273,14 @@ def _settings_fields(args):
 
 
 # What a continued run may change: how to compute, and what relion_refine's --continue
-# lets change (regularisation, E-step resolution limit, sampling, padding, seed).  The
-# input paths are the run's own (the Scipion protocol repeats --i, and a path may be
-# spelled differently from another folder).  All other settings must match the run's.
+# lets change (regularisation, E-step resolution limit, sampling, padding and gridding,
+# seed).  The input paths are the run's own (the Scipion protocol repeats --i, and a
+# path may be spelled differently from another folder).  All other settings must match
+# the run's.
 CONTINUE_CHANGEABLE = {"threads", "gpu", "preread_images", "scratch_dir", "block_size",
                        "pool", "tau2_fudge", "strict_highres_exp", "healpix_order",
-                       "sigma_ang", "offset_range", "offset_step", "pad", "skip_align",
-                       "max_significant", "adaptive_fraction", "random_seed"}
+                       "sigma_ang", "offset_range", "offset_step", "pad", "gridding",
+                       "skip_align", "max_significant", "adaptive_fraction", "random_seed"}
 CONTINUE_RUN_FILES = {"input_star", "ref", "solvent_mask", "continue_from"}
 FLAG_OF_FIELD = {"n_classes": "K", "max_significant": "maxsig", "threads": "j",
                  "n_iter": "iter", "output_root": "o"}
@@ -302,8 +303,6 @@ def _apply_continue_flags(args, settings):
         saved = getattr(settings, field)
         if value != saved:
             name = FLAG_OF_FIELD.get(field, field)
-            if field == "gridding":              # the flag says the opposite
-                name, value, saved = "skip_gridding", not value, not saved
             raise CryoClassError(
                 f"--continue {args.continue_from}: --{name} {value} differs from the run's "
                 f"{saved}; a continued run keeps this setting (drop --{name}, or start a "
