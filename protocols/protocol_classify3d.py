@@ -208,8 +208,9 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       expertLevel=LEVEL_ADVANCED,
                       label="Extra consensus iterations (at most)",
                       help="With a consensus start: while the last global consensus "
-                           "iteration still moved the poses by more than the angular "
-                           "sampling interval on average, the job aligns globally once "
+                           "iteration still moved the poses on average by more than the "
+                           "coarse angular step (twice the angular sampling interval: "
+                           "15 deg for 7.5), the job aligns globally once "
                            "more before the split, up to this many times "
                            "(--consensus_extra_iter; the log says when). 0: exactly the "
                            "engine's consensus iterations.")

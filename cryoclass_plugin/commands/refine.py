@@ -74,8 +74,8 @@ def add_args(parser):
     opt.add_argument("--consensus_extra_iter", type=int, default=6,
                      help="with --init_classes consensus|pca: up to this many more global "
                           "consensus iterations while the last one still moved the poses "
-                          "by more than the angular sampling step on average (0: exactly "
-                          "--consensus_iter)")
+                          "on average by more than the coarse angular step of "
+                          "--healpix_order (15 deg at order 2; 0: exactly --consensus_iter)")
     opt.add_argument("--restarts", type=int, default=3,
                      help="with --init_classes consensus: random partitions tried")
     opt.add_argument("--restart_iter", type=int, default=6,
@@ -289,7 +289,9 @@ FLAG_OF_FIELD = {"n_classes": "K", "max_significant": "maxsig", "threads": "j",
 def _apply_continue_flags(args, settings):
     """The flags given with ``--continue`` onto the run's ``settings``: ``--iter``, ``--o``
     and :data:`CONTINUE_CHANGEABLE` take effect; any other flag that would change a
-    setting of the run is a one-line error (it used to be ignored without a word)."""
+    setting of the run is a one-line error (it used to be ignored without a word).
+    A flag counts as given when its value differs from the flag's default, so going
+    back to a default value (e.g. ``--tau2_fudge 1`` after a run with 4) needs a new run."""
     import argparse
     parser = argparse.ArgumentParser()
     add_args(parser)
