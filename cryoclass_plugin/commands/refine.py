@@ -116,6 +116,14 @@ def add_args(parser):
                        help="... instead the class-prior-weighted mean of the class maps "
                             "(the default before the automatic mask; benchmarks/RESULTS.md, "
                             "'automatic mask')")
+    opt.add_argument("--merge_threshold", type=float, default=0.3,
+                     help="with --init_classes consensus|pca: at the end of the fixed-pose "
+                          "iterations, merge two classes when, on held-out particles, "
+                          "their split pays back less than this share of what a random "
+                          "split of the same particles costs (and the one merged map "
+                          "predicts them better); the freed class stays empty.  0: off")
+    opt.add_argument("--merge_fixed_iter", type=int, default=3,
+                     help="fixed-pose iterations added after a merge")
     opt.add_argument("--consensus_tau2_estimate", choices=("", "power", "em"), default="",
                      help="with --init_classes consensus|pca: the same choice for the "
                           "consensus map (the one map of the consensus iterations, then "
@@ -215,6 +223,11 @@ def settings_from_args(args):
                              "angular searches need alignment; drop one of the two")
     if args.consensus_extra_iter < 0:
         raise CryoClassError(f"--consensus_extra_iter {args.consensus_extra_iter}: give 0 or more")
+    if args.merge_threshold < 0:
+        raise CryoClassError(f"--merge_threshold {args.merge_threshold:g}: give 0 (off) or a "
+                             "share > 0 (default 0.3)")
+    if args.merge_fixed_iter < 0:
+        raise CryoClassError(f"--merge_fixed_iter {args.merge_fixed_iter}: give 0 or more")
     if args.consensus_local_iter < 0:
         raise CryoClassError(f"--consensus_local_iter {args.consensus_local_iter}: give 0 or more")
     if args.classify_local_sigma < 0:
@@ -269,7 +282,8 @@ def _settings_fields(args):
         class_difference_highres=args.class_difference_highres,
         joint_consensus=args.joint_consensus,
         auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=args.tau2_estimate,
-        consensus_tau2_estimate=args.consensus_tau2_estimate)
+        consensus_tau2_estimate=args.consensus_tau2_estimate,
+        merge_threshold=args.merge_threshold, merge_fixed_iter=args.merge_fixed_iter)
 
 
 # What a continued run may change: how to compute, and what relion_refine's --continue
@@ -340,6 +354,8 @@ def _settings_for_continue(args):
     saved.setdefault("consensus_tau2_estimate", "")
     # ... and before the adaptive consensus length: exactly --consensus_iter.
     saved.setdefault("consensus_extra_iter", 0)
+    # ... and before the held-out merge test: no merges.
+    saved.setdefault("merge_threshold", 0.0)
     settings = Settings(**{k: v for k, v in saved.items() if k in names})
     settings.continue_from = path
     _apply_continue_flags(args, settings)

@@ -56,6 +56,10 @@ class ModelState:
     # Consensus / PCA starts: the last consensus iteration, once the run has searched
     # globally beyond --consensus_iter (Refinement._extend_consensus); 0 = as set.
     consensus_end: int = 0
+    # --merge_threshold: whether the held-out merge test has run (it runs once, at the
+    # end of the fixed-pose phase) and the fixed-pose iterations it added.
+    merge_tested: bool = False
+    merge_extra: int = 0
     changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
                                                     "classes": 1.0})
     log_likelihood: float = 0.0

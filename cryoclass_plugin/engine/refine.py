@@ -92,6 +92,9 @@ class Settings:
                                     # consensus|pca start, off with RELION's)
     tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
     consensus_tau2_estimate: str = ""   # ... of the consensus map ("": as tau2_estimate)
+    merge_threshold: float = 0.3    # consensus|pca: merge classes the held-out test calls
+                                    # one structure (0: off; :mod:`.merge`)
+    merge_fixed_iter: int = 3       # ... then this many more fixed-pose iterations
 
 
 #: Default threshold of the automatic reference mask (robust standard deviations of the
@@ -727,7 +730,9 @@ class Refinement:
                     model = (self._split_by_restarts(model, it) if s.init_classes == "consensus"
                              else self._split_by_pca(model, it))
                     allowed = model.part_class.copy()
-                fixed_poses = end < it <= end + s.classify_fixed_iter
+                if it == end + s.classify_fixed_iter + 1 and self._merge_duplicates(model, it):
+                    allowed = model.part_class.copy()
+                fixed_poses = end < it <= end + s.classify_fixed_iter + model.merge_extra
             if fixed_poses and not s.skip_align:
                 model = self._iterate_fixed_poses(model, it, allowed)
             else:
@@ -801,6 +806,38 @@ class Refinement:
                          f"on average in iteration {iteration - 1} (sampling "
                          f"{self.orientations.angular_step_deg:.1f} deg): one more global "
                          f"iteration; the split comes after iteration {self.consensus_end}")
+
+    def _merge_duplicates(self, model, iteration):
+        """Before the first full-EM iteration after a consensus / PCA start (once): merge
+        the pairs of classes that the held-out test of :mod:`.merge` calls one structure
+        (``--merge_threshold``); the dropped class is left empty (its map kept, prior
+        0).  If any merge happened, ``--merge_fixed_iter`` more fixed-pose iterations
+        follow (while two full-EM iterations remain), the first with the merged hard
+        assignments.  Returns whether anything was merged.
+
+        Why: with K above the number of structures, EM can cut one structure into two
+        classes that both live on, each fed by its own particles (K=4 on three true
+        classes at SNR 0.2: ARI 0.86, benchmarks/RESULTS.md, "merge test").  The
+        decision reads only the saved state, so ``--continue`` repeats it."""
+        from . import merge
+        s = self.s
+        if s.merge_threshold <= 0 or model.merge_tested or s.n_classes < 2:
+            return False
+        log = self.log if self.comm.rank == 0 else None
+        pairs = merge.duplicate_pairs(self, model, s.classify_fixed_highres, s.merge_threshold,
+                                      seed=s.random_seed, log=log)
+        model.merge_tested = True
+        for keep, drop, _ in pairs:
+            model.part_class[model.part_class == drop] = keep
+            model.pdf_class[keep] += model.pdf_class[drop]
+            model.pdf_class[drop] = 0.0
+            if log is not None:
+                log(f"merge: class {drop + 1} joins class {keep + 1} (one structure by the "
+                    f"held-out test); class {drop + 1} stays empty")
+        if pairs:
+            room = s.n_iter - 2 - (self.consensus_end + s.classify_fixed_iter)
+            model.merge_extra = max(0, min(s.merge_fixed_iter, room))
+        return bool(pairs)
 
     def _classify_local_order(self):
         s = self.s

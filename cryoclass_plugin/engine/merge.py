@@ -1,0 +1,223 @@
+"""Held-out evidence that two classes hold different structures (``--merge_classes``).
+
+When K is larger than the number of structures in the data, EM can cut one structure into
+two classes that both stay alive: each class map is reconstructed from its own particles,
+so every particle fits the map it helped to build a little better than the other one, and
+the split feeds itself (measured: K=4 on three true classes at SNR 0.2, a true class
+split 50/50 for 25 iterations; benchmarks/RESULTS.md, "K=4 on three true classes").
+
+The test asks the particles themselves, without that self-bias.  For a pair of classes
+(a, b), the particles assigned to either are split at random into two halves.  From each
+half, at the particles' current poses, three maps are reconstructed: A (its class-a
+particles), B (its class-b particles) and M (all of them).  Each particle of the *other*
+half is then scored, at its pose, under the split model and under the merged one::
+
+    delta_i = log(pi_a p(X_i | A) + pi_b p(X_i | B)) - log p(X_i | M)
+
+(``pi``: the two classes' shares of the pair; ``p``: the Gaussian likelihood of the
+E-step, ``-sum |X - C P V|^2 / (2 sigma2)``, over the shells up to the resolution limit).
+No particle is scored against a map it went into.  When the two classes differ, the
+split model predicts held-out particles better (sum of delta > 0); when they are two
+halves of one structure, the merged map, built from twice the particles, predicts them
+better (sum < 0).  This is a 2-fold cross-validated likelihood-ratio test of "two
+structures" against "one".
+
+Conventions: maps are real-space ``(N, N, N)`` float32 arrays, poses the model's ZYZ
+Euler angles (degrees) and origins (Angstrom), as everywhere in the engine; the
+likelihood is on the half-plane Fourier pixels of :func:`.fourier.half_plane_pixels`.
+"""
+import numpy as np
+
+from .backend import to_numpy
+from .fourier import half_plane_pixels
+from .geometry import euler_to_matrix
+from .mpi import split_range
+from .projector import BackProjector, Projector
+
+
+def _gaussian_loglik(images_f, ctf, inv_sigma2, slices):
+    """``-sum |X - C P|^2 / (2 sigma2)`` per particle (B,) at fixed poses."""
+    diff = images_f - ctf * slices
+    return -0.5 * ((diff.real ** 2 + diff.imag ** 2) * inv_sigma2).sum(axis=1)
+
+
+class _PairData:
+    """The low-resolution images, CTFs and poses of a set of particles (this rank's
+    share), prepared once for all the reconstructions and scores of one test."""
+
+    def __init__(self, refinement, model, members, highres_angst):
+        from .refine import prepare_block
+        r, s, xp = refinement, refinement.s, refinement.xp
+        box, apix = r.box, r.apix
+        self.shell = min(model.current_shell, int(np.ceil(box * apix / highres_angst)))
+        ky_all, kx_all = half_plane_pixels(box, box // 2, xp)
+        pixel_shell = xp.rint(xp.sqrt(kx_all.astype(xp.float64) ** 2
+                                      + ky_all.astype(xp.float64) ** 2)).astype(xp.int64)
+        n_cur = int(to_numpy((pixel_shell <= self.shell).sum()))
+        self.ky, self.kx = ky_all[:n_cur], kx_all[:n_cur]
+        self.members = np.asarray(members)
+        # The six maps of a test live only up to ``shell``: they are reconstructed in a
+        # small box whose padded Fourier grid is the centre of the full one (same
+        # spacing in frequency, 1 / (pad N apix)), so the slices are the same values
+        # and the FFTs cost (small / N)^3 of the full box's.  Its solvent mask is the
+        # sphere of --particle_diameter at the small box's voxel size.
+        self.small_box = int(min(box, 2 * (self.shell + 3)))
+        from .masks import soft_sphere_mask
+        from .refine import mask_diameter_angst
+        small_apix = apix * box / self.small_box
+        self.mask = None
+        if r.solvent_mask is not None:
+            self.mask = xp.asarray(soft_sphere_mask(
+                self.small_box, mask_diameter_angst(s, box, apix) / (2 * small_apix),
+                5.0 * self.small_box / box))
+        lo, hi = split_range(len(self.members), r.comm.rank, r.comm.size)
+        self.blocks = []
+        for b0 in range(lo, hi, s.block_size):
+            rows = np.arange(b0, min(hi, b0 + s.block_size))
+            idx = self.members[rows]
+            block, _, _ = prepare_block(s, model, r.images, idx, r.groups, r.ctfp,
+                                        ky_all, kx_all, pixel_shell, n_cur, xp, r.mask2d)
+            mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
+            self.blocks.append((rows, block, mats))
+
+
+def heldout_gain(refinement, model, data, in_first, fold_seed):
+    """Sum over ``data``'s particles of the held-out ``delta_i`` (module docstring) of
+    splitting them into ``in_first`` (bool per member) and the rest, with the two halves
+    drawn by ``fold_seed``; also the number of held-out particles whose better split map
+    is their own side."""
+    r, s, xp, comm = refinement, refinement.s, refinement.xp, refinement.comm
+    n = len(data.members)
+    n_first = int(np.sum(in_first))
+    half = np.zeros(n, dtype=np.int64)
+    half[np.random.default_rng(fold_seed).permutation(n)[: n // 2]] = 1
+    ky, kx = data.ky, data.kx
+    # Back-projections: [half][first, second, merged].
+    bps = [[BackProjector(data.small_box, s.pad, xp) for _ in range(3)] for _ in range(2)]
+    for rows, block, mats in data.blocks:
+        values = (block.images_f * (block.ctf * block.inv_sigma2)).astype(xp.complex64)
+        weight = (block.ctf * block.ctf * block.inv_sigma2).astype(xp.float32)
+        for h in range(2):
+            for j, side in enumerate((in_first[rows], ~in_first[rows], np.ones(len(rows), bool))):
+                pick = np.nonzero((half[rows] == h) & side)[0]
+                if pick.size:
+                    p = xp.asarray(pick)
+                    bps[h][j].insert(mats[p], ky, kx, values[p], weight[p])
+    # One signal prior for all six maps, so that the comparison is between data, not
+    # between priors.
+    projectors = []
+    for h in range(2):
+        row = []
+        for bp in bps[h]:
+            bp.data = comm.allreduce_sum(bp.data)
+            bp.weight = comm.allreduce_sum(bp.weight)
+            vol = bp.reconstruct(tau2=xp.asarray(data.tau2), tau2_fudge=s.tau2_fudge,
+                                 max_shell=data.shell, gridding=s.gridding)
+            if r.symmetrise is not None:
+                vol = r.symmetrise(vol)
+            if data.mask is not None:
+                vol = vol * data.mask
+            row.append(Projector(vol, pad=s.pad, gridding=s.gridding))
+        projectors.append(row)
+    del bps
+    log_pi = np.log(np.array([n_first, n - n_first], dtype=np.float64) / n)
+    sums = np.zeros(2)
+    for rows, block, mats in data.blocks:
+        for h in range(2):
+            pick = np.nonzero(half[rows] == 1 - h)[0]        # scored by the other half's maps
+            if not pick.size:
+                continue
+            p = xp.asarray(pick)
+            x, c, isg = block.images_f[p], block.ctf[p], block.inv_sigma2[p]
+            ll = np.stack([to_numpy(_gaussian_loglik(x, c, isg, proj.project(mats[p], ky, kx)))
+                           for proj in projectors[h]], axis=1).astype(np.float64)
+            split = np.logaddexp(log_pi[0] + ll[:, 0], log_pi[1] + ll[:, 1])
+            sums[0] += float((split - ll[:, 2]).sum())
+            sums[1] += float(((ll[:, 0] > ll[:, 1]) == in_first[rows][pick]).sum())
+    sums = to_numpy(comm.allreduce_sum(sums))
+    return float(sums[0]), float(sums[1])
+
+
+def split_evidence(refinement, model, members, in_first, highres_angst, tau2, seed=0,
+                   repeats=3):
+    """Held-out evidence for splitting ``members`` into ``in_first`` and the rest.
+
+    Returns a dict: ``delta`` (summed held-out gain of the split over one map, natural
+    log units), ``null`` (the same for a random split of the same sizes: the cost of
+    splitting by noise alone, < 0), ``ratio`` = (delta - null) / |null| (the share of
+    that cost the split's real difference pays back), ``n`` and ``agree`` (fraction of
+    held-out particles whose better split map is their own side; 0.5: the assignment
+    does not generalise).  ``delta`` and ``null`` are means over ``repeats`` draws of
+    the halves (and of the random split): the noise of the half maps is common to all
+    the particles they score, so one draw's sum varies by about 2 per particle (measured
+    on 134 particles at SNR 0.2: a random cut's ratio 0.31 / 0.05 / -0.31 over three
+    draws).  ``tau2``: the signal prior of all the maps.  All ranks must call it."""
+    in_first = np.asarray(in_first, dtype=bool)
+    n, n_first = len(members), int(in_first.sum())
+    if n_first < 2 or n - n_first < 2:
+        return {"delta": 0.0, "null": 0.0, "ratio": 0.0, "n": n, "agree": 0.5}
+    data = _PairData(refinement, model, members, highres_angst)
+    data.tau2 = np.asarray(tau2, dtype=np.float64)
+    delta = null = agree = 0.0
+    for rep in range(repeats):
+        d, a = heldout_gain(refinement, model, data, in_first, [seed, n, n_first, rep, 1327])
+        shuffled = in_first[np.random.default_rng([seed, n, rep, 2718]).permutation(n)]
+        z, _ = heldout_gain(refinement, model, data, shuffled, [seed, n, n_first, rep, 3141])
+        delta, null, agree = delta + d / repeats, null + z / repeats, agree + a / (repeats * n)
+    ratio = (delta - null) / abs(null) if null < 0 else np.inf
+    return {"delta": delta, "null": null, "ratio": float(ratio), "n": n, "agree": agree}
+
+
+def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3):
+    """:func:`split_evidence` of classes ``a`` and ``b`` (hard assignments
+    ``model.part_class``, poses ``model.part_eulers`` / ``model.part_origin_angst``)."""
+    members = np.nonzero((model.part_class == a) | (model.part_class == b))[0]
+    w = np.array([model.pdf_class[a], model.pdf_class[b]], dtype=np.float64)
+    w = w / max(w.sum(), 1e-300)
+    tau2 = w[0] * model.tau2[a] + w[1] * model.tau2[b]
+    return split_evidence(refinement, model, members, model.part_class[members] == a,
+                          highres_angst, tau2, seed, repeats)
+
+
+def _describe(ev):
+    return (f"held-out log-likelihood gain of the split {ev['delta'] / max(ev['n'], 1):+.2f} "
+            f"per particle, of a random split {ev['null'] / max(ev['n'], 1):+.2f}: "
+            f"recovers {ev['ratio']:.2f} of the random split's cost; assignments "
+            f"reproduced {100 * ev['agree']:.0f} %")
+
+
+def duplicate_pairs(refinement, model, highres_angst, threshold, seed=0,
+                    min_fraction=0.01, log=None):
+    """Pairs of live classes that the held-out test calls one structure (``delta`` < 0
+    and ``ratio`` < ``threshold``), most clearly first, no class in two pairs:
+    ``[(keep, drop, evidence), ...]`` (``keep`` the larger class)."""
+    alive = [k for k in range(model.n_classes) if model.pdf_class[k] >= min_fraction
+             and (model.part_class == k).sum() >= 2]
+    results = []
+    for i, a in enumerate(alive):
+        for b in alive[i + 1:]:
+            ev = pair_evidence(refinement, model, a, b, highres_angst, seed)
+            results.append((a, b, ev))
+            if log is not None:
+                log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles): "
+                    + _describe(ev))
+    merged, pairs = set(), []
+    for a, b, ev in sorted(results, key=lambda t: t[2]["ratio"]):
+        if ev["delta"] >= 0 or ev["ratio"] >= threshold or a in merged or b in merged:
+            continue
+        keep, drop = (a, b) if model.pdf_class[a] >= model.pdf_class[b] else (b, a)
+        pairs.append((keep, drop, ev))
+        merged.update((a, b))
+    return pairs
+
+
+def propose_split(refinement, model, k, highres_angst, seed=0):
+    """Two-way split of class ``k``'s particles: k-means of their coordinates along the
+    class's top heterogeneity eigenvolume (:mod:`.heterogeneity`, residuals against the
+    class map).  Returns (members, in_first)."""
+    from .heterogeneity import kmeans, principal_coordinates
+    members = np.nonzero(model.part_class == k)[0]
+    coords = principal_coordinates(refinement, model, 1, highres_angst, seed=seed,
+                                   members=members, reference=model.refs[k])
+    labels = kmeans(coords, 2, seed=seed)
+    return members, labels == 0
