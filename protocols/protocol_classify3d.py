@@ -222,6 +222,17 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "the consensus poses and classify only, below 25 A, before "
                            "full expectation-maximisation over classes and poses "
                            "(--classify_fixed_iter). 0 starts full EM at once.")
+        form.addParam("mergeThreshold", FloatParam, default=0.3,
+                      condition="not doContinue and initialClasses > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Merge duplicate classes (threshold)",
+                      help="With a consensus start, after the fixed-pose iterations: two "
+                           "classes are merged when, on held-out particles, their split "
+                           "pays back less than this share of what a random split of the "
+                           "same particles costs (they are one structure cut in two); the "
+                           "freed class stays empty and a few more fixed-pose iterations "
+                           "follow. The log lists each pair's figures "
+                           "(--merge_threshold). 0: never merge.")
         form.addParam("localRangeAfterSplit", FloatParam, default=15.0,
                       condition="not doContinue and initialClasses > 0",
                       expertLevel=LEVEL_ADVANCED,
@@ -929,6 +940,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
             add("--consensus_extra_iter", int(self.consensusExtraIterations.get()))
             add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
+            add("--merge_threshold", _num(max(0.0, self.mergeThreshold.get() or 0.0)))
             add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
             add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))
             if (self.sharedConsensusBeyond.get() or 0) > 0:
