@@ -280,20 +280,23 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "(--auto_mask_sigma). 0: no automatic mask.")
         form.addParam("tau2Estimate", EnumParam, default=0,
                       expertLevel=LEVEL_ADVANCED,
-                      choices=["RELION: power spectrum of the map",
+                      choices=["Automatic: EM with a consensus start, else RELION's",
+                               "RELION: power spectrum of the map",
                                "EM: power spectrum + posterior variance"],
                       label="Signal spectrum (tau2) update",
                       help="How each class's expected signal power per resolution shell, "
                            "the prior of its next reconstruction, is updated. RELION's "
                            "takes the power spectrum of the solvent-flattened map, which "
                            "shrinks iteration after iteration where the SSNR is low: the "
-                           "maps lose resolution the particles carry, and classes with "
-                           "few particles are low-passed hard, which drains an extra "
-                           "class. EM adds the reconstruction's posterior variance (the "
-                           "exact expectation-maximisation update, --tau2_estimate em): "
-                           "on our benchmarks the class maps come out 3-5 A sharper with "
-                           "the same classes at the right K, but with one class too many "
-                           "a true class can stay split in two.")
+                           "maps lose resolution the particles carry. EM adds the "
+                           "reconstruction's posterior variance (the exact "
+                           "expectation-maximisation update, --tau2_estimate em): on our "
+                           "benchmarks the class maps come out 2-5 A sharper, with the "
+                           "same or better classes. With one class too many it used to "
+                           "keep a true class split in two; the merge test after the "
+                           "fixed-pose iterations removes such splits, so Automatic uses "
+                           "EM with a consensus start (and the merge test on) and "
+                           "RELION's update otherwise.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -950,8 +953,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         add("--o", self._getFileName("output_root"))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))
-        if self.tau2Estimate.get() == 1:
-            add("--tau2_estimate", "em")
+        if self.tau2Estimate.get() in (1, 2):
+            add("--tau2_estimate", ["", "power", "em"][self.tau2Estimate.get()])
         add("--particle_diameter", _num(root.maskDiameterA.get()))
         if self.limitResolEStep.get() > 0:
             add("--strict_highres_exp", _num(self.limitResolEStep.get()))

@@ -118,9 +118,10 @@ def test_recommended_start_with_one_class_too_many(dataset, tmp_path):
     assert np.sort(sizes)[0] <= 0.1 * sizes.sum()      # the extra class empty or junk
 
 
-def _recommended_run(tmp_path_factory, tmp_path, n, snr, seed, n_iter, extra=()):
-    """Simulate a three-class set, run the recommended start on it (with --norm --scale,
-    as the protocol), check ARI >= 0.9 against the truth; returns (data, root, n_iter)."""
+def _recommended_run(tmp_path_factory, tmp_path, n, snr, seed, n_iter, extra=(), k=3):
+    """Simulate a three-class set, run the recommended start on it with ``k`` classes
+    (with --norm --scale, as the protocol), check ARI >= 0.9 against the truth; returns
+    (data, root, n_iter)."""
     data = tmp_path_factory.mktemp(f"acc_n{n}_snr{snr:g}") / "data"
     info = simulate_dataset(str(data), n=n, box=64, apix=4.0, snr=snr, n_classes=3, seed=seed)
     assert info["oracle_accuracy"] >= 0.98, info
@@ -128,9 +129,9 @@ def _recommended_run(tmp_path_factory, tmp_path, n, snr, seed, n_iter, extra=())
     assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
                      str(data / "ref.mrc"), "--o", str(root), "--iter", str(n_iter),
                      "--init_classes", "pca", "--consensus_iter", "6", "--norm", "--scale"]
-                    + list(extra) + TUTORIAL) == 0
+                    + list(extra) + TUTORIAL + ["--K", str(k)]) == 0
     ari = _ari(data, root, n_iter)
-    print(f"{n} particles, SNR {snr:g}, K=3 {' '.join(extra)}: oracle "
+    print(f"{n} particles, SNR {snr:g}, K={k} {' '.join(extra)}: oracle "
           f"{info['oracle_accuracy']:.3f}; ARI {ari:.3f}")
     assert ari >= 0.9
     return data, root, n_iter
@@ -150,6 +151,23 @@ def test_recommended_start_at_snr_005(tmp_path_factory, tmp_path):
     data, root, n_iter = _recommended_run(tmp_path_factory, tmp_path, n=600, snr=0.05, seed=1,
                                           n_iter=25)
     _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle")
+
+
+def test_one_class_too_many_at_snr_02_is_merged(tmp_path_factory, tmp_path):
+    """Issue 3, K=4 on three true classes at SNR 0.2 (600 particles, seed 0 of the
+    accuracy benchmark's sets).  The PCA split cuts one true class in two halves that
+    each keep their particles through full EM (ARI 0.856 before the merge test); the
+    held-out test of ``engine/merge.py`` calls them one structure at the end of the
+    fixed-pose phase and merges them.  Measured (the benchmark's run, one thread): ARI
+    0.965 (0.961 with K=3), the extra class empty; about 3 minutes on 2 cores."""
+    data, root, n_iter = _recommended_run(tmp_path_factory, tmp_path, n=600, snr=0.2, seed=0,
+                                          n_iter=25, k=4)
+    got = starfile.read(f"{root}_it{n_iter:03d}_data.star")["particles"]
+    sizes = np.bincount(got["rlnClassNumber"].to_numpy(), minlength=5)[1:]
+    print(f"class sizes {sizes.tolist()}")
+    assert np.sort(sizes)[0] <= 0.1 * sizes.sum()      # the extra class empty or junk
+    model = starfile.read(f"{root}_it{n_iter:03d}_model.star")["model_classes"]
+    assert np.sort(model["rlnClassDistribution"].to_numpy())[0] < 0.01
 
 
 def test_class_maps_better_than_2_5_pixels_where_the_data_carry_it(tmp_path_factory, tmp_path):

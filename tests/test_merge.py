@@ -12,13 +12,17 @@ import starfile
 from cryoclass_plugin.commands import refine as refine_cmd
 from cryoclass_plugin.engine import merge
 from cryoclass_plugin.engine.refine import Refinement
+from cryoclass_plugin.engine.geometry import euler_to_matrix
 from cryoclass_plugin.engine.simulate import simulate_dataset
+
+SHIFT_PX = np.array([0.6, -0.5, 0.4])
 
 
 @pytest.fixture(scope="module")
 def truth_run(tmp_path_factory):
     """A K=4 Refinement on 400 particles (48 px, 5 A/px, SNR 0.2) whose state holds the
-    true poses and classes, true class 1 cut at random into classes 1 and 4.
+    true poses and classes, true class 1 cut at random into classes 1 and 4, class 4
+    centred SHIFT_PX away.
     Measured (three draws of the halves): true pairs pay back 0.80-2.00 of a random
     split's cost, the cut -0.03."""
     data = tmp_path_factory.mktemp("merge") / "data"
@@ -41,6 +45,12 @@ def truth_run(tmp_path_factory):
     labels = truth["rlnClassNumber"].to_numpy() - 1
     cut = np.random.default_rng(5).random(len(labels)) < 0.5
     labels[(labels == 0) & cut] = 3
+    # The cut-off half is also centred differently, as EM leaves such duplicates: its
+    # particles' origins fit the map shifted by SHIFT_PX (x y z), i.e. o + apix (R s)_xy.
+    rot = euler_to_matrix(*model.part_eulers.T)
+    moved = labels == 3
+    model.part_origin_angst[moved] += model.apix * (rot[moved] @ SHIFT_PX)[:, :2]
+    r.true_origins = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
     # Two fixed-pose iterations with these classes give the noise and signal spectra of
     # a run's state (the starting ones, from the images and the reference, are not).
     model.current_shell = 20
@@ -62,10 +72,29 @@ def test_true_classes_pay_back_far_more_than_a_random_split(truth_run):
 def test_a_random_cut_of_one_class_is_called_one_structure(truth_run):
     r, model = truth_run
     ev = merge.pair_evidence(r, model, 0, 3, 25.0)
-    print("true class 1 cut in two:", merge._describe(ev))
+    print("true class 1 cut in two:", merge._describe(ev), "shift", ev["shift_px"])
     assert ev["delta"] < 0
     assert abs(ev["ratio"]) < 0.3
     assert ev["agree"] < 0.65
+    # The re-centring found the offset and puts the particles back on the true centre.
+    assert ev["moved"] in (0, 3)
+    sign = 1.0 if ev["moved"] == 3 else -1.0
+    assert np.allclose(ev["shift_px"], sign * SHIFT_PX, atol=0.15), ev["shift_px"]
+    moved = model.part_class == ev["moved"]
+    if ev["moved"] == 3:
+        err = np.abs(ev["aligned_origins"] - r.true_origins[moved])
+        assert np.median(err) < 0.5, np.median(err)
+
+
+def test_relative_shift_is_found_to_a_twentieth_of_a_pixel(truth_run):
+    from cryoclass_plugin.engine.fourier import fft_centered, ifft_centered
+    r, model = truth_run
+    a = model.refs[1].astype(np.float64)
+    n = a.shape[0]
+    kz, ky, kx = np.meshgrid(*(np.arange(n) - n // 2,) * 3, indexing="ij")
+    s = np.array([1.3, -0.45, 0.7])
+    b = ifft_centered(fft_centered(a) * np.exp(-2j * np.pi * (kx * s[0] + ky * s[1] + kz * s[2]) / n)).real
+    assert np.allclose(merge.relative_shift_px(a, b, 10), s, atol=0.051)
 
 
 def test_only_the_duplicate_pair_is_merged_and_the_class_freed(truth_run):

@@ -324,12 +324,14 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     assert "--class_difference_highres 25" in text
     assert "--joint_consensus" in text and "--mean_consensus" not in text
     assert "--auto_mask_sigma 3" in text
-    assert "--tau2_estimate" not in text               # RELION's update by default
+    assert "--tau2_estimate" not in text               # automatic (em with this start)
     prot = _classifier(project, inputs, initialClasses=2, jointConsensus=False,
-                       autoMaskSigma=0.0, tau2Estimate=1, mergeThreshold=0.0)
+                       autoMaskSigma=0.0, tau2Estimate=2, mergeThreshold=0.0)
     assert "--tau2_estimate em" in prot._getEngineArgs()
     assert "--merge_threshold 0 " in prot._getEngineArgs() + " "
     assert "--mean_consensus" in prot._getEngineArgs()
+    prot = _classifier(project, inputs, initialClasses=2, tau2Estimate=1)
+    assert "--tau2_estimate power" in prot._getEngineArgs()
     assert "--auto_mask_sigma 0" in prot._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, autoMaskSigma=-1.0)
     assert "Mask the references around their density" in "\n".join(prot.validate())

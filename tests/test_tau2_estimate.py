@@ -138,3 +138,24 @@ def test_maximise_adds_the_posterior_variance_only_with_em(phantom):
     expected = power.tau2[0] + bp.mean_posterior_variance_per_shell(tau2_prior, n_shells)
     np.testing.assert_allclose(em.tau2[0], expected, rtol=1e-10)
     assert np.all(em.tau2[0][1:] > power.tau2[0][1:])
+
+
+def test_default_tau2_estimate_follows_the_start():
+    """``--tau2_estimate`` unset: the EM update with a consensus / PCA start of K > 1
+    classes and the merge test on; RELION's update otherwise; a given value wins."""
+    import argparse
+    from cryoclass_plugin.commands import refine as refine_cmd
+
+    def resolved(*flags):
+        parser = argparse.ArgumentParser()
+        refine_cmd.add_args(parser)
+        args = parser.parse_args(["--i", "p.star", "--o", "run", "--ref", "r.mrc"] + list(flags))
+        return refine_cmd.settings_from_args(args).tau2_estimate
+
+    assert resolved("--K", "3") == "power"                                   # RELION's start
+    assert resolved("--K", "3", "--init_classes", "pca") == "em"
+    assert resolved("--K", "4", "--init_classes", "consensus") == "em"
+    assert resolved("--K", "1", "--init_classes", "pca") == "power"
+    assert resolved("--K", "3", "--init_classes", "pca", "--merge_threshold", "0") == "power"
+    assert resolved("--K", "3", "--init_classes", "pca", "--tau2_estimate", "power") == "power"
+    assert resolved("--K", "3", "--tau2_estimate", "em") == "em"

@@ -126,20 +126,20 @@ def add_args(parser):
                      help="fixed-pose iterations added after a merge")
     opt.add_argument("--consensus_tau2_estimate", choices=("", "power", "em"), default="",
                      help="with --init_classes consensus|pca: the same choice for the "
-                          "consensus map (the one map of the consensus iterations, then "
-                          "the shared consensus of the E-step references); default: as "
-                          "--tau2_estimate.  em: poses 0.1-0.3 degrees better on all eight "
-                          "accuracy sets, but at K=4 one run kept a true class split "
-                          "(benchmarks/RESULTS.md 'consensus map')")
-    opt.add_argument("--tau2_estimate", choices=("power", "em"), default="power",
+                          "consensus map alone (the one map of the consensus iterations, "
+                          "then the shared consensus of the E-step references); default: "
+                          "as --tau2_estimate (benchmarks/RESULTS.md 'consensus map')")
+    opt.add_argument("--tau2_estimate", choices=("", "power", "em"), default="",
                      help="how each class's signal spectrum tau2 (the prior of its next "
-                          "reconstruction) is updated: 'power' (RELION, the default) = the "
-                          "power spectrum of the solvent-flattened map, which shrinks "
-                          "iteration after iteration in shells of low SSNR; 'em' = that "
-                          "plus the reconstruction's posterior variance (the exact EM "
-                          "update of a Gaussian prior's variance): class maps several A "
-                          "sharper, but with one class too many a spurious split of a "
-                          "true class can survive (benchmarks/RESULTS.md, 'tau2 estimate')")
+                          "reconstruction) is updated: 'power' (RELION) = the power "
+                          "spectrum of the solvent-flattened map, which shrinks iteration "
+                          "after iteration in shells of low SSNR; 'em' = that plus the "
+                          "reconstruction's posterior variance (the exact EM update of a "
+                          "Gaussian prior's variance): class maps 2-5 A sharper.  Default: "
+                          "em with --init_classes consensus|pca and K > 1 (whose merge "
+                          "test, --merge_threshold, removes the split classes em used to "
+                          "keep), power otherwise (benchmarks/RESULTS.md, 'tau2 estimate', "
+                          "'merge test')")
     opt.add_argument("--auto_mask_sigma", type=float, default=-1.0,
                      help="mask the E-step references around their density: where the "
                           "15 A low-passed mean of the class maps exceeds its median inside "
@@ -252,6 +252,16 @@ def settings_from_args(args):
     return Settings(**_settings_fields(args))
 
 
+def _tau2_estimate(args):
+    """``--tau2_estimate``, or its default: the EM update with a consensus / PCA start of
+    K > 1 classes (its merge test undoes the split classes that the EM update's sharper
+    small classes used to keep alive), RELION's otherwise."""
+    if args.tau2_estimate:
+        return args.tau2_estimate
+    pca_start = args.init_classes in ("consensus", "pca") and args.K > 1
+    return "em" if pca_start and args.merge_threshold > 0 else "power"
+
+
 def _settings_fields(args):
     """The :class:`Settings` fields that the parsed flags ``args`` give."""
     return dict(
@@ -281,7 +291,7 @@ def _settings_fields(args):
         consensus_local_iter=args.consensus_local_iter,
         class_difference_highres=args.class_difference_highres,
         joint_consensus=args.joint_consensus,
-        auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=args.tau2_estimate,
+        auto_mask_sigma=args.auto_mask_sigma, tau2_estimate=_tau2_estimate(args),
         consensus_tau2_estimate=args.consensus_tau2_estimate,
         merge_threshold=args.merge_threshold, merge_fixed_iter=args.merge_fixed_iter)
 

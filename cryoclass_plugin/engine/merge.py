@@ -168,15 +168,68 @@ def split_evidence(refinement, model, members, in_first, highres_angst, tau2, se
     return {"delta": delta, "null": null, "ratio": float(ratio), "n": n, "agree": agree}
 
 
+def relative_shift_px(map_a, map_b, max_shell, max_px=2.0):
+    """The 3D shift ``s`` (pixels, x y z order) that best puts ``map_a`` onto ``map_b``,
+    ``B(r) ~ A(r - s)``, from the low frequencies (shells <= ``max_shell``): the
+    maximum of ``Re sum F_B conj(F_A) exp(2 pi i k.s / N)`` on a 0.25-pixel grid within
+    ``max_px``, refined on a 0.05-pixel grid around it."""
+    from .fourier import fft_centered
+    n = map_a.shape[0]
+    fa = fft_centered(np.asarray(map_a, dtype=np.float64))
+    fb = fft_centered(np.asarray(map_b, dtype=np.float64))
+    kz, ky, kx = np.meshgrid(*(np.arange(n) - n // 2,) * 3, indexing="ij")
+    keep = (kx ** 2 + ky ** 2 + kz ** 2 <= max_shell ** 2) & (kx ** 2 + ky ** 2 + kz ** 2 > 0)
+    cross = (fb * np.conj(fa))[keep]
+    k = np.stack([kx[keep], ky[keep], kz[keep]], axis=1).astype(np.float64)     # x y z
+
+    def best(centre, step, half_width):
+        axis = np.arange(-half_width, half_width + 1e-9, step)
+        grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3) + centre
+        score = np.concatenate([(cross[None] * np.exp(2j * np.pi * (chunk @ k.T) / n)).real.sum(1)
+                                for chunk in np.array_split(grid, max(1, len(grid) // 256))])
+        return grid[int(np.argmax(score))]
+
+    s = best(np.zeros(3), 0.25, max_px)
+    return best(s, 0.05, 0.25)
+
+
+def _aligned_origins(model, members, shift_px):
+    """Origins (A) of ``members`` moved from the frame of a map shifted by ``shift_px``
+    (x y z) into the unshifted map's frame: a slice of ``A(r - s)`` at rotation ``R`` is
+    the slice of ``A`` shifted by ``(R s)_xy`` (the slice pixel k sits at ``R^T k``), and
+    the E-step shifts each image by its origin, so ``o -> o - apix (R s)_xy``."""
+    from .geometry import euler_to_matrix
+    rot = euler_to_matrix(*model.part_eulers[members].T)
+    return model.part_origin_angst[members] - model.apix * (rot @ shift_px)[:, :2]
+
+
 def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3):
     """:func:`split_evidence` of classes ``a`` and ``b`` (hard assignments
-    ``model.part_class``, poses ``model.part_eulers`` / ``model.part_origin_angst``)."""
+    ``model.part_class``, poses ``model.part_eulers`` / ``model.part_origin_angst``),
+    with the smaller class's particles first moved into the larger class's frame by the
+    maps' relative shift (:func:`relative_shift_px`): two classes can hold one
+    structure centred a fraction of a pixel apart, each particle's origin fitted to its
+    own class, and merged as they are they would blur.  The dict also holds
+    ``moved`` (the smaller class), ``shift_px`` and ``aligned_origins`` (its members'
+    origins in the other frame, A; what a merge must give them)."""
+    import copy
     members = np.nonzero((model.part_class == a) | (model.part_class == b))[0]
+    big, small = (a, b) if model.pdf_class[a] >= model.pdf_class[b] else (b, a)
+    shell = min(model.current_shell,
+                int(np.ceil(refinement.box * refinement.apix / highres_angst)))
+    shift = relative_shift_px(model.refs[big], model.refs[small], shell)
+    moved = np.nonzero(model.part_class == small)[0]
+    aligned = _aligned_origins(model, moved, shift)
+    view = copy.copy(model)
+    view.part_origin_angst = model.part_origin_angst.copy()
+    view.part_origin_angst[moved] = aligned
     w = np.array([model.pdf_class[a], model.pdf_class[b]], dtype=np.float64)
     w = w / max(w.sum(), 1e-300)
     tau2 = w[0] * model.tau2[a] + w[1] * model.tau2[b]
-    return split_evidence(refinement, model, members, model.part_class[members] == a,
-                          highres_angst, tau2, seed, repeats)
+    ev = split_evidence(refinement, view, members, model.part_class[members] == a,
+                        highres_angst, tau2, seed, repeats)
+    ev.update(moved=small, shift_px=shift, aligned_origins=aligned)
+    return ev
 
 
 def _describe(ev):
@@ -199,13 +252,15 @@ def duplicate_pairs(refinement, model, highres_angst, threshold, seed=0,
             ev = pair_evidence(refinement, model, a, b, highres_angst, seed)
             results.append((a, b, ev))
             if log is not None:
-                log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles): "
-                    + _describe(ev))
+                log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "
+                    f"{ev['moved'] + 1} re-centred by {np.linalg.norm(ev['shift_px']):.2f} "
+                    f"px): " + _describe(ev))
     merged, pairs = set(), []
     for a, b, ev in sorted(results, key=lambda t: t[2]["ratio"]):
         if ev["delta"] >= 0 or ev["ratio"] >= threshold or a in merged or b in merged:
             continue
-        keep, drop = (a, b) if model.pdf_class[a] >= model.pdf_class[b] else (b, a)
+        drop = ev["moved"]
+        keep = a if drop == b else b
         pairs.append((keep, drop, ev))
         merged.update((a, b))
     return pairs

@@ -827,8 +827,10 @@ class Refinement:
         pairs = merge.duplicate_pairs(self, model, s.classify_fixed_highres, s.merge_threshold,
                                       seed=s.random_seed, log=log)
         model.merge_tested = True
-        for keep, drop, _ in pairs:
-            model.part_class[model.part_class == drop] = keep
+        for keep, drop, ev in pairs:
+            moved = model.part_class == drop
+            model.part_origin_angst[moved] = ev["aligned_origins"]
+            model.part_class[moved] = keep
             model.pdf_class[keep] += model.pdf_class[drop]
             model.pdf_class[drop] = 0.0
             if log is not None:
