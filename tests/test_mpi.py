@@ -69,3 +69,25 @@ def test_failing_rank_makes_the_job_exit_nonzero(data, tmp_path):
         del os.environ[env_flag]
     assert proc.returncode != 0
     assert "rank 1 failed" in proc.stderr
+
+
+def test_merge_test_is_the_same_on_one_and_two_ranks(data, tmp_path):
+    """The held-out merge test (engine/merge.py) splits its particles over the ranks and
+    reduces the back-projections and scores: its figures and decision do not depend on
+    the number of ranks.  K=3 on two true classes: a pair is one structure."""
+    import re
+    extra = ["--K", "3", "--iter", "5", "--init_classes", "pca", "--consensus_iter", "2",
+             "--consensus_extra_iter", "0", "--classify_fixed_iter", "1"]
+    lines = {}
+    for n in (1, 2):
+        root = tmp_path / f"np{n}" / "run"
+        proc = run_ranks(n, data, root, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with open(f"{root}.log") as fh:
+            lines[n] = [line for line in fh if line.startswith(("merge test", "merge:"))]
+    assert len(lines[1]) == 4, lines[1]              # three pairs, one merge
+    assert [line.split("(")[0] for line in lines[1]] == [line.split("(")[0] for line in lines[2]]
+    numbers = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in lines[1][:3]]
+    numbers2 = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in lines[2][:3]]
+    assert np.allclose(numbers, numbers2, atol=0.011), (lines[1], lines[2])
+    assert lines[1][3] == lines[2][3]
