@@ -237,7 +237,7 @@ def test_consensus_and_mask_flags():
     assert parser.parse_args(base + ["--auto_mask_sigma", "0"]).auto_mask_sigma == 0.0
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--mean_consensus", "--joint_consensus"])
-    assert args.tau2_estimate == "power"
+    assert args.tau2_estimate == ""          # automatic: test_tau2_estimate.py
     assert parser.parse_args(base + ["--tau2_estimate", "em"]).tau2_estimate == "em"
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--tau2_estimate", "fsc"])

@@ -330,9 +330,9 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     assert "--tau2_estimate em" in prot._getEngineArgs()
     assert "--merge_threshold 0 " in prot._getEngineArgs() + " "
     assert "--mean_consensus" in prot._getEngineArgs()
+    assert "--auto_mask_sigma 0" in prot._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, tau2Estimate=1)
     assert "--tau2_estimate power" in prot._getEngineArgs()
-    assert "--auto_mask_sigma 0" in prot._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, autoMaskSigma=-1.0)
     assert "Mask the references around their density" in "\n".join(prot.validate())
     assert "--init_classes" not in _classifier(project, inputs)._getEngineArgs()
