@@ -255,7 +255,7 @@ def test_bad_input_gives_one_line_errors(dataset, tmp_path, capsys):
         (base + ["--particle_diameter", "5000"], "particle_diameter"),
         (base + ["--blush"], "Blush"),
         (base + ["--helix"], "helical"),
-        (base + ["--class_difference_highres", "-1"], "--class_difference_highres"),
+        (base + ["--class_difference_highres", "-2"], "--class_difference_highres"),
         (["refine", "--continue", str(tmp_path / "nope_it003_optimiser.star")], "not found"),
     ]
     for argv, word in cases:

@@ -321,7 +321,7 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
     assert "--consensus_extra_iter 6" in text
     assert "--merge_threshold 0.3" in text
-    assert "--class_difference_highres 25" in text
+    assert "--class_difference_highres 18" in text
     assert "--joint_consensus" in text and "--mean_consensus" not in text
     assert "--auto_mask_sigma 3" in text
     assert "--tau2_estimate" not in text               # automatic (em with this start)

@@ -159,3 +159,26 @@ def test_default_tau2_estimate_follows_the_start():
     assert resolved("--K", "3", "--init_classes", "pca", "--merge_threshold", "0") == "power"
     assert resolved("--K", "3", "--init_classes", "pca", "--tau2_estimate", "power") == "power"
     assert resolved("--K", "3", "--tau2_estimate", "em") == "em"
+
+
+def test_default_class_difference_limit_follows_the_tau2_update():
+    """``--class_difference_highres`` unset (-1): 18 A with the EM update, 25 A with
+    RELION's; a given value wins; other negative values are refused."""
+    import argparse
+    import pytest
+    from cryoclass_plugin.commands import refine as refine_cmd
+    from cryoclass_plugin.engine.errors import CryoClassError
+
+    def resolved(*flags):
+        parser = argparse.ArgumentParser()
+        refine_cmd.add_args(parser)
+        args = parser.parse_args(["--i", "p.star", "--o", "run", "--ref", "r.mrc", "--K", "3",
+                                  "--init_classes", "pca"] + list(flags))
+        return refine_cmd.settings_from_args(args).class_difference_highres
+
+    assert resolved() == 18.0
+    assert resolved("--tau2_estimate", "power") == 25.0
+    assert resolved("--class_difference_highres", "30") == 30.0
+    assert resolved("--class_difference_highres", "0") == 0.0
+    with pytest.raises(CryoClassError):
+        resolved("--class_difference_highres", "-2")
