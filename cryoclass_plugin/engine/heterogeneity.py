@@ -28,38 +28,31 @@ def _adjoint_volume(bp):
 
 
 def principal_coordinates(refinement, model, n_components, highres_angst, n_power=8,
-                          seed=0, log=None, members=None, reference=None):
-    """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes.
-
-    ``members`` (indices) limits the analysis to those particles (default all; the
-    rows of the result follow ``members``), ``reference`` (a map) replaces the
-    class-prior-weighted consensus the residuals are taken against."""
+                          seed=0, log=None):
+    """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes."""
     from .refine import mask_diameter_angst, prepare_block
     r, s, xp, comm = refinement, refinement.s, refinement.xp, refinement.comm
     box, apix = r.box, r.apix
-    members = np.arange(len(r.table)) if members is None else np.asarray(members)
-    n = len(members)
+    n = len(r.table)
     shell = min(model.current_shell, int(np.ceil(box * apix / highres_angst)))
     ky_all, kx_all = half_plane_pixels(box, box // 2, xp)
     pixel_shell = xp.rint(xp.sqrt(kx_all.astype(xp.float64) ** 2
                                   + ky_all.astype(xp.float64) ** 2)).astype(xp.int64)
     n_cur = int(to_numpy((pixel_shell <= shell).sum()))
     ky, kx = ky_all[:n_cur], kx_all[:n_cur]
-    consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0) \
-        if reference is None else np.asarray(reference)
+    consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0)
     cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad, gridding=s.gridding)
     lo, hi = split_range(n, comm.rank, comm.size)
     # Whitened residuals and whitened CTFs of this rank's particles (small at low res).
     blocks = []
     for b0 in range(lo, hi, s.block_size):
-        rows = np.arange(b0, min(hi, b0 + s.block_size))
-        idx = members[rows]
+        idx = np.arange(b0, min(hi, b0 + s.block_size))
         block, _, _ = prepare_block(s, model, r.images, idx, r.groups, r.ctfp, ky_all, kx_all,
                                     pixel_shell, n_cur, xp, r.mask2d)
         mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
         white = xp.sqrt(block.inv_sigma2) * block.ctf                 # (B, n) = A's weights
         resid = xp.sqrt(block.inv_sigma2) * block.images_f - white * cons_proj.project(mats, ky, kx)
-        blocks.append((rows, mats, white, resid))
+        blocks.append((idx, mats, white, resid))
     mask = xp.asarray(soft_sphere_mask(box, mask_diameter_angst(s, box, apix) / (2 * apix), 5.0))
     rng = np.random.default_rng(seed)
     q = n_components

@@ -276,14 +276,3 @@ def duplicate_pairs(refinement, model, highres_angst, threshold, seed=0,
         merged.update((a, b))
     return pairs
 
-
-def propose_split(refinement, model, k, highres_angst, seed=0):
-    """Two-way split of class ``k``'s particles: k-means of their coordinates along the
-    class's top heterogeneity eigenvolume (:mod:`.heterogeneity`, residuals against the
-    class map).  Returns (members, in_first)."""
-    from .heterogeneity import kmeans, principal_coordinates
-    members = np.nonzero(model.part_class == k)[0]
-    coords = principal_coordinates(refinement, model, 1, highres_angst, seed=seed,
-                                   members=members, reference=model.refs[k])
-    labels = kmeans(coords, 2, seed=seed)
-    return members, labels == 0
