@@ -54,12 +54,14 @@ def _gaussian_loglik(images_f, ctf, inv_sigma2, slices):
 
 class _PairData:
     """The low-resolution images, CTFs and poses of a set of particles (this rank's
-    share), prepared once for all the reconstructions and scores of one test."""
+    share), prepared once (one FFT per image) for all the pairs, reconstructions and
+    scores of one test; :meth:`subset` gives a pair's particles."""
 
     def __init__(self, refinement, model, members, highres_angst):
         from .refine import prepare_block
         r, s, xp = refinement, refinement.s, refinement.xp
         box, apix = r.box, r.apix
+        self.xp, self.box = xp, box
         self.shell = min(model.current_shell, int(np.ceil(box * apix / highres_angst)))
         ky_all, kx_all = half_plane_pixels(box, box // 2, xp)
         pixel_shell = xp.rint(xp.sqrt(kx_all.astype(xp.float64) ** 2
@@ -89,7 +91,31 @@ class _PairData:
             block, _, _ = prepare_block(s, model, r.images, idx, r.groups, r.ctfp,
                                         ky_all, kx_all, pixel_shell, n_cur, xp, r.mask2d)
             mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
-            self.blocks.append((rows, block, mats))
+            self.blocks.append((rows, (block.images_f, block.ctf, block.inv_sigma2), mats))
+
+    def subset(self, select, shift_px=None):
+        """The members ``select`` (bool per member) as a set of their own (rows
+        renumbered); ``shift_px`` ((n_members, 2) or None) moves their origins by that
+        many pixels, as the phase factor :func:`.refine.prepare_block` applies."""
+        import copy
+        xp = self.xp
+        out = copy.copy(self)
+        position = np.cumsum(select) - 1
+        out.members = self.members[select]
+        out.blocks = []
+        for rows, (images_f, ctf, inv_sigma2), mats in self.blocks:
+            keep = np.nonzero(select[rows])[0]
+            if not keep.size:
+                continue
+            k = xp.asarray(keep)
+            f = images_f[k]
+            if shift_px is not None:
+                d = xp.asarray(shift_px[rows[keep]], dtype=xp.float32)
+                f = f * xp.exp(xp.asarray(-2j * np.pi / self.box, dtype=xp.complex64)
+                               * (d[:, 0:1] * self.kx[None].astype(xp.float32)
+                                  + d[:, 1:2] * self.ky[None].astype(xp.float32)))
+            out.blocks.append((position[rows[keep]], (f, ctf[k], inv_sigma2[k]), mats[k]))
+        return out
 
 
 def heldout_gain(refinement, model, data, in_first, fold_seed):
@@ -105,9 +131,9 @@ def heldout_gain(refinement, model, data, in_first, fold_seed):
     ky, kx = data.ky, data.kx
     # Back-projections: [half][first, second, merged].
     bps = [[BackProjector(data.small_box, s.pad, xp) for _ in range(3)] for _ in range(2)]
-    for rows, block, mats in data.blocks:
-        values = (block.images_f * (block.ctf * block.inv_sigma2)).astype(xp.complex64)
-        weight = (block.ctf * block.ctf * block.inv_sigma2).astype(xp.float32)
+    for rows, (images_f, ctf, inv_sigma2), mats in data.blocks:
+        values = (images_f * (ctf * inv_sigma2)).astype(xp.complex64)
+        weight = (ctf * ctf * inv_sigma2).astype(xp.float32)
         for h in range(2):
             for j, side in enumerate((in_first[rows], ~in_first[rows], np.ones(len(rows), bool))):
                 pick = np.nonzero((half[rows] == h) & side)[0]
@@ -133,13 +159,13 @@ def heldout_gain(refinement, model, data, in_first, fold_seed):
     del bps
     log_pi = np.log(np.array([n_first, n - n_first], dtype=np.float64) / n)
     sums = np.zeros(2)
-    for rows, block, mats in data.blocks:
+    for rows, (images_f, ctf, inv_sigma2), mats in data.blocks:
         for h in range(2):
             pick = np.nonzero(half[rows] == 1 - h)[0]        # scored by the other half's maps
             if not pick.size:
                 continue
             p = xp.asarray(pick)
-            x, c, isg = block.images_f[p], block.ctf[p], block.inv_sigma2[p]
+            x, c, isg = images_f[p], ctf[p], inv_sigma2[p]
             ll = np.stack([to_numpy(_gaussian_loglik(x, c, isg, proj.project(mats[p], ky, kx)))
                            for proj in projectors[h]], axis=1).astype(np.float64)
             split = np.logaddexp(log_pi[0] + ll[:, 0], log_pi[1] + ll[:, 1])
@@ -149,9 +175,9 @@ def heldout_gain(refinement, model, data, in_first, fold_seed):
     return float(sums[0]), float(sums[1])
 
 
-def split_evidence(refinement, model, members, in_first, highres_angst, tau2, seed=0,
-                   repeats=3):
-    """Held-out evidence for splitting ``members`` into ``in_first`` and the rest.
+def split_evidence(refinement, model, data, in_first, tau2, seed=0, repeats=3):
+    """Held-out evidence for splitting the particles of ``data`` (a :class:`_PairData`)
+    into ``in_first`` and the rest.
 
     Returns a dict: ``delta`` (summed held-out gain of the split over one map, natural
     log units), ``null`` (the same for a random split of the same sizes: the cost of
@@ -164,10 +190,9 @@ def split_evidence(refinement, model, members, in_first, highres_angst, tau2, se
     on 134 particles at SNR 0.2: a random cut's ratio 0.31 / 0.05 / -0.31 over three
     draws).  ``tau2``: the signal prior of all the maps.  All ranks must call it."""
     in_first = np.asarray(in_first, dtype=bool)
-    n, n_first = len(members), int(in_first.sum())
+    n, n_first = len(data.members), int(in_first.sum())
     if n_first < 2 or n - n_first < 2:
         return {"delta": 0.0, "null": 0.0, "ratio": 0.0, "n": n, "agree": 0.5}
-    data = _PairData(refinement, model, members, highres_angst)
     data.tau2 = np.asarray(tau2, dtype=np.float64)
     delta = null = agree = 0.0
     for rep in range(repeats):
@@ -183,22 +208,27 @@ def relative_shift_px(map_a, map_b, max_shell, max_px=2.0):
     """The 3D shift ``s`` (pixels, x y z order) that best puts ``map_a`` onto ``map_b``,
     ``B(r) ~ A(r - s)``, from the low frequencies (shells <= ``max_shell``): the
     maximum of ``Re sum F_B conj(F_A) exp(2 pi i k.s / N)`` on a 0.25-pixel grid within
-    ``max_px``, refined on a 0.05-pixel grid around it."""
+    ``max_px``, refined on a 0.05-pixel grid around it.  The sum is separable in x, y
+    and z, so each grid is three small matrix products over the (2 shell + 1)^3 cube."""
     from .fourier import fft_centered
     n = map_a.shape[0]
-    fa = fft_centered(np.asarray(map_a, dtype=np.float64))
-    fb = fft_centered(np.asarray(map_b, dtype=np.float64))
-    kz, ky, kx = np.meshgrid(*(np.arange(n) - n // 2,) * 3, indexing="ij")
-    keep = (kx ** 2 + ky ** 2 + kz ** 2 <= max_shell ** 2) & (kx ** 2 + ky ** 2 + kz ** 2 > 0)
-    cross = (fb * np.conj(fa))[keep]
-    k = np.stack([kx[keep], ky[keep], kz[keep]], axis=1).astype(np.float64)     # x y z
+    shell = int(min(max_shell, n // 2 - 1))
+    cube = slice(n // 2 - shell, n // 2 + shell + 1)
+    cross = (fft_centered(np.asarray(map_b, dtype=np.float64))
+             * np.conj(fft_centered(np.asarray(map_a, dtype=np.float64))))[cube, cube, cube]
+    k = np.arange(-shell, shell + 1, dtype=np.float64)
+    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
+    radius2 = kx ** 2 + ky ** 2 + kz ** 2
+    cross[(radius2 > shell ** 2) | (radius2 == 0)] = 0.0                 # (z, y, x)
 
     def best(centre, step, half_width):
         axis = np.arange(-half_width, half_width + 1e-9, step)
-        grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3) + centre
-        score = np.concatenate([(cross[None] * np.exp(2j * np.pi * (chunk @ k.T) / n)).real.sum(1)
-                                for chunk in np.array_split(grid, max(1, len(grid) // 256))])
-        return grid[int(np.argmax(score))]
+        ex, ey, ez = (np.exp(2j * np.pi * np.outer(k, axis + c) / n) for c in centre)
+        score = np.einsum("zij,zk->ijk", np.einsum("zyi,yj->zij",
+                                                   np.einsum("zyx,xi->zyi", cross, ex), ey),
+                          ez).real                                        # (sx, sy, sz)
+        i = np.unravel_index(int(np.argmax(score)), score.shape)
+        return np.array([axis[i[0]] + centre[0], axis[i[1]] + centre[1], axis[i[2]] + centre[2]])
 
     s = best(np.zeros(3), 0.25, max_px)
     return best(s, 0.05, 0.25)
@@ -214,7 +244,7 @@ def _aligned_origins(model, members, shift_px):
     return model.part_origin_angst[members] - model.apix * (rot @ shift_px)[:, :2]
 
 
-def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3):
+def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3, data=None):
     """:func:`split_evidence` of classes ``a`` and ``b`` (hard assignments
     ``model.part_class``, poses ``model.part_eulers`` / ``model.part_origin_angst``),
     with the smaller class's particles first moved into the larger class's frame by the
@@ -222,23 +252,28 @@ def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3):
     structure centred a fraction of a pixel apart, each particle's origin fitted to its
     own class, and merged as they are they would blur.  The dict also holds
     ``moved`` (the smaller class), ``shift_px`` and ``aligned_origins`` (its members'
-    origins in the other frame, A; what a merge must give them)."""
-    import copy
-    members = np.nonzero((model.part_class == a) | (model.part_class == b))[0]
+    origins in the other frame, A; what a merge must give them).  ``data``: the
+    prepared particles (:class:`_PairData`) of a set that holds both classes (default:
+    prepared here)."""
+    if data is None:
+        data = _PairData(refinement, model,
+                         np.nonzero((model.part_class == a) | (model.part_class == b))[0],
+                         highres_angst)
     big, small = (a, b) if model.pdf_class[a] >= model.pdf_class[b] else (b, a)
     shell = min(model.current_shell,
                 int(np.ceil(refinement.box * refinement.apix / highres_angst)))
     shift = relative_shift_px(model.refs[big], model.refs[small], shell)
     moved = np.nonzero(model.part_class == small)[0]
     aligned = _aligned_origins(model, moved, shift)
-    view = copy.copy(model)
-    view.part_origin_angst = model.part_origin_angst.copy()
-    view.part_origin_angst[moved] = aligned
+    cls = model.part_class[data.members]
+    shift_members = np.zeros((len(data.members), 2))
+    shift_members[cls == small] = (aligned - model.part_origin_angst[moved]) / model.apix
+    pair = data.subset((cls == a) | (cls == b), shift_members)
     w = np.array([model.pdf_class[a], model.pdf_class[b]], dtype=np.float64)
     w = w / max(w.sum(), 1e-300)
     tau2 = w[0] * model.tau2[a] + w[1] * model.tau2[b]
-    ev = split_evidence(refinement, view, members, model.part_class[members] == a,
-                        highres_angst, tau2, seed, repeats)
+    ev = split_evidence(refinement, model, pair, model.part_class[pair.members] == a, tau2,
+                        seed, repeats)
     ev.update(moved=small, shift_px=shift, aligned_origins=aligned)
     return ev
 
@@ -258,9 +293,11 @@ def duplicate_pairs(refinement, model, highres_angst, threshold, seed=0,
     alive = [k for k in range(model.n_classes) if model.pdf_class[k] >= min_fraction
              and (model.part_class == k).sum() >= 2]
     results = []
+    data = _PairData(refinement, model, np.nonzero(np.isin(model.part_class, alive))[0],
+                     highres_angst)
     for i, a in enumerate(alive):
         for b in alive[i + 1:]:
-            ev = pair_evidence(refinement, model, a, b, highres_angst, seed)
+            ev = pair_evidence(refinement, model, a, b, highres_angst, seed, data=data)
             results.append((a, b, ev))
             if log is not None:
                 log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "
