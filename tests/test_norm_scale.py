@@ -130,9 +130,7 @@ def test_scale_recovers_group_scales(tmp_path):
 def test_without_flags_outputs_unchanged(plain_data, plain_run, tmp_path, monkeypatch):
     """Without --norm/--scale: corrections 1 everywhere.  With the flags but the updates
     disabled (corrections held at 1) the run equals it exactly: applying unit
-    corrections and taking the extra sums changes nothing (bit for bit).  (That the
-    flag-less outputs equal those of the code before --norm/--scale existed was checked
-    by hashes when they were added.)"""
+    corrections and taking the extra sums changes nothing (bit for bit)."""
     data = _data(plain_run, 3)
     assert (data["rlnNormCorrection"] == 1.0).all()
     model = _model(plain_run, 3)
@@ -196,7 +194,8 @@ def test_continue_keeps_norm_and_scale(norm_data, norm_run, tmp_path):
 
 
 def test_state_files_without_corrections_load_with_ones(norm_run, tmp_path):
-    """State files written before --norm/--scale existed have none of their fields."""
+    """A state file without the correction fields (part_norm, scale_correction,
+    avg_norm) loads with corrections of 1."""
     path = f"{norm_run}_it{ITER:03d}_state.npz"
     import json
     with np.load(path, allow_pickle=False) as z:
