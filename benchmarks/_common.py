@@ -7,7 +7,9 @@
 - evaluate_run(root, sim_dir): ARI, best-match accuracy, angular / offset errors and
   FSC-0.5 resolutions of the last iteration against the simulation's truth
 - iteration_times(root): seconds per iteration (engine log or file timestamps)
-- format_table(), append_results(): printing and ``benchmarks/RESULTS.md``
+- format_table(), append_results(): plain-text tables, and the raw log of every run
+  (``scratch/benchmark_runs.md``, ignored by git)
+- markdown_block(): a table in the format of docs/benchmarks.md (``--markdown``)
 
 Everything runs from the repository's virtual environment (``.venv/bin/python``); the
 engine's modules are imported from the working tree.
@@ -34,7 +36,9 @@ VENV_BIN = os.path.join(REPO, ".venv", "bin")
 CRYOCLASS = os.path.join(VENV_BIN, "cryoclass")
 MPIRUN = os.path.join(VENV_BIN, "mpirun")
 GNU_TIME = "/usr/bin/time"
-RESULTS_MD = os.path.join(REPO, "benchmarks", "RESULTS.md")
+# Raw log of benchmark runs (machine, exact commands, every column); /scratch/ is ignored
+# by git: the curated tables live in docs/benchmarks.md.
+RUN_LOG = os.path.join(REPO, "scratch", "benchmark_runs.md")
 RELION_CACHE = os.path.join(REPO, "benchmarks", "relion_cache.json")
 
 
@@ -60,6 +64,39 @@ def _mem_total_gib():
     except OSError:
         pass
     return float("nan")
+
+
+def _cpu_features():
+    """(family, model, has AVX-512, has AVX2) from /proc/cpuinfo (None where unknown)."""
+    family = model = None
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "cpu family" and family is None:
+                    family = value.strip()
+                elif key == "model" and model is None:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return family, model, "avx512f" in flags, "avx2" in flags
+
+
+def _gpu_names():
+    """Names of the NVIDIA GPUs (nvidia-smi), or [] where there is none."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _git_commit():
@@ -91,11 +128,13 @@ def relion_version():
     return m.group(1) if m else "unknown"
 
 
-def blas_core():
+def blas_core(engine=False):
     """The BLAS (and OpenBLAS core type) the venv's numpy gets in this environment, asked
     of a fresh interpreter (OpenBLAS picks its kernels when it is loaded: on CPUs it does
-    not know it falls back to slow generic ones, see bench_gemm.py --compare-coretypes)."""
-    code = ("import numpy\n"
+    not know it falls back to slow generic ones, see bench_gemm.py --compare-coretypes).
+    ``engine=True``: the kernels the engine runs with (the interpreter imports
+    cryoclass_plugin first, which sets OPENBLAS_CORETYPE from the CPU flags)."""
+    code = ("import cryoclass_plugin\n" if engine else "") + ("import numpy\n"
             "from threadpoolctl import threadpool_info\n"
             "b=[i for i in threadpool_info() if i.get('user_api')=='blas']\n"
             "print(f\"{b[0].get('internal_api')} {b[0].get('version')} core "
@@ -103,7 +142,8 @@ def blas_core():
     py = os.path.join(VENV_BIN, "python")
     try:
         out = subprocess.run([py if os.path.exists(py) else sys.executable, "-c", code],
-                             capture_output=True, text=True, timeout=60).stdout.strip()
+                             capture_output=True, text=True, timeout=60, cwd=REPO,
+                             env=dict(os.environ, PYTHONPATH=REPO)).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
     env = os.environ.get("OPENBLAS_CORETYPE")
@@ -126,7 +166,26 @@ def machine_info():
         "git": _git_commit(),
         "relion": relion_version(),
         "blas": blas_core(),
+        "engine_blas": blas_core(engine=True),
+        "cpu_features": _cpu_features(),
+        "gpus": _gpu_names(),
     }
+
+
+def machine_properties(info=None):
+    """The machine by its properties (no host name, no paths), for docs/benchmarks.md:
+    cores, memory, CPU model and family, the BLAS kernels the engine uses, GPUs."""
+    info = info or machine_info()
+    family, model, avx512, avx2 = info.get("cpu_features") or (None, None, False, False)
+    cpu = info["cpu"]
+    if family is not None:
+        cpu += f", family {family} model {model}"
+    cpu += ", AVX-512" if avx512 else (", AVX2" if avx2 else "")
+    gpus = info.get("gpus") or []
+    return (f"{info['nproc']} cores, {info['mem_gib']} GiB memory, {cpu}; BLAS: "
+            f"{info.get('engine_blas') or info.get('blas')}; "
+            + (f"GPU: {'; '.join(gpus)}" if gpus else "no GPU")
+            + (f"; RELION {info['relion']}" if info.get("relion") else ""))
 
 
 def machine_line(info=None):
@@ -614,12 +673,48 @@ def format_table(headers, rows):
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
+def benchmark_command():
+    """This benchmark's own command line, relative to the repository root."""
+    return shlex.join([".venv/bin/python", os.path.relpath(os.path.abspath(sys.argv[0]),
+                                                         REPO)] + sys.argv[1:])
+
+
+def markdown_table(headers, rows):
+    """A GitHub-flavoured Markdown table ('|' in cells escaped)."""
+    def cell(c):
+        return str(c).replace("|", "\\|")
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_block(headers, rows, info=None, notes=()):
+    """One table of docs/benchmarks.md: the command that produced it, the machine by its
+    properties, notes (settings), and the table."""
+    parts = ["```", benchmark_command(), "```", "",
+             f"Machine: {machine_properties(info)}."]
+    parts += [f"{n}" for n in notes]
+    parts += ["", markdown_table(headers, rows)]
+    return "\n".join(parts)
+
+
+def print_markdown(headers, rows, info=None, notes=(), after=""):
+    """Print the docs/benchmarks.md block (and ``after``, e.g. a second table) between
+    marker lines."""
+    print("\n--- markdown (docs/benchmarks.md) ---\n")
+    print(markdown_block(headers, rows, info, notes))
+    if after:
+        print("\n" + after)
+    print("\n--- end markdown ---")
+
+
 def append_results(title, commands, body, info=None, notes=()):
-    """Append a section to benchmarks/RESULTS.md: title, date + machine, the benchmark's
-    own command line, the exact commands it ran, the results (plain text) and notes."""
+    """Append a section to the raw run log (``scratch/benchmark_runs.md``, ignored by
+    git): title, date + machine, the benchmark's own command line, the exact commands it
+    ran, the results (plain text) and notes."""
     info = info or machine_info()
-    argv = shlex.join([".venv/bin/python", os.path.relpath(os.path.abspath(sys.argv[0]),
-                                                             REPO)] + sys.argv[1:])
+    argv = benchmark_command()
     parts = [f"\n## {title} -- {info['date']}\n",
              f"- machine: {machine_line(info)}",
              f"- benchmark: `{argv}`"]
@@ -627,10 +722,12 @@ def append_results(title, commands, body, info=None, notes=()):
     parts.append("\nResults:\n\n```\n" + body.rstrip() + "\n```\n")
     if commands:
         parts.append("Commands run:\n\n```\n" + "\n".join(commands) + "\n```\n")
-    new = not os.path.exists(RESULTS_MD)
-    with open(RESULTS_MD, "a") as fh:
+    os.makedirs(os.path.dirname(RUN_LOG), exist_ok=True)
+    new = not os.path.exists(RUN_LOG)
+    with open(RUN_LOG, "a") as fh:
         if new:
-            fh.write("# cryoclass benchmark results\n\nAppended by the scripts in "
-                     "benchmarks/ (see benchmarks/README.md); newest last.\n")
+            fh.write("# cryoclass benchmark runs (raw log, not tracked by git)\n\nAppended "
+                     "by the scripts in benchmarks/; newest last.  Curated tables: "
+                     "docs/benchmarks.md.\n")
         fh.write("\n".join(parts))
-    print(f"\nappended to {os.path.relpath(RESULTS_MD, os.getcwd())}")
+    print(f"\nappended to {os.path.relpath(RUN_LOG, os.getcwd())}")

@@ -22,7 +22,9 @@ grid's budget on 2 cores, and its answer does not change when cryoclass does, so
 results are cached in ``benchmarks/relion_cache.json`` keyed by the data set's bytes and
 RELION's flags.  Without ``--relion`` the table shows cached RELION results where there
 are any; with ``--relion`` the missing ones are computed (``--relion-iter`` caps RELION's
-iterations, part of the cache key).  Rows go to benchmarks/RESULTS.md tagged ``--label``.
+iterations, part of the cache key).  ``--markdown`` also prints the table in the format of
+docs/benchmarks.md; the raw output goes to the run log (``scratch/benchmark_runs.md``,
+tagged ``--label``; ``--no-record`` skips it).
 """
 import argparse
 import os
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--cryoclass-args", default="",
                    help="extra flags for cryoclass refine, one string, e.g. "
                         "\"--adaptive_fraction 0.99\"")
-    p.add_argument("--label", default="", help="tag for these rows in RESULTS.md")
+    p.add_argument("--label", default="", help="tag for these rows in the run log")
     p.add_argument("--relion", action="store_true",
                    help="run relion_refine where no cached result exists")
     p.add_argument("--relion-only", action="store_true",
@@ -88,7 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--no-oracle-fsc", action="store_true",
                    help="skip the oracle reconstructions (true poses and classes)")
     p.add_argument("--no-record", action="store_true",
-                   help="do not append to benchmarks/RESULTS.md")
+                   help="do not append to the run log (scratch/benchmark_runs.md)")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the table in the format of docs/benchmarks.md")
     args = p.parse_args(argv)
     args.n = args.n or (FULL_N if args.full else DEFAULT_N)
     args.snr = args.snr or (FULL_SNR if args.full else DEFAULT_SNR)
@@ -113,6 +117,40 @@ def _oracle_flags(cryoclass_args):
         if w in keep:
             out += words[i:i + 1 + keep[w]]
     return out
+
+
+MD_HEADERS = ["particles", "SNR", "seed", "oracle accuracy", "ARI", "best-match",
+              "angular error (deg)", "class maps (A)", "oracle reconstruction (A)", "wall (s)"]
+MD_RELION = ["RELION ARI", "RELION best-match", "RELION angular error (deg)",
+             "RELION wall (s)"]
+
+
+def _markdown_row(n, snr, seed, sim, ev, status, oracle_fsc, cc, rel):
+    """One row of the docs/benchmarks.md table (RELION's four cells last, or None)."""
+    row = [n, f"{snr:g}", seed, C.fmt(sim["oracle_accuracy"]), C.fmt(ev.get("ari")) + status,
+           C.fmt(ev.get("best_match")), C.fmt(ev.get("median_ang_err_deg"), ".1f"),
+           _resolutions(ev.get("fsc_res_A")), _resolutions(oracle_fsc),
+           C.fmt(cc["wall_s"], ".0f")]
+    relion = None
+    if rel:
+        relion = [C.fmt(rel.get("ari")), C.fmt(rel.get("best_match")),
+                  C.fmt(rel.get("median_ang_err_deg"), ".1f"), C.fmt(rel.get("wall_s"), ".0f")]
+    return row, relion
+
+
+def _print_markdown(md_rows, args, info):
+    """The table as docs/benchmarks.md shows it; RELION columns only where there are any."""
+    with_relion = any(r is not None for _, r in md_rows)
+    headers = MD_HEADERS + (MD_RELION if with_relion else [])
+    rows = [row + ((rel or ["-"] * 4) if with_relion else []) for row, rel in md_rows]
+    hinge = "" if args.hinge == 20.0 else f", class 3 swinging its domain by {args.hinge:g} deg"
+    notes = [f"Settings: {args.classes} true classes{hinge}, {args.box} px at {args.apix:g} "
+             f"A/px; K={args.K}, T={args.tau2:g}, {args.iter} iterations, --j {args.j}, the "
+             "tutorial's flags with --firstiter_cc"
+             + (f"; cryoclass flags: `{args.cryoclass_args}`" if args.cryoclass_args else "")
+             + (f"; RELION: {args.relion_iter or args.iter} iterations, --j "
+                f"{args.relion_j or args.j}" if with_relion else "") + "."]
+    C.print_markdown(headers, rows, info, notes)
 
 
 def refine(name, cmd, sim_dir, root, args, commands):
@@ -159,7 +197,7 @@ def main(argv=None):
     print(f"work folder: {workdir}")
     grid = [(n, snr, seed) for n in args.n for snr in args.snr for seed in args.seeds]
     print(f"{len(grid)} sets: " + ", ".join(f"n={n} snr={s:g} seed={d}" for n, s, d in grid))
-    commands, rows = [], []
+    commands, rows, md_rows = [], [], []
     headers = ["n", "SNR", "seed", "oracle", "oracle<25A", "ARI", "best-match", "ang.err",
                "FSC A", "oracle FSC A", "time s", "others", "RELION ARI", "RELION b-m",
                "RELION it", "RELION s"]
@@ -220,6 +258,7 @@ def main(argv=None):
             else:
                 row += ["-", "-", "-", "-"]
             rows.append(row)
+            md_rows.append(_markdown_row(n, snr, seed, sim, ev, status, oracle_fsc, cc, rel))
             print(C.format_table(headers, [row]), flush=True)
         label = f" [{args.label}]" if args.label else ""
         hinge = "" if args.hinge == 20.0 else f" (domain swing {args.hinge:g} deg)"
@@ -241,6 +280,8 @@ def main(argv=None):
             body.append("RELION not run (pass --relion); '-' = no cached result")
         text = "\n".join(body)
         print("\n" + text)
+        if args.markdown:
+            _print_markdown(md_rows, args, info)
         if not args.no_record:
             C.append_results(f"bench_accuracy{label}", commands, text, info,
                              notes + [f"work folder {workdir}" +

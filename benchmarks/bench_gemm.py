@@ -17,7 +17,8 @@ Other scripts can import the rate::
     gflops = measure_sgemm_gflops()                  # best of a few, numpy float32
 
 Prints a table of GFLOP/s per shape (best and median of ``--repeats`` timed products
-after one warm-up) and appends it to benchmarks/RESULTS.md.
+after one warm-up); ``--markdown`` also prints it in the format of docs/benchmarks.md.  The
+output goes to the run log (``scratch/benchmark_runs.md``; ``--no-record`` skips it).
 
 OpenBLAS chooses its kernels from the CPU model when it loads; a model newer than the
 OpenBLAS release (numpy 1.26's OpenBLAS 0.3.23 on family 6 model 207, "Intel Xeon
@@ -187,7 +188,9 @@ def main(argv=None):
                         "coarse pass; estep.own_slice_scores, the fine pass) at the tutorial "
                         "job's shapes and print their rate as a share of the SGEMM rate")
     p.add_argument("--no-record", action="store_true",
-                   help="do not append to benchmarks/RESULTS.md")
+                   help="do not append to the run log (scratch/benchmark_runs.md)")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the tables in the format of docs/benchmarks.md")
     args = p.parse_args(argv)
     if args.estep:
         # The engine picks OpenBLAS's kernels (OPENBLAS_CORETYPE) before numpy loads; the
@@ -230,17 +233,19 @@ def main(argv=None):
         else:
             gpu_note = "CuPy variant not run: cupy not importable or no GPU"
             print(gpu_note)
-    extra = []
+    extra, md_after = [], []
     if args.estep:
         peak = max(float(r[4]) for r in rows if r[0].startswith("numpy")) if rows else None
         lines = estep_rates(args.repeats, peak)
         extra += [""] + lines
+        md_after += ["\n".join(lines)]
     if args.compare_coretypes:
         print("\nOpenBLAS core types (fresh interpreter each, best of "
               f"{args.repeats}):", flush=True)
         headers, crow = compare_coretypes(shapes, args.repeats)
-        extra = ["", "OpenBLAS kernels by OPENBLAS_CORETYPE (GFLOP/s, best of "
-                 f"{args.repeats}):", C.format_table(headers, crow)]
+        extra += ["", "OpenBLAS kernels by OPENBLAS_CORETYPE (GFLOP/s, best of "
+                  f"{args.repeats}):", C.format_table(headers, crow)]
+        md_after += [C.markdown_table(headers, crow)]
     body = "\n".join([f"numpy {np.__version__}, BLAS: {blas_name()}"] +
                      ([gpu_note] if gpu_note else []) +
                      ["", C.format_table(HEADERS, rows), "",
@@ -249,6 +254,13 @@ def main(argv=None):
                       f"{args.repeats} timed products after a warm-up (GPU: >= 10, CUDA "
                       "events)"] + extra)
     print("\n" + body)
+    if args.markdown:
+        C.print_markdown(["backend", "shape (rows x inner x cols)", "GFLOP/s best",
+                          "GFLOP/s median"], [[r[0], r[1], r[4], r[5]] for r in rows], info,
+                         [f"numpy {np.__version__}, BLAS: {blas_name()}"
+                          + (f"; {gpu_note}" if gpu_note else "") + f"; best / median of "
+                          f"{args.repeats} timed products after a warm-up."],
+                         after="\n\n".join(md_after))
     if not args.no_record:
         C.append_results("bench_gemm", [], body, info)
     return 0

@@ -3,8 +3,8 @@ tutorial-sized job (5000 particles, 64 px, K=4, 25 iterations) with ``--gpu``.
 
     python benchmarks/bench_gpu.py [--n 5000] [--iter 25] [--workdir /tmp/bench_gpu]
 
-Prints the figures; the numbers measured go in benchmarks/RESULTS.md by hand (the GPU
-machine is lent, not ours).
+Prints the figures; ``--markdown`` also prints them as the table of docs/benchmarks.md
+(section "GPU").
 """
 import argparse
 import os
@@ -15,6 +15,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 
 
 def gemm_rate(cp, m, k, n, reps=10):
@@ -58,16 +60,22 @@ def main():
     ap.add_argument("--profile", metavar="FILE", default=None,
                     help="run the refine under cProfile, write the stats to FILE and print "
                          "the 30 functions with the most own time")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print the figures as the table of docs/benchmarks.md")
     a = ap.parse_args()
     import cupy as cp
     print("device:", cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
+    figures = []                     # (what was measured, figure) for --markdown
     if not a.skip_gemm:
         peak = gemm_rate(cp, 8192, 8192, 8192)
         print(f"SGEMM peak (8192^3 float32): {peak:.0f} GFLOP/s")
+        figures.append(("SGEMM, 8192^3 float32", f"{peak / 1e3:.1f} TFLOP/s"))
         for shape in [(256, 21, 230, 18432), (256, 21, 600, 18432)]:
             r = estep_rate(cp, *shape)
             print(f"E-step coarse GEMMs B,T,n,M={shape}: {r:.0f} GFLOP/s = "
                   f"{100 * r / peak:.0f}% of SGEMM peak")
+            figures.append((f"E-step coarse GEMMs, B,T,n,M = {','.join(map(str, shape))}",
+                            f"{r / 1e3:.1f} TFLOP/s ({100 * r / peak:.0f} % of SGEMM)"))
     from cryoclass_plugin.engine.simulate import simulate_dataset
     from cryoclass_plugin.engine.metrics import adjusted_rand_index
     import starfile
@@ -100,6 +108,14 @@ def main():
     n_poses = 4 * 4608 * 21
     print(f"last {os.path.basename(last)}: ARI {ari:.3f}; coarse particle x poses per second "
           f"{a.n * n_poses * a.iter / wall:.3g}")
+    figures.append((f"cryoclass refine --gpu, {a.n} particles, 64 px, K=4, {a.iter} iterations "
+                    "(RELION's start, --firstiter_cc)",
+                    f"{wall:.1f} s wall (rc {proc.returncode}); ARI {ari:.3f} at "
+                    f"{os.path.basename(last)}"))
+    if a.markdown:
+        C.print_markdown(["measured", "figure"], [list(f) for f in figures], notes=[
+            f"Device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}; CuPy "
+            f"{cp.__version__}, numpy {np.__version__}."])
 
 
 if __name__ == "__main__":

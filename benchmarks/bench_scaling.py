@@ -19,7 +19,8 @@ ones), the E-step resolution of
 those iterations (iteration time depends on it), and for each factor the time ratio
 against its smallest value with the exponent ``log(time ratio) / log(factor ratio)``
 (1 = linear in particles and classes; for the box, 2 = proportional to the pixels of a 2D
-image).  Appends the table to benchmarks/RESULTS.md.
+image).  ``--markdown`` also prints the tables in the format of docs/benchmarks.md; the raw
+output goes to the run log (``scratch/benchmark_runs.md``; ``--no-record`` skips it).
 """
 import argparse
 import math
@@ -69,7 +70,9 @@ def parse_args(argv=None):
                    help="folder for data sets and outputs (kept, sets reused)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.add_argument("--no-record", action="store_true",
-                   help="do not append to benchmarks/RESULTS.md")
+                   help="do not append to the run log (scratch/benchmark_runs.md)")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the tables in the format of docs/benchmarks.md")
     args = p.parse_args(argv)
     if args.iter < 2:
         p.error("--iter must be >= 2 (iteration 1 is not typical)")
@@ -97,6 +100,29 @@ def cases(grid, only=None):
     if not out:
         out.append((base["n"], base["K"], base["box"], base["ranks"]))
     return out
+
+
+def _print_markdown(results, rrows, args, info):
+    """The two tables of docs/benchmarks.md: runs, then time ratios per factor."""
+    base = args.grid["base"]
+    headers = ["particles", "K", "box", "ranks x threads", "s / iteration",
+               "E-step resolution (A)", "peak RSS (MB)"]
+    rows = [[n, K, box, f"{ranks} x {r['j']}", C.fmt(r["t_iter"], ".1f"),
+             C.fmt(r["estep_res"], ".1f"),
+             C.fmt(r["rss"], ".0f") + ("" if ranks == 1 else
+                                       f" (largest rank; all {C.fmt(r['tree_rss'], '.0f')})")
+             + ("" if r["ok"] else " FAILED")]
+            for (n, K, box, ranks), r in results.items()]
+    notes = [f"Settings: {args.iter} iterations per run, mean over iterations >= "
+             f"{args.from_iter}; base {base['n']} particles, K={base['K']}, box {base['box']}, "
+             f"{base['ranks']} rank; {args.apix:g} A/px, SNR {args.snr:g}; RELION's start, "
+             "the tutorial's flags with --firstiter_cc"
+             + (f"; cryoclass flags: `{args.cryoclass_args}`" if args.cryoclass_args else "")
+             + "."]
+    ratios = C.markdown_table(["factor", "change", "time x", "exponent (ideal)"],
+                              [[r[0], r[1], r[3], f"{r[4]} ({r[5].split(' ')[0]})"]
+                               for r in rrows]) if rrows else ""
+    C.print_markdown(headers, rows, info, notes, after=ratios)
 
 
 def main(argv=None):
@@ -195,6 +221,8 @@ def main(argv=None):
             "log), E-step res A = their mean E-step resolution; "
             "others' load = cores other processes kept busy during the run"])
         print("\n" + text)
+        if args.markdown:
+            _print_markdown(results, rrows, args, info)
         if not args.no_record:
             C.append_results("bench_scaling", commands, text, info,
                              [f"work folder {workdir}" + (" (temporary)" if tmp and

@@ -2,8 +2,7 @@
 the simulator's TRUE class maps (rescaled to the run's greyscale), from the state of a
 finished run, with different searches.
 
-    .venv/bin/python benchmarks/bench_true_map_ceiling.py /tmp/acc/grid3/n600_snr0.1_seed0 \\
-        /tmp/acc/grid3/n600_snr0.1_seed0/cryoclass/run_it022_state.npz
+    .venv/bin/python benchmarks/bench_true_map_ceiling.py SET SET/cryoclass/run_it025_state.npz
 
 The data folder is a ``cryoclass simulate`` set (``true_classNNN.mrc``, ``truth.star``);
 the state is a ``run_itNNN_state.npz`` of a ``cryoclass refine`` run on it (its noise
@@ -11,7 +10,8 @@ spectra and poses are used).  Prints the ARI against the truth and the median an
 error for: fixed true poses, fixed run poses, a global search on the run's grid, and
 local searches on finer grids (HEALPix order, sigma).  The gap between "fixed true
 poses" (the simulator's oracle) and the searches is what pose uncertainty costs even
-with perfect maps; it chose the local searches of the recommended path.
+with perfect maps; it chose the local searches of the recommended path.  ``--markdown``
+also prints the figures as a table in the format of docs/benchmarks.md.
 """
 import argparse
 import copy
@@ -23,6 +23,8 @@ import numpy as np
 import starfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 
 from cryoclass_plugin.commands import refine as refine_cmd  # noqa: E402
 from cryoclass_plugin.engine.geometry import angular_distance_deg, euler_to_matrix  # noqa: E402
@@ -44,6 +46,8 @@ def main(argv=None):
     p.add_argument("--local", default="2:5,3:3,3:5,4:3",
                    help="order:sigma pairs of the local searches (default %(default)s)")
     p.add_argument("--no-global", action="store_true", help="skip the global search")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the figures as a table in the format of docs/benchmarks.md")
     a = p.parse_args(argv)
     data = os.path.abspath(a.data)
     model = ModelState.load(os.path.abspath(a.state))
@@ -73,19 +77,26 @@ def main(argv=None):
 
     print(f"run: ARI {run_ari:.3f}, median angular error {err(model):.2f} deg "
           f"(state of iteration {model.iteration}); true maps x {scale:.3g}")
+    rows = [["the run's own maps and poses", f"{run_ari:.3f}", f"{err(model):.2f}"]]
     it = model.iteration + 1
     m = copy.deepcopy(model)
     m.part_eulers, m.part_origin_angst = true_e.copy(), true_o.copy()
     m = r.iterate(m, it, write=False, fixed_poses=True)
     print(f"fixed true poses:             ARI {adjusted_rand_index(labels, m.part_class):.3f}")
+    rows.append(["true maps, fixed true poses", f"{adjusted_rand_index(labels, m.part_class):.3f}",
+                 "0"])
     m = r.iterate(copy.deepcopy(model), it, write=False, fixed_poses=True)
     print(f"fixed run poses:              ARI {adjusted_rand_index(labels, m.part_class):.3f}")
+    rows.append(["true maps, fixed run poses", f"{adjusted_rand_index(labels, m.part_class):.3f}",
+                 f"{err(model):.2f}"])
     if not a.no_global:
         t = time.time()
         m = r.iterate(copy.deepcopy(model), it, write=False)
         print(f"global search, order {r.orientations.healpix_order}:      ARI "
               f"{adjusted_rand_index(labels, m.part_class):.3f}, error {err(m):.2f} deg "
               f"({time.time() - t:.0f} s)")
+        rows.append([f"true maps, global search, order {r.orientations.healpix_order}",
+                     f"{adjusted_rand_index(labels, m.part_class):.3f}", f"{err(m):.2f}"])
     for pair in a.local.split(","):
         order, sigma = int(pair.split(":")[0]), float(pair.split(":")[1])
         t = time.time()
@@ -94,6 +105,12 @@ def main(argv=None):
         print(f"local search, order {order}, sigma {sigma:g}: ARI "
               f"{adjusted_rand_index(labels, m.part_class):.3f}, error {err(m):.2f} deg "
               f"({time.time() - t:.0f} s)")
+        rows.append([f"true maps, local search, order {order}, sigma {sigma:g} deg",
+                     f"{adjusted_rand_index(labels, m.part_class):.3f}", f"{err(m):.2f}"])
+    if a.markdown:
+        C.print_markdown(["search", "ARI", "median angular error (deg)"], rows, notes=[
+            f"Set: {os.path.basename(data)}; state of iteration {model.iteration} "
+            f"({model.n_classes} classes)."])
     return 0
 
 

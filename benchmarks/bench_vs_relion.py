@@ -22,8 +22,9 @@ per iteration; and from the last iteration's data.star / class maps: adjusted Ra
 and best-match accuracy against truth.star, median angular error (C1, compared directly:
 the reference fixes the frame), median offset error, and the FSC-0.5 resolution of the
 class map matched to each true class (best-match assignment of the particles) against
-true_classNNN.mrc.  Prints the RELION / cryoclass time ratios and appends the table and
-the exact commands to benchmarks/RESULTS.md.
+true_classNNN.mrc.  Prints the RELION / cryoclass time ratios; ``--markdown`` also prints
+the table in the format of docs/benchmarks.md.  The table and the exact commands go to
+the run log (``scratch/benchmark_runs.md``; ``--no-record`` skips it).
 """
 import argparse
 import os
@@ -70,7 +71,9 @@ def parse_args(argv=None):
                         "folder, removed at the end unless --keep")
     w.add_argument("--keep", action="store_true", help="keep the temporary folder")
     w.add_argument("--no-record", action="store_true",
-                   help="do not append to benchmarks/RESULTS.md")
+                   help="do not append to the run log (scratch/benchmark_runs.md)")
+    w.add_argument("--markdown", action="store_true",
+                   help="also print the table in the format of docs/benchmarks.md")
     args = p.parse_args(argv)
     if args.skip_relion and args.relion_only:
         p.error("--skip-relion and --relion-only exclude each other")
@@ -241,6 +244,12 @@ def main(argv=None):
                          "RELION 3.1 collapses on these simulated sets).")
         body = "\n".join(lines)
         print("\n" + body)
+        if args.markdown:
+            C.print_markdown(["metric"] + list(results), table_rows(results, sim), info,
+                             [f"Settings: {title}; the tutorial's flags with --firstiter_cc"
+                              + (f"; cryoclass flags: `{args.cryoclass_args}`"
+                                 if args.cryoclass_args else "") + "."]
+                             + [line for line in lines if line.startswith("time ratio")])
         if not args.no_record:
             C.append_results("bench_vs_relion", commands, body, info, notes + [f"<workdir> = {workdir}" +
                                                   (" (temporary)" if tmp and not args.keep
