@@ -1,69 +1,312 @@
-"""The run's options (:class:`Settings`), named as RELION's command-line flags."""
+"""The run's options: one registry (:data:`OPTIONS`) and the :class:`Settings` record.
+
+Each :class:`Option` says, for one setting of a run: its :class:`Settings` field, its
+``cryoclass refine`` flag (RELION's ``relion_refine`` name where RELION has one), type,
+default, help text, the RELION GUI tab it belongs to (the CLI's ``--help`` group),
+what ``--continue`` does with it, and the Scipion protocol's form parameter it comes
+from.  The command line (:mod:`cryoclass_plugin.commands.refine`) builds its parser from
+the registry; ``Settings``, the continue rules and the protocol's argument builder are
+checked against it by ``tests/test_options.py``.
+
+Four defaults are *automatic* (the default value stands for "choose from the other
+settings"): ``tau2_estimate``, ``consensus_tau2_estimate``, ``class_difference_highres``
+and ``auto_mask_sigma``.  :func:`resolve_automatic` (also :meth:`Settings.resolved`) is
+the one place that turns them into values; the command line calls it, and so must every
+caller of the Python API before a run (``Refinement`` does).
+"""
+import dataclasses
 from dataclasses import dataclass
 
+#: Default threshold of the automatic reference mask (robust standard deviations of the
+#: 15 A low-passed mean map above its solvent median; :func:`.masks.auto_solvent_mask`).
+AUTO_MASK_SIGMA = 3.0
 
-@dataclass
-class Settings:
-    """The run's options, named as RELION's command-line flags."""
-    input_star: str
-    output_root: str
-    ref: str
-    n_classes: int = 1
-    tau2_fudge: float = 1.0
-    n_iter: int = 25
-    ini_high: float = -1.0
-    firstiter_cc: bool = False
-    particle_diameter: float = -1.0
-    zero_mask: bool = False
-    flatten_solvent: bool = False
-    solvent_mask: str = ""
-    ctf: bool = False
-    ctf_intact_first_peak: bool = False
-    ctf_phase_flipped: bool = False
-    sym: str = "C1"
-    healpix_order: int = 2
-    oversampling: int = 1
-    offset_range: float = 6.0
-    offset_step: float = 2.0
-    strict_highres_exp: float = -1.0
-    fast_subsets: bool = False
-    norm: bool = False
-    scale: bool = False
-    pad: int = 2
-    gridding: bool = True
-    preread_images: bool = False
-    scratch_dir: str = ""
-    pool: int = 1
-    threads: int = 1
-    gpu: str = None
-    random_seed: int = 0
-    continue_from: str = ""
-    skip_align: bool = False
-    incr_size: int = 10
-    adaptive_fraction: float = 0.999
-    max_significant: int = 2000
-    block_size: int = 256
-    fine_table_bytes: float = 4e9   # memory for the fine projections + slice sums
-    cache_bytes: float = 1e9        # keep prepared images between the two passes
-    init_classes: str = "relion"   # relion | input | consensus (see Refinement.run)
-    consensus_iter: int = 5
-    consensus_extra_iter: int = 6   # ... up to this many more while the poses still move
-    restarts: int = 3
-    restart_iter: int = 6
-    restart_highres: float = 25.0
-    classify_fixed_iter: int = 8    # consensus|pca: fixed-pose iterations after the split
-    classify_fixed_highres: float = 25.0   # their E-step resolution limit (A)
-    sigma_ang: float = -1.0         # > 0: local angular searches, prior sigma (deg)
-    classify_local_sigma: float = 5.0   # consensus|pca: local searches after the split (deg)
-    classify_local_order: int = -1      # ... on this HEALPix order (-1: --healpix_order + 1)
-    consensus_local_iter: int = 2       # the last consensus iterations search locally too
-    class_difference_highres: float = 25.0   # consensus|pca: references share the consensus (A)
-    joint_consensus: bool = True    # ... a consensus reconstructed from all classes' sums
-    auto_mask_sigma: float = -1.0   # E-step references masked around their density
-                                    # (threshold in robust sigmas; 0 off; < 0: 3 with a
-                                    # consensus|pca start, off with RELION's)
-    tau2_estimate: str = "power"    # "power" (RELION) or "em" (+ posterior variance)
-    consensus_tau2_estimate: str = ""   # ... of the consensus map ("": as tau2_estimate)
-    merge_threshold: float = 0.3    # consensus|pca: merge classes the held-out test calls
-                                    # one structure (0: off; :mod:`.merge`)
-    merge_fixed_iter: int = 3       # ... then this many more fixed-pose iterations
+#: The CLI's help groups, in order: RELION's GUI tabs (Running: what RELION's Running
+#: tab and the engine's own compute knobs set).
+GROUPS = ("I/O", "Reference", "CTF", "Optimisation", "Sampling", "Compute", "Running")
+
+#: What ``--continue`` does with an option given again: ``keep`` (must equal the run's
+#: value, else a one-line error), ``change`` (takes effect: how to compute and what
+#: relion_refine lets a continued run change) or ``run`` (the run's own input paths,
+#: not compared: the protocol repeats ``--i`` and a path may be spelled differently).
+CONTINUE_RULES = ("keep", "change", "run")
+
+#: Flag kinds: ``value`` (``--flag VALUE``), ``switch`` (``--flag`` sets True),
+#: ``negated`` (``--flag`` sets the field False, e.g. ``--skip_gridding`` -> gridding),
+#: ``pair`` (``--flag`` / ``--off_flag`` set True / False), ``optional`` (``--flag`` or
+#: ``--flag VALUE``: ``--gpu`` alone is "" = all visible devices).
+KINDS = ("value", "switch", "negated", "pair", "optional")
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str                 # Settings field
+    flag: object               # CLI flag without dashes; None: Python API only
+    type: type
+    default: object
+    help: str
+    group: str = "Optimisation"
+    on_continue: str = "keep"
+    param: object = None       # the protocol's form parameter it comes from, or None
+    kind: str = "value"
+    choices: tuple = None
+    off_flag: str = None       # kind "pair": the flag that sets False
+    required: bool = False     # needed unless --continue
+
+
+def _o(field, flag, typ, default, help, **kw):
+    return Option(field, flag, typ, default, help, **kw)
+
+
+_CONSENSUS = "with --init_classes consensus|pca: "
+
+OPTIONS = (
+    # ---- I/O
+    _o("input_star", "i", str, "", "input particles STAR file (RELION 3.0/3.1+)",
+       group="I/O", on_continue="run", required=True, param="inputParticles"),
+    _o("output_root", "o", str, "", "output rootname, e.g. Class3D/job001/run",
+       group="I/O", on_continue="change", required=True),
+    # ---- Reference
+    _o("ref", "ref", str, "", "reference map (MRC), same box and pixel size as particles",
+       group="Reference", on_continue="run", required=True, param="referenceVolume"),
+    _o("continue_from", "continue", str, "",
+       "continue from <root>_itNNN_optimiser.star", group="I/O", on_continue="run",
+       param="doContinue"),
+    _o("firstiter_cc", "firstiter_cc", bool, False,
+       "reference not on absolute greyscale: score iteration 1 by cross-correlation",
+       group="Reference", kind="switch", param="isMapAbsoluteGreyScale"),
+    _o("ini_high", "ini_high", float, -1.0,
+       "low-pass the reference to this resolution (A) first; <= 0: no filter",
+       group="Reference", param="initialLowPassFilterA"),
+    _o("sym", "sym", str, "C1", "point group (C1, Cn, Dn, T, O, I)", group="Reference",
+       param="symmetryGroup"),
+    _o("solvent_mask", "solvent_mask", str, "", "reference mask (MRC, 0..1)",
+       group="Reference", on_continue="run", param="referenceMask"),
+    # ---- CTF
+    _o("ctf", "ctf", bool, False, "do CTF correction", group="CTF", kind="switch",
+       param="doCTF"),
+    _o("ctf_intact_first_peak", "ctf_intact_first_peak", bool, False,
+       "ignore CTFs until their first peak", group="CTF", kind="switch",
+       param="ignoreCTFUntilFirstPeak"),
+    _o("ctf_phase_flipped", "ctf_phase_flipped", bool, False,
+       "the images were phase-flipped", group="CTF", kind="switch"),
+    # ---- Optimisation
+    _o("n_classes", "K", int, 1, "number of classes", param="numberOfClasses"),
+    _o("tau2_fudge", "tau2_fudge", float, 1.0,
+       "regularisation parameter T (RELION: 2-4 for 3D classification)",
+       on_continue="change", param="regularisationParamT"),
+    _o("n_iter", "iter", int, 50,
+       "number of iterations (with --continue: the last iteration of the continued run)",
+       on_continue="change", param="numberOfIterations"),
+    _o("fast_subsets", "fast_subsets", bool, False,
+       "use growing random subsets in the first 15 iterations", kind="switch",
+       param="useFastSubsets"),
+    _o("particle_diameter", "particle_diameter", float, -1.0,
+       "mask diameter (A); <= 0: the box", param="maskDiameterA"),
+    _o("zero_mask", "zero_mask", bool, False,
+       "mask the particles' background with zeros", kind="switch", param="maskZero"),
+    _o("flatten_solvent", "flatten_solvent", bool, False,
+       "mask the references with a soft sphere (or --solvent_mask)", kind="switch"),
+    _o("strict_highres_exp", "strict_highres_exp", float, -1.0,
+       "limit the E-step to this resolution (A); <= 0: no limit", on_continue="change",
+       param="limitResolEStep"),
+    _o("norm", "norm", bool, False,
+       "normalisation correction (RELION): estimate each particle's rlnNormCorrection "
+       "n_i from its residual power (shells > 3) and multiply its image by mean(n) / "
+       "n_i; starts from the input's rlnNormCorrection if present", kind="switch"),
+    _o("scale", "scale", bool, False,
+       "intensity-scale correction (RELION): estimate each group's "
+       "rlnGroupScaleCorrection (one group per micrograph) from the well-determined "
+       "shells (SSNR > 3) and scale its references by it", kind="switch"),
+    _o("init_classes", "init_classes", str, "relion",
+       "how K>1 classes start: 'relion' = random particle subsets in iteration 1 "
+       "(RELION); 'input' = the input rlnClassNumber; 'consensus' = align to one map "
+       "first, then the best of --restarts fixed-pose classifications; 'pca' = align to "
+       "one map first, then k-means along the main directions of 3D variability "
+       "(consensus and pca separate classes that RELION's start leaves mixed)",
+       choices=("relion", "input", "consensus", "pca"), param="initialClasses"),
+    _o("consensus_iter", "consensus_iter", int, 5,
+       _CONSENSUS + "iterations of one-map alignment"),
+    _o("consensus_extra_iter", "consensus_extra_iter", int, 6,
+       _CONSENSUS + "up to this many more global consensus iterations while the last "
+       "one still moved the poses on average by more than the coarse angular step of "
+       "--healpix_order (15 deg at order 2; 0: exactly --consensus_iter)",
+       param="consensusExtraIterations"),
+    _o("restarts", "restarts", int, 3, "with --init_classes consensus: random partitions "
+       "tried"),
+    _o("restart_iter", "restart_iter", int, 6,
+       "with --init_classes consensus: iterations per restart"),
+    _o("restart_highres", "restart_highres", float, 25.0,
+       _CONSENSUS + "resolution (A) of the restarts and of the heterogeneity analysis"),
+    _o("classify_fixed_iter", "classify_fixed_iter", int, 8,
+       _CONSENSUS + "iterations after the split that keep the consensus poses and only "
+       "classify (at --classify_fixed_highres) before full EM; 0 goes to full EM at once",
+       param="fixedPoseIterations"),
+    _o("classify_fixed_highres", "classify_fixed_highres", float, 25.0,
+       "with --classify_fixed_iter: E-step resolution limit (A) of the fixed-pose "
+       "iterations"),
+    _o("classify_local_sigma", "classify_local_sigma", float, 5.0,
+       _CONSENSUS + "after the fixed-pose iterations, search orientations locally around "
+       "the consensus poses with this prior sigma (deg; to 3 sigma) on the finer grid of "
+       "--classify_local_order; 0 = global searches at --healpix_order (--sigma_ang, if "
+       "given, takes precedence)", param="localRangeAfterSplit"),
+    _o("consensus_local_iter", "consensus_local_iter", int, 2,
+       _CONSENSUS + "the last this many of the --consensus_iter iterations search "
+       "locally (as after the split) to sharpen the consensus poses before the split"),
+    _o("class_difference_highres", "class_difference_highres", float, -1.0,
+       _CONSENSUS + "after the split the E-step's class references share the consensus "
+       "map beyond this resolution (A) and outside the region where the classes differ "
+       "(the written class maps stay plain reconstructions); 0 = plain class maps; -1 "
+       "(automatic) = 18 A with the em tau2 update (600 particles, SNR 0.05: ARI "
+       "0.885 / 0.931 at K=3 / 4 against 0.848 / 0.926 at 25 A), 25 A with RELION's "
+       "(where 20 A gave 0.663 against 0.763)", param="sharedConsensusBeyond"),
+    _o("joint_consensus", "joint_consensus", bool, True,
+       "with --class_difference_highres: the shared consensus is reconstructed from all "
+       "particles together (sharper than the mean of the class maps, each regularised "
+       "with 1/K of the particles); --mean_consensus: the class-prior-weighted mean of "
+       "the class maps instead", kind="pair", off_flag="mean_consensus",
+       param="jointConsensus"),
+    _o("auto_mask_sigma", "auto_mask_sigma", float, -1.0,
+       "mask the E-step references around their density: where the 15 A low-passed mean "
+       "of the class maps exceeds its median inside the particle mask by this many "
+       "robust standard deviations, extended 8 A with a 12 A soft edge (the written maps "
+       "are not masked); 0: off; -1 (automatic): %g with --init_classes consensus|pca "
+       "and no --solvent_mask, else off" % AUTO_MASK_SIGMA, param="autoMaskSigma"),
+    _o("tau2_estimate", "tau2_estimate", str, "",
+       "how each class's signal spectrum tau2 (the prior of its next reconstruction) is "
+       "updated: 'power' (RELION) = the power spectrum of the solvent-flattened map, "
+       "which shrinks iteration after iteration in shells of low SSNR; 'em' = that plus "
+       "the reconstruction's posterior variance (the exact EM update of a Gaussian "
+       "prior's variance): class maps 2-5 A sharper, but with one class too many it can "
+       "keep a true class split in two.  '' (automatic): em with --init_classes "
+       "consensus|pca, K > 1 and the merge test on (--merge_threshold, which removes "
+       "such splits), power otherwise", choices=("", "power", "em"), param="tau2Estimate"),
+    _o("consensus_tau2_estimate", "consensus_tau2_estimate", str, "",
+       _CONSENSUS + "the --tau2_estimate choice for the consensus map alone (the one map "
+       "of the consensus iterations, then the shared consensus of the E-step "
+       "references); '' (automatic): as --tau2_estimate", choices=("", "power", "em")),
+    _o("merge_threshold", "merge_threshold", float, 0.3,
+       _CONSENSUS + "at the end of the fixed-pose iterations, merge two classes when, on "
+       "held-out particles, their split pays back less than this share of what a random "
+       "split of the same particles costs (and the one merged map predicts them "
+       "better); the freed class stays empty.  0: off", param="mergeThreshold"),
+    _o("merge_fixed_iter", "merge_fixed_iter", int, 3,
+       "fixed-pose iterations added after a merge"),
+    _o("classify_local_order", "classify_local_order", int, -1,
+       "HEALPix order of the local searches after the split (-1: --healpix_order + 1, "
+       "i.e. half the angular step)"),
+    # ---- Sampling
+    _o("healpix_order", "healpix_order", int, 2,
+       "coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)",
+       group="Sampling", on_continue="change", param="angularSamplingDeg"),
+    _o("oversampling", "oversampling", int, 1, "adaptive oversampling order",
+       group="Sampling"),
+    _o("offset_range", "offset_range", float, 6.0, "offset search range (px)",
+       group="Sampling", on_continue="change", param="offsetSearchRangePix"),
+    _o("offset_step", "offset_step", float, 2.0, "coarse offset step (px)",
+       group="Sampling", on_continue="change", param="offsetSearchStepPix"),
+    _o("skip_align", "skip_align", bool, False,
+       "classify without alignment: keep the input poses", group="Sampling",
+       on_continue="change", kind="switch", param="doImageAlignment"),
+    _o("sigma_ang", "sigma_ang", float, -1.0,
+       "local angular searches: Gaussian prior (deg) around each particle's current "
+       "orientation, searched to 3 sigma (RELION's 'local angular search range' / 3); "
+       "needs input angles; -1: global searches", group="Sampling",
+       on_continue="change", param="localAngularSearchRange"),
+    # ---- Compute
+    _o("pad", "pad", int, 2, "padding factor of the references' Fourier transforms",
+       group="Compute", on_continue="change", choices=(1, 2), param="skipPadding"),
+    _o("gridding", "skip_gridding", bool, True, "skip the gridding correction",
+       group="Compute", on_continue="change", kind="negated", param="skipGridding"),
+    _o("preread_images", "preread_images", bool, False, "read all images into RAM",
+       group="Compute", on_continue="change", kind="switch", param="allParticlesRam"),
+    _o("scratch_dir", "scratch_dir", str, "", "copy the stacks here first",
+       group="Compute", on_continue="change", param="scratchDir"),
+    _o("pool", "pool", int, 1, "particles per read (RELION); the engine reads in blocks "
+       "of --block_size", group="Compute", on_continue="change", param="pooledParticles"),
+    _o("gpu", "gpu", str, None, "use GPUs (CuPy); optional ids '0:1' one per rank",
+       group="Compute", on_continue="change", kind="optional", param="gpusToUse"),
+    # ---- Running (and the engine's own compute knobs)
+    _o("threads", "j", int, 1, "threads (BLAS/FFT) per rank", group="Running",
+       on_continue="change", param="numberOfThreads"),
+    _o("random_seed", "random_seed", int, 0, "random seed", group="Running",
+       on_continue="change", param="randomSeed"),
+    _o("block_size", "block_size", int, 256, "particles per E-step block (memory bound)",
+       group="Running", on_continue="change"),
+    _o("incr_size", "incr_size", int, 10,
+       "shells beyond the resolution used in the next E-step", group="Running"),
+    _o("adaptive_fraction", "adaptive_fraction", float, 0.999,
+       "posterior mass kept for the fine pass", group="Running", on_continue="change"),
+    _o("max_significant", "maxsig", int, 2000,
+       "at most this many significant coarse samples per particle", group="Running",
+       on_continue="change"),
+    _o("fine_table_bytes", None, float, 4e9,
+       "memory (bytes) for the fine pass's projections and slice sums", group="Running",
+       on_continue="change"),
+    _o("cache_bytes", None, float, 1e9,
+       "memory (bytes) that keeps prepared images between the two passes",
+       group="Running", on_continue="change"),
+)
+
+OPTIONS_BY_FIELD = {opt.field: opt for opt in OPTIONS}
+OPTIONS_BY_FLAG = {opt.flag: opt for opt in OPTIONS if opt.flag}
+
+
+def flag_of(field):
+    """``--flag`` of a :class:`Settings` field (for messages)."""
+    return "--" + (OPTIONS_BY_FIELD[field].flag or field)
+
+
+def _settings_class():
+    fields = [(opt.field, opt.type, dataclasses.field(default=opt.default))
+              for opt in OPTIONS]
+    return dataclasses.make_dataclass(
+        "Settings", fields, namespace={"resolved": lambda self: resolve_automatic(self),
+                                       "__module__": __name__})
+
+
+#: The run's options, one field per :data:`OPTIONS` entry with its default.  Automatic
+#: values stay unresolved in a ``Settings``; :meth:`Settings.resolved` resolves them.
+Settings = _settings_class()
+Settings.__doc__ = ("The run's options (:data:`OPTIONS`: fields, defaults, help), named "
+                    "as RELION's command-line flags; ``resolved()`` returns a copy with "
+                    "the automatic defaults resolved (:func:`resolve_automatic`).")
+
+
+def consensus_start(s):
+    """Whether K > 1 classes start from a consensus alignment (``consensus`` / ``pca``)."""
+    return s.init_classes in ("consensus", "pca") and s.n_classes > 1
+
+
+def auto_tau2_estimate(s):
+    """``--tau2_estimate ''``: the EM update with a consensus / PCA start of K > 1 classes
+    and the merge test on (the merge test removes the true classes split in two that
+    the EM update's sharper small classes keep), RELION's ``power`` otherwise."""
+    return "em" if consensus_start(s) and s.merge_threshold > 0 else "power"
+
+
+def auto_class_difference_highres(tau2_estimate):
+    """``--class_difference_highres -1``: 18 A with the EM tau2 update, whose sharper
+    class maps carry class differences beyond 25 A; 25 A with RELION's update."""
+    return 18.0 if tau2_estimate == "em" else 25.0
+
+
+def auto_mask_sigma(s):
+    """``--auto_mask_sigma -1``: :data:`AUTO_MASK_SIGMA` with a consensus / PCA start and
+    no ``--solvent_mask`` (the user's mask wins); off with RELION's start, whose results
+    compare with RELION's."""
+    if s.solvent_mask or s.init_classes not in ("consensus", "pca"):
+        return 0.0
+    return AUTO_MASK_SIGMA
+
+
+def resolve_automatic(settings):
+    """A copy of ``settings`` with the automatic defaults given values (idempotent)."""
+    s = settings
+    tau2 = s.tau2_estimate or auto_tau2_estimate(s)
+    cdh = s.class_difference_highres
+    return dataclasses.replace(
+        s, tau2_estimate=tau2,
+        consensus_tau2_estimate=s.consensus_tau2_estimate or tau2,
+        class_difference_highres=auto_class_difference_highres(tau2) if cdh == -1 else cdh,
+        auto_mask_sigma=auto_mask_sigma(s) if s.auto_mask_sigma < 0 else s.auto_mask_sigma)
