@@ -13,8 +13,8 @@ merge test joins the extra class to its twin at the end of the fixed-pose phase)
 SNR 0.05 (seed 1), K=4 at SNR 0.2, and class maps better than 2.5 x the pixel size on
 1000 particles at SNR 2.
 
-Every test here is a whole refinement of benchmark size (about 3 minutes each on 2
-cores, 13 minutes for the file), so the module is marked ``slow``: the everyday subset
+Every test here runs whole refinements of benchmark size (3 to 5 minutes each on 2
+cores), so the module is marked ``slow``: the everyday subset
 ``pytest -m "not slow"`` leaves it out, the full suite runs it.  The class maps are
 compared with the oracle reconstruction with RELION's tau2 update (what a RELION user
 would get from the true poses and classes); with the EM update the oracle is sharper
