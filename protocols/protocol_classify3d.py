@@ -25,7 +25,10 @@ from pwem.protocols import ProtClassify3D
 from .. import convert
 from ..constants import (ANGULAR_SAMPLING_DEFAULT, ANGULAR_SAMPLING_LIST, OUTPUT_ROOT,
                          healpix_order_for_sampling)
+from ..engine.options import OPTIONS_BY_FIELD, OPTIONS_BY_FLAG
 
+#: RELION's GPU list: device numbers, ',' within and ':' between MPI processes.
+_GPU_LIST_RE = re.compile(r"^(\d+(,\d+)*(:\d+(,\d+)*)*)?$")
 _SYM_RE = re.compile(r"^(C\d+[VH]?|CI|CS|D\d+[VH]?|T[DH]?|O[H]?|I[1-5]?H?)$", re.I)
 
 
@@ -51,24 +54,6 @@ def check_symmetry(sym):
     return None
 
 
-def gpu_problem():
-    """``None`` if CuPy and a CUDA device are usable here, else the reason (a line)."""
-    try:
-        import cupy
-    except Exception as exc:
-        return ("CuPy is not installed/usable (%s): install the plugin's [gpu] extra "
-                "(pip install 'scipion-em-cryoclass[gpu]') or set 'Use GPU acceleration?' "
-                "to No" % type(exc).__name__)
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        n = 0
-    if n < 1:
-        return ("no CUDA GPU is visible on this machine: set 'Use GPU acceleration?' "
-                "to No (or check CUDA_VISIBLE_DEVICES)")
-    return None
-
-
 class ProtCryoClassClassify3D(ProtClassify3D):
     """Unsupervised 3D classification of particles into K classes with the bundled
     cryoclass engine, a re-implementation of RELION's Class3D (empirical Bayesian
@@ -82,7 +67,17 @@ class ProtCryoClassClassify3D(ProtClassify3D):
 
     # ------------------------------------------------------------------ form
     def _defineParams(self, form):
-        # ---- I/O
+        self._defineIOParams(form)
+        self._defineReferenceParams(form)
+        self._defineCTFParams(form)
+        self._defineOptimisationParams(form)
+        self._defineClassStartParams(form)
+        self._defineSamplingParams(form)
+        self._defineHelixParams(form)
+        self._defineComputeParams(form)
+        self._defineRunningParams(form)
+
+    def _defineIOParams(self, form):
         form.addSection(label="I/O")
         form.addParam("doContinue", BooleanParam, default=False,
                       label="Continue from a previous run?",
@@ -91,28 +86,24 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "you can change the number of iterations, T, the sampling "
                            "and the compute options.")
         form.addParam("continueRun", PointerParam, pointerClass="ProtCryoClassClassify3D",
-                      condition="doContinue", allowsNull=True,
-                      label="Previous run",
+                      condition="doContinue", allowsNull=True, label="Previous run",
                       help="The cryoclass 3D classification run to continue.")
-        form.addParam("continueIter", StringParam, default="last",
-                      condition="doContinue",
+        form.addParam("continueIter", StringParam, default="last", condition="doContinue",
                       label="Continue from iteration",
                       help="'last', or the number of an iteration the previous run "
                            "wrote (its optimiser.star is the starting point).")
         form.addParam("inputParticles", PointerParam,
                       pointerClass="SetOfParticles,SetOfClasses2D",
-                      condition="not doContinue", important=True,
-                      label="Input particles",
+                      condition="not doContinue", important=True, label="Input particles",
                       help="Particles with CTF and acquisition information, from any "
                            "protocol; or a set of 2D classes, in which case the "
                            "particles of its enabled classes are classified.")
         form.addParam("referenceVolume", PointerParam, pointerClass="Volume",
-                      condition="not doContinue", important=True,
-                      label="Reference map",
+                      condition="not doContinue", important=True, label="Reference map",
                       help="Starting map. It is low-pass filtered (Reference tab) and "
-                           "the K classes start from random subsets of the data "
-                           "reconstructed against it. It should have the box and "
-                           "pixel size of the particles (or use resampling).")
+                           "the K classes start from it (Optimisation tab, 'How classes "
+                           "start'). It should have the box and pixel size of the "
+                           "particles (or use resampling).")
         form.addParam("referenceMask", PointerParam, pointerClass="VolumeMask",
                       condition="not doContinue", allowsNull=True,
                       label="Reference mask (optional)",
@@ -120,26 +111,22 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "references every iteration. Without it, a soft spherical "
                            "mask of the mask diameter (Optimisation tab) is used.")
 
-        # ---- Reference
+    def _defineReferenceParams(self, form):
         form.addSection(label="Reference")
         form.addParam("isMapAbsoluteGreyScale", BooleanParam, default=False,
-                      condition="not doContinue",
-                      label="Ref. map is on absolute greyscale?",
+                      condition="not doContinue", label="Ref. map is on absolute greyscale?",
                       help="The likelihood compares reference projections and images "
                            "through squared differences, so their grey scales must "
                            "agree. Maps reconstructed by RELION/cryoclass from these "
                            "particles are; maps from elsewhere usually are not. With "
                            "No, the first iteration uses a scale-invariant "
-                           "cross-correlation instead (--firstiter_cc); if in doubt, "
-                           "No.")
+                           "cross-correlation instead (--firstiter_cc); if in doubt, No.")
         form.addParam("initialLowPassFilterA", FloatParam, default=60.0,
-                      condition="not doContinue",
-                      label="Initial low-pass filter (A)",
+                      condition="not doContinue", label="Initial low-pass filter (A)",
                       help="The reference is low-pass filtered to this resolution "
                            "before the first iteration, to avoid bias from high "
                            "frequencies. 0 = no filter.")
-        form.addParam("symmetryGroup", StringParam, default="C1",
-                      condition="not doContinue",
+        form.addParam("symmetryGroup", StringParam, default="C1", condition="not doContinue",
                       label="Symmetry",
                       help="Point group imposed on all classes, in RELION's notation "
                            "(C1, Cn, Dn, T, O, I1...). Classifications normally use "
@@ -151,7 +138,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "is resampled (Fourier cropping/padding, then box "
                            "cropping/padding) to the particles' pixel size and box.")
 
-        # ---- CTF
+    def _defineCTFParams(self, form):
         form.addSection(label="CTF")
         form.addParam("continueMsg", LabelParam, condition="doContinue",
                       label="CTF options are taken from the run being continued.")
@@ -166,140 +153,16 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       label="Ignore CTFs until first peak?",
                       help="Yes: the CTF amplitudes are taken as 1 at frequencies below "
                            "the first CTF peak. Helps when the CTF model is poor at "
-                           "low resolution (e.g. little amplitude contrast); usually "
-                           "No.")
+                           "low resolution (e.g. little amplitude contrast); usually No.")
         form.addParam("phaseFlipNote", LabelParam, condition="not doContinue",
                       label="Phase-flipped particles are detected from the input set "
                             "(--ctf_phase_flipped).")
 
-        # ---- Optimisation
+    def _defineOptimisationParams(self, form):
         form.addSection(label="Optimisation")
-        form.addParam("numberOfClasses", IntParam, default=1,
-                      condition="not doContinue",
+        form.addParam("numberOfClasses", IntParam, default=1, condition="not doContinue",
                       label="Number of classes",
-                      help="K, the number of 3D classes. Each class starts from the "
-                           "reference reconstructed from a random subset of the "
-                           "particles.")
-        form.addParam("initialClasses", EnumParam, default=2,
-                      condition="not doContinue",
-                      choices=["RELION: random subsets", "consensus alignment + restarts",
-                               "consensus alignment + heterogeneity PCA"],
-                      label="How classes start",
-                      help="RELION: in iteration 1 each particle goes to one random "
-                           "class (RELION's Class3D). Consensus alignment + restarts "
-                           "(recommended when RELION's classes come out mixed, e.g. a "
-                           "domain present/absent or swung): the first iterations align "
-                           "all particles to one map, then the best of several "
-                           "classifications of the aligned particles from random "
-                           "partitions (at 25 A) starts the K classes "
-                           "(--init_classes consensus). Consensus alignment + "
-                           "heterogeneity PCA: after the consensus iterations, the "
-                           "particles are clustered along the main directions of 3D "
-                           "variability (--init_classes pca); with well-aligned "
-                           "particles it separates classes that random starts leave "
-                           "mixed. With either consensus start, the iterations right "
-                           "after the split keep the consensus poses and only classify "
-                           "(see 'Fixed-pose iterations'). The default is the PCA start: "
-                           "on our benchmarks it recovers classes that RELION's start "
-                           "leaves mixed (benchmarks/RESULTS.md); choose RELION's start "
-                           "to reproduce RELION's Class3D.")
-        form.addParam("consensusExtraIterations", IntParam, default=6,
-                      condition="not doContinue and initialClasses > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Extra consensus iterations (at most)",
-                      help="With a consensus start: while the last global consensus "
-                           "iteration still moved the poses on average by more than the "
-                           "coarse angular step (twice the angular sampling interval: "
-                           "15 deg for 7.5), the job aligns globally once "
-                           "more before the split, up to this many times "
-                           "(--consensus_extra_iter; the log says when). 0: exactly the "
-                           "engine's consensus iterations.")
-        form.addParam("fixedPoseIterations", IntParam, default=8,
-                      condition="not doContinue and initialClasses > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Fixed-pose iterations",
-                      help="With a consensus start: iterations after the split that keep "
-                           "the consensus poses and classify only, below 25 A, before "
-                           "full expectation-maximisation over classes and poses "
-                           "(--classify_fixed_iter). 0 starts full EM at once.")
-        form.addParam("mergeThreshold", FloatParam, default=0.3,
-                      condition="not doContinue and initialClasses > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Merge duplicate classes (threshold)",
-                      help="With a consensus start, after the fixed-pose iterations: two "
-                           "classes are merged when, on held-out particles, their split "
-                           "pays back less than this share of what a random split of the "
-                           "same particles costs (they are one structure cut in two); the "
-                           "freed class stays empty and a few more fixed-pose iterations "
-                           "follow. The log lists each pair's figures "
-                           "(--merge_threshold). 0: never merge.")
-        form.addParam("localRangeAfterSplit", FloatParam, default=15.0,
-                      condition="not doContinue and initialClasses > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Local search range after the split (deg)",
-                      help="With a consensus start: the full-EM iterations after the "
-                           "fixed-pose ones search each particle's orientation within "
-                           "this angle of its consensus pose (a Gaussian prior of sigma = "
-                           "range / 3) on a grid of half the angular sampling interval "
-                           "(--classify_local_sigma, --classify_local_order). A finer "
-                           "grid separates classes that 7.5 degree sampling leaves "
-                           "mixed. 0: global searches at the angular sampling interval.")
-        form.addParam("sharedConsensusBeyond", FloatParam, default=18.0,
-                      condition="not doContinue and initialClasses > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Classes share the consensus beyond (A)",
-                      help="With a consensus start: after the split, the references that "
-                           "the particles are compared with keep each class's own density "
-                           "only below this resolution and only where the classes differ; "
-                           "elsewhere they share the consensus map. This stops the "
-                           "largest (sharpest) class from taking particles of the others "
-                           "and removes the class maps' noise where they do not differ "
-                           "(--class_difference_highres). The written class maps are "
-                           "the plain reconstructions. 18 A suits the EM signal-spectrum "
-                           "update (the automatic choice with a consensus start); with "
-                           "RELION's update 25 A did better. 0: compare with the plain "
-                           "class maps.")
-        form.addParam("jointConsensus", BooleanParam, default=True,
-                      condition="not doContinue and initialClasses > 0 and "
-                                "sharedConsensusBeyond > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Reconstruct the shared consensus from all particles?",
-                      help="Yes: the consensus the class references share is one "
-                           "reconstruction of all particles (sharper; better poses and, "
-                           "with the automatic mask, better classes on our benchmarks; "
-                           "--joint_consensus). No: the class-prior-weighted mean of the "
-                           "class maps (--mean_consensus).")
-        form.addParam("autoMaskSigma", FloatParam, default=3.0,
-                      condition="not doContinue and initialClasses > 0",
-                      expertLevel=LEVEL_ADVANCED,
-                      label="Mask the references around their density (sigma)",
-                      help="With a consensus start and no reference mask: the references "
-                           "the particles are compared with are masked around their "
-                           "density, found where the 15 A low-passed mean map stands this "
-                           "many robust standard deviations above its median inside the "
-                           "particle mask (extended 8 A, 12 A soft edge). It removes the "
-                           "maps' noise in the solvent, which the projections would add "
-                           "to every score. The written class maps are not masked "
-                           "(--auto_mask_sigma). 0: no automatic mask.")
-        form.addParam("tau2Estimate", EnumParam, default=0,
-                      expertLevel=LEVEL_ADVANCED,
-                      choices=["Automatic: EM with a consensus start, else RELION's",
-                               "RELION: power spectrum of the map",
-                               "EM: power spectrum + posterior variance"],
-                      label="Signal spectrum (tau2) update",
-                      help="How each class's expected signal power per resolution shell, "
-                           "the prior of its next reconstruction, is updated. RELION's "
-                           "takes the power spectrum of the solvent-flattened map, which "
-                           "shrinks iteration after iteration where the SSNR is low: the "
-                           "maps lose resolution the particles carry. EM adds the "
-                           "reconstruction's posterior variance (the exact "
-                           "expectation-maximisation update, --tau2_estimate em): on our "
-                           "benchmarks the class maps come out 2-5 A sharper, with the "
-                           "same or better classes. With one class too many it used to "
-                           "keep a true class split in two; the merge test after the "
-                           "fixed-pose iterations removes such splits, so Automatic uses "
-                           "EM with a consensus start (and the merge test on) and "
-                           "RELION's update otherwise.")
+                      help="K, the number of 3D classes.")
         form.addParam("regularisationParamT", FloatParam, default=4.0,
                       label="Regularisation parameter T",
                       help="Weight of the data against the prior (the expected power "
@@ -317,15 +180,13 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       label="Use fast subsets (for large data sets)?",
                       help="Yes: early iterations use random subsets (K*100, then "
                            "K*300 particles, then 30%), later ones all particles.")
-        form.addParam("maskDiameterA", FloatParam, default=200.0,
-                      condition="not doContinue",
+        form.addParam("maskDiameterA", FloatParam, default=200.0, condition="not doContinue",
                       label="Mask diameter (A)",
                       help="Diameter of the soft circular mask applied to the "
                            "particles (and of the spherical reference mask when no "
                            "mask is given). It must fit in the box; leave room for "
                            "the whole particle.")
-        form.addParam("maskZero", BooleanParam, default=True,
-                      condition="not doContinue",
+        form.addParam("maskZero", BooleanParam, default=True, condition="not doContinue",
                       label="Mask individual particles with zeros?",
                       help="Yes: outside the mask the particle images are set to zero "
                            "(less noise, better for classification). No: filled with "
@@ -335,20 +196,122 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       label="Limit resolution E-step to (A)",
                       help="If positive, alignment and classification only use "
                            "frequencies up to this resolution; 7-12 A helps small or "
-                           "featureless particles and limits overfitting. -1 = no "
-                           "limit.")
+                           "featureless particles and limits overfitting. -1 = no limit.")
+        form.addParam("tau2Estimate", EnumParam, default=0, expertLevel=LEVEL_ADVANCED,
+                      choices=["Automatic: EM with a consensus start, else RELION's",
+                               "RELION: power spectrum of the map",
+                               "EM: power spectrum + posterior variance"],
+                      label="Signal spectrum (tau2) update",
+                      help="How each class's expected signal power per resolution shell, "
+                           "the prior of its next reconstruction, is updated. RELION's "
+                           "takes the power spectrum of the solvent-flattened map, which "
+                           "shrinks iteration after iteration where the SSNR is low: the "
+                           "maps lose resolution the particles carry. EM adds the "
+                           "reconstruction's posterior variance (the exact "
+                           "expectation-maximisation update, --tau2_estimate em): class "
+                           "maps 2-5 A sharper, with the same or better classes "
+                           "(docs/benchmarks.md). With one class too many, EM can keep a "
+                           "true class split in two; the merge test after the fixed-pose "
+                           "iterations removes such splits, so Automatic uses EM with a "
+                           "consensus start and the merge test on, RELION's update "
+                           "otherwise.")
         form.addParam("doBlush", BooleanParam, default=False,
                       label="Use Blush regularisation?",
-                      help="Yes: a data-driven (denoising network) prior replaces the "
-                           "Gaussian smoothness prior of the M-step (RELION 5's Blush).")
-        form.addParam("randomSeed", IntParam, default=-1, expertLevel=LEVEL_ADVANCED,
-                      label="Random seed",
-                      help="Seed of the random initial split of the data into K "
-                           "classes (--random_seed). Two runs with the same seed and "
-                           "inputs give the same classes. -1 = from the clock, as "
-                           "RELION does.")
+                      help="Yes: a denoising-network prior replaces the Gaussian "
+                           "smoothness prior of the M-step (RELION 5's Blush). The form "
+                           "refuses Yes while the engine has no --blush option.")
 
-        # ---- Sampling
+    def _defineClassStartParams(self, form):
+        """The Optimisation tab's options of the consensus starts (not in RELION)."""
+        start = "not doContinue and initialClasses > 0"
+        form.addParam("initialClasses", EnumParam, default=2, condition="not doContinue",
+                      choices=["RELION: random subsets", "consensus alignment + restarts",
+                               "consensus alignment + heterogeneity PCA"],
+                      label="How classes start",
+                      help="RELION: in iteration 1 each particle goes to one random "
+                           "class (RELION's Class3D). Consensus alignment + restarts: "
+                           "the first iterations align all particles to one map, then "
+                           "the best of several classifications of the aligned particles "
+                           "from random partitions (at 25 A) starts the K classes "
+                           "(--init_classes consensus). Consensus alignment + "
+                           "heterogeneity PCA (the default): after the consensus "
+                           "iterations the particles are clustered along the main "
+                           "directions of 3D variability (--init_classes pca). On 1500 "
+                           "simulated particles at SNR 0.1 with two conformations, "
+                           "RELION's start reaches ARI 0.50 and the PCA start 0.96 "
+                           "(docs/benchmarks.md). Choose RELION's start to reproduce "
+                           "RELION's Class3D.")
+        form.addParam("consensusExtraIterations", IntParam, default=6, condition=start,
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Extra consensus iterations (at most)",
+                      help="While the last global consensus iteration still moved the "
+                           "poses on average by more than the coarse angular step "
+                           "(twice the angular sampling interval: 15 deg for 7.5), the "
+                           "job aligns globally once more before the split, up to this "
+                           "many times (--consensus_extra_iter; the log says when). 0: "
+                           "exactly the engine's consensus iterations.")
+        form.addParam("fixedPoseIterations", IntParam, default=8, condition=start,
+                      expertLevel=LEVEL_ADVANCED, label="Fixed-pose iterations",
+                      help="Iterations after the split that keep the consensus poses and "
+                           "classify only, below 25 A, before full "
+                           "expectation-maximisation over classes and poses "
+                           "(--classify_fixed_iter). 0 starts full EM at once.")
+        form.addParam("mergeThreshold", FloatParam, default=0.3, condition=start,
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Merge duplicate classes (threshold)",
+                      help="After the fixed-pose iterations two classes are merged when, "
+                           "on held-out particles, their split pays back less than this "
+                           "share of what a random split of the same particles costs "
+                           "(they are one structure cut in two); the freed class stays "
+                           "empty and a few more fixed-pose iterations follow. The log "
+                           "lists each pair's figures (--merge_threshold). 0: never merge.")
+        form.addParam("localRangeAfterSplit", FloatParam, default=15.0, condition=start,
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Local search range after the split (deg)",
+                      help="The full-EM iterations after the fixed-pose ones search each "
+                           "particle's orientation within this angle of its consensus "
+                           "pose (a Gaussian prior of sigma = range / 3) on a grid of half "
+                           "the angular sampling interval (--classify_local_sigma, "
+                           "--classify_local_order): the finer grid separates classes "
+                           "that 7.5 degree sampling leaves mixed. 0: global searches at "
+                           "the angular sampling interval.")
+        form.addParam("sharedConsensusBeyond", FloatParam, default=18.0, condition=start,
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Classes share the consensus beyond (A)",
+                      help="After the split, the references that the particles are "
+                           "compared with keep each class's own density only below this "
+                           "resolution and only where the classes differ; elsewhere they "
+                           "share the consensus map. This stops the largest (sharpest) "
+                           "class from taking particles of the others and removes the "
+                           "class maps' noise where they do not differ "
+                           "(--class_difference_highres). The written class maps are the "
+                           "plain reconstructions. 18 A suits the EM signal-spectrum "
+                           "update (600 particles, SNR 0.05: ARI 0.885 / 0.931 at K = 3 / "
+                           "4, against 0.848 / 0.926 at 25 A); with RELION's update use "
+                           "25 A (ARI 0.763, against 0.663 at 20 A). 0: compare with the "
+                           "plain class maps.")
+        form.addParam("jointConsensus", BooleanParam, default=True,
+                      condition=start + " and sharedConsensusBeyond > 0",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Reconstruct the shared consensus from all particles?",
+                      help="Yes: the consensus the class references share is one "
+                           "reconstruction of all particles, sharper than the mean of "
+                           "the class maps, each regularised with 1/K of the particles "
+                           "(--joint_consensus). No: the class-prior-weighted mean of the "
+                           "class maps (--mean_consensus).")
+        form.addParam("autoMaskSigma", FloatParam, default=3.0, condition=start,
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Mask the references around their density (sigma)",
+                      help="Without a reference mask, the references the particles are "
+                           "compared with are masked around their density, found where "
+                           "the 15 A low-passed mean map stands this many robust "
+                           "standard deviations above its median inside the particle "
+                           "mask (extended 8 A, 12 A soft edge). It removes the maps' "
+                           "noise in the solvent, which the projections would add to "
+                           "every score. The written class maps are not masked "
+                           "(--auto_mask_sigma). 0: no automatic mask.")
+
+    def _defineSamplingParams(self, form):
         form.addSection(label="Sampling")
         form.addParam("doImageAlignment", BooleanParam, default=True,
                       label="Perform image alignment?",
@@ -362,18 +325,15 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "and in-plane angle), after one oversampling step. 7.5 "
                            "degrees is usually enough for classification.")
         form.addParam("offsetSearchRangePix", FloatParam, default=5.0,
-                      condition="doImageAlignment",
-                      label="Offset search range (pix)",
+                      condition="doImageAlignment", label="Offset search range (pix)",
                       help="Translations are searched in a circle of this radius (in "
                            "pixels) around the best offset of the previous iteration.")
         form.addParam("offsetSearchStepPix", FloatParam, default=1.0,
-                      condition="doImageAlignment",
-                      label="Offset search step (pix)",
+                      condition="doImageAlignment", label="Offset search step (pix)",
                       help="Step of the translational search (pixels); the coarse "
                            "pass uses twice this step, oversampling refines it.")
         form.addParam("localAngularSearch", BooleanParam, default=False,
-                      condition="doImageAlignment",
-                      label="Perform local angular searches?",
+                      condition="doImageAlignment", label="Perform local angular searches?",
                       help="Search each particle's orientation only near the one it has "
                            "(a Gaussian prior of sigma = range / 3, searched to the "
                            "range; --sigma_ang), as RELION does. Needs particles with 3D "
@@ -386,103 +346,97 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       help="Orientations within this angle of each particle's current "
                            "one are searched (3 sigma of the prior).")
 
-        # ---- Helix
+    def _defineHelixParams(self, form):
+        """RELION's Helix tab, kept so that its fields read as in RELION; the engine
+        has no helical processing, so _validate refuses 'Do helical reconstruction?'."""
         form.addSection(label="Helix")
         form.addParam("doHelix", BooleanParam, default=False, condition="not doContinue",
                       label="Do helical reconstruction?",
-                      help="Helical processing (RELION's Helix tab). Not implemented "
-                           "by the cryoclass engine: the protocol refuses to run with "
-                           "Yes.")
+                      help="Helical processing (RELION's Helix tab). The cryoclass engine "
+                           "has none: the protocol refuses to run with Yes.")
         helix = "doHelix and not doContinue"
-        form.addParam("helicalTubeInnerDiameter", FloatParam, default=-1, condition=helix,
-                      label="Tube diameter - inner (A)",
-                      help="Inner diameter of the helical tube; -1 = none.")
-        form.addParam("helicalTubeOuterDiameter", FloatParam, default=-1, condition=helix,
-                      label="Tube diameter - outer (A)",
-                      help="Outer diameter of the helical tube.")
-        form.addParam("helicalRangeRot", FloatParam, default=-1, condition=helix,
-                      label="Angular search range - rot (deg)",
-                      help="Local search range of rot; -1 = no restriction.")
-        form.addParam("helicalRangeTilt", FloatParam, default=15, condition=helix,
-                      label="Angular search range - tilt (deg)",
-                      help="Local search range of tilt around 90 degrees.")
-        form.addParam("helicalRangePsi", FloatParam, default=10, condition=helix,
-                      label="Angular search range - psi (deg)",
-                      help="Local search range of psi around the prior.")
-        form.addParam("helicalRangeDistance", FloatParam, default=-1, condition=helix,
-                      label="Range factor of local averaging",
-                      help="Local averaging of orientations along a segment; -1 = off.")
+        sym = helix + " and doApplyHelicalSymmetry"
+        for name, default, cond, label, help_text in (
+                ("helicalTubeInnerDiameter", -1, helix, "Tube diameter - inner (A)",
+                 "Inner diameter of the helical tube; -1 = none."),
+                ("helicalTubeOuterDiameter", -1, helix, "Tube diameter - outer (A)",
+                 "Outer diameter of the helical tube."),
+                ("helicalRangeRot", -1, helix, "Angular search range - rot (deg)",
+                 "Local search range of rot; -1 = no restriction."),
+                ("helicalRangeTilt", 15, helix, "Angular search range - tilt (deg)",
+                 "Local search range of tilt around 90 degrees."),
+                ("helicalRangePsi", 10, helix, "Angular search range - psi (deg)",
+                 "Local search range of psi around the prior."),
+                ("helicalRangeDistance", -1, helix, "Range factor of local averaging",
+                 "Local averaging of orientations along a segment; -1 = off.")):
+            form.addParam(name, FloatParam, default=default, condition=cond, label=label,
+                          help=help_text)
         form.addParam("doApplyHelicalSymmetry", BooleanParam, default=True,
                       condition=helix, label="Apply helical symmetry?",
                       help="Impose twist and rise on the reconstructions.")
-        form.addParam("helicalNrAsu", IntParam, default=1,
-                      condition=helix + " and doApplyHelicalSymmetry",
+        form.addParam("helicalNrAsu", IntParam, default=1, condition=sym,
                       label="Number of unique asymmetrical units",
                       help="Asymmetrical units per segment box.")
-        form.addParam("helicalTwistInitial", FloatParam, default=0,
-                      condition=helix + " and doApplyHelicalSymmetry",
-                      label="Initial helical twist (deg)", help="Starting twist.")
-        form.addParam("helicalRiseInitial", FloatParam, default=0,
-                      condition=helix + " and doApplyHelicalSymmetry",
-                      label="Initial helical rise (A)", help="Starting rise.")
-        form.addParam("helicalZPercentage", FloatParam, default=30,
-                      condition=helix + " and doApplyHelicalSymmetry",
-                      label="Central Z length (%)",
-                      help="Central part of the box used to impose helical symmetry.")
+        for name, default, label, help_text in (
+                ("helicalTwistInitial", 0, "Initial helical twist (deg)", "Starting twist."),
+                ("helicalRiseInitial", 0, "Initial helical rise (A)", "Starting rise."),
+                ("helicalZPercentage", 30, "Central Z length (%)",
+                 "Central part of the box used to impose helical symmetry.")):
+            form.addParam(name, FloatParam, default=default, condition=sym, label=label,
+                          help=help_text)
         form.addParam("doLocalSearchHelicalSymmetry", BooleanParam, default=False,
-                      condition=helix + " and doApplyHelicalSymmetry",
-                      label="Do local searches of symmetry?",
+                      condition=sym, label="Do local searches of symmetry?",
                       help="Refine twist and rise within the ranges below.")
-        local = helix + " and doApplyHelicalSymmetry and doLocalSearchHelicalSymmetry"
         for name, label in (("helicalTwistMin", "Twist search - min (deg)"),
                             ("helicalTwistMax", "Twist search - max (deg)"),
                             ("helicalTwistStep", "Twist search - step (deg)"),
                             ("helicalRiseMin", "Rise search - min (A)"),
                             ("helicalRiseMax", "Rise search - max (A)"),
                             ("helicalRiseStep", "Rise search - step (A)")):
-            form.addParam(name, FloatParam, default=0, condition=local, label=label,
+            form.addParam(name, FloatParam, default=0, label=label,
+                          condition=sym + " and doLocalSearchHelicalSymmetry",
                           help="Search range of the helical parameter.")
         form.addParam("keepTiltPriorFixed", BooleanParam, default=True, condition=helix,
                       label="Keep tilt-prior fixed?",
                       help="Keep the tilt prior at 90 degrees.")
 
-        # ---- Compute
+    def _defineComputeParams(self, form):
         form.addSection(label="Compute")
         form.addParam("useParallelDisk", BooleanParam, default=True,
                       label="Use parallel disc I/O?",
-                      help="Yes: every MPI process reads its own particles from disc. "
-                           "No: the leader reads them and sends them on (for file "
-                           "systems that cope badly with many readers).")
+                      help="RELION's choice between every MPI process reading its own "
+                           "particles (Yes) and the leader reading and sending them (No). "
+                           "The engine always memory-maps each rank's own particles; No "
+                           "passes --no_parallel_disc_io, which changes nothing.")
         form.addParam("pooledParticles", IntParam, default=3,
                       label="Number of pooled particles",
-                      help="Particles read and processed together per thread; larger "
-                           "pools cost memory and can speed up slow file systems.")
-        form.addParam("skipPadding", BooleanParam, default=False,
-                      label="Skip padding?",
+                      help="RELION's particles read together per thread (--pool); the "
+                           "engine reads and processes particles in blocks of "
+                           "--block_size (256) instead.")
+        form.addParam("skipPadding", BooleanParam, default=False, label="Skip padding?",
                       help="Yes: references are not padded before Fourier transforms "
                            "(--pad 1): faster and lighter, slightly less accurate "
                            "interpolation. No: 2x padding (--pad 2).")
-        form.addParam("skipGridding", BooleanParam, default=True,
-                      label="Skip gridding?",
+        form.addParam("skipGridding", BooleanParam, default=True, label="Skip gridding?",
                       help="Yes: skip the gridding correction of the reconstruction "
                            "(faster, normally as good).")
         form.addParam("allParticlesRam", BooleanParam, default=False,
                       label="Pre-read all particles into RAM?",
                       help="Yes: all particles are held in memory (N x box^2 x 4 "
                            "bytes), which helps with slow discs.")
-        form.addParam("scratchDir", PathParam, default="",
-                      condition="not allParticlesRam",
+        form.addParam("scratchDir", PathParam, default="", condition="not allParticlesRam",
                       label="Copy particles to scratch directory",
                       help="A fast local folder: the particles are copied there at the "
                            "start and read from there. Empty = no copy.")
         form.addParam("combineItersDisc", BooleanParam, default=False,
                       label="Combine iterations through disc?",
-                      help="Yes: MPI processes exchange their sums through files "
-                           "instead of the network.")
-        form.addParam("doGpu", BooleanParam, default=False,
-                      label="Use GPU acceleration?",
+                      help="RELION's exchange of the MPI processes' sums through files. "
+                           "The engine always reduces over MPI; No passes "
+                           "--dont_combine_weights_via_disc, as RELION's GUI does.")
+        form.addParam("doGpu", BooleanParam, default=False, label="Use GPU acceleration?",
                       help="Yes: the engine computes on the GPU with CuPy (the "
-                           "plugin's [gpu] extra).")
+                           "plugin's [gpu] extra). Whether CuPy and a GPU are usable is "
+                           "checked where the job runs, not on the machine of the form.")
         form.addParam("gpusToUse", StringParam, default="", condition="doGpu",
                       label="Which GPUs to use",
                       help="Device numbers in RELION's syntax, MPI processes separated "
@@ -491,9 +445,20 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         form.addParam("extraParams", StringParam, default="", expertLevel=LEVEL_ADVANCED,
                       label="Additional arguments",
                       help="Extra command-line flags for 'cryoclass refine', e.g. "
-                           "--verb 1.")
+                           "--block_size 128.")
 
+    def _defineRunningParams(self, form):
+        """RELION's Running tab: MPI processes and threads (Scipion's parallel
+        section), and the random seed."""
         form.addParallelSection(threads=1, mpi=1)
+        form.addParam("randomSeed", IntParam, default=-1, expertLevel=LEVEL_ADVANCED,
+                      label="Random seed",
+                      help="Seed of the run's random choices (the initial split into "
+                           "classes, the restarts, the held-out particles of the merge "
+                           "test; --random_seed). Two runs with the same seed and inputs "
+                           "give the same classes. -1: the engine's default seed, %d."
+                           % OPTIONS_BY_FIELD["random_seed"].default)
+
 
     # ------------------------------------------------------------------ steps
     def _insertAllSteps(self):
@@ -646,10 +611,14 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:
             errors.append("Regularisation parameter T must be positive.")
-        if self.doGpu:
-            problem = gpu_problem()
-            if problem:
-                errors.append("GPU acceleration asked for, but %s." % problem)
+        if self.usesGpu() and not _GPU_LIST_RE.match((self.gpusToUse.get() or "").strip()):
+            errors.append("Which GPUs to use: '%s' is not a device list; give device "
+                          "numbers separated by ',' within and ':' between MPI processes "
+                          "(e.g. 0:1 or 0,1:2,3), or leave it empty."
+                          % self.gpusToUse.get())
+        if self.doBlush and "blush" not in OPTIONS_BY_FLAG:
+            errors.append("Blush regularisation is not available in the cryoclass "
+                          "engine: set 'Use Blush regularisation?' to No.")
         if self.doImageAlignment and (self.offsetSearchStepPix.get() <= 0 or
                                       self.offsetSearchRangePix.get() < 0):
             errors.append("Offset search step must be positive and the range >= 0.")
@@ -901,78 +870,112 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if k in info:
             self._setClassAttributes(cls, info[k], it)
 
+    # ----- GPUs (as scipion-em-relion: Scipion's hosts and queues ask these)
+    def usesGpu(self):
+        """Whether the run computes on GPUs ('Use GPU acceleration?')."""
+        return bool(self.doGpu.get())
+
+    def getGpuList(self):
+        """The device numbers of 'Which GPUs to use', sorted, each once (RELION's
+        syntax: ',' within and ':' between MPI processes); [] when none are named."""
+        if not self.usesGpu():
+            return []
+        text = (self.gpusToUse.get() or "").strip().strip('"')
+        return sorted({int(d) for d in re.split(r"[:,]", text) if d.strip().isdigit()})
+
     # ----- engine command line (RELION GUI -> relion_refine mapping)
     def _getEngineArgs(self):
-        """The flags RELION's Class3D GUI passes to relion_refine, as one string."""
+        """The flags RELION's Class3D GUI passes to relion_refine, as one string (one
+        builder per form tab; the flags and their defaults are those of
+        :data:`cryoclass_plugin.engine.options.OPTIONS`)."""
         args = []
 
         def add(flag, value=None):
+            assert flag[2:] in _ENGINE_FLAGS, flag
             args.append(flag if value is None else "%s %s" % (flag, _q(value)))
 
         # Settings fixed for a run come from the run that started the chain (itself,
         # unless continuing); the engine, like relion_refine, is also given --i/--K.
         root = self._rootProtocol()
-        parts = self._getParticlesSet()
+        for builder in (self._ioArgs, self._referenceArgs, self._ctfArgs,
+                        self._optimisationArgs, self._classStartArgs, self._samplingArgs,
+                        self._computeArgs):
+            builder(add, root)
+        extra = (self.extraParams.get() or "").strip()
+        if extra:
+            args.append(extra)
+        return " ".join(args)
+
+    def _ioArgs(self, add, root):
         if self.doContinue:
             add("--continue", self._continueOptimiser())
         add("--i", root._getFileName("input_star"))
+        add("--o", self._getFileName("output_root"))
+        if root.referenceMask.hasValue():
+            add("--solvent_mask", root._getFileName("mask"))
+
+    def _referenceArgs(self, add, root):
         if not self.doContinue:
             add("--ref", self._getFileName("reference"))
             if not self.isMapAbsoluteGreyScale:
                 add("--firstiter_cc")
             add("--ini_high", _num(self.initialLowPassFilterA.get()))
         add("--sym", root.symmetryGroup.get().strip())
-        add("--K", int(root.numberOfClasses.get()))
+
+    def _ctfArgs(self, add, root):
         if root.doCTF:
             add("--ctf")
             if root.ignoreCTFUntilFirstPeak:
                 add("--ctf_intact_first_peak")
-            if parts.isPhaseFlipped():
+            if self._getParticlesSet().isPhaseFlipped():
                 add("--ctf_phase_flipped")
-        if root.maskZero:
-            add("--zero_mask")
-        if root.referenceMask.hasValue():
-            add("--solvent_mask", root._getFileName("mask"))
-        if root.useFastSubsets:
-            add("--fast_subsets")
-        if self.doBlush:
-            add("--blush")
-        seed = self.randomSeed.get()
-        if seed is None or seed < 0:
-            seed = root.randomSeed.get()
-        if seed is not None and seed >= 0:
-            add("--random_seed", int(seed))
-        if not self.doContinue and self.initialClasses.get() > 0 and self._getK() > 1:
-            add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
-            add("--consensus_extra_iter", int(self.consensusExtraIterations.get()))
-            add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
-            add("--merge_threshold", _num(max(0.0, self.mergeThreshold.get() or 0.0)))
-            add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
-            add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))
-            if (self.sharedConsensusBeyond.get() or 0) > 0:
-                add("--joint_consensus" if self.jointConsensus else "--mean_consensus")
-            if not root.referenceMask.hasValue():
-                add("--auto_mask_sigma", _num(self.autoMaskSigma.get() or 0.0))
-        add("--o", self._getFileName("output_root"))
+
+    def _optimisationArgs(self, add, root):
+        add("--K", int(root.numberOfClasses.get()))
         add("--iter", self._totalIterations())
         add("--tau2_fudge", _num(self.regularisationParamT.get()))
         if self.tau2Estimate.get() in (1, 2):
             add("--tau2_estimate", ["", "power", "em"][self.tau2Estimate.get()])
         add("--particle_diameter", _num(root.maskDiameterA.get()))
+        if root.maskZero:
+            add("--zero_mask")
+        if root.useFastSubsets:
+            add("--fast_subsets")
         if self.limitResolEStep.get() > 0:
             add("--strict_highres_exp", _num(self.limitResolEStep.get()))
+        if self.doBlush:
+            add("--blush")
+        # RELION's GUI always passes these three for 3D classification.
         add("--flatten_solvent")
         add("--norm")
         add("--scale")
-        if self.doImageAlignment:
-            add("--healpix_order", healpix_order_for_sampling(self.angularSamplingDeg.get()))
-            add("--oversampling", 1)
-            add("--offset_range", _num(self.offsetSearchRangePix.get()))
-            add("--offset_step", _num(2 * self.offsetSearchStepPix.get()))
-            if self.localAngularSearch:
-                add("--sigma_ang", _num(self.localAngularSearchRange.get() / 3.0))
-        else:
+
+    def _classStartArgs(self, add, root):
+        if self.doContinue or self.initialClasses.get() == 0 or self._getK() < 2:
+            return
+        add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
+        add("--consensus_extra_iter", int(self.consensusExtraIterations.get()))
+        add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
+        add("--merge_threshold", _num(max(0.0, self.mergeThreshold.get() or 0.0)))
+        add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
+        add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))
+        if (self.sharedConsensusBeyond.get() or 0) > 0:
+            add("--joint_consensus" if self.jointConsensus else "--mean_consensus")
+        if not root.referenceMask.hasValue():
+            add("--auto_mask_sigma", _num(self.autoMaskSigma.get() or 0.0))
+
+    def _samplingArgs(self, add, root):
+        if not self.doImageAlignment:
             add("--skip_align")
+            return
+        add("--healpix_order", healpix_order_for_sampling(self.angularSamplingDeg.get()))
+        add("--oversampling", 1)
+        add("--offset_range", _num(self.offsetSearchRangePix.get()))
+        add("--offset_step", _num(2 * self.offsetSearchStepPix.get()))
+        if self.localAngularSearch:
+            add("--sigma_ang", _num(self.localAngularSearchRange.get() / 3.0))
+
+    def _computeArgs(self, add, root):
         add("--pad", 1 if self.skipPadding else 2)
         if self.skipGridding:
             add("--skip_gridding")
@@ -985,13 +988,21 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--scratch_dir", self.scratchDir.get().strip())
         if not self.combineItersDisc:
             add("--dont_combine_weights_via_disc")
-        if self.doGpu:
-            args.append("--gpu %s" % shlex.quote((self.gpusToUse.get() or "").strip()))
+        if self.usesGpu():
+            add("--gpu", (self.gpusToUse.get() or "").strip())
         add("--j", int(self.numberOfThreads.get() or 1))
-        extra = (self.extraParams.get() or "").strip()
-        if extra:
-            args.append(extra)
-        return " ".join(args)
+        seed = self.randomSeed.get()
+        if seed is None or seed < 0:
+            seed = root.randomSeed.get()
+        if seed is not None and seed >= 0:
+            add("--random_seed", int(seed))
+
+
+#: The engine's flags (the option registry, the pair flags' second halves, and RELION's
+#: flags that the engine accepts without an option: Blush, disc and MPI choices).
+_ENGINE_FLAGS = (set(OPTIONS_BY_FLAG)
+                 | {opt.off_flag for opt in OPTIONS_BY_FLAG.values() if opt.off_flag}
+                 | {"blush", "no_parallel_disc_io", "dont_combine_weights_via_disc"})
 
 
 def _q(value):

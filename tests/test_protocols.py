@@ -25,7 +25,6 @@ from cryoclass_plugin import convert  # noqa: E402
 from cryoclass_plugin.protocols import (ProtCryoClassClassify3D,  # noqa: E402
                                         ProtCryoClassImportParticles,
                                         ProtCryoClassSelectClasses)
-from cryoclass_plugin.protocols.protocol_classify3d import gpu_problem  # noqa: E402
 from cryoclass_plugin.protocols.protocol_select_classes import (mean_ssnr,  # noqa: E402
                                                                 parse_class_numbers)
 
@@ -304,11 +303,30 @@ def test_validation_number_of_classes(project, inputs):
     assert "Number of classes must be at least 1" in _errors(prot)
 
 
-def test_validation_gpu_without_cupy_or_device(project, inputs):
-    if gpu_problem() is None:
-        pytest.skip("CuPy and a GPU are usable here")
-    prot = _classifier(project, inputs, doGpu=True)
-    assert "GPU acceleration asked for" in _errors(prot)
+def test_gpu_list_is_checked_without_a_gpu(project, inputs):
+    """The form checks RELION's GPU list syntax only (a head node need not see a GPU:
+    the engine checks CuPy and the devices where the job runs); usesGpu / getGpuList
+    give Scipion the devices, as scipion-em-relion does."""
+    prot = _classifier(project, inputs, doGpu=True, gpusToUse="0,1:2")
+    assert prot.usesGpu() and prot.getGpuList() == [0, 1, 2]
+    assert "GPU" not in _errors(prot)
+    prot = _classifier(project, inputs, doGpu=True, gpusToUse="")
+    assert prot.getGpuList() == [] and _errors(prot) == ""
+    prot = _classifier(project, inputs, doGpu=True, gpusToUse="gpu0")
+    assert "Which GPUs to use: 'gpu0' is not a device list" in _errors(prot)
+    prot = _classifier(project, inputs, gpusToUse="0:1")
+    assert not prot.usesGpu() and prot.getGpuList() == []
+
+
+def test_blush_is_refused_by_the_form(project, inputs):
+    """The engine has no --blush option yet: the form says so in one line before the
+    job runs."""
+    from cryoclass_plugin.engine.options import OPTIONS_BY_FLAG
+    if "blush" in OPTIONS_BY_FLAG:
+        pytest.skip("the engine has a --blush option")
+    err = _errors(_classifier(project, inputs, doBlush=True)).splitlines()
+    assert err == ["Blush regularisation is not available in the cryoclass engine: set "
+                   "'Use Blush regularisation?' to No."]
 
 
 def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
