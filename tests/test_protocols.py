@@ -267,6 +267,33 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
     assert value("--scratch_dir") == "/tmp/scratch"
 
 
+def test_default_form_passes_the_registry_values(project, inputs):
+    """The protocol's default form (with K = 3, so that the consensus start applies)
+    gives every engine option the registry's value: the engine default, or the
+    ``form_default`` where RELION's GUI default differs from relion_refine's.  Every
+    flag it passes is an engine flag, and every ``param`` of the registry is a form
+    parameter."""
+    import argparse
+    import shlex
+    from cryoclass_plugin.commands import refine as refine_cmd
+    from cryoclass_plugin.engine.options import OPTIONS, SAME
+    prot = project.newProtocol(ProtCryoClassClassify3D, numberOfClasses=3)
+    prot.inputParticles.set(inputs["particles"])
+    prot.referenceVolume.set(inputs["ref"])
+    parser = argparse.ArgumentParser()
+    refine_cmd.add_args(parser)
+    args = parser.parse_args(shlex.split(prot._getEngineArgs()))   # unknown flags fail
+    paths = {"input_star", "output_root", "ref"}
+    for opt in OPTIONS:
+        if opt.param:
+            assert prot.getParam(opt.param) is not None, opt.param
+        if not opt.flag or opt.field in paths:
+            continue
+        want = 3 if opt.field == "n_classes" else (
+            opt.default if opt.form_default is SAME else opt.form_default)
+        assert getattr(args, opt.field) == want, (opt.flag, getattr(args, opt.field), want)
+
+
 # --------------------------------------------------------------------------- validation
 def _errors(prot):
     return "\n".join(prot.validate())

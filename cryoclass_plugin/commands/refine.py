@@ -60,7 +60,8 @@ def _add_option(group, opt):
     else:
         group.add_argument(flag, dest=opt.field, action=_STORE, type=opt.type,
                            default=opt.default, choices=opt.choices,
-                           metavar=None if opt.choices else opt.flag.upper(), help=f"{opt.help} (default: {opt.default!r})")
+                           metavar=None if opt.choices else opt.flag.upper(),
+                           help=f"{opt.help} (default: {opt.default!r})")
 
 
 def add_args(parser):

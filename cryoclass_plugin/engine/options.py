@@ -38,6 +38,10 @@ CONTINUE_RULES = ("keep", "change", "run")
 KINDS = ("value", "switch", "negated", "pair", "optional")
 
 
+#: ``Option.form_default`` when the protocol's default form passes the engine default.
+SAME = "same as the engine default"
+
+
 @dataclass(frozen=True)
 class Option:
     field: str                 # Settings field
@@ -52,6 +56,8 @@ class Option:
     choices: tuple = None
     off_flag: str = None       # kind "pair": the flag that sets False
     required: bool = False     # needed unless --continue
+    form_default: object = SAME   # what the protocol's default form passes, where
+                                  # RELION's GUI default differs from relion_refine's
 
 
 def _o(field, flag, typ, default, help, **kw):
@@ -66,25 +72,25 @@ OPTIONS = (
        group="I/O", on_continue="run", required=True, param="inputParticles"),
     _o("output_root", "o", str, "", "output rootname, e.g. Class3D/job001/run",
        group="I/O", on_continue="change", required=True),
-    # ---- Reference
     _o("ref", "ref", str, "", "reference map (MRC), same box and pixel size as particles",
        group="Reference", on_continue="run", required=True, param="referenceVolume"),
     _o("continue_from", "continue", str, "",
        "continue from <root>_itNNN_optimiser.star", group="I/O", on_continue="run",
        param="doContinue"),
+    # ---- Reference
     _o("firstiter_cc", "firstiter_cc", bool, False,
        "reference not on absolute greyscale: score iteration 1 by cross-correlation",
-       group="Reference", kind="switch", param="isMapAbsoluteGreyScale"),
+       group="Reference", kind="switch", param="isMapAbsoluteGreyScale", form_default=True),
     _o("ini_high", "ini_high", float, -1.0,
        "low-pass the reference to this resolution (A) first; <= 0: no filter",
-       group="Reference", param="initialLowPassFilterA"),
+       group="Reference", param="initialLowPassFilterA", form_default=60.0),
     _o("sym", "sym", str, "C1", "point group (C1, Cn, Dn, T, O, I)", group="Reference",
        param="symmetryGroup"),
     _o("solvent_mask", "solvent_mask", str, "", "reference mask (MRC, 0..1)",
        group="Reference", on_continue="run", param="referenceMask"),
     # ---- CTF
     _o("ctf", "ctf", bool, False, "do CTF correction", group="CTF", kind="switch",
-       param="doCTF"),
+       param="doCTF", form_default=True),
     _o("ctf_intact_first_peak", "ctf_intact_first_peak", bool, False,
        "ignore CTFs until their first peak", group="CTF", kind="switch",
        param="ignoreCTFUntilFirstPeak"),
@@ -94,37 +100,41 @@ OPTIONS = (
     _o("n_classes", "K", int, 1, "number of classes", param="numberOfClasses"),
     _o("tau2_fudge", "tau2_fudge", float, 1.0,
        "regularisation parameter T (RELION: 2-4 for 3D classification)",
-       on_continue="change", param="regularisationParamT"),
+       on_continue="change", param="regularisationParamT", form_default=4.0),
     _o("n_iter", "iter", int, 50,
        "number of iterations (with --continue: the last iteration of the continued run)",
-       on_continue="change", param="numberOfIterations"),
+       on_continue="change", param="numberOfIterations", form_default=25),
     _o("fast_subsets", "fast_subsets", bool, False,
        "use growing random subsets in the first 15 iterations", kind="switch",
        param="useFastSubsets"),
     _o("particle_diameter", "particle_diameter", float, -1.0,
-       "mask diameter (A); <= 0: the box", param="maskDiameterA"),
+       "mask diameter (A); <= 0: the box", param="maskDiameterA", form_default=200.0),
     _o("zero_mask", "zero_mask", bool, False,
-       "mask the particles' background with zeros", kind="switch", param="maskZero"),
+       "mask the particles' background with zeros", kind="switch", param="maskZero",
+       form_default=True),
     _o("flatten_solvent", "flatten_solvent", bool, False,
-       "mask the references with a soft sphere (or --solvent_mask)", kind="switch"),
+       "mask the references with a soft sphere (or --solvent_mask)", kind="switch",
+       form_default=True),
     _o("strict_highres_exp", "strict_highres_exp", float, -1.0,
        "limit the E-step to this resolution (A); <= 0: no limit", on_continue="change",
        param="limitResolEStep"),
     _o("norm", "norm", bool, False,
        "normalisation correction (RELION): estimate each particle's rlnNormCorrection "
        "n_i from its residual power (shells > 3) and multiply its image by mean(n) / "
-       "n_i; starts from the input's rlnNormCorrection if present", kind="switch"),
+       "n_i; starts from the input's rlnNormCorrection if present", kind="switch",
+       form_default=True),
     _o("scale", "scale", bool, False,
        "intensity-scale correction (RELION): estimate each group's "
        "rlnGroupScaleCorrection (one group per micrograph) from the well-determined "
-       "shells (SSNR > 3) and scale its references by it", kind="switch"),
+       "shells (SSNR > 3) and scale its references by it", kind="switch", form_default=True),
     _o("init_classes", "init_classes", str, "relion",
        "how K>1 classes start: 'relion' = random particle subsets in iteration 1 "
        "(RELION); 'input' = the input rlnClassNumber; 'consensus' = align to one map "
        "first, then the best of --restarts fixed-pose classifications; 'pca' = align to "
        "one map first, then k-means along the main directions of 3D variability "
        "(consensus and pca separate classes that RELION's start leaves mixed)",
-       choices=("relion", "input", "consensus", "pca"), param="initialClasses"),
+       choices=("relion", "input", "consensus", "pca"), param="initialClasses",
+       form_default="pca"),
     _o("consensus_iter", "consensus_iter", int, 5,
        _CONSENSUS + "iterations of one-map alignment"),
     _o("consensus_extra_iter", "consensus_extra_iter", int, 6,
@@ -159,7 +169,7 @@ OPTIONS = (
        "(the written class maps stay plain reconstructions); 0 = plain class maps; -1 "
        "(automatic) = 18 A with the em tau2 update (600 particles, SNR 0.05: ARI "
        "0.885 / 0.931 at K=3 / 4 against 0.848 / 0.926 at 25 A), 25 A with RELION's "
-       "(where 20 A gave 0.663 against 0.763)", param="sharedConsensusBeyond"),
+       "(where 20 A gave 0.663 against 0.763)", param="sharedConsensusBeyond", form_default=18.0),
     _o("joint_consensus", "joint_consensus", bool, True,
        "with --class_difference_highres: the shared consensus is reconstructed from all "
        "particles together (sharper than the mean of the class maps, each regularised "
@@ -171,7 +181,8 @@ OPTIONS = (
        "of the class maps exceeds its median inside the particle mask by this many "
        "robust standard deviations, extended 8 A with a 12 A soft edge (the written maps "
        "are not masked); 0: off; -1 (automatic): %g with --init_classes consensus|pca "
-       "and no --solvent_mask, else off" % AUTO_MASK_SIGMA, param="autoMaskSigma"),
+       "and no --solvent_mask, else off" % AUTO_MASK_SIGMA, param="autoMaskSigma",
+       form_default=3.0),
     _o("tau2_estimate", "tau2_estimate", str, "",
        "how each class's signal spectrum tau2 (the prior of its next reconstruction) is "
        "updated: 'power' (RELION) = the power spectrum of the solvent-flattened map, "
@@ -202,7 +213,7 @@ OPTIONS = (
     _o("oversampling", "oversampling", int, 1, "adaptive oversampling order",
        group="Sampling"),
     _o("offset_range", "offset_range", float, 6.0, "offset search range (px)",
-       group="Sampling", on_continue="change", param="offsetSearchRangePix"),
+       group="Sampling", on_continue="change", param="offsetSearchRangePix", form_default=5.0),
     _o("offset_step", "offset_step", float, 2.0, "coarse offset step (px)",
        group="Sampling", on_continue="change", param="offsetSearchStepPix"),
     _o("skip_align", "skip_align", bool, False,
@@ -217,13 +228,15 @@ OPTIONS = (
     _o("pad", "pad", int, 2, "padding factor of the references' Fourier transforms",
        group="Compute", on_continue="change", choices=(1, 2), param="skipPadding"),
     _o("gridding", "skip_gridding", bool, True, "skip the gridding correction",
-       group="Compute", on_continue="change", kind="negated", param="skipGridding"),
+       group="Compute", on_continue="change", kind="negated", param="skipGridding",
+       form_default=False),
     _o("preread_images", "preread_images", bool, False, "read all images into RAM",
        group="Compute", on_continue="change", kind="switch", param="allParticlesRam"),
     _o("scratch_dir", "scratch_dir", str, "", "copy the stacks here first",
        group="Compute", on_continue="change", param="scratchDir"),
     _o("pool", "pool", int, 1, "particles per read (RELION); the engine reads in blocks "
-       "of --block_size", group="Compute", on_continue="change", param="pooledParticles"),
+       "of --block_size", group="Compute", on_continue="change", param="pooledParticles",
+       form_default=3),
     _o("gpu", "gpu", str, None, "use GPUs (CuPy); optional ids '0:1' one per rank",
        group="Compute", on_continue="change", kind="optional", param="gpusToUse"),
     # ---- Running (and the engine's own compute knobs)

@@ -1,0 +1,140 @@
+"""The option registry (:mod:`cryoclass_plugin.engine.options`) against the command line,
+``Settings``, the automatic defaults and the ``--continue`` rules.  (The protocol's
+argument builder is checked against it in test_protocols.py, which has a Scipion
+project.)"""
+import argparse
+import dataclasses
+
+import pytest
+
+from cryoclass_plugin.commands import refine as refine_cmd
+from cryoclass_plugin.engine.errors import CryoClassError
+from cryoclass_plugin.engine.options import (CONTINUE_RULES, GROUPS, KINDS, OPTIONS,
+                                             OPTIONS_BY_FIELD, SAME, Settings,
+                                             resolve_automatic)
+
+PATHS = ["--i", "p.star", "--o", "out/run", "--ref", "r.mrc"]
+#: CLI flags that are not options of a run: refused (Blush, helices) or RELION's disc
+#: and MPI choices that change nothing in the engine (issue 22 checks those).
+NOT_OPTIONS = {"help", "blush", "helix", "helical_outer_diameter", "helical_nr_asu",
+               "helical_twist_initial", "helical_rise_initial", "helical_z_percentage",
+               "dont_combine_weights_via_disc", "no_parallel_disc_io"}
+HISTORY_WORDS = ("used to", "previously", "no longer", "session", "earlier version")
+
+
+def _parser():
+    parser = argparse.ArgumentParser()
+    refine_cmd.add_args(parser)
+    return parser
+
+
+def _settings(*flags):
+    return refine_cmd.settings_from_args(_parser().parse_args(PATHS + list(flags)))
+
+
+def test_every_settings_field_has_one_option():
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert names == [opt.field for opt in OPTIONS]
+    assert len(set(names)) == len(names)
+    flags = [opt.flag for opt in OPTIONS if opt.flag]
+    assert len(set(flags)) == len(flags)
+
+
+def test_every_cli_flag_default_equals_the_settings_default():
+    """Parsed without flags, every option has its Settings default; every flag of the
+    parser is an option (or one of the named non-options)."""
+    parser = _parser()
+    args = parser.parse_args([])
+    defaults = Settings()
+    for opt in OPTIONS:
+        if opt.flag:
+            assert getattr(args, opt.field) == getattr(defaults, opt.field), opt.field
+    flags = {s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    options = {opt.flag for opt in OPTIONS if opt.flag} | {
+        opt.off_flag for opt in OPTIONS if opt.off_flag}
+    assert flags - options == NOT_OPTIONS
+    assert Settings().n_iter == 50          # RELION's relion_refine default, both ways
+
+
+def test_every_option_has_help_a_group_and_a_continue_rule():
+    for opt in OPTIONS:
+        assert len(opt.help) > 10, opt.field
+        assert not any(w in opt.help.lower() for w in HISTORY_WORDS), opt.field
+        assert opt.group in GROUPS and opt.on_continue in CONTINUE_RULES, opt.field
+        assert opt.kind in KINDS and (opt.kind == "pair") == bool(opt.off_flag), opt.field
+        assert opt.form_default is SAME or opt.param or opt.kind == "switch", opt.field
+    help_text = _parser().format_help()
+    for opt in OPTIONS:
+        if opt.flag:
+            assert "--" + opt.flag in help_text
+
+
+@pytest.mark.parametrize("flags", [
+    [], ["--K", "3"], ["--K", "3", "--init_classes", "pca"],
+    ["--K", "4", "--init_classes", "consensus", "--merge_threshold", "0"],
+    ["--K", "3", "--init_classes", "pca", "--tau2_estimate", "power"],
+    ["--K", "3", "--init_classes", "pca", "--solvent_mask", "m.mrc"],
+    ["--K", "2", "--init_classes", "pca", "--consensus_tau2_estimate", "power",
+     "--class_difference_highres", "30", "--auto_mask_sigma", "2"],
+])
+def test_the_python_api_and_the_cli_resolve_the_same_defaults(flags):
+    """The CLI's settings are the Python API's ``Settings(...).resolved()`` for the same
+    values; nothing automatic is left unresolved."""
+    args = _parser().parse_args(PATHS + flags)
+    given = {opt.field: getattr(args, opt.field) for opt in OPTIONS if opt.flag}
+    api = Settings(**given).resolved()
+    cli = refine_cmd.settings_from_args(args)
+    assert cli == api
+    assert cli.tau2_estimate in ("power", "em") and cli.consensus_tau2_estimate
+    assert cli.class_difference_highres >= 0 and cli.auto_mask_sigma >= 0
+    assert resolve_automatic(cli) == cli                 # idempotent
+
+
+def test_automatic_rules():
+    pca = _settings("--K", "3", "--init_classes", "pca")
+    assert (pca.tau2_estimate, pca.class_difference_highres, pca.auto_mask_sigma) == \
+        ("em", 18.0, 3.0)
+    relion = _settings("--K", "3")
+    assert (relion.tau2_estimate, relion.class_difference_highres,
+            relion.auto_mask_sigma) == ("power", 25.0, 0.0)
+    assert _settings("--K", "3", "--init_classes", "pca",
+                     "--solvent_mask", "m.mrc").auto_mask_sigma == 0.0
+    assert _settings("--K", "3", "--init_classes", "pca",
+                     "--tau2_estimate", "power").class_difference_highres == 25.0
+
+
+def test_continue_rules_come_from_the_registry():
+    changeable = {opt.field for opt in OPTIONS if opt.on_continue == "change"}
+    assert refine_cmd.continue_changeable() == changeable
+    assert {"n_iter", "output_root", "tau2_fudge", "threads"} <= changeable
+    assert {"n_classes", "sym", "init_classes"}.isdisjoint(changeable)
+    run = Settings(input_star="p.star", output_root="run", ref="r.mrc", n_classes=2,
+                   tau2_fudge=4.0, n_iter=3).resolved()
+    parser = _parser()
+
+    def apply(*flags):
+        settings = dataclasses.replace(run)
+        args = parser.parse_args(["--continue", "run_it003_optimiser.star"] + list(flags))
+        refine_cmd._apply_continue_flags(args, settings)
+        return settings
+
+    # 'change': takes effect, also when the value is the flag's default (T = 1)
+    assert apply("--iter", "50", "--tau2_fudge", "1", "--j", "2").n_iter == 50
+    assert apply("--tau2_fudge", "1").tau2_fudge == 1.0
+    # 'run': the run's own paths, not compared
+    assert apply("--i", "elsewhere/p.star").input_star == "p.star"
+    # 'keep': the same value passes; another one is a one-line error naming the flag
+    assert apply("--K", "2").n_classes == 2
+    for flags, word in ((["--K", "1"], "--K 1 differs from the run's 2"),
+                        (["--sym", "C2"], "--sym C2 differs"),
+                        (["--mean_consensus"], "--joint_consensus False differs")):
+        with pytest.raises(CryoClassError, match=word):
+            apply(*flags)
+
+
+def test_option_lookup_is_by_field():
+    assert OPTIONS_BY_FIELD["n_classes"].flag == "K"
+    assert OPTIONS_BY_FIELD["gridding"].kind == "negated"
+    assert _settings("--skip_gridding").gridding is False
+    assert _settings("--gpu").gpu == "" and _settings("--gpu", "0:1").gpu == "0:1"
+    assert _settings().gpu is None
