@@ -51,8 +51,9 @@ def _close(a, b, what, rtol=RTOL):
 
 
 def _compare(got, ref, label):
-    (tables, acc, res), (t_ref, a_ref, r_ref) = got, ref
-    for key in ("class", "eulers", "origin_px"):
+    (tables, acc, results), (t_ref, a_ref, r_ref) = got, ref
+    res, r_ref = results.arrays(), r_ref.arrays()
+    for key in ("class_index", "eulers", "origin_px"):
         np.testing.assert_array_equal(res[key], r_ref[key], err_msg=f"{label}: {key}")
     _close(res["loglik"], r_ref["loglik"], f"{label}: loglik")
     for key in ("pmax", "acc_rot", "acc_trans_px"):
@@ -107,9 +108,9 @@ def _shadowed_run(data_dir, tmp_path, monkeypatch, batch, cc, *flags, iterations
                  batch_bytes=batch_bytes)
         _compare((tables, acc, results), ref, f"iteration block at {first_index}")
         part = slice(first_index, first_index + len(sig_kr))
-        has_sums = all(k in results for k in ("norm_resid", "scale_xa", "scale_aa")) and \
-            (results["norm_resid"][part] > 0).all() and (results["scale_aa"][part] > 0).all() \
-            and results["scale_xa"][part].sum() > 0
+        has_sums = all(k in results.arrays() for k in ("norm_resid", "scale_xa", "scale_aa")) \
+            and (results.norm_resid[part] > 0).all() and (results.scale_aa[part] > 0).all() \
+            and results.scale_xa[part].sum() > 0
         calls.append((setup.use_cc, max(len(np.unique(k)) for k in sig_kr), has_sums))
 
     monkeypatch.setattr(search, "fine_pass", shadowed)

@@ -132,18 +132,20 @@ def test_joint_consensus_is_sharper_than_the_mean_of_the_class_maps():
 
 
 def _references_of(init_classes, auto_mask_sigma, iteration, refs, pdf, solvent_mask=""):
-    """``Refinement._estep_references`` on given class maps, without data."""
+    """:func:`.iteration.estep_references` of ``iteration``'s plan on given class maps,
+    without data."""
     from types import SimpleNamespace
-    from cryoclass_plugin.engine.refine import Refinement, Settings
-    r = Refinement.__new__(Refinement)
-    r.s = Settings(input_star="x.star", output_root="o", ref="r.mrc", n_classes=len(refs),
-                   particle_diameter=BOX * APIX * 0.9, init_classes=init_classes,
-                   consensus_iter=4, auto_mask_sigma=auto_mask_sigma,
-                   solvent_mask=solvent_mask)
-    r.xp, r.box, r.apix = np, BOX, APIX
-    r.consensus_end = r.s.consensus_iter
+    from cryoclass_plugin.engine.iteration import estep_references
+    from cryoclass_plugin.engine.options import Settings
+    from cryoclass_plugin.engine.plan import ScheduleState, plan_iteration
+    s = Settings(input_star="x.star", output_root="o", ref="r.mrc", n_classes=len(refs),
+                 particle_diameter=BOX * APIX * 0.9, init_classes=init_classes,
+                 consensus_iter=4, auto_mask_sigma=auto_mask_sigma,
+                 solvent_mask=solvent_mask).resolved()
+    ctx = SimpleNamespace(settings=s, xp=np, data=SimpleNamespace(box=BOX, apix=APIX))
+    plan = plan_iteration(s, ScheduleState.initial(s), iteration)
     model = SimpleNamespace(refs=refs, pdf_class=np.asarray(pdf), consensus_ref=None)
-    return r._estep_references(model, iteration)
+    return estep_references(ctx, model, plan)
 
 
 def test_estep_references_are_masked_around_the_density():
@@ -153,7 +155,7 @@ def test_estep_references_are_masked_around_the_density():
     them as they are, and so does the first iteration (its map is the unaligned
     reference)."""
     from cryoclass_plugin.engine.masks import auto_solvent_mask
-    from cryoclass_plugin.engine.refine import AUTO_MASK_SIGMA
+    from cryoclass_plugin.engine.options import AUTO_MASK_SIGMA
     truth, noisy = _classes(0.05)
     pdf = [0.4, 0.3, 0.3]
     masked = _references_of("pca", -1.0, 3, noisy, pdf)   # consensus phase: no sharing

@@ -120,9 +120,10 @@ def test_batched_fine_pass_with_prior_matches_reference(aligned_dir, tmp_path, m
         n_pix = int(setup.ky.shape[0])
         original(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index,
                  batch_bytes=8 * n_pix * 300)
-        for key in ("class", "eulers", "origin_px"):
-            np.testing.assert_array_equal(results[key], ref[2][key], err_msg=key)
-        np.testing.assert_allclose(results["pmax"], ref[2]["pmax"], atol=5e-4)
+        for key in ("class_index", "eulers", "origin_px"):
+            np.testing.assert_array_equal(getattr(results, key), getattr(ref[2], key),
+                                          err_msg=key)
+        np.testing.assert_allclose(results.pmax, ref[2].pmax, atol=5e-4)
         np.testing.assert_allclose(tables.data, ref[0].data,
                                    atol=5e-4 * float(np.abs(ref[0].data).max()))
         calls.append(max(len(np.unique(k)) for k in sig_kr))

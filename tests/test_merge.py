@@ -1,9 +1,10 @@
 """The held-out merge test (:mod:`cryoclass_plugin.engine.merge`) on ground truth: a
 simulated three-class set with the true poses and classes, where one true class is
 also cut at random into two classes (a duplicate).  The test must keep the true
-classes apart and merge the duplicate.  (On whole runs: benchmarks/RESULTS.md, "merge
+classes apart and merge the duplicate.  (On whole runs: docs/benchmarks.md, "merge
 test", and tests/test_accuracy_recommended.py, K=4 at SNR 0.2.)"""
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import starfile
 
 from cryoclass_plugin.commands import refine as refine_cmd
 from cryoclass_plugin.engine import merge
+from cryoclass_plugin.engine.plan import ScheduleState
 from cryoclass_plugin.engine.refine import Refinement
 from cryoclass_plugin.engine.geometry import euler_to_matrix
 from cryoclass_plugin.engine.simulate import simulate_dataset
@@ -55,14 +57,15 @@ def truth_run(tmp_path_factory):
     # a run's state (the starting ones, from the images and the reference, are not).
     model.current_shell = 20
     for it in (1, 2):
-        model = r.iterate(model, it, allowed=labels, fixed_poses=True, write=False)
+        plan = replace(r.plan(model, it), search="none", write=False)
+        model = r.iterate(model, plan, allowed=labels)
     assert (model.part_class == labels).all()
     return r, model
 
 
 def test_true_classes_pay_back_far_more_than_a_random_split(truth_run):
     r, model = truth_run
-    ev = merge.pair_evidence(r, model, 1, 2, 25.0)
+    ev = merge.pair_evidence(r.ctx, model, 1, 2, 25.0)
     print("true classes 2 and 3:", merge._describe(ev))
     assert ev["delta"] > 0 and ev["null"] < 0
     assert ev["ratio"] > 1.0
@@ -71,7 +74,7 @@ def test_true_classes_pay_back_far_more_than_a_random_split(truth_run):
 
 def test_a_random_cut_of_one_class_is_called_one_structure(truth_run):
     r, model = truth_run
-    ev = merge.pair_evidence(r, model, 0, 3, 25.0)
+    ev = merge.pair_evidence(r.ctx, model, 0, 3, 25.0)
     print("true class 1 cut in two:", merge._describe(ev), "shift", ev["shift_px"])
     assert ev["delta"] < 0
     assert abs(ev["ratio"]) < 0.3
@@ -103,9 +106,10 @@ def test_only_the_duplicate_pair_is_merged_and_the_class_freed(truth_run):
     model = copy.deepcopy(model)
     lines = []
     r.log = lines.append
-    r.consensus_end = 6
-    assert r._merge_duplicates(model, 15) is True
-    assert model.merge_tested and model.merge_extra == 3
+    model.schedule = ScheduleState(consensus_end=6)
+    assert r._merge_duplicates(model) is True
+    assert model.schedule.merge_tested and model.schedule.merge_extra == 3
+    assert model.schedule.merged
     sizes = np.bincount(model.part_class, minlength=4)
     true_sizes = np.bincount(truth_run[1].part_class, minlength=4)
     true_sizes = [true_sizes[0] + true_sizes[3], true_sizes[1], true_sizes[2], 0]
@@ -115,4 +119,4 @@ def test_only_the_duplicate_pair_is_merged_and_the_class_freed(truth_run):
     assert len(merged) == 1 and ("class 4 joins class 1" in merged[0]
                                  or "class 1 joins class 4" in merged[0]), lines
     # Once only: the state remembers the test ran (--continue repeats nothing).
-    assert r._merge_duplicates(model, 15) is False
+    assert r._merge_duplicates(model) is False

@@ -24,14 +24,32 @@ def mpi_env():
     return env
 
 
-def run_ranks(n, data, root, *extra, timeout=600):
-    cmd = [MPIRUN, "--oversubscribe", "-np", str(n), sys.executable, "-m",
-           "cryoclass_plugin.engine", "refine", "--i", str(data / "particles.star"),
+def run_ranks(n, data, root, *extra, timeout=600, entry=("-m", "cryoclass_plugin.engine")):
+    cmd = [MPIRUN, "--oversubscribe", "-np", str(n), sys.executable, *entry,
+           "refine", "--i", str(data / "particles.star"),
            "--ref", str(data / "ref.mrc"), "--o", str(root), "--K", "2", "--iter", "2",
            "--tau2_fudge", "4", "--ini_high", "40", "--particle_diameter", "200",
            "--zero_mask", "--ctf", "--healpix_order", "1", "--offset_range", "2",
            "--offset_step", "2", "--block_size", "50", *extra]
     return subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+
+
+#: Runs ``cryoclass refine`` with the E-step of rank 1 replaced by one that raises.
+FAILING_RANK_SCRIPT = """
+import sys
+from cryoclass_plugin import cli
+from cryoclass_plugin.engine import iteration
+
+original = iteration.expectation
+
+def failing(ctx, *args, **kwargs):
+    if ctx.comm.rank == 1:
+        raise RuntimeError("failure injected by tests/test_mpi.py")
+    return original(ctx, *args, **kwargs)
+
+iteration.expectation = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +77,13 @@ def test_one_two_three_ranks_agree(data, tmp_path):
 
 
 def test_failing_rank_makes_the_job_exit_nonzero(data, tmp_path):
-    # Rank 1 raises inside the run (a corrupt setting injected through the environment):
-    # the job must abort with a non-zero status, not hang in a collective.
-    env_flag = "CRYOCLASS_TEST_FAIL_RANK"
-    os.environ[env_flag] = "1"
-    try:
-        proc = run_ranks(2, data, tmp_path / "fail" / "run", timeout=300)
-    finally:
-        del os.environ[env_flag]
+    # Rank 1 raises inside its E-step (a wrapper script replaces the function): the job
+    # must abort with a non-zero status, not hang in a collective.
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK_SCRIPT)
+    proc = run_ranks(2, data, tmp_path / "fail" / "run", timeout=300, entry=(str(script),))
     assert proc.returncode != 0
+    assert "failure injected by tests/test_mpi.py" in proc.stderr
     assert "rank 1 failed" in proc.stderr
 
 

@@ -15,10 +15,11 @@ frequencies (``--restart_highres``), where the classes differ and the noise is s
 import numpy as np
 
 from .backend import to_numpy
-from .fourier import half_plane_pixels
 from .geometry import euler_to_matrix
 from .masks import soft_sphere_mask
 from .mpi import split_range
+from .particles import Pixels, mask_diameter_angst, prepare_block
+from .plan import class_shell
 from .projector import BackProjector, Projector
 
 
@@ -27,19 +28,17 @@ def _adjoint_volume(bp):
     return bp.real_space(bp.symmetrised_data())
 
 
-def principal_coordinates(refinement, model, n_components, highres_angst, n_power=8,
-                          seed=0, log=None):
-    """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes."""
-    from .refine import mask_diameter_angst, prepare_block
-    r, s, xp, comm = refinement, refinement.s, refinement.xp, refinement.comm
-    box, apix = r.box, r.apix
-    n = len(r.table)
-    shell = min(model.current_shell, int(np.ceil(box * apix / highres_angst)))
-    ky_all, kx_all = half_plane_pixels(box, box // 2, xp)
-    pixel_shell = xp.rint(xp.sqrt(kx_all.astype(xp.float64) ** 2
-                                  + ky_all.astype(xp.float64) ** 2)).astype(xp.int64)
-    n_cur = int(to_numpy((pixel_shell <= shell).sum()))
-    ky, kx = ky_all[:n_cur], kx_all[:n_cur]
+def principal_coordinates(settings, data, model, comm, xp, n_components, highres_angst,
+                          n_power=8, seed=0, log=None):
+    """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes,
+    from ``data`` (a :class:`.particles.ParticleData`) at the model's poses, with this
+    rank's share of the particles (``comm``; all ranks must call it); ``xp``: numpy or
+    cupy."""
+    s = settings
+    box, apix, n = data.box, data.apix, data.n
+    shell = min(model.current_shell, class_shell(box, apix, highres_angst))
+    pixels = Pixels.within(box, shell, xp)
+    ky, kx = pixels.ky, pixels.kx
     consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0)
     cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad, gridding=s.gridding)
     lo, hi = split_range(n, comm.rank, comm.size)
@@ -47,8 +46,7 @@ def principal_coordinates(refinement, model, n_components, highres_angst, n_powe
     blocks = []
     for b0 in range(lo, hi, s.block_size):
         idx = np.arange(b0, min(hi, b0 + s.block_size))
-        block, _, _ = prepare_block(s, model, r.images, idx, r.groups, r.ctfp, ky_all, kx_all,
-                                    pixel_shell, n_cur, xp, r.mask2d)
+        block, _, _ = prepare_block(s, model, data, idx, pixels, xp)
         mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
         white = xp.sqrt(block.inv_sigma2) * block.ctf                 # (B, n) = A's weights
         resid = xp.sqrt(block.inv_sigma2) * block.images_f - white * cons_proj.project(mats, ky, kx)

@@ -4,7 +4,7 @@ When K is larger than the number of structures in the data, EM can cut one struc
 two classes that both stay alive: each class map is reconstructed from its own particles,
 so every particle fits the map it helped to build a little better than the other one, and
 the split feeds itself (measured: K=4 on three true classes at SNR 0.2, a true class
-split 50/50 for 25 iterations; benchmarks/RESULTS.md, "K=4 on three true classes").
+split 50/50 for 25 iterations; docs/benchmarks.md, "K=4 on three true classes").
 
 The test asks the particles themselves, without that self-bias.  For a pair of classes
 (a, b), the particles assigned to either are split at random into two halves.  From each
@@ -29,20 +29,25 @@ splitting by noise alone, ``null``).  A pair is one structure when ``delta < 0``
 split pays back less than ``--merge_threshold`` (0.3) of the random split's cost,
 ``(delta - null) / |null|``.  Measured at the end of the fixed-pose phase on 25 runs'
 states: a true class cut in two -0.08 to 0.17, true class pairs 0.53 and more
-(benchmarks/RESULTS.md, "Merge test").  Before the test the smaller class's particles
+(docs/benchmarks.md, "Merge test").  Before the test the smaller class's particles
 are re-centred onto the larger class by the maps' relative shift
 (:func:`pair_evidence`): two halves of one structure can sit a fraction of a pixel apart.
 
 Conventions: maps are real-space ``(N, N, N)`` float32 arrays, poses the model's ZYZ
 Euler angles (degrees) and origins (Angstrom), as everywhere in the engine; the
 likelihood is on the half-plane Fourier pixels of :func:`.fourier.half_plane_pixels`.
+The functions take the run's fixed inputs as ``ctx`` (an :class:`.iteration.RunContext`:
+settings, particle images and CTFs, communicator, array module, symmetry, solvent mask)
+and the poses and classes from the model.
 """
 import numpy as np
 
 from .backend import to_numpy
-from .fourier import half_plane_pixels
 from .geometry import euler_to_matrix
+from .masks import soft_sphere_mask
 from .mpi import split_range
+from .particles import Pixels, mask_diameter_angst, prepare_block
+from .plan import class_shell
 from .projector import BackProjector, Projector
 
 
@@ -57,17 +62,13 @@ class _PairData:
     share), prepared once (one FFT per image) for all the pairs, reconstructions and
     scores of one test; :meth:`subset` gives a pair's particles."""
 
-    def __init__(self, refinement, model, members, highres_angst):
-        from .refine import prepare_block
-        r, s, xp = refinement, refinement.s, refinement.xp
-        box, apix = r.box, r.apix
+    def __init__(self, ctx, model, members, highres_angst):
+        s, xp, data = ctx.settings, ctx.xp, ctx.data
+        box, apix = data.box, data.apix
         self.xp, self.box = xp, box
-        self.shell = min(model.current_shell, int(np.ceil(box * apix / highres_angst)))
-        ky_all, kx_all = half_plane_pixels(box, box // 2, xp)
-        pixel_shell = xp.rint(xp.sqrt(kx_all.astype(xp.float64) ** 2
-                                      + ky_all.astype(xp.float64) ** 2)).astype(xp.int64)
-        n_cur = int(to_numpy((pixel_shell <= self.shell).sum()))
-        self.ky, self.kx = ky_all[:n_cur], kx_all[:n_cur]
+        self.shell = min(model.current_shell, class_shell(box, apix, highres_angst))
+        pixels = Pixels.within(box, self.shell, xp)
+        self.ky, self.kx = pixels.ky, pixels.kx
         self.members = np.asarray(members)
         # The six maps of a test live only up to ``shell``: they are reconstructed in a
         # small box whose padded Fourier grid is the centre of the full one (same
@@ -75,28 +76,25 @@ class _PairData:
         # and the FFTs cost (small / N)^3 of the full box's.  Its solvent mask is the
         # sphere of --particle_diameter at the small box's voxel size.
         self.small_box = int(min(box, 2 * (self.shell + 3)))
-        from .masks import soft_sphere_mask
-        from .refine import mask_diameter_angst
         small_apix = apix * box / self.small_box
         self.mask = None
-        if r.solvent_mask is not None:
+        if ctx.solvent_mask is not None:
             self.mask = xp.asarray(soft_sphere_mask(
                 self.small_box, mask_diameter_angst(s, box, apix) / (2 * small_apix),
                 5.0 * self.small_box / box))
-        lo, hi = split_range(len(self.members), r.comm.rank, r.comm.size)
+        lo, hi = split_range(len(self.members), ctx.comm.rank, ctx.comm.size)
         self.blocks = []
         for b0 in range(lo, hi, s.block_size):
             rows = np.arange(b0, min(hi, b0 + s.block_size))
             idx = self.members[rows]
-            block, _, _ = prepare_block(s, model, r.images, idx, r.groups, r.ctfp,
-                                        ky_all, kx_all, pixel_shell, n_cur, xp, r.mask2d)
+            block, _, _ = prepare_block(s, model, data, idx, pixels, xp)
             mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
             self.blocks.append((rows, (block.images_f, block.ctf, block.inv_sigma2), mats))
 
     def subset(self, select, shift_px=None):
         """The members ``select`` (bool per member) as a set of their own (rows
         renumbered); ``shift_px`` ((n_members, 2) or None) moves their origins by that
-        many pixels, as the phase factor :func:`.refine.prepare_block` applies."""
+        many pixels, as the phase factor :func:`.particles.prepare_block` applies."""
         import copy
         xp = self.xp
         out = copy.copy(self)
@@ -118,12 +116,12 @@ class _PairData:
         return out
 
 
-def heldout_gain(refinement, model, data, in_first, fold_seed):
+def heldout_gain(ctx, model, data, in_first, fold_seed):
     """Sum over ``data``'s particles of the held-out ``delta_i`` (module docstring) of
     splitting them into ``in_first`` (bool per member) and the rest, with the two halves
     drawn by ``fold_seed``; also the number of held-out particles whose better split map
     is their own side."""
-    r, s, xp, comm = refinement, refinement.s, refinement.xp, refinement.comm
+    s, xp, comm = ctx.settings, ctx.xp, ctx.comm
     n = len(data.members)
     n_first = int(np.sum(in_first))
     half = np.zeros(n, dtype=np.int64)
@@ -150,8 +148,8 @@ def heldout_gain(refinement, model, data, in_first, fold_seed):
             bp.weight = comm.allreduce_sum(bp.weight)
             vol = bp.reconstruct(tau2=xp.asarray(data.tau2), tau2_fudge=s.tau2_fudge,
                                  max_shell=data.shell, gridding=s.gridding)
-            if r.symmetrise is not None:
-                vol = r.symmetrise(vol)
+            if ctx.symmetrise is not None:
+                vol = ctx.symmetrise(vol)
             if data.mask is not None:
                 vol = vol * data.mask
             row.append(Projector(vol, pad=s.pad, gridding=s.gridding))
@@ -175,7 +173,7 @@ def heldout_gain(refinement, model, data, in_first, fold_seed):
     return float(sums[0]), float(sums[1])
 
 
-def split_evidence(refinement, model, data, in_first, tau2, seed=0, repeats=3):
+def split_evidence(ctx, model, data, in_first, tau2, seed=0, repeats=3):
     """Held-out evidence for splitting the particles of ``data`` (a :class:`_PairData`)
     into ``in_first`` and the rest.
 
@@ -196,9 +194,9 @@ def split_evidence(refinement, model, data, in_first, tau2, seed=0, repeats=3):
     data.tau2 = np.asarray(tau2, dtype=np.float64)
     delta = null = agree = 0.0
     for rep in range(repeats):
-        d, a = heldout_gain(refinement, model, data, in_first, [seed, n, n_first, rep, 1327])
+        d, a = heldout_gain(ctx, model, data, in_first, [seed, n, n_first, rep, 1327])
         shuffled = in_first[np.random.default_rng([seed, n, rep, 2718]).permutation(n)]
-        z, _ = heldout_gain(refinement, model, data, shuffled, [seed, n, n_first, rep, 3141])
+        z, _ = heldout_gain(ctx, model, data, shuffled, [seed, n, n_first, rep, 3141])
         delta, null, agree = delta + d / repeats, null + z / repeats, agree + a / (repeats * n)
     ratio = (delta - null) / abs(null) if null < 0 else np.inf
     return {"delta": delta, "null": null, "ratio": float(ratio), "n": n, "agree": agree}
@@ -244,7 +242,7 @@ def _aligned_origins(model, members, shift_px):
     return model.part_origin_angst[members] - model.apix * (rot @ shift_px)[:, :2]
 
 
-def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3, data=None):
+def pair_evidence(ctx, model, a, b, highres_angst, seed=0, repeats=3, data=None):
     """:func:`split_evidence` of classes ``a`` and ``b`` (hard assignments
     ``model.part_class``, poses ``model.part_eulers`` / ``model.part_origin_angst``),
     with the smaller class's particles first moved into the larger class's frame by the
@@ -256,12 +254,12 @@ def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3, dat
     prepared particles (:class:`_PairData`) of a set that holds both classes (default:
     prepared here)."""
     if data is None:
-        data = _PairData(refinement, model,
+        data = _PairData(ctx, model,
                          np.nonzero((model.part_class == a) | (model.part_class == b))[0],
                          highres_angst)
     big, small = (a, b) if model.pdf_class[a] >= model.pdf_class[b] else (b, a)
     shell = min(model.current_shell,
-                int(np.ceil(refinement.box * refinement.apix / highres_angst)))
+                class_shell(ctx.data.box, ctx.data.apix, highres_angst))
     shift = relative_shift_px(model.refs[big], model.refs[small], shell)
     moved = np.nonzero(model.part_class == small)[0]
     aligned = _aligned_origins(model, moved, shift)
@@ -272,7 +270,7 @@ def pair_evidence(refinement, model, a, b, highres_angst, seed=0, repeats=3, dat
     w = np.array([model.pdf_class[a], model.pdf_class[b]], dtype=np.float64)
     w = w / max(w.sum(), 1e-300)
     tau2 = w[0] * model.tau2[a] + w[1] * model.tau2[b]
-    ev = split_evidence(refinement, model, pair, model.part_class[pair.members] == a, tau2,
+    ev = split_evidence(ctx, model, pair, model.part_class[pair.members] == a, tau2,
                         seed, repeats)
     ev.update(moved=small, shift_px=shift, aligned_origins=aligned)
     return ev
@@ -285,7 +283,7 @@ def _describe(ev):
             f"reproduced {100 * ev['agree']:.0f} %")
 
 
-def duplicate_pairs(refinement, model, highres_angst, threshold, seed=0,
+def duplicate_pairs(ctx, model, highres_angst, threshold, seed=0,
                     min_fraction=0.01, log=None):
     """Pairs of live classes that the held-out test calls one structure (``delta`` < 0
     and ``ratio`` < ``threshold``), most clearly first, no class in two pairs:
@@ -293,11 +291,11 @@ def duplicate_pairs(refinement, model, highres_angst, threshold, seed=0,
     alive = [k for k in range(model.n_classes) if model.pdf_class[k] >= min_fraction
              and (model.part_class == k).sum() >= 2]
     results = []
-    data = _PairData(refinement, model, np.nonzero(np.isin(model.part_class, alive))[0],
+    data = _PairData(ctx, model, np.nonzero(np.isin(model.part_class, alive))[0],
                      highres_angst)
     for i, a in enumerate(alive):
         for b in alive[i + 1:]:
-            ev = pair_evidence(refinement, model, a, b, highres_angst, seed, data=data)
+            ev = pair_evidence(ctx, model, a, b, highres_angst, seed, data=data)
             results.append((a, b, ev))
             if log is not None:
                 log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "

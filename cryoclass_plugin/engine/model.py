@@ -16,11 +16,15 @@ Units: spectra are per Fourier shell of the unpadded box (``N // 2 + 1`` shells)
 real/imaginary component, in the engine's unnormalised FFT scale; angles in degrees;
 origins in Angstrom with RELION's sign.
 """
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .fourier import shell_resolution_angstrom
+from .plan import ScheduleState
 
 
 @dataclass
@@ -53,13 +57,8 @@ class ModelState:
     # --joint_consensus after a consensus / PCA split: the reconstruction of all
     # particles together (mstep.reconstruct_consensus, focus).
     consensus_ref: np.ndarray = None      # (N, N, N) float32
-    # Consensus / PCA starts: the last consensus iteration, once the run has searched
-    # globally beyond --consensus_iter (Refinement._extend_consensus); 0 = as set.
-    consensus_end: int = 0
-    # --merge_threshold: whether the held-out merge test has run (it runs once, at the
-    # end of the fixed-pose phase) and the fixed-pose iterations it added.
-    merge_tested: bool = False
-    merge_extra: int = 0
+    # The schedule decisions taken so far (consensus extension, merge test; :mod:`.plan`).
+    schedule: ScheduleState = None
     changes: dict = field(default_factory=lambda: {"orientations": 999.0, "offsets": 999.0,
                                                     "classes": 1.0})
     log_likelihood: float = 0.0
@@ -83,12 +82,11 @@ class ModelState:
     def save(self, path, settings=None):
         """All state to an ``.npz`` (exact floats: ``--continue`` reproduces a run),
         with the run's settings (a dict) so that ``--continue`` needs no other flags."""
-        arrays = {k: v for k, v in self.__dict__.items()
-                  if isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
         scalars = {k: v for k, v in self.__dict__.items()
-                   if not isinstance(v, np.ndarray)}
-        import json
-        import os
+                   if not isinstance(v, np.ndarray) and k != "schedule"}
+        if self.schedule is not None:
+            scalars["schedule"] = dataclasses.asdict(self.schedule)
         tmp = f"{path}.tmp{os.getpid()}.npz"
         extra = {}
         if settings is not None:
@@ -98,15 +96,20 @@ class ModelState:
 
     @classmethod
     def load(cls, path):
-        import json
         with np.load(path, allow_pickle=False) as z:
             scalars = json.loads(str(z["__scalars__"]))
             arrays = {k: z[k] for k in z.files if not k.startswith("__")}
-        # Fields this version does not know (e.g. derivable ones an earlier development
-        # version saved) are left out.
-        import dataclasses
-        known = {f.name for f in dataclasses.fields(cls)}
+        schedule = scalars.pop("schedule", None)
+        if schedule is None:
+            # State files with the schedule's fields on the model (consensus_end 0:
+            # --consensus_iter, filled in by Refinement.start).
+            schedule = {"consensus_end": int(scalars.get("consensus_end", 0)),
+                        "merge_tested": bool(scalars.get("merge_tested", False)),
+                        "merge_extra": int(scalars.get("merge_extra", 0))}
+        # Fields this version does not know (derivable ones) are left out.
+        known = {f.name for f in dataclasses.fields(cls)} - {"schedule"}
         model = cls(**{k: v for k, v in {**scalars, **arrays}.items() if k in known})
+        model.schedule = ScheduleState(**schedule)
         # State files written before --norm / --scale existed: corrections of 1.
         if model.part_norm is None and model.part_class is not None:
             model.part_norm = np.ones(len(model.part_class))

@@ -81,10 +81,10 @@ class SearchSetup:
     # Local searches (--sigma_ang, degrees): the rotation prior's sigma; 0 = global.
     sigma_ang: float = 0.0
     # --norm: (n,) float64 0/1 over the pixels whose posterior-weighted residual power
-    # goes into each particle's norm-correction sum (results["norm_resid"]); None = off.
+    # goes into each particle's norm-correction sum (results.norm_resid); None = off.
     norm_pixels: object = None
     # --scale: (n,) float64 0/1 over the pixels of the scale-correction sums
-    # (results["scale_xa"] = sum w Re(X s conj(C P)), results["scale_aa"] = sum w |C P|^2,
+    # (results.scale_xa = sum w Re(X s conj(C P)), results.scale_aa = sum w |C P|^2,
     # with the CTF C as used, i.e. including the group's current scale); None = off.
     scale_pixels: object = None
 
@@ -411,13 +411,13 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     t_best_off = t_pad[ar, t_best]
     dt = np.sqrt(((t_pad - t_best_off[:, None, :]) ** 2).sum(axis=2))
     i = first_index + sel
-    results["class"][i] = tables.row_class[row_best]
-    results["eulers"][i] = tables.eulers[row_best]
-    results["origin_px"][i] = total_off[ar, t_best]
-    results["pmax"][i] = pmax_h
-    results["loglik"][i] = loglik_h
-    results["acc_rot"][i] = (w_rot_h * ang).sum(axis=1)
-    results["acc_trans_px"][i] = (w_trans_h * dt).sum(axis=1)
+    results.class_index[i] = tables.row_class[row_best]
+    results.eulers[i] = tables.eulers[row_best]
+    results.origin_px[i] = total_off[ar, t_best]
+    results.pmax[i] = pmax_h
+    results.loglik[i] = loglik_h
+    results.acc_rot[i] = (w_rot_h * ang).sum(axis=1)
+    results.acc_trans_px[i] = (w_trans_h * dt).sum(axis=1)
 
 
 def _correction_sums(setup, xp, residual, cross, power):
@@ -435,12 +435,13 @@ def _correction_sums(setup, xp, residual, cross, power):
 
 
 def _store_correction_sums(setup, results, index, host):
-    """Add the host copy of :func:`_correction_sums` (concatenated) to ``results``."""
+    """Add the host copy of :func:`_correction_sums` (concatenated) to ``results`` (a
+    :class:`.particles.ParticleResults`)."""
     B = index.shape[0]
     names = (["norm_resid"] if setup.norm_pixels is not None else []) + \
         (["scale_xa", "scale_aa"] if setup.scale_pixels is not None else [])
     for j, name in enumerate(names):
-        results[name][index] += host[j * B:(j + 1) * B]
+        getattr(results, name)[index] += host[j * B:(j + 1) * B]
 
 
 def _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, ccw):
@@ -524,13 +525,13 @@ def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, re
     ang = angular_distance_deg(tables.matrices_host[rows], tables.matrices_host[row_best][None])
     w_trans_h = to_numpy(w_trans).astype(np.float64)
     dt = np.sqrt(((t_children - t_children[t_best]) ** 2).sum(axis=1))
-    results["class"][i] = int(tables.row_class[row_best])
-    results["eulers"][i] = tables.eulers[row_best]
-    results["origin_px"][i] = total_off[t_best]
-    results["pmax"][i] = float(to_numpy(prob.max()))
-    results["loglik"][i] = loglik
-    results["acc_rot"][i] = float((w_rot_h * ang).sum())
-    results["acc_trans_px"][i] = float((w_trans_h * dt).sum())
+    results.class_index[i] = int(tables.row_class[row_best])
+    results.eulers[i] = tables.eulers[row_best]
+    results.origin_px[i] = total_off[t_best]
+    results.pmax[i] = float(to_numpy(prob.max()))
+    results.loglik[i] = loglik
+    results.acc_rot[i] = float((w_rot_h * ang).sum())
+    results.acc_trans_px[i] = float((w_trans_h * dt).sum())
 
 
 def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class_pixels=None):
@@ -585,11 +586,11 @@ def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class
     acc.add_offsets(float((origins ** 2).sum()), float(B))
     prob_h = to_numpy(prob)
     idx = slice(first_index, first_index + B)
-    results["class"][idx] = prob_h.argmax(axis=1)
-    results["eulers"][idx] = eulers
-    results["origin_px"][idx] = origins
-    results["pmax"][idx] = prob_h.max(axis=1)
-    results["loglik"][idx] = to_numpy(lse)
-    results["acc_rot"][idx] = 0.0
-    results["acc_trans_px"][idx] = 0.0
-    results["nsig"][idx] = (prob_h > 1e-3).sum(axis=1)
+    results.class_index[idx] = prob_h.argmax(axis=1)
+    results.eulers[idx] = eulers
+    results.origin_px[idx] = origins
+    results.pmax[idx] = prob_h.max(axis=1)
+    results.loglik[idx] = to_numpy(lse)
+    results.acc_rot[idx] = 0.0
+    results.acc_trans_px[idx] = 0.0
+    results.nsig[idx] = (prob_h > 1e-3).sum(axis=1)

@@ -1,0 +1,326 @@
+"""What each iteration of a run does: :func:`plan_iteration` turns the settings, the
+schedule state and the iteration number into an :class:`IterationPlan`.
+
+``--init_classes`` chooses how K > 1 classes start:
+
+``relion``
+    RELION's way: in iteration 1 each particle goes to one random class, so the K maps
+    start as reconstructions of random subsets; every iteration is full EM.
+``input``
+    iteration 1 takes each particle's class from the input ``rlnClassNumber``.
+``consensus`` / ``pca``
+    ``--consensus_iter`` iterations align all particles to one map (a consensus
+    refinement inside the job), the last ``--consensus_local_iter`` of them with local
+    searches; then the split: ``--restarts`` soft classifications without alignment from
+    random partitions (``consensus``), or k-means along the top K-1 heterogeneity
+    eigenvolumes (``pca``); then ``--classify_fixed_iter`` fixed-pose iterations at
+    ``--classify_fixed_highres``; then the held-out merge test (``--merge_threshold``;
+    after a merge ``--merge_fixed_iter`` more fixed-pose iterations); then full EM.
+
+Two decisions move this schedule while the run goes, both from the saved state only (so
+``--continue`` repeats them) and both kept in :class:`ScheduleState`:
+:func:`extend_consensus` (one more global consensus iteration while the poses still
+move) and the merge test (:mod:`.merge`), which may add fixed-pose iterations.
+"""
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .options import resolve_automatic
+
+PHASES = ("em", "consensus", "consensus-local", "split", "fixed-pose", "merged-fixed-pose")
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """The schedule decisions taken while the run goes (saved with the run's state).
+
+    consensus_end : the last consensus iteration (``--consensus_iter`` plus the
+        extensions of :func:`extend_consensus`)
+    merge_tested : whether the held-out merge test has run (it runs once)
+    merge_extra : the fixed-pose iterations the merge test added
+    merged : whether the merge test merged a pair (the next iteration then starts from
+        the merged hard assignments)
+    """
+    consensus_end: int
+    merge_tested: bool = False
+    merge_extra: int = 0
+    merged: bool = False
+
+    @classmethod
+    def initial(cls, settings):
+        return cls(consensus_end=int(settings.consensus_iter))
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """What one iteration does.
+
+    phase : one of :data:`PHASES`
+    split : ``"restarts"`` / ``"pca"``: the classes are split before this iteration
+    merge_test : the held-out merge test runs before this iteration (the plan is then
+        made again from the schedule it leaves)
+    extension_check : :func:`extend_consensus` decides before this iteration
+    assignments : ``"free"``; ``"random"`` (RELION's seeding: one random class per
+        particle); ``"input"`` (``rlnClassNumber``); ``"one-class"`` (consensus: class 1);
+        ``"current"`` (hard, the state's classes: after a split or merge)
+    search : ``"none"`` (poses kept), ``"global"`` or ``"local"``
+    healpix_order : the orientation grid (also written to sampling.star)
+    sigma_ang : the local searches' rotation prior sigma (deg); 0 otherwise
+    class_highres_angst : the class posteriors use the frequencies up to this
+        resolution (A); 0 = all of the current image size
+    references : ``"plain"`` or ``"shared-consensus"`` (``--class_difference_highres``)
+    auto_mask_sigma : threshold of the E-step references' automatic mask; 0 = off
+    tau2_estimate : the M-step's signal spectrum estimate
+    joint_consensus : the M-step also reconstructs the consensus of all classes
+    use_cc : ``--firstiter_cc`` scores (cross-correlation)
+    write : write the iteration's outputs
+    """
+    iteration: int
+    phase: str
+    split: str = ""
+    merge_test: bool = False
+    extension_check: bool = False
+    assignments: str = "free"
+    search: str = "global"
+    healpix_order: int = 2
+    sigma_ang: float = 0.0
+    class_highres_angst: float = 0.0
+    references: str = "plain"
+    auto_mask_sigma: float = 0.0
+    tau2_estimate: str = "power"
+    joint_consensus: bool = False
+    use_cc: bool = False
+    write: bool = True
+
+    @property
+    def fixed_poses(self):
+        return self.search == "none"
+
+    @property
+    def local(self):
+        return self.search == "local"
+
+    @property
+    def in_consensus(self):
+        return self.phase in ("consensus", "consensus-local")
+
+    def describe(self):
+        """One line: ``iter   7  fixed-pose  poses kept, classes to 25 A  ...``."""
+        if self.search == "none":
+            search = "poses kept"
+        elif self.search == "local":
+            search = f"local order {self.healpix_order} sigma {self.sigma_ang:g} deg"
+        else:
+            search = f"global order {self.healpix_order}"
+        parts = [f"iter {self.iteration:3d}", f"{self.phase:<17s}", search]
+        if self.class_highres_angst > 0:
+            parts.append(f"classes to {self.class_highres_angst:g} A")
+        before = [name for name, on in (("split " + self.split, bool(self.split)),
+                                        ("merge test", self.merge_test)) if on]
+        if before:
+            parts.append("after " + " and ".join(before))
+        if self.assignments != "free":
+            parts.append(f"assignments {self.assignments}")
+        refs = self.references
+        if self.auto_mask_sigma > 0:
+            refs += f", auto-masked {self.auto_mask_sigma:g} sigma"
+        parts.append(f"references {refs}")
+        parts.append(f"tau2 {self.tau2_estimate}" + (" + joint consensus"
+                                                      if self.joint_consensus else ""))
+        if self.use_cc:
+            parts.append("cross-correlation")
+        return "  ".join(parts)
+
+
+def _staged(settings):
+    """Whether the run has the consensus / PCA schedule (else every iteration is EM)."""
+    return settings.init_classes in ("consensus", "pca") and settings.n_classes > 1
+
+
+def local_order(settings):
+    """The HEALPix order of the local searches after the split (``--classify_local_order``,
+    default one finer than ``--healpix_order``)."""
+    s = settings
+    return s.classify_local_order if s.classify_local_order >= 0 else s.healpix_order + 1
+
+
+def last_global_consensus(settings, schedule):
+    """The last consensus iteration that searches globally (the local ones follow)."""
+    s, end = settings, schedule.consensus_end
+    if s.sigma_ang > 0 or s.classify_local_sigma <= 0:
+        return end
+    return end - min(s.consensus_local_iter, end - 1)
+
+
+def shares_references(settings, schedule, iteration):
+    """Whether the E-step references of ``iteration`` share the consensus
+    (``--class_difference_highres`` after a consensus / PCA split)."""
+    s = resolve_automatic(settings)
+    return (_staged(s) and s.class_difference_highres > 0
+            and iteration > schedule.consensus_end + 1)
+
+
+def _search(settings, schedule, iteration, phase):
+    """(search, HEALPix order, sigma) of an iteration.
+
+    RELION's start: ``--sigma_ang`` (local searches) or global, at ``--healpix_order``.
+    Consensus / pca starts: the consensus iterations are global at ``--healpix_order``
+    (they find the poses), except the last ``--consensus_local_iter``; those and the
+    iterations after the split search locally around each particle's pose on the grid
+    of ``--classify_local_order`` (default one order finer) with sigma
+    ``--classify_local_sigma`` (0: global at ``--healpix_order`` throughout).  With
+    ``--sigma_ang`` the consensus iterations are global and the later ones local at
+    ``--healpix_order``, as RELION's local searches.  Why: with 7.5 deg sampling the
+    poses' errors (~6-7 deg) hide differences between classes that a finer grid
+    separates (docs/benchmarks.md, "local searches").  The fixed-pose phases keep the
+    poses (with ``--skip_align`` every iteration does), on the grid they would search.
+    """
+    s = settings
+    sigma, order = s.sigma_ang, s.healpix_order
+    if _staged(s):
+        if s.sigma_ang > 0:
+            sigma = -1.0 if iteration <= schedule.consensus_end else s.sigma_ang
+        elif s.classify_local_sigma > 0 and (phase == "consensus-local" or
+                                             iteration > schedule.consensus_end):
+            sigma, order = s.classify_local_sigma, local_order(s)
+        else:
+            sigma = -1.0
+    fixed_phase = phase in ("split", "fixed-pose", "merged-fixed-pose")
+    if fixed_phase and not s.skip_align:
+        return "none", s.healpix_order, 0.0
+    if s.skip_align:
+        return "none", order, 0.0
+    return ("local", order, float(sigma)) if sigma > 0 else ("global", order, 0.0)
+
+
+def _phase(settings, schedule, iteration):
+    s = settings
+    end = schedule.consensus_end
+    if not _staged(s):
+        return "em"
+    if iteration <= end:
+        return "consensus" if iteration <= last_global_consensus(s, schedule) \
+            else "consensus-local"
+    fixed_end = end + s.classify_fixed_iter
+    if iteration == end + 1 and iteration <= fixed_end:
+        return "split"
+    if iteration <= fixed_end:
+        return "fixed-pose"
+    if iteration <= fixed_end + schedule.merge_extra:
+        return "merged-fixed-pose"
+    return "em"
+
+
+def _assignments(settings, schedule, iteration, phase):
+    s = settings
+    if s.n_classes < 2:
+        return "free"
+    if _staged(s):
+        end = schedule.consensus_end
+        if iteration <= end:
+            return "one-class"
+        if iteration == end + 1:
+            return "current"
+        if iteration == end + s.classify_fixed_iter + 1 and schedule.merged:
+            return "current"
+    elif s.init_classes == "input" and iteration == 1:
+        return "input"
+    return "random" if iteration == 1 else "free"
+
+
+def merge_test_due(settings, schedule, iteration):
+    """Whether the held-out merge test runs before ``iteration`` (once, before the first
+    iteration after the fixed-pose phase)."""
+    s = settings
+    return (_staged(s) and s.merge_threshold > 0 and not schedule.merge_tested
+            and iteration == schedule.consensus_end + s.classify_fixed_iter + 1)
+
+
+def plan_iteration(settings, schedule, iteration):
+    """The :class:`IterationPlan` of ``iteration`` under ``schedule`` (a
+    :class:`ScheduleState`), with the automatic defaults of ``settings`` resolved
+    (:func:`.options.resolve_automatic`)."""
+    s = resolve_automatic(settings)
+    phase = _phase(s, schedule, iteration)
+    search, order, sigma = _search(s, schedule, iteration, phase)
+    fixed_phase = phase in ("split", "fixed-pose", "merged-fixed-pose")
+    mask = s.auto_mask_sigma
+    in_consensus = phase in ("consensus", "consensus-local")
+    return IterationPlan(
+        iteration=iteration, phase=phase,
+        split=(("pca" if s.init_classes == "pca" else "restarts")
+               if _staged(s) and iteration == schedule.consensus_end + 1 else ""),
+        merge_test=merge_test_due(s, schedule, iteration),
+        extension_check=(_staged(s) and iteration > 2
+                         and iteration - 1 == last_global_consensus(s, schedule)),
+        assignments=_assignments(s, schedule, iteration, phase),
+        search=search, healpix_order=int(order), sigma_ang=sigma,
+        class_highres_angst=(float(s.classify_fixed_highres)
+                             if fixed_phase and not s.skip_align else 0.0),
+        references=("shared-consensus" if shares_references(s, schedule, iteration)
+                    else "plain"),
+        auto_mask_sigma=float(mask) if mask > 0 and iteration > 1 else 0.0,
+        tau2_estimate=((s.consensus_tau2_estimate or s.tau2_estimate) if in_consensus
+                       else s.tau2_estimate),
+        joint_consensus=bool(s.joint_consensus
+                             and shares_references(s, schedule, iteration + 1)),
+        use_cc=bool(s.firstiter_cc and iteration == 1))
+
+
+def extend_consensus(settings, schedule, iteration, orientation_change_deg, step_deg):
+    """The schedule before ``iteration``, with one more global consensus iteration if
+    ``iteration`` would be the first local consensus iteration (or the split) but the
+    last global one still moved the poses by more than the coarse angular step of
+    ``--healpix_order`` (``step_deg``) on average (``orientation_change_deg``), up to
+    ``--consensus_extra_iter`` times and while at least two full-EM iterations stay
+    after the fixed-pose phase.  Returns ``(schedule, extended)``.
+
+    Why: on a 600-particle SNR 0.05 set with a 30-degree domain swing the consensus poses
+    were still moving at iteration 4 (median error 15 deg, 10 % of the particles flipped
+    at the split); the split then failed (ARI 0.29); with three more global iterations:
+    10 deg, no flips, ARI 0.89 (docs/benchmarks.md, "adaptive consensus")."""
+    s = settings
+    if not (_staged(s) and iteration > 2
+            and iteration - 1 == last_global_consensus(s, schedule)):
+        return schedule, False
+    room = s.n_iter - s.classify_fixed_iter - 2
+    end = schedule.consensus_end
+    if (orientation_change_deg > step_deg and end < s.consensus_iter + s.consensus_extra_iter
+            and end < room):
+        return replace(schedule, consensus_end=end + 1), True
+    return schedule, False
+
+
+def after_merge(settings, schedule, merged):
+    """The schedule after the merge test: tested, and after a merge
+    ``--merge_fixed_iter`` more fixed-pose iterations (while two full-EM iterations
+    remain)."""
+    s = settings
+    extra = schedule.merge_extra
+    if merged:
+        room = s.n_iter - 2 - (schedule.consensus_end + s.classify_fixed_iter)
+        extra = max(0, min(s.merge_fixed_iter, room))
+    return replace(schedule, merge_tested=True, merge_extra=extra, merged=bool(merged))
+
+
+def describe_schedule(settings, first=1):
+    """The whole run's schedule as text, one line per iteration from ``first`` to
+    ``--iter``, assuming that the consensus is not extended and that the merge test
+    merges nothing (both are decided while the run goes)."""
+    schedule = ScheduleState.initial(settings)
+    lines = [f"schedule of {settings.n_iter} iterations (--init_classes "
+             f"{settings.init_classes}, K={settings.n_classes}); assumes no consensus "
+             "extension and no merge, which the run decides as it goes"]
+    for it in range(first, settings.n_iter + 1):
+        plan = plan_iteration(settings, schedule, it)
+        if plan.merge_test:
+            schedule = after_merge(settings, schedule, merged=False)
+            plan = replace(plan_iteration(settings, schedule, it), merge_test=True)
+        lines.append(plan.describe())
+    return "\n".join(lines)
+
+
+def class_shell(box, apix, highres_angst):
+    """The Fourier shell (pixels) of a resolution limit (A): ``ceil(box apix / res)``."""
+    return int(np.ceil(box * apix / highres_angst))
