@@ -55,18 +55,20 @@ def test_backprojection_is_adjoint_of_projection(phantom, pad):
     proj = pj.Projector(phantom, pad=pad, gridding=False)
     s = (rng.standard_normal((5, len(ky))) + 1j * rng.standard_normal((5, len(ky)))).astype(np.complex64)
     lhs = np.vdot(s, proj.project(R, ky, kx))
-    # BackProjector.insert before symmetrisation (the '+k' half) is the adjoint of the
-    # interpolation: <s, P v> = <P^T s, v>, and its weight volume is P^T applied to
-    # the weights.
+    # BackProjector.insert is the adjoint of the interpolation followed by the Hermitian
+    # symmetrisation D + D(-q)*: summed over the whole padded grid (each half-grid voxel
+    # with q_x > 0 stands for its mate too), <D_sym, F> = 2 Re <s, P F>; its weight
+    # volume is the same applied to the weights (twice their sum).
     bp = pj.BackProjector(N, pad=pad)
     weights = rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
     bp.insert(R, ky, kx, s, weights)
-    rhs = np.vdot(bp.data, proj._flat)
-    assert abs(lhs - rhs) < 1e-4 * abs(lhs)
+    mult = bp.voxel_multiplicity()
+    rhs = np.sum(mult * (np.conj(bp.data) * proj._flat).real)
+    assert abs(2 * lhs.real - rhs) < 1e-4 * abs(lhs)
     ones = pj.Projector(np.zeros((N,) * 3, np.float32), pad=pad, gridding=False)
     ones._flat = np.ones_like(ones._flat)       # every voxel 1: P 1 = 1 (weights sum to 1)
     assert np.allclose(ones.project(R, ky, kx), 1.0, atol=1e-5)
-    assert np.isclose(bp.weight.sum(), weights.astype(np.float64).sum(), rtol=1e-5)
+    assert np.isclose((mult * bp.weight).sum(), 2 * weights.astype(np.float64).sum(), rtol=1e-5)
 
 
 def fsc_curve(a, b):
@@ -120,20 +122,33 @@ def test_tiny_prior_in_high_shells_keeps_low_shells(phantom):
     assert np.abs(fft_centered(rec))[N // 2, N // 2, N // 2 + 10] < 1e-3 * np.abs(fft_centered(phantom)).max()
 
 
-def test_real_space_is_the_centred_inverse_transform_cropped():
-    """``BackProjector.real_space`` (shifts folded into the slicing) equals the plain
-    centred inverse FFT of a Hermitian padded transform, cropped to the box."""
+@pytest.mark.parametrize("max_shell", [None, 3])
+def test_real_space_is_the_centred_inverse_transform_cropped(max_shell):
+    """``BackProjector.real_space`` of a half grid equals the plain centred inverse FFT
+    of the Hermitian padded transform it is the half of (zero beyond the grid), cropped
+    to the box."""
     from cryoclass_plugin.engine.fourier import fft_centered, ifft_centered
     from cryoclass_plugin.engine.projector import BackProjector
     rng = np.random.default_rng(4)
     box, pad = 12, 2
-    bp = BackProjector(box, pad)
-    big = bp.big
+    bp = BackProjector(box, pad, max_shell=max_shell)
+    big, h = bp.big, bp.grid.h
     transform = fft_centered(rng.standard_normal((big,) * 3))     # Hermitian
+    q = np.arange(big) - big // 2
+    Z, Y, X = np.meshgrid(q, q, q, indexing="ij")
+    outside = (np.abs(Z) > h) | (np.abs(Y) > h) | (np.abs(X) > h)
+    transform[outside] = 0                                         # still Hermitian
     want = ifft_centered(transform).real
     lo = big // 2 - box // 2
     want = want[lo:lo + box, lo:lo + box, lo:lo + box]
-    np.testing.assert_allclose(bp.real_space(transform.ravel()), want, atol=1e-10)
+    c = big // 2
+    if h < c:
+        half = transform[c - h:c + h + 1, c - h:c + h + 1, c:c + h + 1]
+    else:       # rows -P/2..P/2-1 (+P/2 left 0: it adds onto -P/2); q_x = P/2 is -P/2
+        half = np.zeros(bp.grid.shape, np.complex128)
+        half[:big, :big, :c] = transform[:, :, c:]
+        half[:big, :big, c] = transform[:, :, 0]
+    np.testing.assert_allclose(bp.real_space(half.ravel()), want, atol=1e-10)
 
 
 def test_ifft_centered_real_matches_the_complex_inverse():

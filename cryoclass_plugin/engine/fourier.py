@@ -6,6 +6,29 @@ Resolution of shell ``s`` is ``N * apix / s`` Angstrom.
 """
 import numpy as np
 
+# Threads of the CPU FFTs that :func:`fft_axis` runs (scipy.fft's ``workers``); the
+# engine sets it from ``--j`` (:func:`set_fft_workers`).  CuPy ignores it.
+_FFT_WORKERS = 1
+
+
+def set_fft_workers(n):
+    """Use ``n`` (>= 1) threads in the CPU transforms of :func:`fft_axis`."""
+    global _FFT_WORKERS
+    _FFT_WORKERS = max(1, int(n))
+
+
+def fft_axis(kind, arr, n, axis):
+    """One-axis transform ``kind`` ('fft', 'ifft', 'rfft', 'irfft') of length ``n``
+    (input zero-padded or truncated at its end, as numpy's ``n``): scipy.fft with
+    :func:`set_fft_workers` threads on the CPU (single precision kept single), the
+    array's own ``cupy.fft`` (cached cuFFT plans) on a GPU.  Unnormalised forward,
+    ``1 / n`` on the inverse, as numpy."""
+    xp = _xp(arr)
+    if xp is np:
+        import scipy.fft
+        return getattr(scipy.fft, kind)(arr, n=n, axis=axis, workers=_FFT_WORKERS)
+    return getattr(xp.fft, kind)(arr, n=n, axis=axis)
+
 
 def _xp(arr):
     from .backend import get_xp

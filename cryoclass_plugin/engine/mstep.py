@@ -35,10 +35,15 @@ from .projector import BackProjector
 class Accumulators:
     """E-step sums of one rank; :meth:`reduce` adds all ranks' sums."""
 
-    def __init__(self, n_classes, n_groups, box, pad, xp):
+    def __init__(self, n_classes, n_groups, box, pad, xp, max_shell=None):
+        """``max_shell``: the largest pixel radius the E-step inserts (the grids' size,
+        :func:`.projector.current_grid_shell`; None: Nyquist).  The noise, class and
+        shell tables are at the full box (``box // 2 + 1`` shells)."""
         self.xp = xp
         self.n_shells = box // 2 + 1
-        self.backprojectors = [BackProjector(box, pad, xp) for _ in range(n_classes)]
+        self.max_shell = max_shell
+        self.backprojectors = [BackProjector(box, pad, xp, max_shell=max_shell)
+                               for _ in range(n_classes)]
         self.noise_sum = xp.zeros((n_groups, self.n_shells), dtype=xp.float64)
         self.noise_count = xp.zeros((n_groups, self.n_shells), dtype=xp.float64)
         self.class_weight = xp.zeros(n_classes, dtype=xp.float64)
@@ -176,14 +181,14 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     ``--class_difference_highres``, :mod:`.focus`) loses frequencies the whole data set
     determines.  Measured: poses 0.1-0.3 degrees better; with the automatic reference
     mask the classes too (benchmarks/RESULTS.md, "joint consensus", "automatic mask").
-    Costs one reconstruction and one more padded volume pair (data complex128 + weight
-    float64) during the M-step.  Its signal spectrum is updated as
+    Costs one reconstruction and one more grid pair (data complex128 + weight float64,
+    on the classes' cropped half grid) during the M-step.  Its signal spectrum is updated as
     ``settings.consensus_tau2_estimate`` says ("em": plus the posterior variance, as
     :func:`maximise` does for the class maps with ``--tau2_estimate em``).
     """
     xp = acc.xp
     first = acc.backprojectors[0]
-    joint = BackProjector(first.box, first.pad, xp)
+    joint = BackProjector(first.box, first.pad, xp, max_shell=first.max_shell)
     for bp in acc.backprojectors:
         joint.add(bp.data, bp.weight)
     if model.consensus_ref is not None:

@@ -1,23 +1,49 @@
-"""Fourier-space projection, back-projection and regularised reconstruction.
+"""Fourier-space projection, back-projection and regularised reconstruction on cropped
+Hermitian half grids.
 
 Central-slice theorem on a zero-padded, centred, unnormalised 3D transform (see the
 package docstring).  A 2D frequency ``(kx, ky)`` (integer, in cycles per box of the
 *unpadded* box ``N``) of the projection along rotation ``A`` samples the 3D transform at
 ``A^T (kx, ky, 0) = kx * A[0] + ky * A[1]``; on the padded grid (box ``P = pad * N``)
-that is the point ``pad * A^T (kx, ky, 0) + P // 2`` in index units (x, y, z), read by
-trilinear interpolation.  Zero padding does not change the values of the transform
-(the sum over voxels is the same), only samples it more finely, which keeps trilinear
-interpolation accurate.  Gridding correction divides the map by the real-space footprint
-of trilinear interpolation, ``sinc^2(x / P)`` per axis, before padding (and the
-reconstruction by the same after inverse transform).
+that is the frequency point ``c = pad * A^T (kx, ky, 0)`` (x, y, z), read by trilinear
+interpolation.  Zero padding does not change the values of the transform (the sum over
+voxels is the same), only samples it more finely, which keeps trilinear interpolation
+accurate.  Gridding correction divides the map by the real-space footprint of trilinear
+interpolation, ``sinc^2(x / P)`` per axis, before padding (and the reconstruction by the
+same after inverse transform).
+
+The grid (:class:`HalfGrid`).  Only the padded frequencies ``-h <= q_y, q_z <= h`` and
+``0 <= q_x <= h`` are stored, as a ``(2h+1, 2h+1, h+1)`` array ``(z, y, x)`` (RELION's
+``pad_size x pad_size x (pad_size / 2 + 1)`` with ``pad_size = 2 h + 1``), where
+``h = ceil(pad * max_shell) + 1`` (the padded radius of the frequencies used, plus one
+voxel for the trilinear neighbours), capped at ``P / 2``; ``max_shell = None`` means
+Nyquist (``h = P / 2``, every frequency of the full padded grid).  The transform of a
+real map is Hermitian, ``F(-q) = F(q)*``, so the ``q_x < 0`` half is implied: a point
+with ``c_x < 0`` is read (and written) at its mate ``-c`` with the conjugate value.
+Memory of one complex64 grid: ``8 (2h+1)^2 (h+1)`` bytes, e.g. 30 MB at ``h = 97`` (box
+360, pad 2, shell 48) against 3 GB for the full ``720^3`` grid.
+
+Projector: the cropped transform is computed axis by axis on slabs (a length-``P``
+transform of the zero-padded axis, cropped to the ``2h+1`` kept frequencies before the
+next axis), so neither the padded real volume nor its full transform is ever allocated.
+Back-projector: ``data``/``weight`` hold the Hermitian-symmetrised sums (every sample
+and its mate) on the same half grid; the reconstruction goes back to a real map at the
+full box by the same axis-by-axis transforms (zero beyond the grid).
+
+Precision: slices and the projector's grid are complex64; the back-projector's
+accumulators are complex128/float64 (``data``/``weight``), as the golden runs were made
+with (a float32 accumulation over 10^5-10^6 particles loses ~1e-4 relative in the low
+shells' sums, where the weights are largest).
 
 Pixels are passed as the ``(ky, kx)`` lists of :func:`.fourier.half_plane_pixels`;
 slices are ``(n_rotations, n_pixels)`` complex64 arrays.
 """
+import math
+
 import numpy as np
 
 from .backend import get_xp
-from .fourier import fft_centered, ifft_centered_real, radial_index
+from .fourier import fft_axis
 
 # Rotations interpolated per chunk.  On the CPU small chunks keep the (chunk, n_pixels)
 # temporaries of the eight corner passes in cache (32 rotations x 1500 pixels x 8 bytes
@@ -26,16 +52,81 @@ _ROTATION_CHUNK_CPU = 32
 _ROTATION_CHUNK_GPU = 1024
 # Corner entries (rotations x pixels x 8) scattered per insertion chunk on the CPU: the
 # scatter-add (bincount) costs per entry, the full-volume additions per chunk, so chunks
-# of ~4 M entries amortise the latter (~90 MB of temporaries).
-_INSERT_ENTRIES_CPU = 1 << 22
+# of ~2 M entries amortise the latter (~16 MB per (8, r, n) temporary).
+_INSERT_ENTRIES_CPU = 1 << 21
+# Bytes of one complex128 intermediate of the axis-by-axis transforms (slabs are sized
+# to stay under it).
+_SLAB_BYTES = 1 << 26
 
 
 def _rotation_chunk(xp):
     return _ROTATION_CHUNK_CPU if xp is np else _ROTATION_CHUNK_GPU
 
 
-def gridding_correction(box, pad, xp=np):
-    """Real-space footprint of trilinear interpolation on a ``pad * box`` grid, ``(z,y,x)``.
+def current_grid_shell(current_shell, box):
+    """The shell (unpadded frequency pixels) to size the iteration's grids for: the
+    E-step's ``current_shell`` plus one, capped at Nyquist ``box // 2``.
+
+    The E-step's pixels are those of shell ``round(|k|) <= current_shell``, so their
+    radius reaches ``current_shell + 0.5``; one more shell keeps them inside with
+    margin.  The trilinear neighbours (one padded voxel further) are in every grid
+    already (``h = ceil(pad r) + 1``, RELION's ``pad_size = 2 (pad r_max + 1) + 1``).
+    RELION sizes its grids by the current image size, ``current_size / 2`` = the best
+    class resolution shell + ``--incr_size`` (which the engine's ``current_shell``
+    already includes)."""
+    return int(min(int(current_shell) + 1, int(box) // 2))
+
+
+def grid_half_extent(box, pad, max_shell):
+    """``h``: the padded half-size of the grid for frequencies ``|k| <= max_shell``."""
+    big = int(pad) * int(box)
+    if max_shell is None:
+        return big // 2
+    return int(min(math.ceil(int(pad) * float(max_shell) - 1e-9) + 1, big // 2))
+
+
+class HalfGrid:
+    """Geometry of a cropped Hermitian half grid (see the module docstring).
+
+    ``shape = (2h+1, 2h+1, h+1)`` (z, y, x); voxel ``(q_z, q_y, q_x)`` (padded
+    frequencies) sits at ``((q_z + h) * ny + q_y + h) * nx + q_x`` of the flat array.
+    ``lo``/``hi`` bound the sample points (in padded index units) as the full grid
+    ``[-P/2, P/2 - 1]`` and this grid's ``[-h, h]`` allow.
+    """
+
+    def __init__(self, box, pad, max_shell=None):
+        self.box, self.pad = int(box), int(pad)
+        self.big = self.pad * self.box
+        self.max_shell = None if max_shell is None else float(max_shell)
+        h = self.h = grid_half_extent(self.box, self.pad, max_shell)
+        self.ny, self.nx = 2 * h + 1, h + 1
+        self.shape = (self.ny, self.ny, self.nx)
+        self.size = self.ny * self.ny * self.nx
+        # Bounds of the sample points in padded index units (frequency + P // 2): the
+        # full grid's [0, P - 1.001], and the cropped grid's [P/2 - h, P/2 + h).
+        self.lo = float(max(0, self.big // 2 - h))
+        self.hi = self.big - 1.001 if h >= self.big // 2 else float(self.big // 2 + h - 0.001)
+        # flat(q) + flat(-q) on the grid extended to q_x < 0.
+        self.mate_sum = 2 * h * self.ny * self.nx + 2 * h * self.nx
+
+    def key(self):
+        return (self.box, self.pad, self.h)
+
+    def check_pixels(self, ky, kx):
+        """Raise ValueError if a pixel lies beyond the grid's ``max_shell``."""
+        if self.max_shell is None or ky.shape[0] == 0:
+            return
+        xp = get_xp(ky)
+        r2 = float(xp.max(kx.astype(xp.float64) ** 2 + ky.astype(xp.float64) ** 2))
+        if r2 > self.max_shell ** 2 + 1e-6:
+            raise ValueError(f"pixel radius {math.sqrt(r2):.2f} beyond the grid's "
+                             f"max_shell {self.max_shell:g}: build the grid with a larger "
+                             "max_shell (current_grid_shell)")
+
+
+def gridding_correction(box, pad, xp=np, z_range=None):
+    """Real-space footprint of trilinear interpolation on a ``pad * box`` grid, ``(z,y,x)``
+    (only the planes ``z_range = (z0, z1)`` if given).
 
     Trilinear interpolation in Fourier space multiplies the real-space map by
     ``sinc^2(x / P) sinc^2(y / P) sinc^2(z / P)`` (x in pixels from the centre, P the
@@ -43,20 +134,107 @@ def gridding_correction(box, pad, xp=np):
     """
     x = (xp.arange(box) - box // 2) / float(pad * box)
     s = xp.sinc(x) ** 2
-    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).astype(xp.float32)
+    sz = s if z_range is None else s[z_range[0]:z_range[1]]
+    return (sz[:, None, None] * s[None, :, None] * s[None, None, :]).astype(xp.float32)
 
 
-def _padded_transform(vol, pad, gridding):
+def _slab(n_per_plane):
+    """Planes per slab for intermediates of ``n_per_plane`` complex128 values."""
+    return max(1, _SLAB_BYTES // (16 * max(1, n_per_plane)))
+
+
+def _phase(xp, q, box, big):
+    """``exp(2 pi i q (N//2) / P)``: the shift from array index ``i`` to centred
+    coordinate ``i - N//2`` of a length-``P`` forward transform, at frequencies ``q``."""
+    return xp.exp(2j * np.pi * q.astype(xp.float64) * (box // 2) / big)
+
+
+def half_grid_transform(vol, grid, gridding):
+    """The cropped half-grid transform ``(2h+1, 2h+1, h+1)`` complex64 of the zero-padded
+    centred map ``vol`` (N^3; divided by the gridding footprint first if ``gridding``):
+    the values of the full ``P^3`` centred transform at those frequencies.
+
+    Axis by axis on slabs: x (real transform of length P, kept ``0..h``), y (length P,
+    kept ``-h..h``) per slab of z planes, then z per slab of y columns; each in float64
+    (as the full-grid transform was), with the centring as a phase factor."""
     xp = get_xp(vol)
-    box = vol.shape[0]
-    v = vol.astype(xp.float32)
-    if gridding:
-        v = v / gridding_correction(box, pad, xp)
-    big = pad * box
-    padded = xp.zeros((big, big, big), dtype=xp.float32)
-    lo = big // 2 - box // 2
-    padded[lo:lo + box, lo:lo + box, lo:lo + box] = v
-    return fft_centered(padded).astype(xp.complex64)
+    N, P, h = grid.box, grid.big, grid.h
+    qx = xp.arange(h + 1)
+    q = xp.arange(-h, h + 1)
+    idx = q % P
+    px, pq = _phase(xp, qx, N, P), _phase(xp, q, N, P)
+    acc = xp.empty((N, grid.ny, grid.nx), dtype=xp.complex128)
+    step = _slab(N * (P // 2 + 1) + P * grid.nx)
+    for z0 in range(0, N, step):
+        z1 = min(z0 + step, N)
+        v = vol[z0:z1].astype(xp.float32)
+        if gridding:
+            v = v / gridding_correction(N, grid.pad, xp, (z0, z1))
+        a = fft_axis("rfft", v.astype(xp.float64), P, 2)[..., :h + 1]
+        a *= px
+        b = fft_axis("fft", a, P, 1)[:, idx, :]
+        b *= pq[None, :, None]
+        acc[z0:z1] = b
+    out = xp.empty(grid.shape, dtype=xp.complex64)
+    step = _slab(P * grid.nx)
+    for y0 in range(0, grid.ny, step):
+        y1 = min(y0 + step, grid.ny)
+        c = fft_axis("fft", acc[:, y0:y1], P, 0)[idx]
+        c *= pq[:, None, None]
+        out[:, y0:y1] = c
+    return out
+
+
+def _embed(xp, values, grid, axis):
+    """Scatter the ``-h..h`` entries of ``values`` along ``axis`` into a zero array of
+    length P at ``q mod P`` (the aliased ``+P/2`` face, present when ``h = P/2``, is
+    added onto ``-P/2``)."""
+    P, h = grid.big, grid.h
+    shape = list(values.shape)
+    shape[axis] = P
+    out = xp.zeros(shape, dtype=xp.complex128)
+    n = min(2 * h + 1, P)
+    idx = xp.arange(-h, -h + n) % P
+    sl = [slice(None)] * values.ndim
+    sl[axis] = idx
+    src = [slice(None)] * values.ndim
+    src[axis] = slice(0, n)
+    out[tuple(sl)] = values[tuple(src)]
+    if 2 * h + 1 > P:
+        sl[axis], src[axis] = slice(P // 2, P // 2 + 1), slice(n, n + 1)
+        out[tuple(sl)] += values[tuple(src)]
+    return out
+
+
+def half_grid_to_real(transform, grid, gridding=False, dtype=np.float64):
+    """The real ``(N, N, N)`` map (centred box of the padded grid's inverse transform)
+    of a Hermitian half-grid transform (flat or ``grid.shape``), zero beyond the grid;
+    divided by the gridding footprint if ``gridding``.
+
+    Axis by axis: z (inverse of length P, evaluated at the N output planes) per slab of
+    y columns, then y and x (half-spectrum real inverse of length P) per slab of z
+    planes."""
+    xp = get_xp(transform)
+    G = transform.reshape(grid.shape)
+    N, P, h = grid.box, grid.big, grid.h
+    x_idx = (xp.arange(N) - N // 2) % P
+    Z = xp.empty((N, grid.ny, grid.nx), dtype=xp.complex128)
+    step = _slab(P * grid.nx)
+    for y0 in range(0, grid.ny, step):
+        y1 = min(y0 + step, grid.ny)
+        Z[:, y0:y1] = fft_axis("ifft", _embed(xp, G[:, y0:y1], grid, 0), P, 0)[x_idx]
+    out = xp.empty((N, N, N), dtype=dtype)
+    step = _slab(P * grid.nx + N * (P // 2 + 1))
+    for z0 in range(0, N, step):
+        z1 = min(z0 + step, N)
+        Y = fft_axis("ifft", _embed(xp, Z[z0:z1], grid, 1), P, 1)[:, x_idx]
+        half = xp.zeros((z1 - z0, N, P // 2 + 1), dtype=xp.complex128)
+        half[..., :h + 1] = Y
+        r = fft_axis("irfft", half, P, 2)[..., x_idx]
+        if gridding:
+            r /= gridding_correction(N, grid.pad, xp, (z0, z1))
+        out[z0:z1] = r
+    return out
 
 
 def _pixel_pairs(ky, kx):
@@ -65,36 +243,38 @@ def _pixel_pairs(ky, kx):
     return xp.stack([kx, ky]).astype(xp.float32)
 
 
-def _corners(matrices, kxy, pad, big):
-    """Trilinear footprint of the slice pixels on the padded grid.
+def _corners(matrices, kxy, grid):
+    """Trilinear footprint of the slice pixels at rotations ``matrices`` (R, 3, 3).
 
-    The pixel ``(kx, ky)`` of rotation ``A`` sits at the padded-grid index point
-    ``pad * (kx A[0] + ky A[1]) + P // 2`` (x, y, z).  Returns ``first`` (R, n), the flat
-    index ``(z * P + y) * P + x`` of its lower corner (int32 while the grid allows), and
-    the fractional parts ``fx, fy, fz`` (R, n) float32; the eight neighbours are
-    ``first + _corner_steps(P)`` with weights the products of ``f`` or ``1 - f`` per
-    axis.  Points are clipped into the grid; pixels inside the unpadded Nyquist circle
-    always fall inside it, so the clip only guards against rounding.
-    """
+    The pixel ``(kx, ky)`` of rotation ``A`` sits at the padded index point
+    ``pad * (kx A[0] + ky A[1]) + P // 2`` (x, y, z), clipped to ``[grid.lo, grid.hi]``
+    (pixels inside the grid's shell never are; the clip only guards against rounding).
+    Returns ``first`` (R, n), the flat index of the lower corner on the grid extended
+    to ``q_x < 0`` (``((q_z + h) ny + q_y + h) nx + q_x``; int32 while the grid allows),
+    ``bx`` (R, n) its ``q_x``, and the fractional parts ``fx, fy, fz`` (R, n) float32;
+    the eight neighbours are ``first + _corner_steps(grid)`` with weights the products
+    of ``f`` or ``1 - f`` per axis.  A corner with ``q_x < 0`` is stored at its mate,
+    flat index ``grid.mate_sum - index`` (:func:`_stored`)."""
     xp = get_xp(matrices)
-    A = (pad * matrices[:, :2, :]).astype(xp.float32)                  # (R, 2, 3)
+    A = (grid.pad * matrices[:, :2, :]).astype(xp.float32)              # (R, 2, 3)
     coords = xp.matmul(A.transpose(0, 2, 1), kxy)                       # (R, 3, n)
-    coords += xp.float32(big // 2)
-    xp.clip(coords, 0, xp.float32(big - 1.001), out=coords)
-    # int32 flat indices while the padded grid allows (up to 1290^3 voxels): half the
-    # memory traffic of int64.  Coordinates are >= 0, so truncation is the floor.
-    itype = xp.int32 if big ** 3 < 2 ** 31 else xp.int64
-    base = coords.astype(itype)
+    coords += xp.float32(grid.big // 2)
+    xp.clip(coords, xp.float32(grid.lo), xp.float32(grid.hi), out=coords)
+    itype = xp.int32 if 2 * grid.size < 2 ** 31 else xp.int64
+    base = coords.astype(itype)              # >= 0: truncation is the floor
     coords -= base
-    first = base[:, 2] * (big * big)
-    first += base[:, 1] * big
-    first += base[:, 0]
-    return first, coords[:, 0], coords[:, 1], coords[:, 2]
+    off = grid.h - grid.big // 2             # padded index -> offset q + h
+    bx = base[:, 0] - grid.big // 2
+    first = (base[:, 2] + off) * (grid.ny * grid.nx)
+    first += (base[:, 1] + off) * grid.nx
+    first += bx
+    return first, bx, coords[:, 0], coords[:, 1], coords[:, 2]
 
 
-def _corner_steps(big):
+def _corner_steps(grid):
     """Flat offsets of the eight neighbours, order (z, y, x) with x fastest."""
-    return (0, 1, big, big + 1, big * big, big * big + 1, big * big + big, big * big + big + 1)
+    s, n = grid.ny * grid.nx, grid.nx
+    return (0, 1, n, n + 1, s, s + 1, s + n, s + n + 1)
 
 
 def _corner_weights(fx, fy, fz):
@@ -109,7 +289,7 @@ def _corner_weights(fx, fy, fz):
 
 
 class Projector:
-    """Slices of one map's padded 3D transform.
+    """Slices of one map's padded 3D transform, kept on a cropped half grid.
 
     Parameters
     ----------
@@ -117,141 +297,231 @@ class Projector:
     pad : padding factor (1 or 2; RELION's ``--pad``)
     gridding : divide by the trilinear footprint first (RELION's default; off with
         ``--skip_gridding``)
+    max_shell : the largest pixel radius (unpadded frequency pixels) that will be
+        projected (:func:`current_grid_shell`); None: Nyquist.
     """
 
-    def __init__(self, vol, pad=2, gridding=True):
+    def __init__(self, vol, pad=2, gridding=True, max_shell=None):
         self.xp = get_xp(vol)
         self.box = vol.shape[0]
         self.pad = int(pad)
         self.big = self.pad * self.box
-        self.transform = _padded_transform(vol, self.pad, gridding)
+        self.grid = HalfGrid(self.box, self.pad, max_shell)
+        self.transform = half_grid_transform(vol, self.grid, gridding)
         self._flat = self.transform.ravel()
 
     def project(self, matrices, ky, kx):
         """Slices ``(R, n_pixels)`` complex64 for rotation matrices ``(R, 3, 3)``.
 
         Trilinear interpolation as eight gathers of (chunk, n) corner values, each
-        weighted and summed in place (no (R, n, 8) temporaries)."""
+        weighted and summed in place (no (R, n, 8) temporaries); points read at their
+        mate are conjugated at the end."""
         xp = self.xp
+        self.grid.check_pixels(ky, kx)
         matrices = xp.asarray(matrices)
         R, n = matrices.shape[0], ky.shape[0]
         out = xp.empty((R, n), dtype=xp.complex64)
         kxy = _pixel_pairs(ky, kx)
-        steps = _corner_steps(self.big)
+        steps = _corner_steps(self.grid)
+        mate_sum = self.grid.mate_sum
         chunk = _rotation_chunk(xp)
         for start in range(0, R, chunk):
             stop = min(start + chunk, R)
-            first, fx, fy, fz = _corners(matrices[start:stop], kxy, self.pad, self.big)
+            first, bx, fx, fy, fz = _corners(matrices[start:stop], kxy, self.grid)
+            # Corners with q_x < 0 (lower x corner if bx < 0, upper if bx < -1) are
+            # read at their mate and conjugated.
+            # As integers: the corner at first + step is read at s (first + step) + o,
+            # s = -1 and o = mate_sum for the mates, s = 1 and o = 0 otherwise.
+            neg = (bx < 0, bx < -1)
+            s_int = [xp.where(m, -1, 1).astype(first.dtype) for m in neg]
+            origin = [first * si + m * first.dtype.type(mate_sum) for si, m in zip(s_int, neg)]
+            sign = [si.astype(xp.float32) for si in s_int]
             acc = out[start:stop]
             acc[...] = 0
             corner = xp.empty(first.shape, dtype=xp.complex64)
             index = xp.empty_like(first)
-            for step, weight in zip(steps, _corner_weights(fx, fy, fz)):
-                xp.add(first, step, out=index)
+            imag = corner.view(xp.float32).reshape(first.shape + (2,))[..., 1]
+            for i, (step, weight) in enumerate(zip(steps, _corner_weights(fx, fy, fz))):
+                xp.multiply(s_int[i % 2], step, out=index)
+                index += origin[i % 2]
                 xp.take(self._flat, index, out=corner)
                 corner *= weight
+                imag *= sign[i % 2]
                 acc += corner
         return out
 
 
 _SHELL_CACHE = {}
-_SHELL_CACHE_MAX_BIG = 256
+_SHELL_CACHE_MAX_BYTES = 1 << 28
+_COUNT_CACHE = {}
+
+
+def padded_shell_counts(box, pad, n_shells):
+    """Number of voxels of the full padded grid ``[-P/2, P/2 - 1]^3`` in each shell
+    ``round(|q| / pad)`` < n_shells (float64), without building that grid: the squared
+    radii ``q_y^2 + q_z^2`` of all (y, z) pairs are histogrammed once, then shifted by
+    each ``q_x^2``."""
+    key = (int(box), int(pad), int(n_shells))
+    if key in _COUNT_CACHE:
+        return _COUNT_CACHE[key]
+    big = int(pad) * int(box)
+    q2 = (np.arange(big) - big // 2).astype(np.int64) ** 2
+    n_max = int((pad * (n_shells + 0.5)) ** 2) + 1
+    pair = np.add.outer(q2, q2).ravel()
+    hist2 = np.bincount(pair[pair < n_max], minlength=n_max).astype(np.float64)
+    per_n = np.zeros(n_max, dtype=np.float64)
+    for x2 in q2[q2 < n_max]:
+        per_n[x2:] += hist2[:n_max - x2]
+    shell = np.rint(np.sqrt(np.arange(n_max, dtype=np.float64)) / pad).astype(np.int64)
+    keep = shell < n_shells
+    counts = np.bincount(shell[keep], weights=per_n[keep], minlength=n_shells)[:n_shells]
+    if len(_COUNT_CACHE) > 8:
+        _COUNT_CACHE.clear()
+    _COUNT_CACHE[key] = counts
+    return counts
 
 
 class BackProjector:
-    """Accumulates weighted slices into a padded 3D transform and reconstructs.
+    """Accumulates weighted slices into a padded 3D transform (cropped half grid) and
+    reconstructs.
 
     ``data`` accumulates ``sum posterior * CTF * image / sigma2`` and ``weight``
-    ``sum posterior * CTF^2 / sigma2`` (RELION's MAP weighting), both on the padded grid
-    by the adjoint of :meth:`Projector.project`'s interpolation.  Only half-plane pixels
-    are inserted; :meth:`symmetrised` adds each voxel's Hermitian mate once at the end.
+    ``sum posterior * CTF^2 / sigma2`` (RELION's MAP weighting), flat on the half grid
+    of :class:`HalfGrid`, by the adjoint of :meth:`Projector.project`'s interpolation
+    applied to each sample and to its Hermitian mate (``-k``, conjugate value): they
+    hold the Hermitian-symmetrised sums.  ``max_shell``: the largest pixel radius that
+    will be inserted (None: Nyquist).
     """
 
-    def __init__(self, box, pad=2, xp=np):
+    def __init__(self, box, pad=2, xp=np, max_shell=None):
         self.xp = xp
         self.box = box
         self.pad = int(pad)
         self.big = self.pad * box
-        n = self.big ** 3
-        self.data = xp.zeros(n, dtype=xp.complex128)
-        self.weight = xp.zeros(n, dtype=xp.float64)
+        self.grid = HalfGrid(box, self.pad, max_shell)
+        self.max_shell = max_shell
+        self.data = xp.zeros(self.grid.size, dtype=xp.complex128)
+        self.weight = xp.zeros(self.grid.size, dtype=xp.float64)
 
     def insert(self, matrices, ky, kx, slices, weights):
         """Add slices ``(R, n)`` complex and their weights ``(R, n)`` real at rotations.
 
-        The adjoint of :meth:`Projector.project`'s interpolation.  Only the given
-        (half-plane) pixels are splatted; their Hermitian mates are added once, in
-        :meth:`symmetrised`, which halves the cost of every insertion.
-        """
+        The adjoint of :meth:`Projector.project`'s interpolation (same corners, same
+        weights), followed by the Hermitian symmetrisation ``D(q) + D(-q)*``: a corner
+        contribution at ``q`` goes to ``q`` if ``q_x > 0``, to ``-q`` conjugated if
+        ``q_x < 0``, and to both if ``q_x = 0``."""
         xp = self.xp
-        n_tot = self.big ** 3
+        grid = self.grid
+        grid.check_pixels(ky, kx)
         kxy = _pixel_pairs(ky, kx)
-        steps = xp.asarray(_corner_steps(self.big), dtype=xp.int64)[:, None, None]
+        steps = xp.asarray(_corner_steps(grid), dtype=xp.int64)[:, None, None]
+        dx = xp.asarray([0, 1] * 4, dtype=xp.int64)[:, None, None]
         chunk = (max(1, _INSERT_ENTRIES_CPU // (8 * max(1, ky.shape[0]))) if xp is np
                  else _ROTATION_CHUNK_GPU)
-        data_pair = self.data.view(xp.float64).reshape(n_tot, 2)
         for start in range(0, matrices.shape[0], chunk):
             stop = min(start + chunk, matrices.shape[0])
-            first, fx, fy, fz = _corners(matrices[start:stop], kxy, self.pad, self.big)
-            # (8, r, n) weights and int64 indices: one scatter per quantity and chunk.
+            first, bx, fx, fy, fz = _corners(xp.asarray(matrices[start:stop]), kxy, grid)
+            # (8, r, n) weights; the products with the values in float32, then summed
+            # in float64.
             w = xp.stack(list(_corner_weights(fx, fy, fz)))
-            flat = (first.astype(xp.int64)[None] + steps).ravel()
+            flat = first.astype(xp.int64)[None] + steps
+            qx = bx.astype(xp.int64)[None] + dx
+            neg, plane = qx < 0, qx == 0
+            mate = grid.mate_sum - flat
             val = slices[start:stop][None]
-            if xp is np:
-                # numpy: bincount is the fast scatter-add (np.add.at is ~10x slower).
-                terms = np.empty(w.shape, dtype=np.float64)     # bincount's own type
-                for column, part in ((0, val.real), (1, val.imag)):
-                    np.multiply(w, part, out=terms)
-                    data_pair[:, column] += np.bincount(flat, weights=terms.ravel(),
-                                                        minlength=n_tot)
-                np.multiply(w, weights[start:stop][None], out=terms)
-                self.weight += np.bincount(flat, weights=terms.ravel(), minlength=n_tot)
-            else:
-                # CuPy: atomic adds; cupy.bincount would check its input on the host
-                # (a device synchronisation per call).
-                import cupyx
-                wv = w.astype(xp.float64)
-                pair = xp.stack([(wv * val.real).ravel(), (wv * val.imag).ravel()], axis=1)
-                cupyx.scatter_add(data_pair, flat, pair)
-                cupyx.scatter_add(self.weight, flat, (wv * weights[start:stop][None]).ravel())
+            re = xp.broadcast_to(val.real, w.shape)
+            im = xp.broadcast_to(val.imag, w.shape)
+            wt = xp.broadcast_to(weights[start:stop][None], w.shape)
+            # Each corner at q_x >= 0 as it is, at q_x < 0 at its mate (conjugate), and
+            # on the q_x = 0 plane at its mate too (both are stored).
+            target = xp.concatenate([xp.where(neg, mate, flat).ravel(), mate[plane]])
+            self._scatter(target, [
+                xp.concatenate([(w * re).ravel(), w[plane] * re[plane]]),
+                xp.concatenate([(w * xp.where(neg, -im, im)).ravel(), -w[plane] * im[plane]]),
+                xp.concatenate([(w * wt).ravel(), w[plane] * wt[plane]])])
 
-    def _mate(self, a):
-        """``a`` at every voxel's Hermitian mate: index i holds k = i - P/2, its mate -k
-        sits at (P - i) mod P on each axis."""
-        a = a.reshape((self.big,) * 3)[::-1, ::-1, ::-1]
-        return self.xp.roll(a, 1, axis=(0, 1, 2)).ravel()
+    def _scatter(self, flat, terms):
+        """Add ``terms`` (real part, imaginary part, weight; each aligned with the flat
+        indices ``flat``) into ``data`` and ``weight``."""
+        xp = self.xp
+        pair = self.data.view(xp.float64).reshape(self.grid.size, 2)
+        n = self.grid.size
+        if xp is np:
+            # numpy: bincount is the fast scatter-add (np.add.at is ~10x slower).
+            pair[:, 0] += np.bincount(flat, weights=terms[0].astype(np.float64), minlength=n)
+            pair[:, 1] += np.bincount(flat, weights=terms[1].astype(np.float64), minlength=n)
+            self.weight += np.bincount(flat, weights=terms[2].astype(np.float64), minlength=n)
+        else:
+            # CuPy: atomic adds; cupy.bincount would check its input on the host
+            # (a device synchronisation per call).
+            import cupyx
+            both = xp.stack([terms[0], terms[1]], axis=1).astype(xp.float64)
+            cupyx.scatter_add(pair, flat, both)
+            cupyx.scatter_add(self.weight, flat, terms[2].astype(xp.float64))
 
     def symmetrised(self):
-        """``(data, weight)`` with every voxel's Hermitian mate added (``F(-k) = F(k)*``)."""
-        return self.symmetrised_data(), self.symmetrised_weight()
+        """``(data, weight)``: the sums hold every sample's Hermitian mate already
+        (the arrays themselves, not copies)."""
+        return self.data, self.weight
 
     def symmetrised_data(self):
-        return self.data + self.xp.conj(self._mate(self.data))
+        return self.data
 
     def symmetrised_weight(self):
-        return self.weight + self._mate(self.weight)
+        return self.weight
 
     def add(self, other_data, other_weight):
-        """Add accumulators summed elsewhere (e.g. by an MPI reduction)."""
+        """Add accumulators summed elsewhere (e.g. by an MPI reduction) on the same grid."""
+        if other_data.shape != self.data.shape:
+            raise ValueError(f"accumulators of {other_data.shape[0]} voxels added to a grid "
+                             f"of {self.data.shape[0]}: build both with the same max_shell")
         self.data += other_data
         self.weight += other_weight
 
-    def shells(self):
-        """Shell (in unpadded frequency pixels, rounded) of every padded voxel (flat).
-
-        Cached per grid up to 256^3 voxels (134 MB of int64): each M-step asks for it
-        twice per class."""
-        xp = self.xp
-        key = (self.big, self.pad, xp.__name__)
+    def _grid_shells(self):
+        """``(shell, multiplicity)`` flat over the grid: shell ``round(|q| / pad)`` (int32)
+        and 2 where ``q_x > 0`` (the voxel stands for its mate too), 1 on ``q_x = 0``.
+        Cached (the last two grids, up to 256 MB each)."""
+        xp, g = self.xp, self.grid
+        key = g.key() + (xp.__name__,)
         cached = _SHELL_CACHE.get(key)
         if cached is not None:
             return cached
-        r = radial_index((self.big,) * 3, xp).ravel() / self.pad
-        sh = xp.rint(r).astype(xp.int64)
-        if self.big <= _SHELL_CACHE_MAX_BIG:
-            _SHELL_CACHE.clear()            # one grid at a time
-            _SHELL_CACHE[key] = sh
-        return sh
+        q = xp.arange(-g.h, g.h + 1, dtype=xp.float64) ** 2
+        qx = xp.arange(g.nx, dtype=xp.float64)
+        r = xp.sqrt(q[:, None, None] + q[None, :, None] + qx[None, None, :] ** 2) / self.pad
+        sh = xp.rint(r).astype(xp.int32).ravel()
+        del r
+        mult = self._multiplicity(xp, g).ravel()
+        if 12 * g.size <= _SHELL_CACHE_MAX_BYTES:
+            while len(_SHELL_CACHE) >= 2:
+                _SHELL_CACHE.pop(next(iter(_SHELL_CACHE)))
+            _SHELL_CACHE[key] = (sh, mult)
+        return sh, mult
+
+    @staticmethod
+    def _multiplicity(xp, g):
+        """How many voxels of the full padded grid ``V = [-P/2, P/2 - 1]^3`` each half-grid
+        voxel ``q`` stands for: ``[q in V]``, plus ``[-q in V]`` where ``q_x > 0`` (the
+        ``q_x = 0`` plane holds both mates itself).  2 / 1 except on the ``+-P/2`` faces."""
+        half = g.big // 2
+        q = xp.arange(-g.h, g.h + 1)
+        qx = xp.arange(g.nx)
+        in_v = ((q >= -half) & (q <= half - 1)).astype(xp.float64)
+        in_m = ((q >= 1 - half) & (q <= half)).astype(xp.float64)
+        x_v = (qx <= half - 1).astype(xp.float64)
+        x_m = ((qx >= 1) & (qx <= half)).astype(xp.float64)
+        return (in_v[:, None, None] * in_v[None, :, None] * x_v[None, None, :]
+                + in_m[:, None, None] * in_m[None, :, None] * x_m[None, None, :])
+
+    def voxel_multiplicity(self):
+        """Voxels of the full padded grid each stored voxel stands for (flat; 2 where
+        ``q_x > 0``, 1 on ``q_x = 0``): the weights of per-shell means."""
+        return self._grid_shells()[1]
+
+    def shells(self):
+        """Shell (in unpadded frequency pixels, rounded) of every grid voxel (flat)."""
+        return self._grid_shells()[0]
 
     def reconstruct(self, tau2=None, tau2_fudge=1.0, max_shell=None, gridding=True):
         """Regularised reconstruction ``V = D / (W + 1 / (pad^3 T tau2))`` per voxel.
@@ -261,14 +531,12 @@ class BackProjector:
         means no prior there (plain ``D / W`` where ``W`` > 0).  The ``pad^3`` factor
         keeps the prior's strength independent of padding: the accumulated weight per
         padded voxel is ``1 / pad^3`` of the unpadded one.  Voxels beyond ``max_shell``
-        are zeroed.  Returns the ``(N, N, N)`` float32 map.
+        are zeroed (and all beyond the grid's).  Returns the ``(N, N, N)`` float32 map
+        at the full box.
         """
         xp = self.xp
         sh = self.shells()
-        data, weight = self.symmetrised()
-        # The prior per shell (0 where there is none), gathered once onto the grid; then
-        # 1 / (W + prior) in place on that one float64 volume and one product with the
-        # data (a box-128 reconstruction handles 256^3 voxels: each temporary costs).
+        weight = self.weight
         n_grid_shells = int(sh.max()) + 1
         prior_shell = xp.zeros(n_grid_shells, dtype=xp.float64)
         if tau2 is not None:
@@ -284,26 +552,31 @@ class BackProjector:
         inverse[weight <= threshold] = 0.0
         if max_shell is not None:
             inverse[sh > max_shell] = 0.0
-        data *= inverse                       # data is symmetrised()'s own new array
-        del inverse, weight
+        data = self.data * inverse
+        del inverse
         # Hermitian by construction (symmetrised sums, shell-wise prior).
-        vol = self.real_space(data)
-        if gridding:
-            vol = vol / gridding_correction(self.box, self.pad, xp)
-        return vol.astype(xp.float32)
+        return half_grid_to_real(data, self.grid, gridding=gridding, dtype=xp.float32)
 
     def real_space(self, transform):
-        """The unpadded ``(N, N, N)`` real-space box of a Hermitian padded transform
-        (flat or ``(P, P, P)``, centred)."""
-        return ifft_centered_real(transform.reshape((self.big,) * 3), crop=self.box)
+        """The unpadded ``(N, N, N)`` float64 real-space box of a Hermitian half-grid
+        transform (flat or ``grid.shape``, this back-projector's grid)."""
+        return half_grid_to_real(transform, self.grid)
 
-    def _mean_per_shell(self, values, n_shells):
-        """Average of per-voxel ``values`` (flat, padded grid) over each shell < n_shells."""
+    def _mean_per_shell(self, values, n_shells, outside=None):
+        """Average of per-voxel ``values`` (flat, grid) over each shell < n_shells of the
+        whole padded grid ``[-P/2, P/2 - 1]^3``: a half-grid voxel counts for itself and
+        its mate, and the voxels of the shell beyond the cropped grid (where no sample
+        reached) count with the value ``outside`` (per shell; None: 0)."""
         xp = self.xp
-        sh = self.shells()
+        sh, mult = self._grid_shells()
         keep = sh < n_shells
-        num = xp.bincount(sh[keep], weights=values[keep], minlength=n_shells)
-        cnt = xp.bincount(sh[keep], minlength=n_shells)
+        num = xp.bincount(sh[keep], weights=(values * mult)[keep], minlength=n_shells)
+        cnt = xp.bincount(sh[keep], weights=mult[keep], minlength=n_shells)
+        full = xp.asarray(padded_shell_counts(self.box, self.pad, n_shells))
+        missing = xp.maximum(full - cnt, 0.0)
+        if outside is not None:
+            num = num + missing * outside[:n_shells]
+        cnt = cnt + missing
         return xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0)
 
     def mean_posterior_variance_per_shell(self, tau2, n_shells):
@@ -311,19 +584,24 @@ class BackProjector:
         real/imaginary component (tau2 units), under the Gaussian model with prior
         variance ``tau2`` (no fudge): ``mean 1 / (pad^3 W + 1 / tau2)`` over each shell's
         voxels; 0 in shells where ``tau2`` is 0 (no prior: the variance is unbounded
-        where W is 0, and RELION's update ignores it anyway)."""
+        where W is 0, and RELION's update ignores it anyway).  Shells beyond the grid
+        give 0."""
         xp = self.xp
-        # 1 / tau2 per shell on the whole grid (0 beyond the given shells, as where
-        # tau2 is 0); the shells >= n_shells are left out of the mean anyway.
         sh = self.shells()
+        tau2_all = xp.asarray(tau2, dtype=xp.float64)
         inv_tau2 = xp.zeros(int(sh.max()) + 1, dtype=xp.float64)
-        tau2 = xp.asarray(tau2, dtype=xp.float64)[:inv_tau2.shape[0]]
+        tau2 = tau2_all[:inv_tau2.shape[0]]
         inv_tau2[:tau2.shape[0]] = xp.where(tau2 > 0, 1.0 / xp.maximum(tau2, 1e-300), 0.0)
         prior = inv_tau2[sh]
-        variance = xp.where(prior > 0, 1.0 / (self.symmetrised_weight() * self.pad ** 3
+        variance = xp.where(prior > 0, 1.0 / (self.weight * self.pad ** 3
                                               + xp.maximum(prior, 1e-300)), 0.0)
-        return self._mean_per_shell(variance, n_shells)
+        # Beyond the grid W = 0: the prior's own variance tau2.
+        empty = xp.zeros(n_shells, dtype=xp.float64)
+        m = min(n_shells, tau2_all.shape[0])
+        empty[:m] = xp.maximum(tau2_all[:m], 0.0)
+        return self._mean_per_shell(variance, n_shells, outside=empty)
 
     def mean_weight_per_shell(self, n_shells):
-        """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3)."""
-        return self._mean_per_shell(self.symmetrised_weight(), n_shells) * self.pad ** 3
+        """Average accumulated weight per shell, scaled to the unpadded grid (x pad^3);
+        0 beyond the grid."""
+        return self._mean_per_shell(self.weight, n_shells) * self.pad ** 3
