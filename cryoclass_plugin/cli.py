@@ -18,6 +18,7 @@ COMMANDS = {
     "report": ("report", "write figures (slices, SSNR, convergence) for an engine output"),
     "star-printtable": ("star_printtable", "print columns of a STAR table"),
     "star-plottable": ("star_plottable", "plot columns of STAR tables to a PNG"),
+    "train-blush": ("train_blush", "train the Blush denoising network on synthetic maps"),
 }
 
 
