@@ -313,16 +313,16 @@ class _FineSums:
         acc.add_class_weights(xp.arange(K), xp.asarray(self.class_weight))
 
 
-def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, first_index):
-    """Fine pass of the block's particles ``sel`` (host indices), padded to a common
-    number of fine rotations ``Rm`` and translations ``Tm``."""
+def _pad_sub_batch(block, sel, rows, t_children):
+    """The fine rotations (table rows) and translations of the particles ``sel``, padded
+    to the sub-batch's largest sets (padding repeats a particle's first row /
+    translation; its scores become -inf): ``rows_pad`` (Bs, Rm), ``t_pad`` (Bs, Tm, 2),
+    the valid mask (Bs, Tm, Rm) on the host, each set's size, and the total offsets
+    (current origin + translation, px)."""
     Bs = sel.shape[0]
-    n = int(setup.ky.shape[0])
-    f32 = xp.float32
     n_r = np.array([rows[b].shape[0] for b in sel])
     n_t = np.array([t_children[b].shape[0] for b in sel])
     Rm, Tm = int(n_r.max()), int(n_t.max())
-    # Padding repeats a particle's first row / translation; its scores are -inf.
     rows_pad = np.empty((Bs, Rm), dtype=np.int64)
     t_pad = np.empty((Bs, Tm, 2), dtype=np.float32)
     for j, b in enumerate(sel):
@@ -333,7 +333,45 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     r_valid = np.arange(Rm)[None, :] < n_r[:, None]
     t_valid = np.arange(Tm)[None, :] < n_t[:, None]
     total_off = block.origin_px[sel][:, None, :] + t_pad                    # (Bs, Tm, 2) px
+    return rows_pad, t_pad, t_valid[:, :, None] & r_valid[:, None, :], n_r, total_off
 
+
+def _fine_posterior(setup, block, sel, x, isg, scores, valid, rows_d, rows_pad, total_off,
+                    tables, xp):
+    """Posteriors (Bs, Tm * Rm), the best sample, its probability and the
+    log-likelihood of a sub-batch from its scores (Bs, Tm, Rm): with ``--firstiter_cc``
+    the best cross-correlation takes all the weight; else the Gaussian log-likelihood
+    plus the offset, class and (local searches) rotation priors, normalised."""
+    f32 = xp.float32
+    Bs, Tm, Rm = scores.shape
+    if setup.use_cc:
+        scores = xp.where(valid, scores, -xp.inf).reshape(Bs, Tm * Rm)
+        best = scores.argmax(axis=1)
+        loglik = scores.max(axis=1)
+        prob = xp.zeros(scores.shape, dtype=f32)
+        prob[xp.arange(Bs), best] = 1.0
+        return prob, best, prob.max(axis=1), loglik
+    const = 0.5 * ((x.real ** 2 + x.imag ** 2) * isg).sum(axis=1)
+    scores -= const[:, None, None].astype(scores.dtype)
+    scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, :, None]
+    scores += tables.log_prior[rows_d][:, None, :]
+    if block.prior_views is not None:
+        scores += xp.asarray(rotation_log_prior(tables.matrices_host[rows_pad],
+                                                block.prior_views[sel], setup.sigma_ang),
+                             dtype=f32)[:, None, :]
+    scores = xp.where(valid, scores, -xp.inf)
+    prob, loglik = estep.normalise_log(scores.reshape(Bs, Tm * Rm))
+    return prob, prob.argmax(axis=1), prob.max(axis=1), loglik
+
+
+def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, first_index):
+    """Fine pass of the block's particles ``sel`` (host indices), padded to a common
+    number of fine rotations ``Rm`` and translations ``Tm``."""
+    Bs = sel.shape[0]
+    n = int(setup.ky.shape[0])
+    f32 = xp.float32
+    rows_pad, t_pad, valid_h, n_r, total_off = _pad_sub_batch(block, sel, rows, t_children)
+    Rm, Tm = rows_pad.shape[1], t_pad.shape[1]
     sel_d = xp.asarray(sel)
     x = block.images_f[sel_d]
     c = block.ctf[sel_d]
@@ -346,31 +384,13 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     p_pair = p_rows.view(f32)                                               # (Bs, Rm, 2n)
     shifts = estep.phase_shifts(t_pad.reshape(-1, 2), setup.ky, setup.kx,
                                 setup.box).reshape(Bs, Tm, n)
-    valid = xp.asarray(t_valid[:, :, None] & r_valid[:, None, :])
     ctf_w = c * isg
     # weighted = x C / sigma2 s_t, summed with the posteriors for the M-step below.
     scores, weighted = estep.own_slice_scores(x, c, isg, shifts, p_rows, pow_rows,
                                               setup.use_cc)                # (Bs, Tm, Rm)
-    if setup.use_cc:
-        scores = xp.where(valid, scores, -xp.inf).reshape(Bs, Tm * Rm)
-        best = scores.argmax(axis=1)
-        loglik = scores.max(axis=1)
-        prob = xp.zeros(scores.shape, dtype=f32)
-        prob[xp.arange(Bs), best] = 1.0
-        pmax = prob.max(axis=1)
-    else:
-        const = 0.5 * ((x.real ** 2 + x.imag ** 2) * isg).sum(axis=1)
-        scores -= const[:, None, None].astype(scores.dtype)
-        scores += xp.asarray(estep.log_offset_prior(total_off, setup.sigma_offset_px))[:, :, None]
-        scores += tables.log_prior[rows_d][:, None, :]
-        if block.prior_views is not None:
-            scores += xp.asarray(rotation_log_prior(tables.matrices_host[rows_pad],
-                                                    block.prior_views[sel], setup.sigma_ang),
-                                 dtype=f32)[:, None, :]
-        scores = xp.where(valid, scores, -xp.inf)
-        prob, loglik = estep.normalise_log(scores.reshape(Bs, Tm * Rm))
-        best = prob.argmax(axis=1)
-        pmax = prob.max(axis=1)
+    prob, best, pmax, loglik = _fine_posterior(setup, block, sel, x, isg, scores,
+                                               xp.asarray(valid_h), rows_d, rows_pad,
+                                               total_off, tables, xp)
     prob = prob.reshape(Bs, Tm, Rm)
     w_rot = prob.sum(axis=1)                                                # (Bs, Rm)
     w_trans = prob.sum(axis=2)                                              # (Bs, Tm)
@@ -393,12 +413,19 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
                                     loglik.astype(xp.float64)] + extra +
                                    [w_rot.astype(xp.float64).ravel(),
                                     w_trans.astype(xp.float64).ravel()]))
-    best_h = host[:Bs].astype(np.int64)
-    pmax_h, loglik_h = host[Bs:2 * Bs], host[2 * Bs:3 * Bs]
     o = (3 + len(extra)) * Bs
     _store_correction_sums(setup, results, first_index + sel, host[3 * Bs:o])
-    w_rot_h = host[o:o + Bs * Rm].reshape(Bs, Rm)
-    w_trans_h = host[o + Bs * Rm:].reshape(Bs, Tm)
+    _store_fine_results(tables, sums, results, first_index + sel, rows_pad, t_pad, total_off,
+                        host[:Bs].astype(np.int64), host[Bs:2 * Bs], host[2 * Bs:3 * Bs],
+                        host[o:o + Bs * Rm].reshape(Bs, Rm), host[o + Bs * Rm:].reshape(Bs, Tm))
+
+
+def _store_fine_results(tables, sums, results, i, rows_pad, t_pad, total_off, best_h, pmax_h,
+                        loglik_h, w_rot_h, w_trans_h):
+    """Host side of a sub-batch: the class and offset sums, and each particle's best
+    sample, posterior maximum, log-likelihood and accuracies (rows ``i`` of
+    ``results``)."""
+    Bs, Rm = rows_pad.shape
     t_best, r_best = np.divmod(best_h, Rm)
     ar = np.arange(Bs)
     row_best = rows_pad[ar, r_best]
@@ -410,7 +437,6 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
                                tables.matrices_host[row_best][:, None])
     t_best_off = t_pad[ar, t_best]
     dt = np.sqrt(((t_pad - t_best_off[:, None, :]) ** 2).sum(axis=2))
-    i = first_index + sel
     results.class_index[i] = tables.row_class[row_best]
     results.eulers[i] = tables.eulers[row_best]
     results.origin_px[i] = total_off[ar, t_best]
