@@ -18,7 +18,7 @@ PATHS = ["--i", "p.star", "--o", "out/run", "--ref", "r.mrc"]
 #: and MPI choices that change nothing in the engine (issue 22 checks those).
 NOT_OPTIONS = {"help", "blush", "helix", "helical_outer_diameter", "helical_nr_asu",
                "helical_twist_initial", "helical_rise_initial", "helical_z_percentage",
-               "dont_combine_weights_via_disc", "no_parallel_disc_io"}
+               "dont_combine_weights_via_disc", "no_parallel_disc_io", "dry_run"}
 HISTORY_WORDS = ("used to", "previously", "no longer", "session", "earlier version")
 
 
@@ -138,3 +138,24 @@ def test_option_lookup_is_by_field():
     assert _settings("--skip_gridding").gridding is False
     assert _settings("--gpu").gpu == "" and _settings("--gpu", "0:1").gpu == "0:1"
     assert _settings().gpu is None
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    """``--dry_run``: the inputs are checked, the schedule printed (a header, then one
+    line per iteration), nothing is written, exit 0."""
+    from cryoclass_plugin import cli
+    from cryoclass_plugin.engine.simulate import simulate_dataset
+    data = tmp_path / "sim"
+    simulate_dataset(str(data), n=24, box=16, apix=8.0, snr=1.0, n_classes=2, seed=1)
+    out = tmp_path / "run" / "run"
+    argv = ["refine", "--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
+            "--o", str(out), "--K", "2", "--init_classes", "pca", "--iter", "12",
+            "--consensus_iter", "3", "--dry_run"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 12, lines
+    phases = [line.split()[2] for line in lines[1:]]
+    assert phases[0] == "consensus" and "split" in phases and phases[-1] == "em", phases
+    assert not (tmp_path / "run").exists()
+    assert cli.main(argv[:-1] + ["--K", "0", "--dry_run"]) == 2      # inputs checked

@@ -84,6 +84,11 @@ def add_args(parser):
     comp.add_argument("--no_parallel_disc_io", action="store_true",
                       help="accepted for RELION compatibility (each rank reads its own "
                            "particles; stacks are memory-mapped)")
+    groups["Running"].add_argument(
+        "--dry_run", action="store_true",
+        help="print the run's iteration plan (one line per iteration: phase, search, "
+             "references, resolution limits) after checking the inputs, and exit "
+             "without computing or writing anything")
 
 
 def settings_from_args(args):
@@ -219,6 +224,9 @@ def _settings_for_continue(args):
 def main(args):
     settings = settings_from_args(args)
     from ..engine.refine import Refinement
+    if args.dry_run:
+        print(Refinement(settings, log=lambda line: None).describe_plan())
+        return 0
     log_path = f"{settings.output_root}.log"
 
     def log(line):
