@@ -1,0 +1,180 @@
+"""The iteration plans (:mod:`cryoclass_plugin.engine.plan`) of whole runs, and two
+checks of the engine's shape: no function longer than a page and no import cycles."""
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cryoclass_plugin.engine.options import Settings
+from cryoclass_plugin.engine.plan import (ScheduleState, after_merge, describe_schedule,
+                                          plan_iteration)
+
+ENGINE = Path(__file__).resolve().parent.parent / "cryoclass_plugin" / "engine"
+
+
+def _settings(**kw):
+    return Settings(input_star="p.star", output_root="run", ref="ref.mrc", **kw)
+
+
+def _plans(s, schedule=None):
+    schedule = schedule or ScheduleState.initial(s)
+    return {it: plan_iteration(s, schedule, it) for it in range(1, s.n_iter + 1)}
+
+
+def test_recommended_start_of_25_iterations():
+    """--init_classes pca, K=3, 25 iterations, 6 consensus iterations (the last 2
+    local), 8 fixed-pose iterations, then the merge test and full EM with local
+    searches one HEALPix order finer."""
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
+    plans = _plans(s)
+    phases = [plans[it].phase for it in range(1, 26)]
+    assert phases == (["consensus"] * 4 + ["consensus-local"] * 2 + ["split"]
+                      + ["fixed-pose"] * 7 + ["em"] * 11)
+    assert [(p.search, p.healpix_order, p.sigma_ang) for p in (plans[4], plans[5], plans[7],
+                                                               plans[15])] == \
+        [("global", 2, 0.0), ("local", 3, 5.0), ("none", 2, 0.0), ("local", 3, 5.0)]
+    assert plans[7].split == "pca" and not any(plans[it].split for it in plans if it != 7)
+    assert [it for it in plans if plans[it].merge_test] == [15]
+    assert [it for it in plans if plans[it].extension_check] == [5]
+    assert {plans[it].assignments for it in range(1, 7)} == {"one-class"}
+    assert plans[7].assignments == "current" and plans[8].assignments == "free"
+    assert all(plans[it].class_highres_angst == 25.0 for it in range(7, 15))
+    assert plans[15].class_highres_angst == 0.0
+    # References share the consensus from the second iteration after the split; the
+    # M-step reconstructs the joint consensus from the iteration before.
+    assert [it for it in plans if plans[it].references == "shared-consensus"][0] == 8
+    assert [it for it in plans if plans[it].joint_consensus][0] == 7
+    assert plans[1].auto_mask_sigma == 0.0 and plans[2].auto_mask_sigma == 3.0
+    assert {p.tau2_estimate for p in plans.values()} == {"em"}   # automatic, merge test on
+    assert all(p.write and not p.use_cc for p in plans.values())
+
+
+def test_a_merge_adds_fixed_pose_iterations_from_the_merged_classes():
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
+    schedule = after_merge(s, ScheduleState.initial(s), merged=True)
+    assert schedule.merge_extra == 3
+    plans = _plans(s, schedule)
+    assert [plans[it].phase for it in (14, 15, 16, 17, 18)] == \
+        ["fixed-pose"] + ["merged-fixed-pose"] * 3 + ["em"]
+    assert plans[15].assignments == "current" and plans[16].assignments == "free"
+    assert not plans[15].merge_test
+    # Without a merge the schedule goes on to full EM.
+    plans = _plans(s, after_merge(s, ScheduleState.initial(s), merged=False))
+    assert plans[15].phase == "em" and plans[15].assignments == "free"
+
+
+def test_an_extended_consensus_moves_the_split():
+    s = _settings(init_classes="consensus", n_classes=3, n_iter=25, consensus_iter=6)
+    plans = _plans(s, replace(ScheduleState.initial(s), consensus_end=8))
+    assert [plans[it].phase for it in (6, 7, 8, 9)] == \
+        ["consensus", "consensus-local", "consensus-local", "split"]
+    assert plans[9].split == "restarts" and plans[17].merge_test
+
+
+def test_relion_start():
+    s = _settings(n_classes=3, n_iter=25, firstiter_cc=True, norm=True)
+    plans = _plans(s)
+    assert {p.phase for p in plans.values()} == {"em"}
+    assert {(p.search, p.healpix_order) for p in plans.values()} == {("global", 2)}
+    assert plans[1].assignments == "random" and plans[2].assignments == "free"
+    assert plans[1].use_cc and not plans[2].use_cc
+    assert {(p.references, p.auto_mask_sigma, p.tau2_estimate, p.joint_consensus)
+            for p in plans.values()} == {("plain", 0.0, "power", False)}
+    assert not any(p.split or p.merge_test or p.extension_check for p in plans.values())
+    # RELION's local searches, and no alignment at all.
+    local = _plans(_settings(n_classes=3, n_iter=5, sigma_ang=5.0))
+    assert {(p.search, p.healpix_order, p.sigma_ang) for p in local.values()} == \
+        {("local", 2, 5.0)}
+    fixed = _plans(_settings(n_classes=3, n_iter=5, skip_align=True))
+    assert {p.search for p in fixed.values()} == {"none"}
+    # Input classes in iteration 1; one class is plain EM whatever the start.
+    assert _plans(_settings(n_classes=3, n_iter=5, init_classes="input"))[1].assignments \
+        == "input"
+    assert {p.phase for p in _plans(_settings(init_classes="pca", n_iter=5)).values()} \
+        == {"em"}
+
+
+def test_describe_schedule_has_one_line_per_iteration():
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
+    lines = describe_schedule(s).splitlines()
+    assert len(lines) == 26
+    assert "no consensus extension and no merge" in lines[0]
+    assert lines[7].startswith("iter   7  split") and "after split pca" in lines[7]
+    assert "after merge test" in lines[15] and "local order 3 sigma 5 deg" in lines[15]
+
+
+# ----------------------------------------------------------------------------- shape
+
+MAX_FUNCTION_LINES = 80
+#: Files with longer functions, owned elsewhere: the simulator's one data-set recipe and
+#: the STAR particle reader.
+LONG_FUNCTIONS_ALLOWED = {"simulate.py", "star_io.py"}
+
+
+def test_no_engine_function_is_longer_than_a_page():
+    long = []
+    for path in sorted(ENGINE.glob("*.py")):
+        if path.name in LONG_FUNCTIONS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
+
+
+def _engine_imports(path):
+    """Engine modules that ``path`` imports (at module level or inside functions)."""
+    names = set()
+    modules = {p.stem for p in ENGINE.glob("*.py")}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                names.add(node.module.split(".")[0])
+            else:
+                names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.startswith("cryoclass_plugin.engine."):
+            names.add(node.module.split(".")[2])
+    return names & modules
+
+
+#: Import cycles owned elsewhere (the MRC and STAR readers).
+CYCLES_ALLOWED = {frozenset({"mrc_io", "star_io"})}
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def import_cycles(graph):
+    """The sets of modules that import each other, directly or through others."""
+    reach = {m: _reachable(graph, m) for m in graph}
+    return {frozenset(m2 for m2 in graph if m2 in reach[m] and m in reach[m2]) | {m}
+            for m in graph if m in reach[m]}
+
+
+def test_engine_modules_import_no_cycle():
+    graph = {p.stem: _engine_imports(p) for p in ENGINE.glob("*.py")}
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == \
+        {frozenset("abc")}                                   # the check finds cycles
+    cycles = import_cycles(graph) - CYCLES_ALLOWED
+    assert not cycles, sorted(map(sorted, cycles))
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in ENGINE.glob("*.py")
+                                          if p.stem != "__main__"))
+def test_each_engine_module_imports_on_its_own(module):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", f"import cryoclass_plugin.engine.{module}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
