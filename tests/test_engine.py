@@ -101,9 +101,9 @@ def test_relion_path_aligns_and_stays_finite(classified):
 
 def test_consensus_start_runs_restarts_and_keeps_alignment(classified_consensus, classified):
     """--init_classes consensus: consensus iterations put every particle in class 1, the
-    restarts then give every class particles, and alignment stays good.  (It does not
-    yet separate these classes better than RELION's start: both ARIs are printed; the
-    accuracy benchmark tracks them, see benchmarks/RESULTS.md.)"""
+    restarts then give every class particles, and alignment stays good.  (On this small
+    set it does not separate the classes better than RELION's start: both ARIs are
+    printed; the accuracy benchmark tracks them, docs/benchmarks.md.)"""
     data_dir, info, root = classified_consensus
     early = last_data(root, 3)
     assert (early["rlnClassNumber"] == 1).all()

@@ -25,7 +25,7 @@ So the E-step references are::
 By default (``--joint_consensus``) ``C`` is reconstructed in the M-step from the sums of
 all classes together (:func:`.mstep.reconstruct_consensus`): each ``V_k`` is
 Wiener-filtered with the SSNR of 1/K of the particles, so ``M`` is low-passed harder
-than the data allow.  Measured (benchmarks/RESULTS.md, "joint consensus" and
+than the data allow.  Measured (docs/benchmarks.md, "joint consensus" and
 "automatic mask"): the poses improve by 0.1-0.3 degrees everywhere; with plain
 references the classes did not (ARI 0.003 lower on average over nine sets), with the
 automatically masked references (:func:`.masks.auto_solvent_mask`) they do (six
@@ -37,8 +37,8 @@ differ in less than half of the particle.  Beyond ``highres`` the references are
 consensus but for what the smooth ``m(x)`` spreads there from the deviations (a few
 per cent of the maps' own differences at those frequencies).  The written class maps
 stay the plain reconstructions ``V_k``; ``R_k`` is computed afresh in each iteration
-from them and the saved ``C`` (so ``--continue`` reproduces a run).  Measured in benchmarks/RESULTS.md ("classes that
-share the consensus").
+from them and the saved ``C`` (so ``--continue`` reproduces a run).  Measured in
+docs/benchmarks.md ("classes that share the consensus").
 
 Volumes are (K, N, N, N) real arrays, axis order z, y, x, centred at N // 2; resolutions
 in Angstrom; numpy or cupy (the array module of ``refs``).

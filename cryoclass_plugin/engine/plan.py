@@ -101,10 +101,6 @@ class IterationPlan:
     def local(self):
         return self.search == "local"
 
-    @property
-    def in_consensus(self):
-        return self.phase in ("consensus", "consensus-local")
-
     def describe(self):
         """One line: ``iter   7  fixed-pose  poses kept, classes to 25 A  ...``."""
         if self.search == "none":
