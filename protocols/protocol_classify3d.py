@@ -72,6 +72,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         self._defineCTFParams(form)
         self._defineOptimisationParams(form)
         self._defineClassStartParams(form)
+        self._defineAfterSplitParams(form)
         self._defineSamplingParams(form)
         self._defineHelixParams(form)
         self._defineComputeParams(form)
@@ -265,6 +266,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "(they are one structure cut in two); the freed class stays "
                            "empty and a few more fixed-pose iterations follow. The log "
                            "lists each pair's figures (--merge_threshold). 0: never merge.")
+
+    def _defineAfterSplitParams(self, form):
+        """The Optimisation tab's options of the iterations after a consensus split."""
+        start = "not doContinue and initialClasses > 0"
         form.addParam("localRangeAfterSplit", FloatParam, default=15.0, condition=start,
                       expertLevel=LEVEL_ADVANCED,
                       label="Local search range after the split (deg)",
@@ -586,27 +591,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         return errors
 
     def _validateCommon(self):
-        errors = []
-        if (not self.doContinue and self.initialClasses.get() > 0
-                and self.numberOfIterations.get() is not None
-                and self.numberOfIterations.get() <= 5):
-            errors.append("'How classes start' = consensus alignment needs more than 5 "
-                          "iterations (the first 5 align to one map); give more "
-                          "iterations or choose RELION's start.")
-        if (not self.doContinue and self.initialClasses.get() > 0
-                and (self.fixedPoseIterations.get() or 0) < 0):
-            errors.append("Fixed-pose iterations must be 0 or more.")
-        if (not self.doContinue and self.initialClasses.get() > 0
-                and (self.localRangeAfterSplit.get() or 0) < 0):
-            errors.append("Local search range after the split must be 0 (global) or more.")
-        if (not self.doContinue and self.initialClasses.get() > 0
-                and (self.sharedConsensusBeyond.get() or 0) < 0):
-            errors.append("'Classes share the consensus beyond' must be 0 (off) or a "
-                          "resolution in Angstrom.")
-        if (not self.doContinue and self.initialClasses.get() > 0
-                and (self.autoMaskSigma.get() or 0) < 0):
-            errors.append("'Mask the references around their density' must be 0 (off) or "
-                          "a threshold in standard deviations (e.g. 3).")
+        errors = self._validateClassStart()
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
         if self.regularisationParamT.get() <= 0:
@@ -626,6 +611,33 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                 and not (self.localAngularSearchRange.get() or 0) > 0):
             errors.append("Local angular search range must be positive (degrees).")
         return errors
+
+    def _validateClassStart(self):
+        """The consensus start's fields (one line each, naming the field)."""
+        if self.doContinue or self.initialClasses.get() == 0:
+            return []
+        consensus = OPTIONS_BY_FIELD["consensus_iter"].default
+        checks = (
+            ((self.numberOfIterations.get() or 0) <= consensus,
+             "'How classes start' = consensus alignment needs more than %d iterations "
+             "(the first %d align to one map); give more iterations or choose RELION's "
+             "start." % (consensus, consensus)),
+            ((self.consensusExtraIterations.get() or 0) < 0,
+             "Extra consensus iterations must be 0 or more."),
+            ((self.fixedPoseIterations.get() or 0) < 0,
+             "Fixed-pose iterations must be 0 or more."),
+            ((self.mergeThreshold.get() or 0) < 0,
+             "Merge duplicate classes (threshold) must be 0 (never merge) or a share > 0 "
+             "(e.g. 0.3)."),
+            ((self.localRangeAfterSplit.get() or 0) < 0,
+             "Local search range after the split must be 0 (global) or more."),
+            ((self.sharedConsensusBeyond.get() or 0) < 0,
+             "'Classes share the consensus beyond' must be 0 (off) or a resolution in "
+             "Angstrom."),
+            ((self.autoMaskSigma.get() or 0) < 0,
+             "'Mask the references around their density' must be 0 (off) or a threshold "
+             "in standard deviations (e.g. 3)."))
+        return [message for bad, message in checks if bad]
 
     def _validateContinue(self):
         errors = []
@@ -956,9 +968,9 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         add("--init_classes", ["relion", "consensus", "pca"][self.initialClasses.get()])
         add("--consensus_extra_iter", int(self.consensusExtraIterations.get()))
         add("--classify_fixed_iter", int(self.fixedPoseIterations.get()))
-        add("--merge_threshold", _num(max(0.0, self.mergeThreshold.get() or 0.0)))
-        add("--classify_local_sigma", _num(max(0.0, self.localRangeAfterSplit.get()) / 3.0))
-        add("--class_difference_highres", _num(max(0.0, self.sharedConsensusBeyond.get())))
+        add("--merge_threshold", _num(self.mergeThreshold.get() or 0.0))
+        add("--classify_local_sigma", _num((self.localRangeAfterSplit.get() or 0.0) / 3.0))
+        add("--class_difference_highres", _num(self.sharedConsensusBeyond.get() or 0.0))
         if (self.sharedConsensusBeyond.get() or 0) > 0:
             add("--joint_consensus" if self.jointConsensus else "--mean_consensus")
         if not root.referenceMask.hasValue():

@@ -389,6 +389,10 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
     assert "--class_difference_highres 0" in prot._getEngineArgs()
     prot = _classifier(project, inputs, initialClasses=2, sharedConsensusBeyond=-5.0)
     assert "share the consensus beyond" in "\n".join(prot.validate())
+    prot = _classifier(project, inputs, initialClasses=2, mergeThreshold=-0.1)
+    assert "Merge duplicate classes (threshold) must be 0" in "\n".join(prot.validate())
+    prot = _classifier(project, inputs, initialClasses=2, consensusExtraIterations=-1)
+    assert "Extra consensus iterations must be 0 or more" in "\n".join(prot.validate())
 
 
 def test_validation_consensus_start_needs_iterations(project, inputs):
