@@ -19,6 +19,7 @@ setup(
         "cryoclass_plugin",
         "cryoclass_plugin.engine",
         "cryoclass_plugin.commands",
+        "cryoclass_plugin.blush",
         "cryoclass_plugin.protocols",
         "cryoclass_plugin.viewers",
     ],
@@ -28,6 +29,7 @@ setup(
         "cryoclass_plugin.viewers": "viewers",
     },
     include_package_data=True,
+    package_data={"cryoclass_plugin.blush": ["weights/*.pt", "weights/MODEL_CARD.md"]},
     install_requires=[
         "scipion-pyworkflow>=3.11",
         "scipion-em>=3.11",

@@ -262,27 +262,36 @@ def _ctf2_average(k2, rng):
     return ctf2
 
 
-def degrade(clean, apix, rng, signal=True):
+def degrade(clean, apix, rng, signal=True, fixed=None):
     """``(degraded, target)`` float32 maps: a regularised reconstruction of ``clean``
     (module docstring) and the clean map with the same B-factor blur.  With
     ``signal=False`` the data hold the noise only (``sum X = sqrt(W) n``, with the weights
     and prior ``clean`` would have) and the target is zero: a reconstruction of nothing,
-    which must stay (almost) nothing."""
+    which must stay (almost) nothing.
+
+    ``fixed`` (benchmarks) sets some of the random choices: ``b_factor`` (A^2),
+    ``crossover_a`` (A, where the SSNR is 1), ``beta`` (A^2), ``preferred`` (the
+    anisotropy a, 0 = none), ``prior_factor`` (the prior's T, with the true tau2: no
+    per-shell error), ``band_limit_a`` (A, 0 = none).  The random
+    stream is drawn as without ``fixed``, so the other choices do not change."""
+    fixed = fixed or {}
     box = clean.shape[0]
     kz, ky, kx = _freq(box, apix)
     k2 = kz ** 2 + ky ** 2 + kx ** 2
     shells = np.rint(np.sqrt(k2) * box * apix).astype(np.int64)
     n_sh = int(shells.max()) + 1
-    s = fft_c(clean) * np.exp(-rng.uniform(0.0, 200.0) * k2 / 4.0)
+    b_factor = fixed.get("b_factor", rng.uniform(0.0, 200.0))
+    s = fft_c(clean) * np.exp(-b_factor * k2 / 4.0)
     tau2 = np.maximum(_shell_mean(np.abs(s) ** 2 / 2.0, shells, n_sh), 1e-30)
-    k0 = 1.0 / np.exp(rng.uniform(np.log(5.0), np.log(30.0)))
-    ssnr = np.minimum(np.exp(rng.uniform(30.0, 300.0) * (k0 ** 2 - k2)), 1000.0)
+    k0 = 1.0 / fixed.get("crossover_a", np.exp(rng.uniform(np.log(5.0), np.log(30.0))))
+    beta = fixed.get("beta", rng.uniform(30.0, 300.0))
+    ssnr = np.minimum(np.exp(beta * (k0 ** 2 - k2)), 1000.0)
     shape = _ctf2_average(k2, rng)
-    if rng.uniform() < 0.5:
+    if rng.uniform() < 0.5 or fixed.get("preferred", 0.0) > 0:
         u = _random_unit(rng)
         kn = np.sqrt(np.maximum(k2, 1e-30))
         cos2 = ((kz * u[0] + ky * u[1] + kx * u[2]) / kn) ** 2
-        a = rng.uniform(0.0, 0.9)
+        a = fixed.get("preferred", rng.uniform(0.0, 0.9))
         shape = shape * ((1 - a) + a * 2.0 * (1 - cos2))
     shape = shape / np.maximum(_shell_mean(shape, shells, n_sh)[shells], 1e-12)
     weight = ssnr * shape / tau2[shells]
@@ -291,10 +300,17 @@ def degrade(clean, apix, rng, signal=True):
     perturb = np.exp(np.convolve(rng.normal(0, 0.4, n_sh + 4), np.ones(5) / np.sqrt(5),
                                  mode="same")[2:n_sh + 2]) * np.exp(rng.uniform(np.log(0.5),
                                                                                np.log(2.0)))
-    prior = 1.0 / (rng.uniform(1.0, 4.0) * tau2 * perturb)
+    fudge = rng.uniform(1.0, 4.0)
+    if "prior_factor" in fixed:
+        perturb, fudge = np.ones(n_sh), fixed["prior_factor"]
+    prior = 1.0 / (fudge * tau2 * perturb)
     v = sum_x / (weight + prior[shells])
-    if rng.uniform() < BAND_LIMIT_FRACTION:
-        keep = np.sqrt(k2) < 1.0 / (2.0 * rng.uniform(apix, 1.5 * apix))
+    limit = (1.0 / (2.0 * rng.uniform(apix, 1.5 * apix))
+             if rng.uniform() < BAND_LIMIT_FRACTION else None)
+    if "band_limit_a" in fixed:
+        limit = 1.0 / fixed["band_limit_a"] if fixed["band_limit_a"] > 0 else None
+    if limit is not None:
+        keep = np.sqrt(k2) < limit
         v, s = v * keep, s * keep
     target = ifft_c(s) if signal else np.zeros_like(clean)
     return ifft_c(v).astype(np.float32), target.astype(np.float32)
