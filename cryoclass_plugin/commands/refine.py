@@ -16,8 +16,8 @@ import os
 import time
 
 from ..engine.errors import CryoClassError, NotImplementedOption
-from ..engine.options import (GROUPS, OPTIONS, OPTIONS_BY_FIELD, Settings, flag_of,
-                              resolve_automatic)
+from ..engine.options import (GROUPS, OPTIONS, OPTIONS_BY_FIELD, OPTIONS_BY_FLAG, Settings,
+                              flag_of, resolve_automatic)
 
 HELIX_FLAGS = ("helix", "helical_outer_diameter", "helical_nr_asu", "helical_twist_initial",
                "helical_rise_initial", "helical_z_percentage")
@@ -72,8 +72,9 @@ def add_args(parser):
     for opt in OPTIONS:
         if opt.flag:
             _add_option(groups[opt.group], opt)
-    groups["Optimisation"].add_argument("--blush", action="store_true",
-                                        help="Blush regularisation (3D CNN prior)")
+    if "blush" not in OPTIONS_BY_FLAG:   # refused until the registry has the option
+        groups["Optimisation"].add_argument("--blush", action="store_true",
+                                            help="Blush regularisation (3D CNN prior)")
     helix = parser.add_argument_group("Helix")
     helix.add_argument("--helix", action="store_true", help="helical reconstruction")
     for name in HELIX_FLAGS[1:]:
@@ -93,7 +94,7 @@ def add_args(parser):
 
 def settings_from_args(args):
     """The run's :class:`Settings` (automatic defaults resolved) from the parsed flags."""
-    if args.blush:
+    if "blush" not in OPTIONS_BY_FLAG and args.blush:
         raise NotImplementedOption("--blush: Blush regularisation is not implemented yet in "
                                    "cryoclass; run without --blush")
     if args.helix or any(getattr(args, n) is not None for n in HELIX_FLAGS[1:]):
