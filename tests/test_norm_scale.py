@@ -10,7 +10,7 @@ import pytest
 import starfile
 
 from cryoclass_plugin import cli
-from cryoclass_plugin.engine import refine as refine_mod
+from cryoclass_plugin.engine import iteration as iteration_mod
 from cryoclass_plugin.engine.model import ModelState
 from cryoclass_plugin.engine.mrc_io import read_map
 from cryoclass_plugin.engine.simulate import simulate_dataset
@@ -136,8 +136,9 @@ def test_without_flags_outputs_unchanged(plain_data, plain_run, tmp_path, monkey
     model = _model(plain_run, 3)
     assert float(model["model_general"]["rlnNormCorrectionAverage"]) == 1.0
     assert (model["model_groups"]["rlnGroupScaleCorrection"] == 1.0).all()
-    monkeypatch.setattr(refine_mod, "update_norm_corrections", lambda *a, **k: None)
-    monkeypatch.setattr(refine_mod, "update_scale_corrections", lambda *a, **k: None)
+    # The updates are called from the iteration's finish step (engine/iteration.py).
+    monkeypatch.setattr(iteration_mod, "update_norm_corrections", lambda *a, **k: None)
+    monkeypatch.setattr(iteration_mod, "update_scale_corrections", lambda *a, **k: None)
     held = tmp_path / "held" / "run"
     _refine(plain_data, held, "--iter", "3", "--norm", "--scale")
     for it in (1, 2, 3):
