@@ -178,3 +178,22 @@ def test_each_engine_module_imports_on_its_own(module):
     proc = subprocess.run([sys.executable, "-c", f"import cryoclass_plugin.engine.{module}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_describe_plan_reads_no_image(tmp_path):
+    """``Refinement(settings).describe_plan()`` (``cryoclass refine --dry_run``) reads the
+    STAR table only: it works with the image stacks gone, which the run itself reports."""
+    from cryoclass_plugin.engine.errors import CryoClassError
+    from cryoclass_plugin.engine.refine import Refinement
+    from cryoclass_plugin.engine.simulate import simulate_dataset
+    simulate_dataset(str(tmp_path), n=12, box=16, apix=10.0, snr=1.0, n_classes=2, seed=1)
+    for stack in tmp_path.glob("*.mrcs"):
+        stack.unlink()
+    s = Settings(input_star=str(tmp_path / "particles.star"), ref=str(tmp_path / "ref.mrc"),
+                 output_root=str(tmp_path / "run"), init_classes="pca", n_classes=2,
+                 n_iter=12, consensus_iter=3, preread_images=True)
+    r = Refinement(s, log=lambda line: None)
+    text = r.describe_plan()
+    assert text == describe_schedule(s) and len(text.splitlines()) == 13
+    with pytest.raises(CryoClassError, match="mrcs"):
+        r.ctx

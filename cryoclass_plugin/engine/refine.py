@@ -5,6 +5,7 @@ the decisions taken before it (a longer consensus, the split into classes, the h
 merge test) and then the EM iteration itself (:func:`.iteration.run_iteration`).
 """
 import copy
+import functools
 import os
 
 import numpy as np
@@ -147,6 +148,10 @@ class Refinement:
     """A classification run: ``Refinement(settings).run()``."""
 
     def __init__(self, settings, log=print):
+        """Reads the STAR table and checks the settings against it; the images are
+        opened (their stacks checked, read or copied with ``--preread_images`` /
+        ``--scratch_dir``) when the run first needs them (:attr:`ctx`), so that
+        :meth:`describe_plan` reads nothing more."""
         settings = resolve_automatic(settings)
         self.s = settings
         self.log = log
@@ -157,25 +162,33 @@ class Refinement:
         self.table = read_particles(settings.input_star, require_ctf=settings.ctf)
         self.box, self.apix = self.table.box, self.table.apix
         self._validate()
-        groups, group_names = group_index(self.table.df)
-        self.data = ParticleData(
-            images=ImageSource(self.table, preread=settings.preread_images,
-                               scratch_dir=settings.scratch_dir or None),
-            groups=groups, group_names=group_names,
-            ctfp=ctf_params(self.table.df) if settings.ctf else None,
-            mask2d=image_mask(settings, self.box, self.apix, self.xp),
-            box=self.box, apix=self.apix)
         self._grids = {}
+
+    @functools.cached_property
+    def ctx(self):
+        """The run's fixed inputs (:class:`.iteration.RunContext`), built on first use."""
+        s = self.s
+        groups, group_names = group_index(self.table.df)
+        data = ParticleData(
+            images=ImageSource(self.table, preread=s.preread_images,
+                               scratch_dir=s.scratch_dir or None),
+            groups=groups, group_names=group_names,
+            ctfp=ctf_params(self.table.df) if s.ctf else None,
+            mask2d=image_mask(s, self.box, self.apix, self.xp), box=self.box, apix=self.apix)
         from .symmetry import symmetrize, symmetry_matrices, symmetry_order
-        symmetrise = None if symmetry_order(settings.sym) == 1 else \
-            (lambda v: self.xp.asarray(symmetrize(to_numpy(v), settings.sym)))
-        self.ctx = iteration_mod.RunContext(
-            settings=settings, data=self.data, table=self.table, comm=self.comm, xp=self.xp,
-            grid=self.grid, translations=TranslationGrid(settings.offset_range,
-                                                         settings.offset_step),
-            solvent_mask=(_solvent_mask(settings, self.box, self.apix)
-                          if settings.flatten_solvent else None),
-            symmetrise=symmetrise, sym_mats=symmetry_matrices(settings.sym), log=self._log)
+        symmetrise = None if symmetry_order(s.sym) == 1 else \
+            (lambda v: self.xp.asarray(symmetrize(to_numpy(v), s.sym)))
+        return iteration_mod.RunContext(
+            settings=s, data=data, table=self.table, comm=self.comm, xp=self.xp,
+            grid=self.grid, translations=TranslationGrid(s.offset_range, s.offset_step),
+            solvent_mask=(_solvent_mask(s, self.box, self.apix) if s.flatten_solvent
+                          else None),
+            symmetrise=symmetrise, sym_mats=symmetry_matrices(s.sym), log=self._log)
+
+    @property
+    def data(self):
+        """The particles' images, CTFs and groups (:class:`.particles.ParticleData`)."""
+        return self.ctx.data
 
     def _limit_threads(self):
         try:
