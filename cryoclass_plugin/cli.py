@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from .engine.errors import CryoClassError
+from .engine.errors import CryoClassError, RunInterrupted
 
 # command name -> (module under cryoclass_plugin.commands, one-line help)
 COMMANDS = {
@@ -51,6 +51,9 @@ def main(argv=None):
     args = sub.parse_args(rest)
     try:
         result = module.main(args)
+    except RunInterrupted as err:
+        print(f"cryoclass {name}: {err}", file=sys.stderr)
+        return err.exit_code
     except CryoClassError as err:
         print(f"cryoclass {name}: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ PATHS = ["--i", "p.star", "--o", "out/run", "--ref", "r.mrc"]
 #: and MPI choices that change nothing in the engine (issue 22 checks those).
 NOT_OPTIONS = {"help", "blush", "helix", "helical_outer_diameter", "helical_nr_asu",
                "helical_twist_initial", "helical_rise_initial", "helical_z_percentage",
-               "dont_combine_weights_via_disc", "no_parallel_disc_io", "dry_run"}
+               "dont_combine_weights_via_disc", "no_parallel_disc_io", "dry_run",
+               "overwrite"}
 HISTORY_WORDS = ("used to", "previously", "no longer", "session", "earlier version")
 
 

@@ -101,3 +101,70 @@ def test_os_error_lines_name_path_and_fix():
     line = run_guard.os_error_line(OSError(errno.ENOSPC, "No space left on device"), "/x/run",
                                    "write")
     assert line == "/x/run: cannot write: no space left on the device; free space there or give another --o"
+
+
+# ---------------------------------------------------------------- through the command line
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from cryoclass_plugin.engine.simulate import simulate_dataset
+    data = tmp_path_factory.mktemp("tiny")
+    simulate_dataset(str(data), n=24, box=24, apix=8.0, snr=1.0, n_classes=1, seed=0)
+    return data
+
+
+def _refine(data, root, *extra):
+    from cryoclass_plugin import cli
+    return cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
+                     str(data / "ref.mrc"), "--o", str(root), "--iter", "1",
+                     "--healpix_order", "0", "--offset_range", "0", "--j", "1"] + list(extra))
+
+
+def test_cli_refuses_a_second_run_into_the_same_output(tiny, tmp_path, capsys):
+    root = tmp_path / "out" / "run"
+    assert _refine(tiny, root) == 0
+    first = (tmp_path / "out" / "run_it001_data.star").read_bytes()
+    assert _refine(tiny, root) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another run" in err[0] and "--overwrite" in err[0]
+    assert (tmp_path / "out" / "run_it001_data.star").read_bytes() == first
+    with run_guard.OutputLock(str(root)):                      # a concurrent run
+        assert _refine(tiny, root, "--overwrite") == 2
+    assert "another run is writing there" in capsys.readouterr().err
+    assert _refine(tiny, root, "--overwrite") == 0
+    assert not os.path.exists(f"{root}.lock")
+    log = open(f"{root}.log").read()
+    assert log.count("cryoclass refine:") == 1                   # the old log went too
+
+
+def test_cli_refuses_to_overwrite_its_input(tiny, tmp_path, capsys):
+    root = tmp_path / "run"
+    assert _refine(tiny, root) == 0
+    from cryoclass_plugin import cli
+    argv = ["refine", "--i", f"{root}_it001_data.star", "--ref", str(tiny / "ref.mrc"),
+            "--o", str(root), "--overwrite", "--iter", "1", "--healpix_order", "0",
+            "--offset_range", "0"]
+    assert cli.main(argv) == 2
+    assert "overwrite its own input" in capsys.readouterr().err
+
+
+def test_sigterm_ends_the_run_with_a_message_and_continue_works(tiny, tmp_path):
+    import time
+    root = tmp_path / "run"
+    argv = [sys.executable, "-m", "cryoclass_plugin.engine", "refine", "--i",
+            str(tiny / "particles.star"), "--ref", str(tiny / "ref.mrc"), "--o", str(root),
+            "--iter", "200", "--healpix_order", "1", "--offset_range", "0", "--j", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while run_guard.last_complete_iteration(str(root)) in (None, 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "terminated (SIGTERM)" in err and "--continue" in err and "Traceback" not in err
+    last = run_guard.last_complete_iteration(str(root))
+    assert f"last complete iteration is {last}" in open(f"{root}.log").read()
+    assert not os.path.exists(f"{root}.lock")
+    from cryoclass_plugin import cli
+    assert cli.main(["refine", "--continue", f"{root}_it{last:03d}_optimiser.star",
+                     "--iter", str(last + 1)]) == 0

@@ -15,7 +15,9 @@ import json
 import os
 import time
 
-from ..engine.errors import CryoClassError, NotImplementedOption
+from ..engine.errors import CryoClassError, NotImplementedOption, RunInterrupted
+from ..engine.run_guard import (OutputLock, check_output_root, interrupted_line,
+                                os_error_line, remove_temporaries, termination_signals)
 from ..engine.options import (GROUPS, OPTIONS, OPTIONS_BY_FIELD, OPTIONS_BY_FLAG, Settings,
                               flag_of, resolve_automatic)
 
@@ -85,6 +87,10 @@ def add_args(parser):
     comp.add_argument("--no_parallel_disc_io", action="store_true",
                       help="accepted for RELION compatibility (each rank reads its own "
                            "particles; stacks are memory-mapped)")
+    groups["I/O"].add_argument(
+        "--overwrite", action="store_true",
+        help="replace the run already in --o (its files are removed first); without it "
+             "a new run into an --o that holds another run's iterations is refused")
     groups["Running"].add_argument(
         "--dry_run", action="store_true",
         help="print the run's iteration plan (one line per iteration: phase, search, "
@@ -236,14 +242,55 @@ def main(args):
             fh.write(line + "\n")
 
     t0 = time.time()
-    ref = Refinement(settings, log=log)
-    if ref.comm.rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(settings.output_root)) or ".", exist_ok=True)
-        log(f"cryoclass refine: {len(ref.table)} particles, box {ref.box}, "
-            f"{ref.apix:g} A/px, K={settings.n_classes}, {ref.comm.size} rank(s), "
-            f"{'GPU ' + str(ref.device) if ref.device is not None else 'CPU'}")
-    model = ref.run()
+    ref = Refinement(settings, log=lambda line: None)   # reads and checks the inputs
+    lock = _claim_output(ref.comm, settings, args.overwrite)
+    ref.log = log
+    try:
+        with termination_signals():
+            if ref.comm.rank == 0:
+                log(f"cryoclass refine: {len(ref.table)} particles, box {ref.box}, "
+                    f"{ref.apix:g} A/px, K={settings.n_classes}, {ref.comm.size} rank(s), "
+                    f"{'GPU ' + str(ref.device) if ref.device is not None else 'CPU'}")
+            model = ref.run()
+    except KeyboardInterrupt as stop:
+        what = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
+        if ref.comm.rank == 0:
+            _log_quietly(log_path, interrupted_line(settings.output_root, what))
+        raise RunInterrupted(interrupted_line(settings.output_root, what)) from None
+    except OSError as err:
+        path = err.filename or settings.output_root
+        raise CryoClassError(os_error_line(err, path, "write")) from None
+    finally:
+        if lock is not None:
+            lock.release()
     if ref.comm.rank == 0:
         log(f"done: {model.iteration} iterations in {time.time() - t0:.1f} s; outputs "
             f"{settings.output_root}_it{model.iteration:03d}_*")
     return 0
+
+
+def _claim_output(comm, settings, overwrite):
+    """Rank 0 checks ``--o`` and takes its lock (:mod:`..engine.run_guard`); every rank
+    raises the same one-line error if that fails.  Returns rank 0's lock."""
+    problem, lock = None, None
+    if comm.rank == 0:
+        try:
+            check_output_root(settings.output_root,
+                              inputs=(settings.input_star, settings.ref, settings.solvent_mask),
+                              continuing=bool(settings.continue_from), overwrite=overwrite)
+            lock = OutputLock(settings.output_root).acquire()
+            remove_temporaries(settings.output_root)
+        except CryoClassError as err:
+            problem = str(err)
+    problem = comm.bcast(problem)
+    if problem:
+        raise CryoClassError(problem)
+    return lock
+
+
+def _log_quietly(path, line):
+    try:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+    except OSError:
+        pass

@@ -12,3 +12,8 @@ class CryoClassError(Exception):
 
 class NotImplementedOption(CryoClassError):
     """An option that is accepted for RELION compatibility but not implemented yet."""
+
+
+class RunInterrupted(CryoClassError):
+    """A run ended by SIGINT / SIGTERM; the message names the iteration to continue from."""
+    exit_code = 130
