@@ -245,3 +245,58 @@ def test_memory_formula_and_check():
     assert memory.check_fits(est, None) is None            # unknown free memory: no check
     free = memory.available_memory_bytes()
     assert free is None or free > 0
+
+
+def test_engine_run_on_growing_cropped_grids_equals_full_grids(tmp_path, monkeypatch):
+    """A whole run (RELION's start, K=3, 4 iterations, box 40) with every projector and
+    accumulator sized by the iteration's current shell (``current_grid_shell``; the
+    grids grow from h = 35 to the full 40 as the E-step radius grows) writes the same
+    class maps and assignments, bit for bit, as the run on full padded grids."""
+    import starfile
+    from cryoclass_plugin import cli
+    from cryoclass_plugin.engine import iteration, particles
+    from cryoclass_plugin.engine.mrc_io import read_map
+    from cryoclass_plugin.engine.simulate import simulate_dataset
+
+    data = tmp_path / "data"
+    simulate_dataset(str(data), n=240, box=40, apix=5.5, snr=0.5, n_classes=3, seed=11,
+                     max_shift_px=1.5)
+    flags = ["--tau2_fudge", "4", "--ini_high", "40", "--particle_diameter", "200",
+             "--zero_mask", "--flatten_solvent", "--ctf", "--healpix_order", "1",
+             "--offset_range", "3", "--offset_step", "2", "--pad", "2", "--skip_gridding",
+             "--j", "1", "--random_seed", "3", "--K", "3", "--iter", "4", "--firstiter_cc"]
+
+    def run(name):
+        root = tmp_path / name / "run"
+        assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
+                         str(data / "ref.mrc"), "--o", str(root)] + flags) == 0
+        return root
+
+    full = run("full")
+    shells, grids = [], []
+    within = particles.Pixels.within.__func__
+
+    def sized_within(cls, box, shell, xp):
+        shells.append(pj.current_grid_shell(shell, box))
+        return within(cls, box, shell, xp)
+
+    def sized_projector(vol, pad=2, gridding=True, **kw):
+        p = pj.Projector(vol, pad=pad, gridding=gridding, max_shell=shells[-1])
+        grids.append(p.grid.h)
+        return p
+
+    monkeypatch.setattr(particles.Pixels, "within", classmethod(sized_within))
+    monkeypatch.setattr(iteration, "Projector", sized_projector)
+    monkeypatch.setattr(iteration, "Accumulators", lambda *a, **kw: Accumulators(
+        *a, max_shell=shells[-1]))
+    cropped = run("cropped")
+    assert min(grids) < 40 and max(grids) == 40          # the grids did grow
+    for it in range(1, 5):
+        for k in range(1, 4):
+            a, _ = read_map(f"{full}_it{it:03d}_class{k:03d}.mrc")
+            b, _ = read_map(f"{cropped}_it{it:03d}_class{k:03d}.mrc")
+            assert np.array_equal(a, b), (it, k)
+        da = starfile.read(f"{full}_it{it:03d}_data.star")["particles"]
+        db = starfile.read(f"{cropped}_it{it:03d}_data.star")["particles"]
+        for col in ("rlnClassNumber", "rlnAngleRot", "rlnAngleTilt", "rlnOriginXAngst"):
+            np.testing.assert_array_equal(da[col].to_numpy(), db[col].to_numpy())

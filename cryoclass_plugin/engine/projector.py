@@ -599,10 +599,11 @@ class BackProjector:
         prior = inv_tau2[sh]
         variance = xp.where(prior > 0, 1.0 / (self.weight * self.pad ** 3
                                               + xp.maximum(prior, 1e-300)), 0.0)
-        # Beyond the grid W = 0: the prior's own variance tau2.
+        # Beyond the grid W = 0: the prior's own variance, as a voxel there would give.
         empty = xp.zeros(n_shells, dtype=xp.float64)
         m = min(n_shells, tau2_all.shape[0])
-        empty[:m] = xp.maximum(tau2_all[:m], 0.0)
+        inv = xp.where(tau2_all[:m] > 0, 1.0 / xp.maximum(tau2_all[:m], 1e-300), 0.0)
+        empty[:m] = xp.where(inv > 0, 1.0 / (0.0 + xp.maximum(inv, 1e-300)), 0.0)
         return self._mean_per_shell(variance, n_shells, outside=empty)
 
     def mean_weight_per_shell(self, n_shells):
