@@ -160,3 +160,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert phases[0] == "consensus" and "split" in phases and phases[-1] == "em", phases
     assert not (tmp_path / "run").exists()
     assert cli.main(argv[:-1] + ["--K", "0", "--dry_run"]) == 2      # inputs checked
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--particle_diameter", "-50"], "--particle_diameter -50: give a mask diameter"),
+    (["--ini_high", "-10"], "--ini_high -10: give a resolution"),
+    (["--strict_highres_exp", "0"], "--strict_highres_exp 0"),
+    (["--healpix_order", "9"], "--healpix_order 9: give 0"),
+    (["--oversampling", "5"], "--oversampling 5"),
+    (["--offset_range", "-1"], "--offset_range -1"),
+    (["--offset_step", "0"], "--offset_step 0"),
+    (["--j", "0"], "--j 0"),
+    (["--block_size", "0"], "--block_size 0"),
+    (["--adaptive_fraction", "1.5"], "--adaptive_fraction 1.5"),
+    (["--maxsig", "0"], "--maxsig 0"),
+])
+def test_numeric_flags_out_of_range_are_refused(flags, message):
+    with pytest.raises(CryoClassError, match=message.replace("(", r"\(")):
+        _settings(*flags)
+    _settings()           # the defaults pass

@@ -154,10 +154,43 @@ def _check(a):
         (a.n_iter < 1, f"--iter {a.n_iter}: give at least 1 iteration"),
         (a.tau2_fudge <= 0, f"--tau2_fudge {a.tau2_fudge:g}: T must be > 0 (RELION: 2-4 "
                             "for 3D classification)"),
-    )
+    ) + _range_problems(a)
     for bad, message in problems:
         if bad:
             raise CryoClassError(message)
+
+
+def _unset_or_positive(a, field, what):
+    """A value that is either the 'not set' -1 or a positive number."""
+    value = getattr(a, field)
+    return (value != -1 and value <= 0,
+            f"{flag_of(field)} {value:g}: give {what} > 0, or leave the flag out")
+
+
+def _range_problems(a):
+    """Numeric flags outside the range any run can use (each a silent wrong answer
+    otherwise: e.g. a negative diameter or resolution would switch the mask or the
+    low-pass off)."""
+    return (
+        _unset_or_positive(a, "particle_diameter", "a mask diameter in Angstrom"),
+        _unset_or_positive(a, "ini_high", "a resolution in Angstrom"),
+        _unset_or_positive(a, "strict_highres_exp", "a resolution in Angstrom"),
+        (not 0 <= a.healpix_order <= 7,
+         f"--healpix_order {a.healpix_order}: give 0 (60 deg) to 7 (0.5 deg); 3D "
+         "classification uses 2 (15 deg, 7.5 after oversampling)"),
+        (not 0 <= a.oversampling <= 2,
+         f"--oversampling {a.oversampling}: give 0, 1 (RELION's default) or 2"),
+        (a.offset_range < 0, f"--offset_range {a.offset_range:g}: give 0 or more pixels"),
+        (a.offset_step <= 0, f"--offset_step {a.offset_step:g}: give a step > 0 pixels"),
+        (a.threads < 1, f"--j {a.threads}: give at least 1 thread"),
+        (a.block_size < 1, f"--block_size {a.block_size}: give at least 1 particle"),
+        (a.incr_size < 0, f"--incr_size {a.incr_size}: give 0 or more shells"),
+        (not 0 < a.adaptive_fraction <= 1,
+         f"--adaptive_fraction {a.adaptive_fraction:g}: give a fraction in (0, 1] "
+         "(RELION: 0.999)"),
+        (a.max_significant < 1, f"--maxsig {a.max_significant}: give at least 1 sample"),
+        (a.pool < 1, f"--pool {a.pool}: give at least 1"),
+    )
 
 
 def _settings_fields(args):
