@@ -22,6 +22,22 @@ back-projector's grids for K classes) and the same items on full padded grids
 iteration the grid work is K builds, K + 1 reconstructions and the insertions of all
 particles' rows.
 
+Measured (this 2-core machine, shared; ``--n 60 --rows 1000 --j 1``, box 360, pad 2, one
+class map; "formula" = the K=6 projector + back-projector + transient items):
+
+=====  =====  ===========  =======  ===========  ==========  ============  =============
+shell  res A  grid         build s  build MB     insert s    reconstruct   K=6 grids MB
+                                    (traced)     1000 rows   s / MB        (full grids)
+=====  =====  ===========  =======  ===========  ==========  ============  =============
+8      60.3   39x39x20     1.3      220          0.04        1.3 / 358     382 (93 973)
+24     20.1   103x103x52   1.3      217          0.28        2.3 / 378     532 (93 973)
+48     10.1   199x199x100  2.4      294          2.5         3.5 / 523     1431 (93 973)
+=====  =====  ===========  =======  ===========  ==========  ============  =============
+
+The build and the reconstruction are dominated by the length-720 transforms of the
+360^2 rows of the x axis (O(N^2 P log P), whatever the shell); the full padded grids
+they replace take 3 GB (projector) and 9 GB (sums) per class at this box.
+
 ``--full-run`` also runs ``cryoclass refine`` on the set with the tutorial's Class3D flags
 (``_common.tutorial_flags``: 7.5 deg, offsets 5 / 2 px, T given by ``--tau2_fudge``) plus
 ``--ini_high 60 --pad 2 --skip_gridding``, and prints per-iteration time and peak RSS:

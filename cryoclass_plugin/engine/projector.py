@@ -28,7 +28,11 @@ transform of the zero-padded axis, cropped to the ``2h+1`` kept frequencies befo
 next axis), so neither the padded real volume nor its full transform is ever allocated.
 Back-projector: ``data``/``weight`` hold the Hermitian-symmetrised sums (every sample
 and its mate) on the same half grid; the reconstruction goes back to a real map at the
-full box by the same axis-by-axis transforms (zero beyond the grid).
+full box by the same axis-by-axis transforms (zero beyond the grid).  Every transform
+has the padded length ``P = pad * N``: the grid samples the frequencies ``q / P``, so
+the length is not free to round up to a fast size (``next_fast_len``); scipy.fft and
+cuFFT take any length (a box whose ``pad * N`` has a large prime factor transforms a
+few times slower).
 
 Precision: slices and the projector's grid are complex64; the products of the
 interpolation weights with the slices are formed in float32; the back-projector's
