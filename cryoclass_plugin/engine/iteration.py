@@ -3,9 +3,9 @@
 :func:`prepare` picks the particles, the Fourier pixels of the current image size, the
 E-step references (:func:`estep_references`) and the search set-up of the
 :class:`.plan.IterationPlan`; :func:`expectation` runs this rank's E-step, by one of
-three paths (fixed poses; coarse then fine search, global or local), adding the M-step
-sums to the accumulators and the per-particle results to a
-:class:`.particles.ParticleResults`; :func:`reduce` adds both over the MPI ranks;
+two paths (fixed poses; coarse then fine search, global or local), adding the M-step
+sums to the accumulators and returning the per-particle results (a
+:class:`.particles.ParticleResults`); :func:`reduce` adds both over the MPI ranks;
 :func:`maximisation` makes the new maps, spectra and particle states (:mod:`.mstep`);
 :func:`finish` records, writes and logs the iteration.
 """
@@ -77,7 +77,6 @@ class IterationWork:
     pixels: Pixels
     setup: search.SearchSetup
     acc: Accumulators
-    results: ParticleResults
     n_class_pixels: object      # pixels deciding the class posteriors (None: all)
     timer: object
 
@@ -219,7 +218,6 @@ def prepare(ctx, model, plan, allowed, timer):
     return IterationWork(
         plan=plan, subset=subset, allowed=allowed, pixels=pixels, setup=setup,
         acc=Accumulators(s.n_classes, len(data.group_names), data.box, s.pad, ctx.xp),
-        results=ParticleResults.zeros(len(subset), _does_norm(s, plan), _does_scale(s, plan)),
         n_class_pixels=n_class_pixels, timer=timer)
 
 
@@ -239,36 +237,38 @@ def _block(ctx, model, work, b0, b1):
     return block, pw_beyond, cnt_beyond
 
 
-def _first_read(ctx, model, work, b0, b1):
+def _first_read(ctx, model, work, results, b0, b1):
     """A block's first preparation in an iteration: it also adds the power beyond the
     current radius to the noise sums (and the ``--norm`` sums)."""
     block, pw_beyond, cnt_beyond = _block(ctx, model, work, b0, b1)
     work.acc.add_power_beyond(ctx.data.groups[work.subset[b0:b1]], pw_beyond, cnt_beyond)
-    if work.results.norm_resid is not None:
-        work.results.norm_resid[b0:b1] += norm_power_beyond(pw_beyond)
+    if results.norm_resid is not None:
+        results.norm_resid[b0:b1] += norm_power_beyond(pw_beyond)
     work.timer.lap("prepare")
     return block
 
 
-def _fixed_pose_expectation(ctx, model, work, blocks, progress):
-    """Classification at the particles' current poses (no search)."""
+def _fixed_pose_expectation(ctx, model, work, results, blocks, progress):
+    """Classification at the particles' current poses (no search); returns
+    ``results`` with this rank's rows filled."""
     for b0, b1 in blocks:
-        block = _first_read(ctx, model, work, b0, b1)
+        block = _first_read(ctx, model, work, results, b0, b1)
         search.fixed_pose_pass(work.setup, block, model.part_eulers[work.subset[b0:b1]],
-                               work.acc, ctx.xp, work.results, b0,
+                               work.acc, ctx.xp, results, b0,
                                n_class_pixels=work.n_class_pixels)
         work.timer.lap("fixed-pose")
         progress.update(2 * (b1 - b0))
+    return results
 
 
-def _coarse_expectation(ctx, model, work, blocks, progress, cache_ok):
+def _coarse_expectation(ctx, model, work, results, blocks, progress, cache_ok):
     """Pass 1: the coarse search of every block (global, or local around each
     particle's pose); returns the significant samples per block (small) and the
     prepared blocks kept for pass 2 (when ``cache_ok``)."""
     plan, setup, xp = work.plan, work.setup, ctx.xp
     significant, cache = {}, {}
     for b0, b1 in blocks:
-        block = _first_read(ctx, model, work, b0, b1)
+        block = _first_read(ctx, model, work, results, b0, b1)
         if plan.local:
             cand_ids, cand_logp = local_search.candidate_rotations(
                 setup.orientations, block.prior_views, plan.sigma_ang)
@@ -276,7 +276,7 @@ def _coarse_expectation(ctx, model, work, blocks, progress, cache_ok):
                 setup, block, cand_ids, cand_logp, xp, search.fine_batch_bytes(xp))
         else:
             sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
-        work.results.nsig[b0:b1] = n_sig
+        results.nsig[b0:b1] = n_sig
         significant[b0] = (sig_t, sig_kr)
         if cache_ok:
             cache[b0] = block
@@ -302,7 +302,7 @@ def fine_chunks(blocks, significant, rows_budget, n_child):
         yield chunk, chunk_kr
 
 
-def _fine_expectation(ctx, model, work, blocks, significant, cache, progress):
+def _fine_expectation(ctx, model, work, results, blocks, significant, cache, progress):
     """Pass 2: the fine search, in chunks of blocks whose rotations fit
     ``--fine_table_bytes`` (:class:`.search.FineTables` per chunk)."""
     s, setup, xp, timer = ctx.settings, work.setup, ctx.xp, work.timer
@@ -316,8 +316,7 @@ def _fine_expectation(ctx, model, work, blocks, significant, cache, progress):
                 block, _, _ = _block(ctx, model, work, c0, c1)
                 timer.lap("prepare")
             sig_t, sig_kr = significant.pop(c0)
-            search.fine_pass(setup, block, sig_t, sig_kr, tables, work.acc, xp,
-                             work.results, c0)
+            search.fine_pass(setup, block, sig_t, sig_kr, tables, work.acc, xp, results, c0)
             progress.update(c1 - c0)
             timer.lap("fine")
         tables.insert_into(work.acc.backprojectors)
@@ -325,29 +324,39 @@ def _fine_expectation(ctx, model, work, blocks, significant, cache, progress):
         del tables
 
 
+def _search_expectation(ctx, model, work, results, blocks, progress):
+    """The coarse then fine search (global, or local around each particle's pose);
+    returns ``results`` with this rank's rows filled."""
+    n_mine = sum(b1 - b0 for b0, b1 in blocks)
+    cache_ok = n_mine * int(work.setup.ky.shape[0]) * 16 <= ctx.settings.cache_bytes
+    significant, cache = _coarse_expectation(ctx, model, work, results, blocks, progress,
+                                             cache_ok)
+    _fine_expectation(ctx, model, work, results, blocks, significant, cache, progress)
+    return results
+
+
 def expectation(ctx, model, work):
-    """This rank's E-step: fixed poses, or the coarse then fine search; the M-step sums
-    go to ``work.acc``, the per-particle results to ``work.results``."""
-    s, comm = ctx.settings, ctx.comm
+    """This rank's E-step: fixed poses, or the coarse then fine search.  The M-step sums
+    go to ``work.acc``; returns the per-particle :class:`.particles.ParticleResults`
+    (this rank's rows filled, zeros elsewhere)."""
+    s, comm, plan = ctx.settings, ctx.comm, work.plan
     lo, hi = split_range(len(work.subset), comm.rank, comm.size)
     blocks = [(b0, min(hi, b0 + s.block_size)) for b0 in range(lo, hi, s.block_size)]
-    progress = Progress(2 * (hi - lo), work.plan.iteration, s.n_iter, enabled=comm.rank == 0)
-    if work.plan.fixed_poses:
-        _fixed_pose_expectation(ctx, model, work, blocks, progress)
-    else:
-        cache_ok = (hi - lo) * int(work.setup.ky.shape[0]) * 16 <= s.cache_bytes
-        significant, cache = _coarse_expectation(ctx, model, work, blocks, progress, cache_ok)
-        _fine_expectation(ctx, model, work, blocks, significant, cache, progress)
+    progress = Progress(2 * (hi - lo), plan.iteration, s.n_iter, enabled=comm.rank == 0)
+    results = ParticleResults.zeros(len(work.subset), _does_norm(s, plan), _does_scale(s, plan))
+    path = _fixed_pose_expectation if plan.fixed_poses else _search_expectation
+    results = path(ctx, model, work, results, blocks, progress)
     progress.close()
     work.timer.lap("fine")
+    return results
 
 
 # ----------------------------------------------------------------------------- M-step
 
-def reduce(ctx, work):
+def reduce(ctx, work, results):
     """The M-step sums and the particle results of all ranks."""
     work.acc.reduce(ctx.comm)
-    return work.results.summed_over_ranks(ctx.comm)
+    return results.summed_over_ranks(ctx.comm)
 
 
 def maximisation(ctx, model, work, results):
@@ -428,8 +437,7 @@ def run_iteration(ctx, model, plan, allowed=None):
     restricts each particle to one class.  Returns the updated ``model``."""
     started = time.time()
     work = prepare(ctx, model, plan, allowed, StageTimer(ctx.xp))
-    expectation(ctx, model, work)
-    results = reduce(ctx, work)
+    results = reduce(ctx, work, expectation(ctx, model, work))
     maximisation(ctx, model, work, results)
     finish(ctx, model, work, started)
     return model
