@@ -30,6 +30,17 @@ def fft_axis(kind, arr, n, axis):
     return getattr(xp.fft, kind)(arr, n=n, axis=axis)
 
 
+def rfftn_workers(arr):
+    """Unnormalised real-input transform over all axes, uncentred (rfft layout: the last
+    axis keeps frequencies ``0 .. n // 2``, the others are in FFT order), with
+    :func:`set_fft_workers` threads on the CPU."""
+    xp = _xp(arr)
+    if xp is np:
+        import scipy.fft
+        return scipy.fft.rfftn(arr, workers=_FFT_WORKERS)
+    return xp.fft.rfftn(arr)
+
+
 def _xp(arr):
     from .backend import get_xp
     return get_xp(arr)

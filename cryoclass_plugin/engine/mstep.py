@@ -28,7 +28,7 @@ resolution per class, and the new offset prior width.  Formulas (Scheres 2012):
 import numpy as np
 
 from .backend import get_xp, to_numpy
-from .fourier import fft_centered, shell_index
+from .fourier import rfftn_workers
 from .projector import BackProjector
 
 
@@ -84,16 +84,46 @@ class Accumulators:
         self.offset_sq, self.offset_weight = float(scal[0]), float(scal[1])
 
 
+_RFFT_SHELLS = {}
+
+
+def _rfft_shells(n, xp):
+    """For an ``n^3`` map's rfft layout (:func:`.fourier.rfftn_workers`), flat: the shell
+    ``round(|k|)`` of each element capped at ``n // 2 + 1`` (int32; the cap collects the
+    shells past Nyquist), and how many elements of the full transform it stands for (2
+    for ``0 < k_x < n/2``, whose mate ``-k`` is not stored; 1 on ``k_x = 0`` and on the
+    ``k_x = n/2`` plane, which is the full grid's ``-n/2``).  Cached for one size."""
+    key = (n, xp.__name__)
+    if key not in _RFFT_SHELLS:
+        k = xp.fft.fftfreq(n, 1.0 / n) ** 2
+        kx = xp.arange(n // 2 + 1, dtype=xp.float64)
+        r = xp.sqrt(k[:, None, None] + k[None, :, None] + (kx ** 2)[None, None, :])
+        sh = xp.minimum(xp.rint(r), n // 2 + 1).astype(xp.int32).ravel()
+        del r
+        single = (kx == 0) | ((n % 2 == 0) & (kx == n // 2))
+        mult = xp.broadcast_to(xp.where(single, 1.0, 2.0), (n, n, n // 2 + 1)).ravel()
+        counts = xp.bincount(sh, weights=mult, minlength=n // 2 + 2)
+        _RFFT_SHELLS.clear()
+        _RFFT_SHELLS[key] = (sh, mult, counts)
+    return _RFFT_SHELLS[key]
+
+
 def power_spectrum_half(vol):
-    """``mean |F|^2 / 2`` per shell of a map's centred transform (tau2 units)."""
+    """``mean |F|^2 / 2`` per shell of a map's transform (tau2 units), over the whole
+    centred transform, from its real-input half (each element weighted by the full-grid
+    elements it stands for)."""
     xp = get_xp(vol)
-    f = fft_centered(vol.astype(xp.float64))
-    sh = shell_index(vol.shape, xp).ravel()
-    n_shells = vol.shape[0] // 2 + 1
-    keep = sh < n_shells
-    p = (f.real ** 2 + f.imag ** 2).ravel()
-    num = xp.bincount(sh[keep], weights=p[keep], minlength=n_shells)
-    cnt = xp.bincount(sh[keep], minlength=n_shells)
+    n = vol.shape[0]
+    n_shells = n // 2 + 1
+    f = rfftn_workers(vol.astype(xp.float64))
+    p = f.real ** 2
+    p += f.imag ** 2
+    del f
+    sh, mult, cnt = _rfft_shells(n, xp)
+    p = p.ravel()
+    p *= mult
+    num = xp.bincount(sh, weights=p, minlength=n_shells + 1)[:n_shells]
+    cnt = cnt[:n_shells]
     return to_numpy(xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0) / 2.0)
 
 
