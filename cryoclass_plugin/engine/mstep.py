@@ -90,9 +90,10 @@ _RFFT_SHELLS = {}
 def _rfft_shells(n, xp):
     """For an ``n^3`` map's rfft layout (:func:`.fourier.rfftn_workers`), flat: the shell
     ``round(|k|)`` of each element capped at ``n // 2 + 1`` (int32; the cap collects the
-    shells past Nyquist), and how many elements of the full transform it stands for (2
-    for ``0 < k_x < n/2``, whose mate ``-k`` is not stored; 1 on ``k_x = 0`` and on the
-    ``k_x = n/2`` plane, which is the full grid's ``-n/2``).  Cached for one size."""
+    shells past Nyquist); per ``k_x`` column, how many elements of the full transform
+    an element stands for (2 for ``0 < k_x < n/2``, whose mate ``-k`` is not stored; 1
+    on ``k_x = 0`` and on the ``k_x = n/2`` plane, which is the full grid's ``-n/2``);
+    and the full grid's element count per shell.  Cached for one size."""
     key = (n, xp.__name__)
     if key not in _RFFT_SHELLS:
         k = xp.fft.fftfreq(n, 1.0 / n) ** 2
@@ -101,8 +102,9 @@ def _rfft_shells(n, xp):
         sh = xp.minimum(xp.rint(r), n // 2 + 1).astype(xp.int32).ravel()
         del r
         single = (kx == 0) | ((n % 2 == 0) & (kx == n // 2))
-        mult = xp.broadcast_to(xp.where(single, 1.0, 2.0), (n, n, n // 2 + 1)).ravel()
-        counts = xp.bincount(sh, weights=mult, minlength=n // 2 + 2)
+        mult = xp.where(single, 1.0, 2.0)                      # per k_x column
+        counts = xp.bincount(sh, weights=xp.broadcast_to(mult, (n, n, n // 2 + 1)).ravel(),
+                             minlength=n // 2 + 2)
         _RFFT_SHELLS.clear()
         _RFFT_SHELLS[key] = (sh, mult, counts)
     return _RFFT_SHELLS[key]
@@ -120,9 +122,8 @@ def power_spectrum_half(vol):
     p += f.imag ** 2
     del f
     sh, mult, cnt = _rfft_shells(n, xp)
-    p = p.ravel()
     p *= mult
-    num = xp.bincount(sh, weights=p, minlength=n_shells + 1)[:n_shells]
+    num = xp.bincount(sh, weights=p.ravel(), minlength=n_shells + 1)[:n_shells]
     cnt = cnt[:n_shells]
     return to_numpy(xp.where(cnt > 0, num / xp.maximum(cnt, 1), 0.0) / 2.0)
 
