@@ -38,6 +38,13 @@ The build and the reconstruction are dominated by the length-720 transforms of t
 360^2 rows of the x axis (O(N^2 P log P), whatever the shell); the full padded grids
 they replace take 3 GB (projector) and 9 GB (sums) per class at this box.
 
+A whole ``cryoclass refine`` at this box (60 particles, K=6, the flags below, ``--iter 2
+--j 1``), with the engine's ``Projector`` / ``Accumulators`` given
+``max_shell = current_grid_shell(current_shell, box)`` as in
+tests/test_halfgrid.py's engine test (grid shell 19): 31-33 s per iteration (setup
+15 s, M-step 14-16 s, output 6 s), peak RSS 4.7 GB; the full-grid engine's grids alone
+would take 92 GiB (``full_grid_bytes``).
+
 ``--full-run`` also runs ``cryoclass refine`` on the set with the tutorial's Class3D flags
 (``_common.tutorial_flags``: 7.5 deg, offsets 5 / 2 px, T given by ``--tau2_fudge``) plus
 ``--ini_high 60 --pad 2 --skip_gridding``, and prints per-iteration time and peak RSS:
