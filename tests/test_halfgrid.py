@@ -178,7 +178,7 @@ def test_noiseless_reconstruction_at_box_128_matches_full_grid():
     n, pad, shell = 128, 2, 20
     vol = phantom(n, seed=5, blobs=200)
     ky, kx = half_plane_pixels(n, shell)
-    R = rotations(400, 6)
+    R = rotations(250, 6)
     proj = pj.Projector(vol, pad=pad, gridding=False, max_shell=shell)
     slices = proj.project(R, ky, kx)
     ones = np.ones(slices.shape, np.float32)
