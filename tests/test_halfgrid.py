@@ -243,6 +243,8 @@ def test_memory_formula_and_check():
     with pytest.raises(CryoClassError, match="--block_size"):
         memory.check_fits(small, 1e9)
     assert memory.check_fits(est, None) is None            # unknown free memory: no check
+    assert memory.max_current_shell(360, 1.34, -1) == 179
+    assert memory.max_current_shell(360, 1.34, 10.0) == 49      # ceil(48.24)
     free = memory.available_memory_bytes()
     assert free is None or free > 0
 

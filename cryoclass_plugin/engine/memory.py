@@ -26,6 +26,7 @@ At box 360, pad 2, K=6 and current shell 47 (8.9 A at 1.34 A/px) the three grid 
 come to 1.3 GiB, against 92 GiB for the same items on full padded grids
 (:func:`full_grid_bytes`).
 """
+import math
 from dataclasses import dataclass, field
 
 from .errors import CryoClassError
@@ -82,6 +83,16 @@ def estimate_memory(box, current_shell, pad, n_classes, block_size, n_pixels, th
         "image cache": int(cache_bytes) + int(preread_bytes),
     }
     return MemoryEstimate(items)
+
+
+def max_current_shell(box, apix, strict_highres_exp):
+    """The largest E-step radius a run can reach (the engine's image-size update):
+    Nyquist - 1, or the shell of ``--strict_highres_exp`` (A; <= 0: none) if lower.
+    The start-up check sizes the grids for it: a run that fits then fits to the end."""
+    top = int(box) // 2 - 1
+    if strict_highres_exp > 0:
+        top = min(top, int(math.ceil(int(box) * float(apix) / float(strict_highres_exp))))
+    return top
 
 
 def full_grid_bytes(box, pad, n_classes, consensus=True):
