@@ -195,11 +195,14 @@ def test_continue_refuses_a_changed_setting(dataset, tmp_path, capsys):
     start = ["refine", "--continue", f"{cut}_it001_optimiser.star", "--iter", "2"]
     for extra, word in ((["--K", "3"], "--K 3 differs from the run's 2"),
                         (["--particle_diameter", "150"], "--particle_diameter 150.0 differs"),
-                        (["--sym", "C2"], "--sym C2 differs")):
+                        (["--sym", "C2"], "--sym C2 differs"),
+                        (["--i", str(data_dir / "truth.star")], "is not the run's"),
+                        (["--ref", str(data_dir / "true_class001.mrc")], "is not the run's")):
         assert cli.main(start + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], err
-    assert cli.main(start + ["--K", "2", "--i", str(data_dir / "particles.star"), "--j", "1",
+    same_input = os.path.relpath(data_dir / "particles.star")     # spelled another way
+    assert cli.main(start + ["--K", "2", "--i", same_input, "--j", "1",
                              "--tau2_fudge", "8"]) == 0
     general = starfile.read(f"{cut}_it002_optimiser.star")     # a key-value block
     assert float(general["rlnTau2FudgeFactor"]) == 8.0

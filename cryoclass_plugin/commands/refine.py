@@ -217,18 +217,35 @@ def _apply_continue_flags(args, settings):
     """The flags given with ``--continue`` onto the run's ``settings``: the options that
     a continued run may change (``on_continue="change"``: ``--iter``, ``--o``, T, the
     E-step limit, sampling and how to compute) take effect; the run's own input paths
-    are not compared; any other flag given with a value unlike the run's is a one-line
+    may be given again (spelled any way) but not changed; any other flag given with a value unlike the run's is a one-line
     error (a continued run keeps it)."""
     for field in _given_fields(args):
         opt, value = OPTIONS_BY_FIELD[field], getattr(args, field)
         if opt.on_continue == "change":
             setattr(settings, field, value)
+        elif opt.on_continue == "run" and field != "continue_from" and \
+                not _same_path(value, getattr(settings, field)):
+            name = flag_of(field)
+            raise CryoClassError(
+                f"--continue {args.continue_from}: {name} {value} is not the run's "
+                f"{getattr(settings, field) or '(none)'}; a continued run reads its own "
+                f"inputs (drop {name}, or start a new run with the new input)")
         elif opt.on_continue == "keep" and value != getattr(settings, field):
             name = flag_of(field)
             raise CryoClassError(
                 f"--continue {args.continue_from}: {name} {value} differs from the run's "
                 f"{getattr(settings, field)}; a continued run keeps this setting (drop "
                 f"{name}, or start a new run to change it)")
+
+
+def _same_path(given, saved):
+    """Whether two spellings of a path name the same file (or both name none)."""
+    if not given or not saved:
+        return not given and not saved
+    try:
+        return os.path.samefile(given, saved)
+    except OSError:
+        return os.path.abspath(given) == os.path.abspath(saved)
 
 
 #: Fields a state file may lack: the value that keeps the feature off, as the run that

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import estep, local_search, search
 from .backend import to_numpy
+from .errors import CryoClassError
 from .geometry import angular_distance_deg, euler_to_matrix
 from .masks import auto_solvent_mask, soft_sphere_mask
 from .mpi import split_range
@@ -423,6 +424,7 @@ def finish(ctx, model, work, started):
     elapsed = time.time() - started
     model.history.append({"iteration": plan.iteration, "seconds": elapsed,
                           "stage_seconds": dict(timer.seconds)})
+    _check_finite_maps(model, plan.iteration)
     if ctx.comm.rank == 0 and plan.write:
         write_iteration(s.output_root, plan.iteration, model, ctx.table, s,
                         ctx.grid(plan.healpix_order), ctx.translations,
@@ -430,6 +432,17 @@ def finish(ctx, model, work, started):
         timer.lap("output")
         ctx.log(log_line(model, plan.iteration, elapsed, len(work.subset)))
         ctx.log(f"          stage seconds: {timer.summary()}")
+
+
+def _check_finite_maps(model, iteration):
+    """A non-finite class map is never written: the inputs were checked, so it means a
+    numerical failure, which must stop the run rather than give NaN maps with exit 0."""
+    bad = [k + 1 for k in range(model.n_classes) if not np.isfinite(model.refs[k]).all()]
+    if bad:
+        raise CryoClassError(
+            f"iteration {iteration}: the map of class(es) {bad} became non-finite (NaN/Inf); "
+            "nothing of this iteration was written: continue from the previous iteration "
+            "with a larger --tau2_fudge or a lower --strict_highres_exp, and report it")
 
 
 def run_iteration(ctx, model, plan, allowed=None):

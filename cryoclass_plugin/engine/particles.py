@@ -16,6 +16,7 @@ from .ctf import ctf_values
 from .fourier import fft_centered, half_plane_pixels
 from .masks import soft_circle_mask
 from .search import BlockData
+from .validation import check_image_block
 
 
 def mask_diameter_angst(settings, box, apix):
@@ -122,7 +123,10 @@ def prepare_block(settings, model, data, indices, pixels, xp):
     current radius, plus each particle's shell power beyond it and the shells' pixel
     counts (for the noise estimate)."""
     box, n_cur = model.box, pixels.n_cur
-    imgs = xp.asarray(data.images.get(indices), dtype=xp.float32)
+    raw = data.images.get(indices)
+    # A single NaN/Inf pixel would spread through the sums into every class map.
+    check_image_block(raw, indices, data.images.table.df["rlnImageName"].to_numpy())
+    imgs = xp.asarray(raw, dtype=xp.float32)
     if data.mask2d is not None:
         imgs = imgs * data.mask2d
     ky, kx = pixels.ky_all, pixels.kx_all

@@ -27,6 +27,8 @@ from .plan import (ScheduleState, after_merge, class_shell, describe_schedule,
                    extend_consensus, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
 from .star_io import read_particles
+from .validation import (check_class_count, check_map_values, check_mask_values,
+                         duplicate_warning)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -120,6 +122,7 @@ def _initial_norm(settings, df):
 def _solvent_mask(settings, box, apix):
     if settings.solvent_mask:
         mask, _ = read_map(settings.solvent_mask)
+        check_mask_values(mask, settings.solvent_mask)
         if mask.shape != (box, box, box):
             raise CryoClassError(f"{settings.solvent_mask}: mask box {mask.shape[0]} differs "
                                  f"from the particles' {box}; resample the mask (--solvent_mask)")
@@ -218,6 +221,7 @@ class Refinement:
                                  "aligned particles or drop --sigma_ang")
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
+        check_class_count(len(self.table), s.n_classes, s.input_star)
 
     def _log(self, line):
         """Log on rank 0 only."""
@@ -240,6 +244,10 @@ class Refinement:
         if s.continue_from:
             return self._load_continue()
         ref, _ = read_map(s.ref)
+        check_map_values(ref, s.ref)
+        warning = duplicate_warning(self.table.df["rlnImageName"].to_numpy(), s.input_star)
+        if warning:
+            self._log(warning)
         model = _initial_model(s, self.table, self.data, ref.astype(np.float32), self.comm)
         if self.comm.rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(s.output_root)), exist_ok=True)

@@ -1,0 +1,108 @@
+"""Bad input values through ``cryoclass refine``: one line naming the file and the fix,
+exit 2, no traceback, and nothing written that looks like a result."""
+import os
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cryoclass_plugin import cli
+from cryoclass_plugin.engine.simulate import simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    data = tmp_path_factory.mktemp("bad")
+    simulate_dataset(str(data), n=24, box=24, apix=8.0, snr=1.0, n_classes=1, seed=0)
+    return data
+
+
+def _copy(tiny, tmp_path):
+    import shutil
+    dst = tmp_path / "data"
+    shutil.copytree(tiny, dst)
+    return dst
+
+
+def _refine(data, tmp_path, *extra, star="particles.star", ref="ref.mrc"):
+    return cli.main(["refine", "--i", str(data / star), "--ref", str(data / ref),
+                     "--o", str(tmp_path / "out" / "run"), "--iter", "1", "--healpix_order", "0",
+                     "--offset_range", "0", "--j", "1"] + list(extra))
+
+
+def _one_error_line(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_pixel_is_refused_naming_the_particle(tiny, tmp_path, capsys, value):
+    data = _copy(tiny, tmp_path)
+    with mrcfile.open(data / "particles.mrcs", "r+") as m:
+        m.data[6, 3, 4] = value
+    assert _refine(data, tmp_path) == 2
+    _one_error_line(capsys, "particle 7 of the STAR file", "non-finite")
+    assert not os.path.exists(tmp_path / "out" / "run_it001_class001.mrc")
+
+
+def test_an_all_zero_image_is_refused(tiny, tmp_path, capsys):
+    data = _copy(tiny, tmp_path)
+    with mrcfile.open(data / "particles.mrcs", "r+") as m:
+        m.data[2] = 0.0
+    assert _refine(data, tmp_path) == 2
+    _one_error_line(capsys, "particle 3 of the STAR file", "constant")
+
+
+def test_a_non_finite_reference_voxel_is_refused(tiny, tmp_path, capsys):
+    data = _copy(tiny, tmp_path)
+    with mrcfile.open(data / "ref.mrc", "r+") as m:
+        m.data[5, 6, 7] = np.nan
+    assert _refine(data, tmp_path) == 2
+    _one_error_line(capsys, "ref.mrc", "non-finite voxel", "x=7 y=6 z=5")
+
+
+def test_a_mask_outside_0_1_is_refused(tiny, tmp_path, capsys):
+    data = _copy(tiny, tmp_path)
+    with mrcfile.new(data / "mask.mrc") as m:
+        m.set_data(np.full((24, 24, 24), 2.0, np.float32))
+        m.voxel_size = 8.0
+    assert _refine(data, tmp_path, "--flatten_solvent", "--solvent_mask",
+                   str(data / "mask.mrc")) == 2
+    _one_error_line(capsys, "mask.mrc", "not 0..1")
+
+
+def test_more_classes_than_particles_is_refused(tiny, tmp_path, capsys):
+    assert _refine(tiny, tmp_path, "--K", "30") == 2
+    _one_error_line(capsys, "--K 30", "only 24 particle")
+
+
+def test_duplicated_rows_are_warned_about(tiny, tmp_path, capsys):
+    data = _copy(tiny, tmp_path)
+    blocks = starfile.read(data / "particles.star", always_dict=True)
+    parts = blocks["particles"]
+    blocks["particles"] = pd.concat([parts, parts.iloc[:3]], ignore_index=True)
+    starfile.write(blocks, data / "dups.star", overwrite=True)
+    assert _refine(data, tmp_path, star="dups.star") == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "3 duplicated particle row(s)" in out
+
+
+def test_a_map_that_turns_non_finite_stops_the_run_unwritten(tiny, tmp_path, capsys, monkeypatch):
+    """A numerical failure in the M-step (simulated) never reaches the written maps."""
+    from cryoclass_plugin.engine import iteration
+    original = iteration.maximise
+
+    def failing(acc, model, *args, **kwargs):
+        original(acc, model, *args, **kwargs)
+        model.refs[0][0, 0, 0] = np.nan
+
+    monkeypatch.setattr(iteration, "maximise", failing)
+    assert _refine(tiny, tmp_path) == 2
+    _one_error_line(capsys, "iteration 1", "non-finite", "previous iteration")
+    assert not os.path.exists(tmp_path / "out" / "run_it001_class001.mrc")
+    assert os.path.exists(tmp_path / "out" / "run_it000_optimiser.star")
