@@ -122,8 +122,10 @@ def test_continue_rules_come_from_the_registry():
     # 'change': takes effect, also when the value is the flag's default (T = 1)
     assert apply("--iter", "50", "--tau2_fudge", "1", "--j", "2").n_iter == 50
     assert apply("--tau2_fudge", "1").tau2_fudge == 1.0
-    # 'run': the run's own paths, not compared
-    assert apply("--i", "elsewhere/p.star").input_star == "p.star"
+    # 'run': the run's own paths, given again in any spelling, never changed
+    assert apply("--i", "./p.star").input_star == "p.star"
+    with pytest.raises(CryoClassError, match="--i elsewhere/p.star is not the run's p.star"):
+        apply("--i", "elsewhere/p.star")
     # 'keep': the same value passes; another one is a one-line error naming the flag
     assert apply("--K", "2").n_classes == 2
     for flags, word in ((["--K", "1"], "--K 1 differs from the run's 2"),

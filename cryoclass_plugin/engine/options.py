@@ -28,7 +28,7 @@ GROUPS = ("I/O", "Reference", "CTF", "Optimisation", "Sampling", "Compute", "Run
 #: What ``--continue`` does with an option given again: ``keep`` (must equal the run's
 #: value, else a one-line error), ``change`` (takes effect: how to compute and what
 #: relion_refine lets a continued run change) or ``run`` (the run's own input paths,
-#: not compared: the protocol repeats ``--i`` and a path may be spelled differently).
+#: may be given again, in any spelling of the same file, but not changed).
 CONTINUE_RULES = ("keep", "change", "run")
 
 #: Flag kinds: ``value`` (``--flag VALUE``), ``switch`` (``--flag`` sets True),
