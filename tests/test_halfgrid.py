@@ -268,6 +268,24 @@ def test_engine_run_on_growing_cropped_grids_equals_full_grids(tmp_path, monkeyp
              "--offset_range", "3", "--offset_step", "2", "--pad", "2", "--skip_gridding",
              "--j", "1", "--random_seed", "3", "--K", "3", "--iter", "4", "--firstiter_cc"]
 
+    shells, grids, sized = [], [], {"on": False}
+    within = particles.Pixels.within.__func__
+
+    def sized_within(cls, box, shell, xp):
+        shells.append(pj.current_grid_shell(shell, box) if sized["on"] else None)
+        return within(cls, box, shell, xp)
+
+    def projector(vol, pad=2, gridding=True, **kw):
+        p = pj.Projector(vol, pad=pad, gridding=gridding, max_shell=shells[-1])
+        grids.append(p.grid.h)
+        return p
+
+    # Both runs set the grids' size themselves (full: None; cropped: the current shell).
+    monkeypatch.setattr(particles.Pixels, "within", classmethod(sized_within))
+    monkeypatch.setattr(iteration, "Projector", projector)
+    monkeypatch.setattr(iteration, "Accumulators", lambda *a, **kw: Accumulators(
+        *a, **dict(kw, max_shell=shells[-1])))
+
     def run(name):
         root = tmp_path / name / "run"
         assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
@@ -275,22 +293,9 @@ def test_engine_run_on_growing_cropped_grids_equals_full_grids(tmp_path, monkeyp
         return root
 
     full = run("full")
-    shells, grids = [], []
-    within = particles.Pixels.within.__func__
-
-    def sized_within(cls, box, shell, xp):
-        shells.append(pj.current_grid_shell(shell, box))
-        return within(cls, box, shell, xp)
-
-    def sized_projector(vol, pad=2, gridding=True, **kw):
-        p = pj.Projector(vol, pad=pad, gridding=gridding, max_shell=shells[-1])
-        grids.append(p.grid.h)
-        return p
-
-    monkeypatch.setattr(particles.Pixels, "within", classmethod(sized_within))
-    monkeypatch.setattr(iteration, "Projector", sized_projector)
-    monkeypatch.setattr(iteration, "Accumulators", lambda *a, **kw: Accumulators(
-        *a, max_shell=shells[-1]))
+    assert set(grids) == {40}
+    grids.clear()
+    sized["on"] = True
     cropped = run("cropped")
     assert min(grids) < 40 and max(grids) == 40          # the grids did grow
     for it in range(1, 5):
