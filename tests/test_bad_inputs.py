@@ -106,3 +106,13 @@ def test_a_map_that_turns_non_finite_stops_the_run_unwritten(tiny, tmp_path, cap
     _one_error_line(capsys, "iteration 1", "non-finite", "previous iteration")
     assert not os.path.exists(tmp_path / "out" / "run_it001_class001.mrc")
     assert os.path.exists(tmp_path / "out" / "run_it000_optimiser.star")
+
+
+def test_a_job_that_cannot_fit_in_memory_stops_before_iteration_1(tiny, tmp_path, capsys,
+                                                                monkeypatch):
+    from cryoclass_plugin.engine import memory
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 50 * 2 ** 20)
+    assert _refine(tiny, tmp_path) == 2
+    line = _one_error_line(capsys, "GiB of memory per node", "0.0 GiB is free", "to fit it use")
+    assert "--block_size" in line or "--pad 1" in line
+    assert not os.path.exists(tmp_path / "out" / "run_it001_data.star")

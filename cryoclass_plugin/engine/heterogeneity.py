@@ -20,7 +20,7 @@ from .masks import soft_sphere_mask
 from .mpi import split_range
 from .particles import Pixels, mask_diameter_angst, prepare_block
 from .plan import class_shell
-from .projector import BackProjector, Projector
+from .projector import BackProjector, Projector, current_grid_shell
 
 
 def _adjoint_volume(bp):
@@ -40,7 +40,9 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
     pixels = Pixels.within(box, shell, xp)
     ky, kx = pixels.ky, pixels.kx
     consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0)
-    cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad, gridding=s.gridding)
+    grid_shell = current_grid_shell(shell, box)     # every grid only as large as its pixels
+    cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad,
+                          gridding=s.gridding, max_shell=grid_shell)
     lo, hi = split_range(n, comm.rank, comm.size)
     # Whitened residuals and whitened CTFs of this rank's particles (small at low res).
     blocks = []
@@ -57,8 +59,8 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
     vols = [xp.asarray(rng.standard_normal((box,) * 3).astype(np.float32)) * mask for _ in range(q)]
     vols = _orthonormalise(vols, xp)
     for it in range(n_power):
-        bps = [BackProjector(box, s.pad, xp) for _ in range(q)]
-        projs = [Projector(v, pad=s.pad, gridding=False) for v in vols]
+        bps = [BackProjector(box, s.pad, xp, max_shell=grid_shell) for _ in range(q)]
+        projs = [Projector(v, pad=s.pad, gridding=False, max_shell=grid_shell) for v in vols]
         for idx, mats, white, resid in blocks:
             for j in range(q):
                 av = white * projs[j].project(mats, ky, kx)                          # A_i v_j
@@ -72,7 +74,7 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
             new.append(_adjoint_volume(bp).astype(xp.float32) * mask)
         vols = _orthonormalise(new, xp)
     # Coordinates: least squares of r_i on A_i v_j (q x q per particle).
-    projs = [Projector(v, pad=s.pad, gridding=False) for v in vols]
+    projs = [Projector(v, pad=s.pad, gridding=False, max_shell=grid_shell) for v in vols]
     coords = np.zeros((n, q))
     for idx, mats, white, resid in blocks:
         av = xp.stack([white * p.project(mats, ky, kx) for p in projs], axis=1)     # (B, q, n)

@@ -27,7 +27,7 @@ from .mstep import (Accumulators, correction_pixels, maximise, norm_power_beyond
 from .outputs import write_iteration
 from .particles import ParticleResults, Pixels, mask_diameter_angst, prepare_block
 from .plan import class_shell
-from .projector import Projector
+from .projector import Projector, current_grid_shell
 
 
 @dataclass
@@ -166,7 +166,8 @@ def _search_setup(ctx, model, plan, pixels, active):
     n_coarse = pixels.count(min(model.current_shell, coarse_shell(s, box, apix, step)))
     ky, kx = pixels.ky, pixels.kx
     refs = estep_references(ctx, model, plan)
-    projectors = [Projector(refs[k], pad=s.pad, gridding=s.gridding)
+    grid_shell = current_grid_shell(model.current_shell, box)
+    projectors = [Projector(refs[k], pad=s.pad, gridding=s.gridding, max_shell=grid_shell)
                   for k in range(s.n_classes)]
     if plan.search == "global":
         mats = xp.asarray(grid.matrices)
@@ -218,7 +219,8 @@ def prepare(ctx, model, plan, allowed, timer):
     timer.lap("setup")
     return IterationWork(
         plan=plan, subset=subset, allowed=allowed, pixels=pixels, setup=setup,
-        acc=Accumulators(s.n_classes, len(data.group_names), data.box, s.pad, ctx.xp),
+        acc=Accumulators(s.n_classes, len(data.group_names), data.box, s.pad, ctx.xp,
+                         max_shell=current_grid_shell(model.current_shell, data.box)),
         n_class_pixels=n_class_pixels, timer=timer)
 
 

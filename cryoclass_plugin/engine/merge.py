@@ -48,7 +48,7 @@ from .masks import soft_sphere_mask
 from .mpi import split_range
 from .particles import Pixels, mask_diameter_angst, prepare_block
 from .plan import class_shell
-from .projector import BackProjector, Projector
+from .projector import BackProjector, Projector, current_grid_shell
 
 
 def _gaussian_loglik(images_f, ctf, inv_sigma2, slices):
@@ -128,7 +128,9 @@ def heldout_gain(ctx, model, data, in_first, fold_seed):
     half[np.random.default_rng(fold_seed).permutation(n)[: n // 2]] = 1
     ky, kx = data.ky, data.kx
     # Back-projections: [half][first, second, merged].
-    bps = [[BackProjector(data.small_box, s.pad, xp) for _ in range(3)] for _ in range(2)]
+    grid_shell = current_grid_shell(data.shell, data.small_box)
+    bps = [[BackProjector(data.small_box, s.pad, xp, max_shell=grid_shell) for _ in range(3)]
+           for _ in range(2)]
     for rows, (images_f, ctf, inv_sigma2), mats in data.blocks:
         values = (images_f * (ctf * inv_sigma2)).astype(xp.complex64)
         weight = (ctf * ctf * inv_sigma2).astype(xp.float32)
@@ -152,7 +154,7 @@ def heldout_gain(ctx, model, data, in_first, fold_seed):
                 vol = ctx.symmetrise(vol)
             if data.mask is not None:
                 vol = vol * data.mask
-            row.append(Projector(vol, pad=s.pad, gridding=s.gridding))
+            row.append(Projector(vol, pad=s.pad, gridding=s.gridding, max_shell=grid_shell))
         projectors.append(row)
     del bps
     log_pi = np.log(np.array([n_first, n - n_first], dtype=np.float64) / n)

@@ -11,10 +11,11 @@ import os
 import numpy as np
 
 from . import iteration as iteration_mod
+from . import memory
 from .backend import select_backend, to_numpy
 from .ctf import ctf_params
 from .errors import CryoClassError
-from .fourier import fft_centered, half_plane_pixels, low_pass
+from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
 from .masks import soft_sphere_mask
 from .model import ModelState
 from .mpi import get_comm, split_range
@@ -22,7 +23,7 @@ from .mrc_io import ImageSource, check_map_matches, read_map
 from .mstep import power_spectrum_half
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)
 from .outputs import write_iteration
-from .particles import ParticleData, group_index, image_mask, mask_diameter_angst
+from .particles import ParticleData, Pixels, group_index, image_mask, mask_diameter_angst
 from .plan import (ScheduleState, after_merge, class_shell, describe_schedule,
                    extend_consensus, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
@@ -131,6 +132,15 @@ def _solvent_mask(settings, box, apix):
     return soft_sphere_mask(box, diameter / (2 * apix), 5.0).astype(np.float32)
 
 
+def _ranks_per_node(comm):
+    """Ranks of this job on this machine (Open MPI / MPICH / Slurm), else all of them."""
+    for key in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return comm.size
+
+
 def continue_state_path(optimiser_path):
     """The exact-state file of a ``--continue <root>_itNNN_optimiser.star`` (checked)."""
     path = optimiser_path
@@ -162,6 +172,7 @@ class Refinement:
         self.xp, self.device = select_backend(settings.gpu is not None, settings.gpu or "",
                                               self.comm.rank)
         self._limit_threads()
+        set_fft_workers(settings.threads)
         self.table = read_particles(settings.input_star, require_ctf=settings.ctf)
         self.box, self.apix = self.table.box, self.table.apix
         self._validate()
@@ -284,11 +295,39 @@ class Refinement:
         """All iterations from the start (or the continued one) to ``--iter``, each as
         its plan says (:mod:`.plan`)."""
         model = self.start()
-        for it in range(model.iteration + 1, self.s.n_iter + 1):
+        first = model.iteration + 1
+        for it in range(first, self.s.n_iter + 1):
             model, plan = self._decide_before(model, it)
             self._log(f"plan {plan.describe()}")
+            self._check_memory(model, plan, first=it == first)
             model = self.iterate(model, plan)
         return model
+
+    def _check_memory(self, model, plan, first=False):
+        """Before each iteration: the memory its grids and budgets take at its E-step
+        radius (:func:`.memory.estimate_memory`) against the free memory (rank 0's
+        reading, for every rank on this node); a job that cannot fit stops here in one
+        line naming the options that would make it fit.  Logged before the first."""
+        s, box = self.s, self.box
+        pixels = Pixels.within(box, model.current_shell, np)
+        grid = self.grid(plan.healpix_order)
+        lo, hi = split_range(len(self.table), self.comm.rank, self.comm.size)
+        # The two budgets are caps: count what this iteration can use of them (every
+        # fine rotation of every class; the prepared images only if all of them fit).
+        fine_rows = s.n_classes * len(grid.matrices) * 8 ** s.oversampling
+        cache = (hi - lo) * pixels.n_cur * 16
+        est = memory.estimate_memory(
+            box, model.current_shell, s.pad, s.n_classes, s.block_size, pixels.n_cur,
+            s.threads, n_coarse_rotations=len(grid.matrices) if plan.search == "global" else 0,
+            n_coarse_pixels=pixels.n_cur, n_translations=self.ctx.translations.n_offsets,
+            fine_table_bytes=min(s.fine_table_bytes, 20.0 * fine_rows * pixels.n_cur),
+            cache_bytes=cache if cache <= s.cache_bytes else 0.0,
+            preread_bytes=4.0 * len(self.table) * box * box if s.preread_images else 0.0,
+            consensus=plan.joint_consensus)
+        free = self.comm.bcast(memory.available_memory_bytes() if self.comm.rank == 0 else None)
+        if first:
+            self._log(memory.startup_report(est, free))
+        memory.check_fits(est, free, ranks_per_node=_ranks_per_node(self.comm))
 
     def _decide_before(self, model, iteration):
         """The decisions taken before ``iteration`` (a longer consensus, the split, the
