@@ -99,12 +99,14 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       help="Particles with CTF and acquisition information, from any "
                            "protocol; or a set of 2D classes, in which case the "
                            "particles of its enabled classes are classified.")
-        form.addParam("referenceVolume", PointerParam, pointerClass="Volume",
-                      condition="not doContinue", important=True, label="Reference map",
-                      help="Starting map. It is low-pass filtered (Reference tab) and "
-                           "the K classes start from it (Optimisation tab, 'How classes "
-                           "start'). It should have the box and pixel size of the "
-                           "particles (or use resampling).")
+        form.addParam("referenceVolume", PointerParam, pointerClass="Volume,SetOfVolumes",
+                      condition="not doContinue", important=True, label="Reference map(s)",
+                      help="Starting map: one volume, from which the K classes start "
+                           "(Optimisation tab, 'How classes start'); or a set of K "
+                           "volumes (e.g. from a K-class initial model), class k starting "
+                           "from volume k (RELION's --ref list; needs RELION's start). "
+                           "Each is low-pass filtered (Reference tab). They should have "
+                           "the box and pixel size of the particles (or use resampling).")
         form.addParam("referenceMask", PointerParam, pointerClass="VolumeMask",
                       condition="not doContinue", allowsNull=True,
                       label="Reference mask (optional)",
@@ -485,11 +487,35 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             write_ctf=bool(self.doCTF), iterator=self._iterInputParticles())
         self.info("Wrote %d particles to %s" % (n, self._getFileName("input_star")))
         box, apix = self._particleBox(), parts.getSamplingRate()
-        convert.write_volume_mrc(self.referenceVolume.get(), self._getFileName("reference"),
-                                 box=box, pixel_size=apix)
+        self._writeReferences(box, apix)
         if self.referenceMask.hasValue():
             convert.write_volume_mrc(self.referenceMask.get(), self._getFileName("mask"),
                                      box=box, pixel_size=apix)
+
+    def _referenceVolumes(self):
+        """The reference volumes in class order: one Volume, or the SetOfVolumes' items."""
+        ref = self._rootProtocol().referenceVolume.get()
+        if isinstance(ref, SetOfVolumes):
+            return [vol.clone() for vol in ref.iterItems(orderBy="id")]
+        return [ref] if ref is not None else []
+
+    def _severalReferences(self):
+        return isinstance(self._rootProtocol().referenceVolume.get(), SetOfVolumes)
+
+    def _writeReferences(self, box, apix):
+        """One volume: reference.mrc; a set: reference_kkk.mrc per class and the list
+        references.star (rlnReferenceImage, RELION's --ref format)."""
+        if not self._severalReferences():
+            convert.write_volume_mrc(self.referenceVolume.get(),
+                                     self._getFileName("reference"), box=box, pixel_size=apix)
+            return
+        names = []
+        for k, vol in enumerate(self._referenceVolumes(), start=1):
+            names.append(self._getFileName("reference_k", ref=k))
+            convert.write_volume_mrc(vol, names[-1], box=box, pixel_size=apix)
+        import pandas as pd
+        convert.write_star(self._getFileName("reference_list"), {
+            "model_classes": pd.DataFrame({"rlnReferenceImage": names})})
 
     def runEngineStep(self, args):
         import cryoclass_plugin
@@ -554,9 +580,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             errors.append("'Do CTF-correction?' is Yes but the input particles have no "
                           "CTF information: estimate CTFs and re-extract (or import "
                           "particles with CTF), or set 'Do CTF-correction?' to No.")
+        errors += self._validateReferenceSet()
         if not self.resampleReference:
-            for label, vol in (("Reference map", ref),
-                               ("Reference mask", self.referenceMask.get())):
+            refs = [("Reference map", vol) for vol in self._referenceVolumes()]
+            for label, vol in refs + [("Reference mask", self.referenceMask.get())]:
                 if vol is None:
                     continue
                 vbox, vapix = vol.getXDim(), vol.getSamplingRate()
@@ -588,6 +615,21 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                           "which needs particles with 3D alignment; these have none. "
                           "Use a consensus start or global searches.")
         errors += self._validateCommon()
+        return errors
+
+    def _validateReferenceSet(self):
+        """A set of reference volumes: K of them, and RELION's start (the consensus
+        starts begin from one map)."""
+        if not self._severalReferences():
+            return []
+        n, K = len(self._referenceVolumes()), self.numberOfClasses.get() or 0
+        errors = []
+        if n != K:
+            errors.append("The reference set has %d volumes but 'Number of classes' is %d: "
+                          "give one volume per class." % (n, K))
+        if self.initialClasses.get() != 0:
+            errors.append("A set of reference volumes (one per class) needs 'How classes "
+                          "start' = RELION: the consensus starts begin from one map.")
         return errors
 
     def _validateCommon(self):
@@ -726,6 +768,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         return {
             "input_star": self._getExtraPath("input_particles.star"),
             "reference": self._getExtraPath("reference.mrc"),
+            "reference_k": self._getExtraPath("reference_%(ref)03d.mrc"),
+            "reference_list": self._getExtraPath("references.star"),
             "mask": self._getExtraPath("mask.mrc"),
             "output_root": root,
             "data": root + "_it%(iter)03d_data.star",
@@ -928,7 +972,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
 
     def _referenceArgs(self, add, root):
         if not self.doContinue:
-            add("--ref", self._getFileName("reference"))
+            add("--ref", self._getFileName("reference_list" if self._severalReferences()
+                                           else "reference"))
             if not self.isMapAbsoluteGreyScale:
                 add("--firstiter_cc")
             add("--ini_high", _num(self.initialLowPassFilterA.get()))

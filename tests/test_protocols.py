@@ -320,6 +320,45 @@ def test_validation_reference_mismatch_offers_resampling(project, inputs):
     assert _errors(prot) == ""
 
 
+@pytest.fixture(scope="module")
+def true_volumes(project, sim):
+    """The simulated classes' true maps as a SetOfVolumes (class order)."""
+    imp = launch(project, project.newProtocol(
+        ProtImportVolumes, filesPath=sim["dir"], filesPattern="true_class*.mrc",
+        samplingRate=APIX))
+    return imp.outputVolumes
+
+
+def test_validation_reference_set_needs_k_volumes_and_relion_start(project, inputs,
+                                                                   true_volumes):
+    prot = _classifier(project, inputs)
+    prot.referenceVolume.set(true_volumes)
+    assert _errors(prot) == ""
+    assert "--ref %s" % prot._getFileName("reference_list") in prot._getEngineArgs()
+    prot.numberOfClasses.set(3)
+    assert "has 2 volumes but 'Number of classes' is 3" in _errors(prot)
+    prot.numberOfClasses.set(2)
+    prot.initialClasses.set(2)
+    assert "needs 'How classes start' = RELION" in _errors(prot)
+
+
+@needs_engine
+def test_reference_set_each_class_starts_from_its_volume(project, inputs, true_volumes, sim):
+    """A SetOfVolumes as reference: the list and maps are written, and each class ends
+    closest to the true map it started from."""
+    prot = _classifier(project, inputs, numberOfIterations=3)
+    prot.referenceVolume.set(true_volumes)
+    prot = launch(project, prot)
+    listed = convert.read_star(prot._getFileName("reference_list"))["model_classes"]
+    assert list(listed["rlnReferenceImage"]) == [prot._getFileName("reference_k", ref=k)
+                                                 for k in (1, 2)]
+    truths = [_read_map(os.path.join(sim["dir"], "true_class%03d.mrc" % k)) for k in (1, 2)]
+    for vol in prot.outputVolumes.iterItems(orderBy="id"):
+        final = _read_map(convert.strip_format(vol.getFileName()))
+        cc = [np.corrcoef(final.ravel(), t.ravel())[0, 1] for t in truths]
+        assert int(np.argmax(cc)) == vol.getObjId() - 1, cc
+
+
 def test_validation_mask_diameter_larger_than_box(project, inputs):
     prot = _classifier(project, inputs, maskDiameterA=250)
     assert "Mask diameter 250.0 A is larger than the particle box" in _errors(prot)

@@ -152,6 +152,10 @@ def _check(a):
         (a.sigma_ang == 0, "--sigma_ang 0: give a prior width in degrees > 0 for local "
                            "searches, or leave the flag out for global searches"),
         (a.n_iter < 1, f"--iter {a.n_iter}: give at least 1 iteration"),
+        (a.init_classes in ("consensus", "pca") and a.ref.lower().endswith(".star"),
+         f"--ref {a.ref}: one map per class with --init_classes {a.init_classes}, which "
+         "starts from one consensus map; give --init_classes relion (or input), or one "
+         "map"),
         (a.tau2_fudge <= 0, f"--tau2_fudge {a.tau2_fudge:g}: T must be > 0 (RELION: 2-4 "
                             "for 3D classification)"),
     ) + _range_problems(a)
@@ -174,6 +178,7 @@ def _range_problems(a):
     return (
         _unset_or_positive(a, "particle_diameter", "a mask diameter in Angstrom"),
         _unset_or_positive(a, "ini_high", "a resolution in Angstrom"),
+        _unset_or_positive(a, "ref_angpix", "a pixel size in Angstrom"),
         _unset_or_positive(a, "strict_highres_exp", "a resolution in Angstrom"),
         (not 0 <= a.healpix_order <= 7,
          f"--healpix_order {a.healpix_order}: give 0 (60 deg) to 7 (0.5 deg); 3D "

@@ -28,6 +28,7 @@ from .outputs import write_iteration
 from .particles import ParticleResults, Pixels, mask_diameter_angst, prepare_block
 from .plan import class_shell
 from .projector import Projector, current_grid_shell
+from .references import several_references
 
 
 @dataclass
@@ -108,7 +109,9 @@ def coarse_shell(settings, box, apix, angular_step_deg):
 
 def _particles_and_seeds(ctx, plan, allowed):
     """The iteration's particles (all, or a ``--fast_subsets`` sample) and, for RELION's
-    seeding, one random class per particle (both from the seed and iteration)."""
+    seeding, one random class per particle (both from the seed and iteration).  A
+    ``--ref`` list of one map per class has no seeds (RELION: ``do_generate_seeds``
+    off): the classes differ from the start."""
     s, n = ctx.settings, ctx.data.n
     rng = np.random.default_rng([s.random_seed, plan.iteration])
     subset = np.arange(n)
@@ -116,7 +119,7 @@ def _particles_and_seeds(ctx, plan, allowed):
         size = fast_subset_size(plan.iteration, n, s.n_classes)
         if size < n:
             subset = np.sort(rng.permutation(n)[:size])
-    if allowed is None and plan.assignments == "random":
+    if allowed is None and plan.assignments == "random" and not several_references(s):
         allowed = rng.integers(0, s.n_classes, size=n)
     return subset, allowed
 

@@ -72,7 +72,10 @@ OPTIONS = (
        group="I/O", on_continue="run", required=True, param="inputParticles"),
     _o("output_root", "o", str, "", "output rootname, e.g. Class3D/job001/run",
        group="I/O", on_continue="change", required=True),
-    _o("ref", "ref", str, "", "reference map (MRC), same box and pixel size as particles",
+    _o("ref", "ref", str, "",
+       "reference map (MRC) for all classes, same box and pixel size as the particles; or "
+       "a STAR file listing one map per class (column rlnReferenceImage, K rows: class k "
+       "starts from row k's map; RELION's format)",
        group="Reference", on_continue="run", required=True, param="referenceVolume"),
     _o("continue_from", "continue", str, "",
        "continue from <root>_itNNN_optimiser.star", group="I/O", on_continue="run",
@@ -81,6 +84,11 @@ OPTIONS = (
     _o("firstiter_cc", "firstiter_cc", bool, False,
        "reference not on absolute greyscale: score iteration 1 by cross-correlation",
        group="Reference", kind="switch", param="isMapAbsoluteGreyScale", form_default=True),
+    _o("ref_angpix", "ref_angpix", float, -1.0,
+       "pixel size (A) of the reference map(s), overriding the header's (RELION); a map "
+       "whose pixel size or box differs from the particles' is then resampled to them "
+       "(Fourier crop/pad, box crop/pad); <= 0: the header's, which must match",
+       group="Reference"),
     _o("ini_high", "ini_high", float, -1.0,
        "low-pass the reference to this resolution (A) first; <= 0: no filter",
        group="Reference", param="initialLowPassFilterA", form_default=60.0),

@@ -19,17 +19,17 @@ from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
 from .masks import soft_sphere_mask
 from .model import ModelState
 from .mpi import get_comm, split_range
-from .mrc_io import ImageSource, check_map_matches, read_map
+from .mrc_io import ImageSource, read_map
 from .mstep import power_spectrum_half
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)
 from .outputs import write_iteration
 from .particles import ParticleData, Pixels, group_index, image_mask, mask_diameter_angst
+from .references import check_references, read_references, several_references
 from .plan import (ScheduleState, after_merge, class_shell, describe_schedule,
                    extend_consensus, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
 from .star_io import read_particles
-from .validation import (check_class_count, check_map_values, check_mask_values,
-                         duplicate_warning)
+from .validation import check_class_count, check_mask_values, duplicate_warning
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -66,18 +66,21 @@ def _initial_noise(settings, data, df, comm):
     return np.maximum(sigma2, 1e-30), part_norm, avg_norm
 
 
-def _initial_model(settings, table, data, ref, comm):
-    """The state before iteration 1: K copies of the (low-passed) reference, the noise
-    and signal spectra, the particles' input poses."""
+def _initial_model(settings, table, data, refs, comm):
+    """The state before iteration 1: the K (low-passed) starting maps ``refs`` (K, box,
+    box, box; one map repeated, or one per class from a ``--ref`` list), each class's
+    signal spectrum from its own unfiltered map, the noise spectra, the input poses."""
     box, apix, n, K = data.box, data.apix, data.n, settings.n_classes
     n_shells = box // 2 + 1
     sigma2, part_norm, avg_norm = _initial_noise(settings, data, table.df, comm)
-    # Signal prior from the unfiltered reference; the E-step reference is low-passed.
-    tau2_ref = power_spectrum_half(ref)
-    start = low_pass(ref, apix, settings.ini_high) if settings.ini_high > 0 else ref.copy()
-    if settings.flatten_solvent:
-        start = start * _solvent_mask(settings, box, apix)
-    refs = np.repeat(start[None].astype(np.float32), K, axis=0)
+    # Signal prior from the unfiltered references; the E-step references are low-passed.
+    tau2 = np.stack([power_spectrum_half(ref) for ref in refs])
+    mask = _solvent_mask(settings, box, apix) if settings.flatten_solvent else None
+    start = []
+    for ref in refs:
+        vol = low_pass(ref, apix, settings.ini_high) if settings.ini_high > 0 else ref.copy()
+        start.append(vol * mask if mask is not None else vol)
+    refs = np.stack(start).astype(np.float32)
     shell = int(round(box * apix / settings.ini_high)) if settings.ini_high > 0 else box // 2 - 1
     current = min(shell + settings.incr_size, box // 2 - 1)
     if settings.strict_highres_exp > 0:
@@ -85,7 +88,7 @@ def _initial_model(settings, table, data, ref, comm):
     sigma_off = settings.offset_range * apix / 3.0
     model = ModelState(box=box, apix=apix, n_classes=K, n_groups=len(data.group_names),
                        refs=refs, pdf_class=np.full(K, 1.0 / K), sigma2=sigma2,
-                       tau2=np.repeat(tau2_ref[None], K, axis=0),
+                       tau2=tau2,
                        ssnr=np.zeros((K, n_shells)), class_resolution_shell=np.zeros(K, int),
                        sigma_offset_angst=max(sigma_off, 1.0), current_shell=int(current),
                        schedule=ScheduleState.initial(settings))
@@ -221,7 +224,11 @@ class Refinement:
                 f"({self.box} px x {self.apix:g} A = {self.box * self.apix:g} A); give a "
                 "smaller mask diameter")
         if not s.continue_from:
-            check_map_matches(s.ref, self.box, self.apix)
+            if several_references(s) and s.init_classes in ("consensus", "pca"):
+                raise CryoClassError(f"--ref {s.ref}: one map per class with --init_classes "
+                                     f"{s.init_classes}, which starts from one consensus "
+                                     "map; give --init_classes relion (or input), or one map")
+            check_references(s, self.box, self.apix)
         if s.skip_align and not self.table.has_angles:
             raise CryoClassError(f"{s.input_star}: --skip_align needs rlnAngleRot/Tilt/Psi "
                                  "(poses from a refinement); align first or drop --skip_align")
@@ -254,12 +261,11 @@ class Refinement:
         s = self.s
         if s.continue_from:
             return self._load_continue()
-        ref, _ = read_map(s.ref)
-        check_map_values(ref, s.ref)
+        refs = read_references(s, self.box, self.apix)
         warning = duplicate_warning(self.table.df["rlnImageName"].to_numpy(), s.input_star)
         if warning:
             self._log(warning)
-        model = _initial_model(s, self.table, self.data, ref.astype(np.float32), self.comm)
+        model = _initial_model(s, self.table, self.data, refs, self.comm)
         if self.comm.rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(s.output_root)), exist_ok=True)
             write_iteration(s.output_root, 0, model, self.table, s, self.grid(s.healpix_order),

@@ -1,0 +1,87 @@
+"""RELION fidelity of the run's inputs and flags: several references (``--ref`` as a STAR
+list of one map per class), ``--ref_angpix``, the RELION 5 defaults and schedules, and the
+Class3D flags cryoclass accepts or refuses."""
+import cryoclass_plugin  # noqa: F401  (first: it chooses numpy's BLAS kernels)
+import os
+
+import numpy as np
+import pytest
+
+from cryoclass_plugin import cli
+from cryoclass_plugin.engine.mrc_io import read_map, write_map
+from cryoclass_plugin.engine.simulate import simulate_dataset
+from cryoclass_plugin.engine.star_io import write_star
+
+BOX, APIX = 40, 5.5
+
+COMMON = ["--tau2_fudge", "4", "--ini_high", "30", "--particle_diameter", "200",
+          "--zero_mask", "--flatten_solvent", "--ctf", "--healpix_order", "1",
+          "--offset_range", "3", "--offset_step", "2", "--skip_gridding", "--j", "1",
+          "--random_seed", "3", "--preread_images"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity")
+    simulate_dataset(str(out), n=160, box=BOX, apix=APIX, snr=0.5, n_classes=2, seed=5,
+                     max_shift_px=1.0, hinge_deg=35.0)
+    return out
+
+
+def _ref_list(path, maps):
+    import pandas as pd
+    write_star(str(path), {"model_classes": pd.DataFrame(
+        {"rlnReferenceImage": [str(m) for m in maps]})})
+    return str(path)
+
+
+def _run(argv):
+    return cli.main(["refine"] + [str(a) for a in argv])
+
+
+def _correlation(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)])
+def test_each_class_stays_on_its_own_reference(data, tmp_path, order):
+    """K=2 from a list of the two true maps (in either order): class k's final map
+    correlates best with the true map it started from."""
+    truths = [data / f"true_class{k:03d}.mrc" for k in order]
+    refs = _ref_list(tmp_path / "refs.star", truths)
+    root = tmp_path / "run"
+    assert _run(["--i", data / "particles.star", "--ref", refs, "--o", root, "--K", "2",
+                 "--iter", "3"] + COMMON) == 0
+    true_maps = [read_map(t)[0] for t in truths]
+    for k in range(2):
+        final, _ = read_map(f"{root}_it003_class{k + 1:03d}.mrc")
+        cc = [_correlation(final, t) for t in true_maps]
+        assert cc[k] > cc[1 - k], (k, cc)
+
+
+def _refused(capsys, argv, message):
+    """The run stops with exit status 2 and one line that contains ``message``."""
+    capsys.readouterr()
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_reference_list_errors(data, tmp_path, capsys):
+    true1 = data / "true_class001.mrc"
+    base = ["--i", data / "particles.star", "--o", tmp_path / "run", "--iter", "2"] + COMMON
+    _refused(capsys, base + ["--K", "2", "--ref", _ref_list(tmp_path / "one.star", [true1])],
+             "lists 1 maps but --K is 2")
+    _refused(capsys, base + ["--K", "2", "--ref", _ref_list(
+        tmp_path / "gone.star", [true1, tmp_path / "missing.mrc"])], "missing.mrc not found")
+    vol, _ = read_map(true1)
+    write_map(str(tmp_path / "coarse.mrc"), vol, 2 * APIX)
+    _refused(capsys, base + ["--K", "2", "--ref", _ref_list(
+        tmp_path / "apix.star", [true1, tmp_path / "coarse.mrc"])],
+        "pixel size 11 A does not match the particles' 5.5 A; give --ref_angpix 11")
+    write_map(str(tmp_path / "small.mrc"), vol[4:-4, 4:-4, 4:-4], APIX)
+    _refused(capsys, base + ["--K", "2", "--ref", _ref_list(
+        tmp_path / "box.star", [true1, tmp_path / "small.mrc"])], "box 32 does not match")
+    _refused(capsys, base + ["--K", "2", "--init_classes", "pca", "--iter", "9", "--ref", _ref_list(
+        tmp_path / "two.star", [true1, true1])], "with --init_classes pca")
