@@ -53,6 +53,8 @@ the grids are cropped there only where the engine passes its current shell to
 """
 import argparse
 import os
+import re
+import shlex
 import sys
 import time
 import tracemalloc
@@ -79,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--K", type=int, default=6, help="classes (6)")
     p.add_argument("--n", type=int, default=1000, help="simulated particles (1000)")
     p.add_argument("--snr", type=float, default=0.05, help="SNR of the simulated set")
+    p.add_argument("--sim-oversampling", type=int, default=1,
+                   help="simulator's splatting grid, times finer than the pixels (1: about "
+                        "8x faster than the simulator's default 2 at box 360)")
     p.add_argument("--shells", type=int, nargs="+", default=[8, 24, 48],
                    help="E-step radii (shells) to measure (8 24 48)")
     p.add_argument("--pad", type=int, default=2, help="padding factor (2)")
@@ -88,7 +93,24 @@ def parse_args(argv=None):
     p.add_argument("--j", type=int, default=1, help="FFT threads (1)")
     p.add_argument("--tau2_fudge", type=float, default=4.0, help="T (4)")
     p.add_argument("--workdir", default=None, help="folder for the set (kept, reused)")
-    p.add_argument("--full-run", action="store_true", help="also run cryoclass refine")
+    p.add_argument("--full-run", action="store_true",
+                   help="run cryoclass refine on the set (the issue's job) instead of "
+                        "measuring the grid components")
+    p.add_argument("--components", action="store_true",
+                   help="with --full-run: also measure the grid components first")
+    p.add_argument("--ini_high", type=float, default=60.0, help="--ini_high of the job (60)")
+    p.add_argument("--init_classes", default="relion",
+                   help="cryoclass's --init_classes in the full run (relion: as RELION)")
+    p.add_argument("--relion", metavar="PATH", default=None,
+                   help="with --full-run: also run this relion_refine on the same job")
+    p.add_argument("--relion-iter", type=int, default=2,
+                   help="iterations of the relion_refine run (2)")
+    p.add_argument("--relion-timeout", type=float, default=None,
+                   help="kill relion_refine after S s (the iterations it finished count)")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the full run's table in docs/benchmarks.md's format")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not append to scratch/benchmark_runs.md")
     p.add_argument("--iter", type=int, default=3, help="--iter of the full run (3)")
     p.add_argument("--timeout", type=float, default=None, help="kill the full run after S s")
     return p.parse_args(argv)
@@ -108,13 +130,15 @@ def measured(fn):
 
 def simulated_set(args):
     workdir = os.path.abspath(args.workdir or os.path.join(C.REPO, "scratch", "large_box"))
-    sim_dir = os.path.join(workdir, f"sim_box{args.box}_n{args.n}_K{args.K}")
+    sim_dir = os.path.join(workdir, f"sim_box{args.box}_n{args.n}_K{args.K}"
+                                    f"_os{args.sim_oversampling}")
     if not os.path.exists(os.path.join(sim_dir, "truth_summary.json")):
         print(f"simulating {args.n} particles, box {args.box}, {args.apix} A/px, K={args.K} "
               f"into {sim_dir}", flush=True)
         t0 = time.perf_counter()
         simulate_dataset(sim_dir, n=args.n, box=args.box, apix=args.apix, snr=args.snr,
-                         n_classes=args.K, seed=0)
+                         n_classes=args.K, seed=0, oversampling=args.sim_oversampling,
+                         log=lambda msg: print("  " + msg, flush=True))
         print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
     return sim_dir
 
@@ -165,21 +189,162 @@ def print_components(rows, args):
     print(C.format_table(headers, table))
 
 
+def job_flags(args):
+    """The issue's EMPIAR-10028-shaped job: the tutorial's Class3D flags
+    (``_common.tutorial_flags``: 7.5 deg, offsets 5 / 2 px, mask 0.8 x box x pixel size,
+    ``--ctf --zero_mask --flatten_solvent --norm --scale --pad 2 --skip_gridding``) with
+    ``--ini_high 60`` (replacing the tutorial's 50, not appended: RELION reads an option's
+    first occurrence, cryoclass its last)."""
+    flags = C.tutorial_flags(args.box, args.apix, args.K, args.tau2_fudge, args.iter, args.j)
+    flags[flags.index("--ini_high") + 1] = args.ini_high
+    flags[flags.index("--pad") + 1] = args.pad
+    return [str(f) for f in flags]
+
+
+def model_star_sizes(root):
+    """``{iteration: (rlnCurrentImageSize px, rlnCurrentResolution A)}`` from the
+    ``<root>_itNNN_model.star`` files (both programs write them; the size is the
+    E-step's image diameter in pixels, RELION's current size)."""
+    out = {}
+    for it in C.iterations_written(root):
+        try:
+            with open(f"{root}_it{it:03d}_model.star") as fh:
+                text = fh.read(20000)
+        except OSError:
+            continue
+        size = re.search(r"_rlnCurrentImageSize\s+(\S+)", text)
+        res = re.search(r"_rlnCurrentResolution\s+(\S+)", text)
+        if size:
+            out[it] = (int(float(size.group(1))), float(res.group(1)) if res else None)
+    return out
+
+
+def engine_log_details(log_path):
+    """The engine's ``<o>.log``: the memory line and, per iteration, seconds, E-step
+    resolution and the stage seconds printed after the iteration line."""
+    memory_line, iters, last = None, {}, None
+    try:
+        with open(log_path) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        text = line.strip()
+        if "memory per rank" in text and memory_line is None:
+            memory_line = text[text.index("memory per rank"):]
+        m = C.LOG_RE.match(text)
+        if m:
+            res = C.ESTEP_RE.search(m.group(3))
+            last = int(m.group(1))
+            iters[last] = {"s": float(m.group(2)),
+                           "res": float(res.group(1)) if res else None, "stages": {}}
+        elif text.startswith("stage seconds:") and last is not None:
+            parts = text[len("stage seconds:"):].split()
+            iters[last]["stages"] = {parts[i]: float(parts[i + 1])
+                                     for i in range(0, len(parts) - 1, 2)}
+    return memory_line, iters
+
+
+# Stages whose time grows with the number of particles (the E-step's blocks and the
+# insertion of their slices); the rest (setup: projectors; M-step: reconstructions,
+# solvent flattening; output) is per iteration whatever the particle count.  The fine
+# tables (projections of the significant rotations) are counted per particle, an upper
+# bound: their rotations saturate as particles are added.
+PER_PARTICLE_STAGES = ("prepare", "fixed-pose", "coarse", "fine-tables", "fine", "insert")
+
+
+def extrapolate(stages, n_measured, n_target=105247, n_iter=25):
+    """Hours for ``n_target`` particles x ``n_iter`` iterations at one iteration's
+    costs: (per-particle seconds x n_target + fixed seconds) x n_iter, and the two
+    parts (per-particle s, fixed s)."""
+    per = sum(v for k, v in stages.items() if k in PER_PARTICLE_STAGES) / n_measured
+    fixed = sum(v for k, v in stages.items() if k not in PER_PARTICLE_STAGES)
+    return (per * n_target + fixed) * n_iter / 3600.0, per, fixed
+
+
+def run_program(name, cmd, sim_dir, out_dir, root, timeout):
+    """Run ``cmd`` in ``sim_dir`` (under /usr/bin/time, see ``_common.run_timed``);
+    returns ``(stats, {iteration: seconds}, {iteration: (size, res)})``."""
+    os.makedirs(os.path.join(sim_dir, out_dir), exist_ok=True)
+    stats = C.run_timed(cmd, cwd=sim_dir, timeout=timeout,
+                        log_path=os.path.join(sim_dir, out_dir, "stdout.txt"))
+    if stats.rc != 0 and not stats.timed_out:
+        print(f"{name} failed (rc {stats.rc}):\n{C.tail(stats.log)}")
+    full_root = os.path.join(sim_dir, root)
+    return stats, C.iteration_times(full_root), model_star_sizes(full_root)
+
+
 def full_run(sim_dir, args):
-    out = os.path.join(sim_dir, "run_full")
-    os.makedirs(out, exist_ok=True)
-    cmd = C.cryoclass_refine_cmd("run_full/run", args.box, args.apix, args.K, args.tau2_fudge,
-                                 args.iter, args.j,
-                                 extra=["--ini_high", 60, "--pad", args.pad, "--skip_gridding"])
-    stats = C.run_timed(cmd, cwd=sim_dir, log_path=os.path.join(out, "stdout.txt"),
-                        timeout=args.timeout)
-    times = C.iteration_times(os.path.join(sim_dir, "run_full", "run"))
-    print(f"cryoclass refine: rc {stats.rc}{' (timed out)' if stats.timed_out else ''}, "
-          f"wall {stats.wall_s:.0f} s, peak RSS {C.fmt(stats.maxrss_mb, '.0f')} MB")
-    for it, t in sorted(times.items()):
-        print(f"  iteration {it}: {t:.1f} s")
-    if stats.rc != 0:
-        print(C.tail(stats.log))
+    """``cryoclass refine`` (and ``relion_refine`` with ``--relion``) on the set; returns
+    the result rows (one per program and iteration) and the commands run."""
+    flags = job_flags(args)
+    cmd = ([C.CRYOCLASS, "refine", "--i", "particles.star", "--ref", "ref.mrc", "--o",
+            "run_full/run", "--firstiter_cc", "--init_classes", args.init_classes] + flags)
+    stats, times, sizes = run_program("cryoclass refine", cmd, sim_dir, "run_full",
+                                      "run_full/run", args.timeout)
+    memory_line, details = engine_log_details(os.path.join(sim_dir, "run_full", "run.log"))
+    runs = [("cryoclass", stats, times, sizes, details)]
+    commands = [f"(cd {sim_dir} && {shlex.join(cmd)})"]
+    if args.relion:
+        rflags = list(flags)
+        rflags[rflags.index("--iter") + 1] = str(args.relion_iter)
+        rcmd = ([args.relion, "--i", "particles.star", "--ref", "ref.mrc", "--o",
+                 "relion_full/run", "--firstiter_cc"] + rflags
+                + ["--dont_combine_weights_via_disc", "--pool", "3"])
+        rstats, rtimes, rsizes = run_program("relion_refine", rcmd, sim_dir, "relion_full",
+                                             "relion_full/run", args.relion_timeout)
+        runs.append(("relion_refine", rstats, rtimes, rsizes, {}))
+        commands.append(f"(cd {sim_dir} && {shlex.join(rcmd)})")
+    return runs, memory_line, commands
+
+
+def result_rows(runs, args):
+    """One row per program and iteration: s/iteration, current size and resolution,
+    peak RSS, stage seconds and the extrapolation (cryoclass)."""
+    rows = []
+    for name, stats, times, sizes, details in runs:
+        status = "timed out" if stats.timed_out else f"rc {stats.rc}"
+        for it in sorted(set(times) | set(details)):
+            d = details.get(it, {})
+            # model.star of iteration i holds the size the next E-step uses
+            # (RELION writes 0 in iteration 0's: its first size follows from --ini_high)
+            size = sizes.get(it - 1, (None, None))[0] or None
+            res = args.box * args.apix / (size / 2) if size else None
+            hours = per = fixed = None
+            if d.get("stages"):
+                hours, per, fixed = extrapolate(d["stages"], args.n)
+            stages = " ".join(f"{k} {v:.0f}" for k, v in d.get("stages", {}).items())
+            rows.append([name, it, C.fmt(times.get(it), ".0f"), C.fmt(size, "d"),
+                         C.fmt(res, ".1f"), C.fmt(stats.maxrss_mb / 1024, ".2f"),
+                         status, stages or "-", C.fmt(per, ".2f"), C.fmt(fixed, ".0f"),
+                         C.fmt(hours, ".0f")])
+        if not times:
+            rows.append([name, "-", "-", "-", "-", C.fmt(stats.maxrss_mb / 1024, ".2f"),
+                         f"{status}, wall {stats.wall_s:.0f} s (no iteration finished)",
+                         "-", "-", "-", "-"])
+    return rows
+
+
+RESULT_HEADERS = ["program", "iter", "s / iter", "E-step size px", "E-step res A",
+                  "peak RSS GB", "status", "stage s", "s / particle", "fixed s / iter",
+                  "h for 105,247 x 25 it"]
+
+
+def report_full_run(runs, memory_line, commands, sim_dir, args):
+    rows = result_rows(runs, args)
+    print(f"\nbox {args.box}, {args.apix} A/px, {args.n} particles, K={args.K}, "
+          f"--j {args.j}; {memory_line or 'no memory line in the log'}")
+    print(C.format_table(RESULT_HEADERS, rows))
+    notes = [f"Set: `simulate_dataset` ({args.n} particles, box {args.box}, {args.apix} A/px, "
+             f"{args.K} classes, SNR {args.snr}, splatting oversampling "
+             f"{args.sim_oversampling}); both programs with `--firstiter_cc`, cryoclass with "
+             f"`--init_classes {args.init_classes}`.", "", "Commands:", "", "```"]
+    notes += [c.replace(C.REPO + os.sep, "") for c in commands] + ["```", "",
+              f"cryoclass's estimate: `{memory_line}`."]
+    C.append_results(f"bench_large_box --full-run box {args.box} K={args.K}", commands,
+                     C.format_table(RESULT_HEADERS, rows)) if not args.no_record else None
+    if args.markdown:
+        C.print_markdown(RESULT_HEADERS, rows, notes=notes)
 
 
 def main(argv=None):
@@ -192,11 +357,21 @@ def main(argv=None):
         pass
     print(f"machine: {C.machine_line()}")
     sim_dir = simulated_set(args)
-    vol, _ = read_map(os.path.join(sim_dir, "true_class001.mrc"))
-    vol = np.ascontiguousarray(vol, dtype=np.float32)
     free = memory.available_memory_bytes()
     print(f"box {args.box}, {args.apix} A/px, pad {args.pad}, K={args.K}, --j {args.j}; "
           f"free memory {C.fmt(None if free is None else free / 2 ** 30, '.1f')} GiB")
+    if args.full_run:
+        if args.components:
+            measure_components(sim_dir, args)
+        report_full_run(*full_run(sim_dir, args), sim_dir, args)
+        return 0
+    measure_components(sim_dir, args)
+    return 0
+
+
+def measure_components(sim_dir, args):
+    vol, _ = read_map(os.path.join(sim_dir, "true_class001.mrc"))
+    vol = np.ascontiguousarray(vol, dtype=np.float32)
     rng = np.random.default_rng(0)
     rows = []
     for shell in args.shells:
@@ -205,9 +380,6 @@ def main(argv=None):
         print(f"  shell {shell}: build {r['t_build']:.2f} s, reconstruct {r['t_rec']:.2f} s",
               flush=True)
     print_components(rows, args)
-    if args.full_run:
-        full_run(sim_dir, args)
-    return 0
 
 
 if __name__ == "__main__":
