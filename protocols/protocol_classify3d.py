@@ -181,8 +181,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         form.addParam("useFastSubsets", BooleanParam, default=False,
                       condition="not doContinue",
                       label="Use fast subsets (for large data sets)?",
-                      help="Yes: early iterations use random subsets (K*100, then "
-                           "K*300 particles, then 30%), later ones all particles.")
+                      help="Yes: the first iterations use random subsets, as RELION 5: "
+                           "K*1500 particles in iterations 1-5, K*4500 in 6-10, the larger "
+                           "of K*4500 and 30% of the particles in 11-15, then all "
+                           "(--fast_subsets). Needs at least 20 iterations.")
         form.addParam("maskDiameterA", FloatParam, default=200.0, condition="not doContinue",
                       label="Mask diameter (A)",
                       help="Diameter of the soft circular mask applied to the "
@@ -426,7 +428,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "interpolation. No: 2x padding (--pad 2).")
         form.addParam("skipGridding", BooleanParam, default=True, label="Skip gridding?",
                       help="Yes: skip the gridding correction of the reconstruction "
-                           "(faster, normally as good).")
+                           "(faster, normally as good; RELION 5's default). No: apply it "
+                           "(--dont_skip_gridding).")
         form.addParam("allParticlesRam", BooleanParam, default=False,
                       label="Pre-read all particles into RAM?",
                       help="Yes: all particles are held in memory (N x box^2 x 4 "
@@ -636,6 +639,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         errors = self._validateClassStart()
         if self.numberOfIterations.get() is None or self.numberOfIterations.get() < 1:
             errors.append("Number of iterations must be at least 1.")
+        elif self._rootProtocol().useFastSubsets and self._totalIterations() < 20:
+            errors.append("'Use fast subsets' needs at least 20 iterations (RELION's "
+                          "schedule: subsets in iterations 1-15, then all particles); give "
+                          "more iterations or set it to No.")
         if self.regularisationParamT.get() <= 0:
             errors.append("Regularisation parameter T must be positive.")
         if self.usesGpu() and not _GPU_LIST_RE.match((self.gpusToUse.get() or "").strip()):
@@ -1034,8 +1041,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
 
     def _computeArgs(self, add, root):
         add("--pad", 1 if self.skipPadding else 2)
-        if self.skipGridding:
-            add("--skip_gridding")
+        add("--skip_gridding" if self.skipGridding else "--dont_skip_gridding")
         if not self.useParallelDisk:
             add("--no_parallel_disc_io")
         add("--pool", int(self.pooledParticles.get()))

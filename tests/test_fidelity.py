@@ -85,3 +85,39 @@ def test_reference_list_errors(data, tmp_path, capsys):
         tmp_path / "box.star", [true1, tmp_path / "small.mrc"])], "box 32 does not match")
     _refused(capsys, base + ["--K", "2", "--init_classes", "pca", "--iter", "9", "--ref", _ref_list(
         tmp_path / "two.star", [true1, true1])], "with --init_classes pca")
+
+
+# --------------------------------------------------------------------------- RELION 5 defaults
+def _settings(*flags):
+    import argparse
+    from cryoclass_plugin.commands import refine
+    parser = argparse.ArgumentParser()
+    refine.add_args(parser)
+    return refine.settings_from_args(parser.parse_args(
+        ["--i", "p.star", "--o", "out/run", "--ref", "r.mrc"] + [str(f) for f in flags]))
+
+
+def test_relion5_defaults_no_maxsig_cap_and_no_gridding():
+    s = _settings()
+    assert s.max_significant is None and s.gridding is False
+    assert _settings("--maxsig", "-1").max_significant is None
+    assert _settings("--maxsig", "500").max_significant == 500
+    assert _settings("--skip_gridding").gridding is False
+    assert _settings("--dont_skip_gridding").gridding is True
+
+
+def test_fast_subsets_schedule_is_relion5s():
+    from cryoclass_plugin.engine.iteration import fast_subset_size
+    K, N = 3, 100000
+    sizes = [fast_subset_size(it, N, K) for it in range(1, 21)]
+    assert sizes[:5] == [4500] * 5 and sizes[5:10] == [13500] * 5
+    assert sizes[10:15] == [30000] * 5 and sizes[15:] == [N] * 5
+    assert fast_subset_size(12, 20000, 2) == 9000        # 4,500 K > 0.3 N
+    assert fast_subset_size(1, 2000, 4) == 2000          # never more than all
+
+
+def test_fast_subsets_needs_20_iterations():
+    from cryoclass_plugin.engine.errors import CryoClassError
+    with pytest.raises(CryoClassError, match="--fast_subsets with --iter 19: .* at least 20"):
+        _settings("--fast_subsets", "--iter", "19")
+    assert _settings("--fast_subsets", "--iter", "20").fast_subsets

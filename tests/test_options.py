@@ -137,7 +137,7 @@ def test_continue_rules_come_from_the_registry():
 
 def test_option_lookup_is_by_field():
     assert OPTIONS_BY_FIELD["n_classes"].flag == "K"
-    assert OPTIONS_BY_FIELD["gridding"].kind == "negated"
+    assert OPTIONS_BY_FIELD["gridding"].kind == "pair"
     assert _settings("--skip_gridding").gridding is False
     assert _settings("--gpu").gpu == "" and _settings("--gpu", "0:1").gpu == "0:1"
     assert _settings().gpu is None

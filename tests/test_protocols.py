@@ -246,6 +246,7 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
     prot.referenceMask.set(inputs["mask"])
     args = prot._getEngineArgs().split()
     assert "--firstiter_cc" not in args and "--skip_gridding" not in args
+    assert "--dont_skip_gridding" in args
     assert "--dont_combine_weights_via_disc" not in args
     assert value("--healpix_order") == "3" and value("--offset_step") == "3"
     assert value("--pad") == "1" and value("--strict_highres_exp") == "10"
@@ -327,6 +328,13 @@ def true_volumes(project, sim):
         ProtImportVolumes, filesPath=sim["dir"], filesPattern="true_class*.mrc",
         samplingRate=APIX))
     return imp.outputVolumes
+
+
+def test_validation_fast_subsets_needs_20_iterations(project, inputs):
+    prot = _classifier(project, inputs, useFastSubsets=True, numberOfIterations=19)
+    assert "'Use fast subsets' needs at least 20 iterations" in _errors(prot)
+    prot.numberOfIterations.set(20)
+    assert _errors(prot) == ""
 
 
 def test_validation_reference_set_needs_k_volumes_and_relion_start(project, inputs,

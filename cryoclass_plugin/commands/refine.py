@@ -55,7 +55,7 @@ def _add_option(group, opt):
         pair.add_argument(flag, dest=opt.field, action=_TRUE, default=opt.default,
                           help=opt.help + " (default)" * bool(opt.default))
         pair.add_argument("--" + opt.off_flag, dest=opt.field, action=_FALSE,
-                          help="the opposite of " + flag)
+                          help="the opposite of " + flag + " (default)" * (not opt.default))
     elif opt.kind == "optional":
         group.add_argument(flag, dest=opt.field, action=_STORE, nargs="?", const="",
                            default=opt.default, metavar=opt.flag.upper(), help=opt.help)
@@ -106,6 +106,8 @@ def settings_from_args(args):
     if args.helix or any(getattr(args, n) is not None for n in HELIX_FLAGS[1:]):
         raise NotImplementedOption("--helix: helical processing is not implemented in "
                                    "cryoclass; run without the helical options")
+    if args.max_significant == -1:
+        args.max_significant = None     # RELION's -1: no cap
     if args.continue_from:
         return _settings_for_continue(args)
     for opt in OPTIONS:
@@ -156,6 +158,9 @@ def _check(a):
          f"--ref {a.ref}: one map per class with --init_classes {a.init_classes}, which "
          "starts from one consensus map; give --init_classes relion (or input), or one "
          "map"),
+        (a.fast_subsets and a.n_iter < 20,
+         f"--fast_subsets with --iter {a.n_iter}: RELION's subset schedule needs at least "
+         "20 iterations (subsets in 1-15, then all particles); give --iter 20 or more"),
         (a.tau2_fudge <= 0, f"--tau2_fudge {a.tau2_fudge:g}: T must be > 0 (RELION: 2-4 "
                             "for 3D classification)"),
     ) + _range_problems(a)
@@ -193,7 +198,9 @@ def _range_problems(a):
         (not 0 < a.adaptive_fraction <= 1,
          f"--adaptive_fraction {a.adaptive_fraction:g}: give a fraction in (0, 1] "
          "(RELION: 0.999)"),
-        (a.max_significant < 1, f"--maxsig {a.max_significant}: give at least 1 sample"),
+        (a.max_significant is not None and a.max_significant < 1,
+         f"--maxsig {a.max_significant}: give at least 1 sample, or -1 (or no flag) for "
+         "no cap"),
         (a.pool < 1, f"--pool {a.pool}: give at least 1"),
     )
 

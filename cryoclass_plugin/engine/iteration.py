@@ -84,13 +84,15 @@ class IterationWork:
 
 
 def fast_subset_size(iteration, n_particles, n_classes):
-    """Particles used in an early iteration with ``--fast_subsets`` (all from 16 on)."""
+    """Particles used in an iteration with ``--fast_subsets`` (RELION 5's 3D schedule):
+    1,500 K in iterations 1-5, 4,500 K in 6-10, max(4,500 K, 30 % of the particles) in
+    11-15, all from 16 on (never more than all)."""
     if iteration <= 5:
-        size = 100 * n_classes
+        size = 1500 * n_classes
     elif iteration <= 10:
-        size = 300 * n_classes
+        size = 4500 * n_classes
     elif iteration <= 15:
-        size = 1000 * n_classes
+        size = max(4500 * n_classes, int(np.ceil(0.3 * n_particles)))
     else:
         size = n_particles
     return min(n_particles, size)

@@ -113,8 +113,9 @@ OPTIONS = (
        "number of iterations (with --continue: the last iteration of the continued run)",
        on_continue="change", param="numberOfIterations", form_default=25),
     _o("fast_subsets", "fast_subsets", bool, False,
-       "use growing random subsets in the first 15 iterations", kind="switch",
-       param="useFastSubsets"),
+       "random subsets in the first 15 iterations (RELION 5): 1,500 K particles in "
+       "iterations 1-5, 4,500 K in 6-10, max(4,500 K, 0.3 N) in 11-15, then all; needs "
+       "--iter 20 or more", kind="switch", param="useFastSubsets"),
     _o("particle_diameter", "particle_diameter", float, -1.0,
        "mask diameter (A); <= 0: the box", param="maskDiameterA", form_default=200.0),
     _o("zero_mask", "zero_mask", bool, False,
@@ -235,9 +236,11 @@ OPTIONS = (
     # ---- Compute
     _o("pad", "pad", int, 2, "padding factor of the references' Fourier transforms",
        group="Compute", on_continue="change", choices=(1, 2), param="skipPadding"),
-    _o("gridding", "skip_gridding", bool, True, "skip the gridding correction",
-       group="Compute", on_continue="change", kind="negated", param="skipGridding",
-       form_default=False),
+    _o("gridding", "dont_skip_gridding", bool, False,
+       "apply the gridding correction to the reconstructions (RELION 5: off by default); "
+       "--skip_gridding: skip it (the default, accepted as in older RELIONs)",
+       group="Compute", on_continue="change", kind="pair", off_flag="skip_gridding",
+       param="skipGridding"),
     _o("preread_images", "preread_images", bool, False, "read all images into RAM",
        group="Compute", on_continue="change", kind="switch", param="allParticlesRam"),
     _o("scratch_dir", "scratch_dir", str, "", "copy the stacks here first",
@@ -258,9 +261,9 @@ OPTIONS = (
        "shells beyond the resolution used in the next E-step", group="Running"),
     _o("adaptive_fraction", "adaptive_fraction", float, 0.999,
        "posterior mass kept for the fine pass", group="Running", on_continue="change"),
-    _o("max_significant", "maxsig", int, 2000,
-       "at most this many significant coarse samples per particle", group="Running",
-       on_continue="change"),
+    _o("max_significant", "maxsig", int, None,
+       "at most this many significant coarse samples per particle go to the fine pass; "
+       "default (or -1): no cap, as RELION", group="Running", on_continue="change"),
     _o("fine_table_bytes", None, float, 4e9,
        "memory (bytes) for the fine pass's projections and slice sums", group="Running",
        on_continue="change"),
