@@ -145,7 +145,9 @@ def test_relion30_without_pixel_size_needs_apix(tmp_path):
     star_io.write_star(star, {"images": pd.DataFrame({"rlnImageName": ["1@s.mrcs", "2@s.mrcs"]})})
     with pytest.raises(CryoClassError) as err:
         star_io.read_particles(star)
-    assert_one_line_naming(err, str(star), "rlnDetectorPixelSize", "--angpix")
+    assert_one_line_naming(err, str(star), "rlnDetectorPixelSize", "rlnMagnification",
+                           "rlnImagePixelSize")
+    assert "--angpix" not in str(err.value)  # refine has no such flag
     table = star_io.read_particles(star, apix=1.5)
     assert table.apix == 1.5 and not table.has_ctf and table.box == BOX
 
@@ -200,14 +202,59 @@ def test_stack_names_resolved_from_star_folder(set31, tmp_path, monkeypatch):
         np.testing.assert_array_equal(got, images[[5, 0, 3]])
 
 
-def test_stack_names_resolved_from_project_folder(tmp_path, monkeypatch):
-    # RELION job layout: Class3D/job001/particles.star names Extract/... from the project.
+def test_stack_names_resolved_from_working_directory(tmp_path, monkeypatch):
+    # RELION job layout: Class3D/job001/particles.star names Extract/... relative to the
+    # project folder, the working directory of every job.
     images = make_stack(tmp_path / "Extract" / "stack.mrcs", 3)
     star = tmp_path / "Class3D" / "job001" / "particles.star"
     star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(3))
-    monkeypatch.chdir(tmp_path / "Class3D")
+    monkeypatch.chdir(tmp_path)
     with mrc_io.ImageSource(star_io.read_particles(star)) as src:
         np.testing.assert_array_equal(src.get([1]), images[[1]])
+    # from another folder neither place holds the stack: both are named
+    monkeypatch.chdir(tmp_path / "Class3D")
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "'Extract/stack.mrcs'",
+                           str(tmp_path / "Class3D" / "Extract" / "stack.mrcs"),
+                           str(tmp_path / "Class3D" / "job001" / "Extract" / "stack.mrcs"))
+
+
+def test_working_directory_wins_over_star_folder(tmp_path, monkeypatch):
+    # the same name exists in both places: RELION's working-directory reading is used
+    make_stack(tmp_path / "job" / "s.mrcs", 2, seed=1)
+    in_cwd = make_stack(tmp_path / "s.mrcs", 2, seed=2)
+    star = tmp_path / "job" / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX),
+                            pd.DataFrame({"rlnImageName": ["1@s.mrcs", "2@s.mrcs"]}))
+    monkeypatch.chdir(tmp_path)
+    with mrc_io.ImageSource(star_io.read_particles(star)) as src:
+        np.testing.assert_array_equal(src.get([0, 1]), in_cwd)
+
+
+def test_output_image_names_chain_from_working_directory(tmp_path, monkeypatch):
+    # input names are relative to the input STAR's folder; an output STAR elsewhere gets
+    # names relative to the working directory and reads back the same images
+    images = make_stack(tmp_path / "in" / "Extract" / "stack.mrcs", 4)
+    star = tmp_path / "in" / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(4))
+    monkeypatch.chdir(tmp_path)
+    table = star_io.read_particles(star)
+    names = star_io.output_image_names(table)
+    assert list(names) == [f"{i + 1:06d}@in/Extract/stack.mrcs" for i in range(4)]
+    parts = table.particles_table()
+    parts["rlnImageName"] = names
+    out = tmp_path / "out" / "run_it001_data.star"
+    star_io.write_particles(out, table.optics_table(), parts)
+    with mrc_io.ImageSource(star_io.read_particles(out)) as src:
+        np.testing.assert_array_equal(src.get([3, 0]), images[[3, 0]])
+    # relative to a given folder; single-image names stay without '@'
+    assert star_io.output_image_names(table, tmp_path / "out")[0] == \
+        "000001@../in/Extract/stack.mrcs"
+    single = star_io.ParticleTable(df=pd.DataFrame({"rlnImageName": ["in/Extract/stack.mrcs"]}),
+                                   optics=None, path=str(star), version="3.1", box=BOX,
+                                   apix=APIX, has_ctf=False)
+    assert list(star_io.output_image_names(single, tmp_path / "in")) == ["Extract/stack.mrcs"]
 
 
 def test_image_source_preread_and_scratch(set31, tmp_path):
@@ -299,9 +346,13 @@ def test_error_ctf_required(tmp_path):
 def test_error_missing_stack(tmp_path):
     star = tmp_path / "p.star"
     star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(2))
-    table = star_io.read_particles(star)  # 3.1 tables know their box: no stack needed yet
+    # 3.1 tables know their box: without the stack check the table reads
+    table = star_io.read_particles(star, check_stacks=False)
     with pytest.raises(CryoClassError) as err:
         mrc_io.ImageSource(table)
+    assert_one_line_naming(err, str(star), "rlnImageName", "Extract/stack.mrcs", "not found")
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
     assert_one_line_naming(err, str(star), "rlnImageName", "Extract/stack.mrcs", "not found")
 
 
@@ -320,8 +371,42 @@ def test_error_box_mismatch_stack(tmp_path):
     star = tmp_path / "p.star"
     star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), particles_31(2))
     with pytest.raises(CryoClassError) as err:
-        mrc_io.ImageSource(star_io.read_particles(star))
-    assert_one_line_naming(err, "stack.mrcs", f"box {2 * BOX}", "rlnImageSize")
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), f"rlnImageSize {BOX}", "stack.mrcs",
+                           f"{2 * BOX}x{2 * BOX}", f"set rlnImageSize to {2 * BOX}")
+    with pytest.raises(CryoClassError) as err:  # every stack is checked when opened
+        mrc_io.ImageSource(star_io.read_particles(star, check_stacks=False))
+    assert_one_line_naming(err, "stack.mrcs", f"box {2 * BOX}", f"rlnImageSize {BOX}")
+
+
+@pytest.mark.parametrize("block,column", [("particles", "rlnDefocusU"),
+                                          ("particles", "rlnAngleRot"),
+                                          ("optics", "rlnVoltage")])
+def test_error_non_numeric_value(tmp_path, block, column):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 3)
+    optics = star_io.optics_group_table(APIX, BOX).astype({column: object}
+                                                          if block == "optics" else {})
+    parts = particles_31(3)
+    table = optics if block == "optics" else parts
+    table[column] = table[column].astype(object)
+    table.loc[len(table) - 1, column] = "abc"
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, optics, parts)
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), f"data_{block}", f"row {len(table)}", column,
+                           "'abc'", "not a number")
+
+
+def test_nan_text_is_a_number(tmp_path):
+    # 'nan' / 'inf' parse as numbers here; finite-ness is checked where values are used
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 2)
+    parts = particles_31(2)
+    parts["rlnAngleRot"] = ["nan", "10"]
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX), parts)
+    rot = star_io.read_particles(star).df["rlnAngleRot"].to_numpy()
+    assert np.isnan(rot[0]) and rot[1] == 10.0
 
 
 def test_error_non_square_images(tmp_path):

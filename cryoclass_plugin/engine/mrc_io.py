@@ -41,8 +41,7 @@ def _open_mrc(path, mode="mmap"):
     import mrcfile
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CryoClassError(f"{path}: file not found; check the path (relative paths in "
-                             "a STAR file are resolved from the STAR file's folder)")
+        raise CryoClassError(f"{path}: file not found; check the path")
     opener = mrcfile.mmap if mode == "mmap" else mrcfile.open
     try:
         with warnings.catch_warnings():
@@ -236,14 +235,9 @@ class ImageSource:
     """
 
     def __init__(self, table, preread=False, scratch_dir=None):
-        from .star_io import parse_image_names, resolve_stack_paths
         self.table = table
         self.box = int(table.box)
-        star_path = os.fspath(table.path) if table.path is not None else None
-        frames, names = parse_image_names(table.df["rlnImageName"], star_path)
-        unique_names, stack_ids = np.unique(np.asarray(names, dtype=object).astype(str),
-                                            return_inverse=True)
-        self.stack_paths = resolve_stack_paths(list(unique_names), star_path)
+        frames, stack_ids, self.stack_paths = table.stack_locations()
         self.frames = frames.astype(np.int64) - 1  # 0-based frame within its stack
         self.stack_ids = stack_ids.astype(np.int64)
         self._check_stacks()

@@ -1,22 +1,31 @@
-"""Particle STAR tables: RELION 3.0, 3.1 and 5.0 in, RELION 3.1 layout out.
+"""The one STAR module: RELION 3.0, 3.1 and 5.0 in, RELION 3.1 layout out.
 
-Reading (:func:`read_particles`) accepts
+Used by the engine, the Scipion conversion (``convert.py``) and the run reader
+(``runresults.py``).  :func:`read_star` reads any STAR file into
+``{block name without 'data_': DataFrame (loop) | dict (key/value block)}``.
+
+Particle tables (:func:`read_particles`) are accepted in these layouts:
 
 RELION 3.0
     one loop (``data_`` or ``data_images``/``data_particles``) with every column per
     particle; origins ``rlnOriginX/Y`` in pixels; pixel size from ``rlnImagePixelSize``,
-    else ``rlnDetectorPixelSize * 1e4 / rlnMagnification`` (um, magnification), else the
-    caller's ``apix``.  The box comes from the first stack's header.
+    else ``rlnDetectorPixelSize * 1e4 / rlnMagnification`` (um, magnification).  The box
+    comes from the first stack's header.
 RELION 3.1+
     ``data_optics`` and ``data_particles``; the optics columns are merged onto the
-    particles by ``rlnOpticsGroup``.
+    particles by ``rlnOpticsGroup``; ``rlnImageSize`` is checked against the first stack.
 RELION 5.0
     the 3.1 layout with more columns; other blocks (``data_general``...) are ignored.
 
-The returned :class:`ParticleTable` always has the columns listed in ``REQUIRED_DEFAULTS``
-(missing optional ones filled with RELION's defaults), origins in Angstrom
+The returned :class:`ParticleTable` always has the columns of ``OPTIONAL_DEFAULTS`` and
+``NO_CTF_DEFAULTS`` (missing ones filled with RELION's defaults), origins in Angstrom
 (``rlnOriginXAngst``/``rlnOriginYAngst``, RELION's sign: the image is the projection
 shifted by minus the origin), defoci in Angstrom, angles in degrees.
+
+Image names (``NNNNNN@stack.mrcs``): relative stack paths are resolved from the current
+working directory first (RELION's convention), then from the STAR file's folder (the
+convention of files written next to their stacks).  Output STAR files get names that
+resolve from the working directory (:func:`output_image_names`), as RELION writes them.
 
 Writing (:func:`write_particles`, :func:`write_star`) produces RELION 3.1 files
 (``# version 30001`` before each block, ``_rlnLabel #i`` headers), atomically.  Numbers
@@ -26,13 +35,14 @@ Every problem with the input raises a one-line :class:`CryoClassError` naming th
 the field and the fix.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from .errors import CryoClassError
+from .mrc_io import read_stack_header
 
 STAR_VERSION_LINE = "# version 30001"
 
@@ -41,6 +51,18 @@ STRING_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName", "rl
                   "rlnImageOriginalName", "rlnCtfImage", "rlnReferenceImage",
                   "rlnMtfFileName"]
 
+# Columns the engine and the Scipion conversion read as numbers: a value that is not a
+# number in one of them is an error naming its row.
+NUMERIC_COLUMNS = [
+    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor",
+    "rlnCtfScalefactor", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+    "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY",
+    "rlnOriginXAngst", "rlnOriginYAngst", "rlnImagePixelSize", "rlnDetectorPixelSize",
+    "rlnMagnification", "rlnImageSize", "rlnImageDimensionality", "rlnOpticsGroup",
+    "rlnMicrographOriginalPixelSize", "rlnClassNumber", "rlnCoordinateX", "rlnCoordinateY",
+    "rlnCtfDataArePhaseFlipped", "rlnCtfDataAreCtfPremultiplied", "rlnNormCorrection",
+    "rlnRandomSubset", "rlnImageId",
+]
 # Optional per-particle columns and the value RELION assumes when they are absent.
 OPTIONAL_DEFAULTS = {
     "rlnOriginXAngst": 0.0,
@@ -70,7 +92,8 @@ class ParticleTable:
 
     df       one row per particle (pandas); see the module docstring for the columns.
     optics   the ``data_optics`` table (None for RELION 3.0 input).
-    path     the STAR file (``NNNNNN@stack`` names are resolved from its folder).
+    path     the STAR file (``NNNNNN@stack`` names are resolved from the working
+             directory, then from its folder: :func:`resolve_stack_paths`).
     version  '3.0' or '3.1' (3.1 also for RELION 4/5 files).
     box      image size in pixels (square).
     apix     pixel size of the images in Angstrom.
@@ -86,9 +109,21 @@ class ParticleTable:
     apix: float
     has_ctf: bool
     has_angles: bool = True
+    _resolved: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self):
         return len(self.df)
+
+    def stack_locations(self):
+        """Where each row's image is: ``(frames int64 (n,) 1-based, stack ids int64 (n,),
+        stack paths (list, one per id, as found by :func:`resolve_stack_paths`))``.
+        Stacks are looked up once per table (the answers are kept)."""
+        frames, names = parse_image_names(self.df["rlnImageName"], self.path)
+        unique, ids = np.unique(np.asarray(names, dtype=object).astype(str),
+                                return_inverse=True)
+        todo = [n for n in unique if n not in self._resolved]
+        self._resolved.update(zip(todo, resolve_stack_paths(todo, self.path)))
+        return frames, ids.astype(np.int64), [self._resolved[n] for n in unique]
 
     def optics_table(self):
         """The optics table to write this set in RELION 3.1 layout (built from the merged
@@ -128,22 +163,37 @@ def optics_group_table(apix, box, voltage=300.0, cs=2.7, q0=0.1, n_groups=1):
 
 # ----------------------------------------------------------------------------- reading
 
-def read_star(star_path):
-    """All blocks of a STAR file: ``{name: DataFrame (loop) or dict (key/value)}``."""
+def read_star(star_path, raw_columns=None):
+    """All blocks of a STAR file: ``{name without 'data_': DataFrame (loop) | dict
+    (key/value block)}``; a lone ``data_`` block is named ``''``.
+
+    The columns in ``STRING_COLUMNS`` and ``raw_columns`` (labels without ``_``) are kept
+    as the exact text of the file.  Raises a one-line :class:`CryoClassError` for a
+    missing or unparsable file."""
     import starfile
     path = os.fspath(star_path)
     if not os.path.isfile(path):
-        raise CryoClassError(f"{path}: STAR file not found; check the path")
+        raise CryoClassError(f"{path}: STAR file not found (no such file); check the path")
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
-    except Exception as exc:
+        blocks = starfile.read(path, always_dict=True,
+                               parse_as_string=STRING_COLUMNS + list(raw_columns or []))
+    except Exception as exc:  # starfile raises many kinds on bad input
         raise CryoClassError(f"{path}: cannot parse as a STAR file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); check that "
                              "it is a RELION STAR file") from None
-    return blocks
+    if not isinstance(blocks, dict):
+        blocks = {"": blocks}
+    return {_block_key(name): block for name, block in blocks.items()}
 
 
-def _find_particle_block(blocks, path):
+def _block_key(name):
+    name = str(name).strip()
+    return name[5:] if name.startswith("data_") else name
+
+
+def particle_block(blocks, path):
+    """``(name, DataFrame)`` of the particle loop: ``data_particles`` (RELION 3.1+), else
+    the first loop with ``rlnImageName`` (RELION 3.0's ``data_``/``data_images``)."""
     if isinstance(blocks.get("particles"), pd.DataFrame):
         return "particles", blocks["particles"]
     for name, block in blocks.items():
@@ -158,6 +208,23 @@ def _require_columns(df, columns, path, block, fix):
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise CryoClassError(f"{path}: data_{block} lacks column {', '.join(missing)}; {fix}")
+
+
+def _numeric_columns(df, path, block):
+    """Convert the ``NUMERIC_COLUMNS`` of a loop to numbers; the first value that is not
+    a number raises a one-line error naming the file, block, row (1-based) and column."""
+    for col in [c for c in NUMERIC_COLUMNS if c in df.columns]:
+        if pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        values = pd.to_numeric(df[col], errors="coerce")
+        text = df[col].astype(str).str.strip().str.lower()
+        bad = values.isna().to_numpy() & ~text.isin(["nan", "inf", "-inf"]).to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CryoClassError(f"{path}: data_{block} row {row + 1} has {col} = "
+                                 f"'{df[col].iloc[row]}', not a number; fix that value")
+        df[col] = values
+    return df
 
 
 def _pixel_size_from_columns(df):
@@ -190,84 +257,65 @@ def _single_value(values, path, block, field, fix):
     return float(values[0])
 
 
-def read_particles(star_path, apix=None, require_ctf=False):
-    """Read a particle STAR file (RELION 3.0, 3.1 or 5.0) into a :class:`ParticleTable`.
-
-    apix
-        pixel size (A) to use; required for 3.0 files that have neither
-        ``rlnImagePixelSize`` nor ``rlnDetectorPixelSize``/``rlnMagnification``; when
-        given it overrides the table's value.
-    require_ctf
-        raise unless the table has CTF parameters (``rlnDefocusU``, and for 3.0 the
-        microscope columns).
-    """
-    path = os.fspath(star_path)
-    blocks = read_star(path)
-    block_name, particles = _find_particle_block(blocks, path)
-    particles = particles.copy()
-    _require_columns(particles, ["rlnImageName"], path, block_name,
-                     "every particle needs its image as NNNNNN@stack.mrcs")
-    if len(particles) == 0:
-        raise CryoClassError(f"{path}: data_{block_name} has no particles; give a "
-                             "non-empty particle STAR file")
-    optics = blocks.get("optics")
-    if isinstance(optics, pd.DataFrame):
-        version = "3.1"
-        df = _merge_optics(particles, optics.copy(), path)
-        apix_rows = _pixel_size_from_columns(df)
-        if apix is not None:
-            table_apix = float(apix)
-        elif apix_rows is None:
-            raise CryoClassError(f"{path}: data_optics lacks column rlnImagePixelSize; add "
-                                 "it or pass the pixel size explicitly (--angpix)")
-        else:
-            table_apix = _same_across_groups(df, apix_rows, path, "rlnImagePixelSize",
-                                             "classify each pixel size separately or "
-                                             "rescale the particles to one pixel size")
-        if "rlnImageSize" in df.columns:
-            box = int(round(_same_across_groups(df, df["rlnImageSize"], path, "rlnImageSize",
-                                                "re-extract all optics groups with one box "
-                                                "size")))
-        else:
-            box = None
+def _layout_31(particles, optics, path, apix):
+    """RELION 3.1+: merged table, pixel size (A; ``apix`` when given) and box (pixels,
+    None if the table has no rlnImageSize)."""
+    df = _merge_optics(particles, optics, path)
+    apix_rows = _pixel_size_from_columns(df)
+    if apix is not None:
+        apix = float(apix)
+    elif apix_rows is None:
+        raise CryoClassError(f"{path}: data_optics lacks column rlnImagePixelSize; add it "
+                             "(the particle images' pixel size in A) to data_optics")
     else:
-        version = "3.0"
-        optics = None
-        df = particles
-        if "rlnOpticsGroup" not in df.columns:
-            df["rlnOpticsGroup"] = 1
-        apix_rows = _pixel_size_from_columns(df)
-        if apix is not None:
-            table_apix = float(apix)
-        elif apix_rows is None:
-            raise CryoClassError(f"{path}: RELION 3.0 table lacks rlnDetectorPixelSize and "
-                                 "rlnMagnification (and rlnImagePixelSize); pass the pixel "
-                                 "size explicitly (--angpix)")
-        else:
-            table_apix = _single_value(apix_rows, path, block_name,
-                                       "rlnDetectorPixelSize*1e4/rlnMagnification",
-                                       "classify each pixel size separately")
-        box = int(df["rlnImageSize"].iloc[0]) if "rlnImageSize" in df.columns else None
-    if not table_apix > 0:
-        raise CryoClassError(f"{path}: pixel size {table_apix:g} A is not positive; fix "
-                             "rlnImagePixelSize (or pass --angpix)")
+        apix = _same_across_groups(df, apix_rows, path, "rlnImagePixelSize",
+                                   "classify each pixel size separately or rescale the "
+                                   "particles to one pixel size")
+    box = None
+    if "rlnImageSize" in df.columns:
+        box = int(round(_same_across_groups(df, df["rlnImageSize"], path, "rlnImageSize",
+                                            "re-extract all optics groups with one box "
+                                            "size")))
+    return df, apix, box
 
-    if box is None:  # RELION 3.0: the box is in the stacks, not in the table
-        from .mrc_io import read_stack_header
-        _, names = parse_image_names(df["rlnImageName"].iloc[:1], path)
-        first = resolve_stack_paths([names[0]], path)[0]
-        nx, ny, _, _ = read_stack_header(first)
-        if nx != ny:
-            raise CryoClassError(f"{first}: images are not square ({nx}x{ny} pixels); "
-                                 "re-extract the particles with a square box")
-        box = nx
 
-    # Origins: Angstrom (3.1) or pixels (3.0).
-    for axis in ("X", "Y"):
-        ang, px = f"rlnOrigin{axis}Angst", f"rlnOrigin{axis}"
-        if ang not in df.columns and px in df.columns:
-            df[ang] = df[px].to_numpy(np.float64) * table_apix
+def _layout_30(df, path, block_name, apix):
+    """RELION 3.0: one loop; pixel size (A; ``apix`` when given, else from the columns);
+    box from the table if it has rlnImageSize (else None)."""
+    if "rlnOpticsGroup" not in df.columns:
+        df["rlnOpticsGroup"] = 1
+    apix_rows = _pixel_size_from_columns(df)
+    if apix is not None:
+        apix = float(apix)
+    elif apix_rows is None:
+        raise CryoClassError(f"{path}: RELION 3.0 table data_{block_name} has no pixel size; "
+                             "add the columns rlnDetectorPixelSize (um) and rlnMagnification, "
+                             "or a data_optics table with rlnImagePixelSize (A)")
+    else:
+        apix = _single_value(apix_rows, path, block_name,
+                             "rlnDetectorPixelSize*1e4/rlnMagnification",
+                             "classify each pixel size separately")
+    box = int(df["rlnImageSize"].iloc[0]) if "rlnImageSize" in df.columns else None
+    return df, apix, box
 
+
+def _box_from_first_stack(df, path, table_box):
+    """The box of the first stack's images; checks it against the table's rlnImageSize."""
+    _, names = parse_image_names(df["rlnImageName"].iloc[:1], path)
+    first = resolve_stack_paths([names[0]], path)[0]
+    nx, ny, _, _ = read_stack_header(first)
+    if nx != ny:
+        raise CryoClassError(f"{first}: images are not square ({nx}x{ny} pixels); "
+                             "re-extract the particles with a square box")
+    if table_box is not None and table_box != nx:
+        raise CryoClassError(f"{path}: rlnImageSize {table_box} does not match the images "
+                             f"of {first} ({nx}x{ny} pixels); set rlnImageSize to {nx}")
+    return nx
+
+
+def _fill_defaults(df, path, block_name, version, require_ctf):
+    """CTF checks and RELION's defaults for absent optional columns; returns has_ctf,
+    has_angles."""
     has_ctf = "rlnDefocusU" in df.columns
     if require_ctf and not has_ctf:
         raise CryoClassError(f"{path}: data_{block_name} lacks column rlnDefocusU but CTF "
@@ -293,6 +341,52 @@ def read_particles(star_path, apix=None, require_ctf=False):
         # RELION groups noise spectra by micrograph; the stack is the best proxy we have.
         _, names = parse_image_names(df["rlnImageName"], path)
         df["rlnMicrographName"] = names
+    return has_ctf, has_angles
+
+
+def read_particles(star_path, apix=None, require_ctf=False, check_stacks=True):
+    """Read a particle STAR file (RELION 3.0, 3.1 or 5.0) into a :class:`ParticleTable`.
+
+    apix
+        pixel size (A) to use instead of the table's (Python API only; the table must
+        still be readable: 3.0 files without a pixel size need it).
+    require_ctf
+        raise unless the table has CTF parameters (``rlnDefocusU``, and for 3.0 the
+        microscope columns).
+    check_stacks
+        read the first stack's header: the box of 3.0 files, and a check of
+        ``rlnImageSize`` against the images (False: the stacks need not exist, e.g. to
+        read a run's data.star elsewhere; 3.0 files without rlnImageSize still need it).
+    """
+    path = os.fspath(star_path)
+    blocks = read_star(path)
+    block_name, particles = particle_block(blocks, path)
+    particles = particles.copy()
+    _require_columns(particles, ["rlnImageName"], path, block_name,
+                     "every particle needs its image as NNNNNN@stack.mrcs")
+    if len(particles) == 0:
+        raise CryoClassError(f"{path}: data_{block_name} has no particles; give a "
+                             "non-empty particle STAR file")
+    particles = _numeric_columns(particles, path, block_name)
+    optics = blocks.get("optics")
+    if isinstance(optics, pd.DataFrame):
+        version = "3.1"
+        optics = _numeric_columns(optics.copy(), path, "optics")
+        df, table_apix, box = _layout_31(particles, optics, path, apix)
+    else:
+        version, optics = "3.0", None
+        df, table_apix, box = _layout_30(particles, path, block_name, apix)
+    if not table_apix > 0:
+        raise CryoClassError(f"{path}: pixel size {table_apix:g} A is not positive; fix "
+                             "rlnImagePixelSize (or rlnDetectorPixelSize/rlnMagnification)")
+    if box is None or check_stacks:
+        box = _box_from_first_stack(df, path, box)
+    # Origins: Angstrom (3.1) or pixels (3.0).
+    for axis in ("X", "Y"):
+        ang, px = f"rlnOrigin{axis}Angst", f"rlnOrigin{axis}"
+        if ang not in df.columns and px in df.columns:
+            df[ang] = df[px].to_numpy(np.float64) * table_apix
+    has_ctf, has_angles = _fill_defaults(df, path, block_name, version, require_ctf)
     df["rlnImagePixelSize"] = table_apix
     df["rlnImageSize"] = int(box)
     df["rlnOpticsGroup"] = df["rlnOpticsGroup"].astype(np.int64)
@@ -327,6 +421,8 @@ def _merge_optics(particles, optics, path):
     return merged
 
 
+# ----------------------------------------------------------------------------- image names
+
 def parse_image_names(image_names, star_path=None):
     """Split ``NNNNNN@stack.mrcs`` names: returns ``(frames int64 (n,) 1-based,
     stack names (n,) as written)``; a name without '@' is image 1 of that file."""
@@ -349,13 +445,13 @@ def parse_image_names(image_names, star_path=None):
 
 
 def resolve_stack_paths(names, star_path=None):
-    """Find each stack named in a STAR file.
+    """Find each stack named in a STAR file; returns normalised paths.
 
-    A relative name is looked up in the STAR file's folder first, then in the current
-    folder (RELION's project directory convention), then in the STAR folder's parents
-    (a STAR file inside ``Class3D/job012/`` that names ``Extract/job007/...``).  Raises
-    a one-line error naming the first candidate when none exists.
-    """
+    A relative name is looked up from the current working directory first (RELION's
+    convention: names are relative to the folder the job runs in), then from the STAR
+    file's folder (names written relative to the STAR file, as Scipion's conversion
+    does).  Raises a one-line error naming the STAR file, the first missing stack and
+    both places looked."""
     star_dir = os.path.dirname(os.path.abspath(star_path)) if star_path else os.getcwd()
     out = []
     for name in names:
@@ -363,18 +459,29 @@ def resolve_stack_paths(names, star_path=None):
         if os.path.isabs(name):
             candidates = [name]
         else:
-            candidates = [os.path.join(star_dir, name), os.path.join(os.getcwd(), name)]
-            parent = star_dir
-            while os.path.dirname(parent) != parent:
-                parent = os.path.dirname(parent)
-                candidates.append(os.path.join(parent, name))
+            candidates = [os.path.join(os.getcwd(), name), os.path.join(star_dir, name)]
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
+            looked = " nor ".join(dict.fromkeys(os.path.normpath(c) for c in candidates))
             raise CryoClassError(f"{star_path}: rlnImageName stack '{name}' not found (looked "
-                                 f"for {candidates[0]}); fix the path or run from the "
-                                 "project folder")
+                                 f"for {looked}); fix the path or run from the folder the "
+                                 "names are relative to")
         out.append(os.path.normpath(found))
     return out
+
+
+def output_image_names(table, folder=None):
+    """``table``'s ``rlnImageName`` values rewritten so that they resolve from ``folder``
+    (default: the current working directory, where RELION writes names relative to):
+    ``NNNNNN@<stack path relative to folder>``, or the plain path for single images.
+
+    Use it for the image names of any output STAR file, so that the file is a valid
+    input to the next job run from the same folder."""
+    folder = os.path.abspath(folder or os.getcwd())
+    frames, stacks, paths = table.stack_locations()
+    rel = np.array([os.path.relpath(p, folder) for p in paths], dtype=object)[stacks]
+    has_at = table.df["rlnImageName"].astype(str).str.contains("@").to_numpy()
+    return np.where(has_at, [f"{f:06d}@{r}" for f, r in zip(frames, rel)], rel)
 
 
 # ----------------------------------------------------------------------------- writing
