@@ -52,6 +52,7 @@ the grids are cropped there only where the engine passes its current shell to
 ``Projector`` / ``Accumulators`` (``current_grid_shell``).
 """
 import argparse
+import json
 import os
 import re
 import shlex
@@ -107,6 +108,11 @@ def parse_args(argv=None):
                    help="iterations of the relion_refine run (2)")
     p.add_argument("--relion-timeout", type=float, default=None,
                    help="kill relion_refine after S s (the iterations it finished count)")
+    p.add_argument("--relion-only", action="store_true",
+                   help="with --full-run --relion: run only relion_refine")
+    p.add_argument("--reuse", action="store_true",
+                   help="report a finished run of the same command (its stats.json) "
+                        "instead of running it again")
     p.add_argument("--markdown", action="store_true",
                    help="also print the full run's table in docs/benchmarks.md's format")
     p.add_argument("--no-record", action="store_true",
@@ -262,12 +268,25 @@ def extrapolate(stages, n_measured, n_target=105247, n_iter=25):
     return (per * n_target + fixed) * n_iter / 3600.0, per, fixed
 
 
-def run_program(name, cmd, sim_dir, out_dir, root, timeout):
-    """Run ``cmd`` in ``sim_dir`` (under /usr/bin/time, see ``_common.run_timed``);
-    returns ``(stats, {iteration: seconds}, {iteration: (size, res)})``."""
+def run_program(name, cmd, sim_dir, out_dir, root, timeout, reuse=False):
+    """Run ``cmd`` in ``sim_dir`` (under /usr/bin/time, see ``_common.run_timed``); its
+    figures are kept in ``<out_dir>/stats.json`` and, with ``reuse``, a run of the same
+    command found there is reported instead of run again.  Returns ``(stats, {iteration: seconds}, {iteration: (size, res)})``."""
     os.makedirs(os.path.join(sim_dir, out_dir), exist_ok=True)
-    stats = C.run_timed(cmd, cwd=sim_dir, timeout=timeout,
-                        log_path=os.path.join(sim_dir, out_dir, "stdout.txt"))
+    saved = os.path.join(sim_dir, out_dir, "stats.json")
+    stats = None
+    if reuse and os.path.exists(saved):
+        with open(saved) as fh:
+            stats = C.RunStats(json.load(fh))
+        if stats.cmd != shlex.join(cmd):
+            stats = None
+        else:
+            print(f"  reusing {name}'s finished run in {os.path.dirname(saved)}")
+    if stats is None:
+        stats = C.run_timed(cmd, cwd=sim_dir, timeout=timeout,
+                            log_path=os.path.join(sim_dir, out_dir, "stdout.txt"))
+        with open(saved, "w") as fh:
+            json.dump(dict(stats), fh)
     if stats.rc != 0 and not stats.timed_out:
         print(f"{name} failed (rc {stats.rc}):\n{C.tail(stats.log)}")
     full_root = os.path.join(sim_dir, root)
@@ -275,16 +294,21 @@ def run_program(name, cmd, sim_dir, out_dir, root, timeout):
 
 
 def full_run(sim_dir, args):
-    """``cryoclass refine`` (and ``relion_refine`` with ``--relion``) on the set; returns
-    the result rows (one per program and iteration) and the commands run."""
+    """``cryoclass refine`` (unless ``--relion-only``) and, with ``--relion``,
+    ``relion_refine`` on the set; returns the runs (program, stats, times, sizes, engine
+    log details), the engine's memory line and the commands run."""
     flags = job_flags(args)
-    cmd = ([C.CRYOCLASS, "refine", "--i", "particles.star", "--ref", "ref.mrc", "--o",
-            "run_full/run", "--firstiter_cc", "--init_classes", args.init_classes] + flags)
-    stats, times, sizes = run_program("cryoclass refine", cmd, sim_dir, "run_full",
-                                      "run_full/run", args.timeout)
-    memory_line, details = engine_log_details(os.path.join(sim_dir, "run_full", "run.log"))
-    runs = [("cryoclass", stats, times, sizes, details)]
-    commands = [f"(cd {sim_dir} && {shlex.join(cmd)})"]
+    runs, memory_line, commands = [], None, []
+    if not args.relion_only:
+        cmd = ([C.CRYOCLASS, "refine", "--i", "particles.star", "--ref", "ref.mrc", "--o",
+                "run_full/run", "--firstiter_cc", "--init_classes", args.init_classes]
+               + flags)
+        stats, times, sizes = run_program("cryoclass refine", cmd, sim_dir, "run_full",
+                                          "run_full/run", args.timeout, args.reuse)
+        memory_line, details = engine_log_details(os.path.join(sim_dir, "run_full",
+                                                               "run.log"))
+        runs.append(("cryoclass", stats, times, sizes, details))
+        commands.append(f"(cd {sim_dir} && {shlex.join(cmd)})")
     if args.relion:
         rflags = list(flags)
         rflags[rflags.index("--iter") + 1] = str(args.relion_iter)
@@ -292,7 +316,8 @@ def full_run(sim_dir, args):
                  "relion_full/run", "--firstiter_cc"] + rflags
                 + ["--dont_combine_weights_via_disc", "--pool", "3"])
         rstats, rtimes, rsizes = run_program("relion_refine", rcmd, sim_dir, "relion_full",
-                                             "relion_full/run", args.relion_timeout)
+                                             "relion_full/run", args.relion_timeout,
+                                             args.reuse)
         runs.append(("relion_refine", rstats, rtimes, rsizes, {}))
         commands.append(f"(cd {sim_dir} && {shlex.join(rcmd)})")
     return runs, memory_line, commands
