@@ -40,7 +40,7 @@ def test_demo_refuses_bad_options_clearly(tmp_path):
 @pytest.mark.slow
 def test_demo_smoke(tmp_path):
     """The demo end to end on 150 particles, 2 iterations (a Scipion project, six steps,
-    the report): about a minute on 2 cores, so ``slow``."""
+    the report): about 30 s on 2 cores, so ``slow``."""
     out = tmp_path / "demo"
     res = _demo(["--out", str(out), "--particles", "150", "--iter", "2", "--box", "32"],
                 timeout=600)
