@@ -436,7 +436,7 @@ def cryoclass_refine_cmd(out_root, box, apix, K=4, tau2=4.0, iters=25, j=2, rank
 
 def relion_refine_cmd(out_root, box, apix, K=4, tau2=4.0, iters=25, j=2, extra=()):
     """``relion_refine`` as the RELION 3.1 GUI's Class3D job writes it, with
-    --firstiter_cc (see shared/CONVENTIONS.md: without it RELION 3.1 collapses on our
+    --firstiter_cc (without it RELION 3.1 collapses onto one orientation on our
     simulated sets).  RELION resolves image names from the working directory, so the
     command runs in the simulation folder."""
     cmd = [relion_refine_path() or "relion_refine", "--i", "particles.star", "--ref",

@@ -187,7 +187,7 @@ def main(argv=None):
         notes.append("relion_refine is not installed (apt-get install -y relion): RELION "
                      "columns only from the cache")
         print(notes[-1])
-    notes.append("RELION columns: relion_refine with --firstiter_cc (shared/CONVENTIONS.md)"
+    notes.append("RELION columns: relion_refine with --firstiter_cc"
                  f", same flags, K={args.K}; 'cached' = from benchmarks/relion_cache.json")
     if args.cryoclass_args:
         notes.append(f"cryoclass extra flags: {args.cryoclass_args}")

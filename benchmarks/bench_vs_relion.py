@@ -13,7 +13,7 @@ with the RELION tutorial's Class3D job: K=4, T=4, 25 iterations, --ini_high 50, 
 --offset_step 2, as the GUI passes them), --zero_mask --flatten_solvent --ctf --pad 2
 --skip_gridding --preread_images --norm --scale, mask diameter 0.8 * box * apix, --j 2,
 and --firstiter_cc for both (RELION 3.1 collapses onto one view on our simulated sets
-without it: shared/CONVENTIONS.md).  RELION also gets --dont_combine_weights_via_disc
+without it).  RELION also gets --dont_combine_weights_via_disc
 --pool 3.
 
 Measured per program: wall time, CPU time (user + sys of the process tree), peak memory
@@ -171,7 +171,7 @@ def main(argv=None):
     relion_iter = args.relion_iter or args.iter
     if run_relion:
         notes.append("RELION run with --firstiter_cc (its default scoring collapses onto "
-                     "one orientation on these simulated sets; shared/CONVENTIONS.md)")
+                     "one orientation on these simulated sets)")
         if relion_iter != args.iter:
             notes.append(f"RELION capped at {relion_iter} iterations (cryoclass: "
                          f"{args.iter}); compare per-iteration times, not totals")
@@ -240,7 +240,7 @@ def main(argv=None):
                              f"{args.iter - 1} x mean of it >= 2): ~{est:.0f} s wall, "
                              f"ratio ~{est / s_cc.wall_s:.2f} (estimate)")
         if run_relion:
-            lines.append("RELION ran with --firstiter_cc (shared/CONVENTIONS.md: without it "
+            lines.append("RELION ran with --firstiter_cc (without it "
                          "RELION 3.1 collapses on these simulated sets).")
         body = "\n".join(lines)
         print("\n" + body)
