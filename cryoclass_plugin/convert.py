@@ -29,6 +29,8 @@ import re
 
 import numpy as np
 
+from .engine import star_io
+
 #: Labels of the particle rows that come from Scipion (and go back to it).
 IMAGE_ID = "rlnImageId"
 
@@ -93,46 +95,18 @@ def alignment_to_row(matrix, pixel_size):
 
 
 # --------------------------------------------------------------------------- STAR I/O
-def read_star(path):
-    """``{block name without 'data_': DataFrame or dict}`` (starfile, any version)."""
-    import starfile
-    import pandas as pd
-    data = starfile.read(path, always_dict=True)
-    out = {}
-    for name, block in data.items():
-        key = name[5:] if str(name).startswith("data_") else str(name)
-        if isinstance(block, pd.DataFrame) and len(block) == 1 and key in (
-                "model_general", "optimiser_general", "sampling_general"):
-            block = block.iloc[0].to_dict()
-        out[key] = block
-    return out
+# STAR files are read and written by the one STAR module (RELION 3.0/3.1/5 layouts);
+# ``read_star``/``write_star`` are its functions, named here for the protocols.
+read_star = star_io.read_star
+write_star = star_io.write_star
 
 
-def write_star(path, blocks):
-    """Write ``{block: DataFrame | dict}`` atomically (tmp file then rename)."""
-    import starfile
-    tmp = "%s.tmp%d.star" % (path, os.getpid())
-    starfile.write(blocks, tmp, overwrite=True)
-    os.replace(tmp, path)
-    return path
-
-
-def read_particle_table(path):
-    """Particles of a RELION 3.0/3.1+ STAR file as one DataFrame (optics merged on)."""
-    blocks = read_star(path)
-    parts = blocks.get("particles")
-    if parts is None:  # RELION 3.0: a single unnamed/images block
-        candidates = [b for b in blocks.values() if hasattr(b, "columns")
-                      and "rlnImageName" in b.columns]
-        if not candidates:
-            raise ValueError("%s: no particle table (data_particles) found" % path)
-        return candidates[0].copy(), None
-    optics = blocks.get("optics")
-    df = parts.copy()
-    if optics is not None and "rlnOpticsGroup" in df.columns:
-        extra = [c for c in optics.columns if c not in df.columns or c == "rlnOpticsGroup"]
-        df = df.merge(optics[extra], on="rlnOpticsGroup", how="left")
-    return df, optics
+def read_particle_table(path, check_stacks=False):
+    """``(particles DataFrame with optics merged on, optics DataFrame or None)`` of a
+    RELION 3.0/3.1+ particle STAR file (:func:`star_io.read_particles`; the stacks need
+    not exist unless ``check_stacks``)."""
+    table = star_io.read_particles(path, check_stacks=check_stacks)
+    return table.df, table.optics
 
 
 # --------------------------------------------------------------------------- writing
@@ -262,7 +236,7 @@ def write_set_of_particles(part_set, star_file, out_dir=None, align_type=None,
     parts_df = pd.DataFrame(rows)
     parts_df = parts_df.fillna(0)
     optics_df = pd.DataFrame(list(optics.values()))
-    write_star(star_file, {"optics": optics_df, "particles": parts_df})
+    star_io.write_particles(star_file, optics_df, parts_df)
     return len(rows)
 
 
@@ -339,96 +313,89 @@ def resample_volume(data, src_apix, dst_apix, box=None):
 
 
 # --------------------------------------------------------------------------- reading
+def _link_stacks(paths, folder):
+    """Symlink each stack into ``folder`` as ``NNN_<name>``; returns the link paths
+    (relative to the working directory when ``folder`` is)."""
+    os.makedirs(folder, exist_ok=True)
+    links = []
+    for i, path in enumerate(paths, start=1):
+        link = os.path.join(folder, "%03d_%s" % (i, os.path.basename(path)))
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.abspath(path), link)
+        links.append(os.path.relpath(link) if not os.path.isabs(folder) else link)
+    return links
+
+
+def _acquisition(row):
+    import pwem.objects as emobj
+    acq = emobj.Acquisition()
+    acq.setVoltage(float(row["rlnVoltage"]))
+    acq.setSphericalAberration(float(row["rlnSphericalAberration"]))
+    acq.setAmplitudeContrast(float(row["rlnAmplitudeContrast"]))
+    acq.setMagnification(10000.0)
+    return acq
+
+
+def _row_to_particle(row, location, apix, acq, has_ctf, has_align, has_class):
+    import pwem.objects as emobj
+    part = emobj.Particle()
+    part.setLocation(*location)
+    part.setSamplingRate(apix)
+    part.setAcquisition(acq)
+    if has_ctf:
+        ctf = emobj.CTFModel()
+        ctf.setDefocusU(float(row["rlnDefocusU"]))
+        ctf.setDefocusV(float(row["rlnDefocusV"]))
+        ctf.setDefocusAngle(float(row["rlnDefocusAngle"]))
+        ctf.setPhaseShift(float(row["rlnPhaseShift"]))
+        ctf.standardize()
+        part.setCTF(ctf)
+    if has_align:
+        part.setTransform(emobj.Transform(row_to_alignment_matrix(
+            row["rlnAngleRot"], row["rlnAngleTilt"], row["rlnAnglePsi"],
+            row["rlnOriginXAngst"], row["rlnOriginYAngst"], apix)))
+    if has_class:
+        part.setClassId(int(row["rlnClassNumber"]))
+    part._rlnMicrographName = _pwString(row["rlnMicrographName"])
+    return part
+
+
 def read_set_of_particles(star_file, part_set, copy_binaries_to=None, read_align=True,
                           read_class=True):
     """Fill ``part_set`` (an empty SetOfParticles) from a RELION particles STAR file
-    (3.0 or 3.1 layout): locations, CTF, acquisition, sampling rate and, when the file
-    has them, 3D alignment (ALIGN_PROJ) and class numbers (``setClassId``).
+    (3.0, 3.1 or 5.0 layout, read by :func:`star_io.read_particles`): locations, CTF,
+    acquisition, sampling rate and, when the file has them, 3D alignment (ALIGN_PROJ)
+    and class numbers (``setClassId``).
 
-    Image paths in the STAR file are relative to the STAR file's folder (RELION resolves
-    them against the working directory; both are tried).  With ``copy_binaries_to`` the
+    Image names are resolved as :func:`star_io.resolve_stack_paths` does (the working
+    directory first, then the STAR file's folder).  With ``copy_binaries_to`` the
     stacks are symlinked into that folder and the particles point at the links.
     Returns the set.
     """
-    import pwem.objects as emobj
     from pwem.constants import ALIGN_PROJ, ALIGN_NONE
-    df, optics = read_particle_table(star_file)
-    star_dir = os.path.dirname(os.path.abspath(star_file))
-    apix_col = "rlnImagePixelSize" if "rlnImagePixelSize" in df.columns else (
-        "rlnDetectorPixelSize" if "rlnDetectorPixelSize" in df.columns else None)
-    if apix_col is None:
-        raise ValueError("%s: no rlnImagePixelSize (optics) column" % star_file)
-    apix = float(df[apix_col].iloc[0])
-    has_ctf = "rlnDefocusU" in df.columns
-    has_align = read_align and all(c in df.columns for c in
-                                   ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    table = star_io.read_particles(star_file)
+    df = table.df
+    frames, stack_ids, paths = table.stack_locations()
+    paths = _link_stacks(paths, copy_binaries_to) if copy_binaries_to else \
+        [os.path.abspath(p) for p in paths]
+    has_align = read_align and table.has_angles
     has_class = read_class and "rlnClassNumber" in df.columns
-
-    acq_by_group = {}
-    stack_map = {}
-
-    def _stack(fn):
-        if fn in stack_map:
-            return stack_map[fn]
-        cand = fn if os.path.isabs(fn) else os.path.join(star_dir, fn)
-        if not os.path.exists(cand) and os.path.exists(fn):
-            cand = fn
-        cand = os.path.abspath(cand)
-        if copy_binaries_to:
-            os.makedirs(copy_binaries_to, exist_ok=True)
-            link = os.path.join(copy_binaries_to, "%03d_%s" % (len(stack_map) + 1,
-                                                               os.path.basename(cand)))
-            if os.path.lexists(link):
-                os.remove(link)
-            os.symlink(cand, link)
-            cand = os.path.relpath(link) if not os.path.isabs(copy_binaries_to) else link
-        stack_map[fn] = cand
-        return cand
-
-    part_set.setSamplingRate(apix)
-    part_set.setHasCTF(has_ctf)
+    part_set.setSamplingRate(table.apix)
+    part_set.setHasCTF(table.has_ctf)
     part_set.setAlignment(ALIGN_PROJ if has_align else ALIGN_NONE)
-    flipped = "rlnCtfDataArePhaseFlipped" in df.columns and \
-        int(df["rlnCtfDataArePhaseFlipped"].iloc[0]) == 1
-    part_set.setIsPhaseFlipped(flipped)
-
-    first_acq = None
+    part_set.setIsPhaseFlipped("rlnCtfDataArePhaseFlipped" in df.columns and
+                               int(df["rlnCtfDataArePhaseFlipped"].iloc[0]) == 1)
+    acq_by_group = {}
     for i, row in enumerate(df.to_dict("records")):
-        group = int(row.get("rlnOpticsGroup", 1) or 1)
+        group = int(row["rlnOpticsGroup"])
         if group not in acq_by_group:
-            acq = emobj.Acquisition()
-            acq.setVoltage(float(row.get("rlnVoltage", 300.0)))
-            acq.setSphericalAberration(float(row.get("rlnSphericalAberration", 2.7)))
-            acq.setAmplitudeContrast(float(row.get("rlnAmplitudeContrast", 0.1)))
-            acq.setMagnification(10000.0)
-            acq_by_group[group] = acq
-            first_acq = first_acq or acq
-        part = emobj.Particle()
-        idx, fn = relion_to_location(row["rlnImageName"])
-        part.setLocation(idx, _stack(fn))
-        part.setSamplingRate(apix)
-        part.setAcquisition(acq_by_group[group])
+            acq_by_group[group] = _acquisition(row)
+        part = _row_to_particle(row, (int(frames[i]), paths[stack_ids[i]]), table.apix,
+                                acq_by_group[group], table.has_ctf, has_align, has_class)
         part.setObjId(int(row[IMAGE_ID]) if IMAGE_ID in row else i + 1)
-        if has_ctf:
-            ctf = emobj.CTFModel()
-            ctf.setDefocusU(float(row["rlnDefocusU"]))
-            ctf.setDefocusV(float(row.get("rlnDefocusV", row["rlnDefocusU"])))
-            ctf.setDefocusAngle(float(row.get("rlnDefocusAngle", 0.0)))
-            if "rlnPhaseShift" in row:
-                ctf.setPhaseShift(float(row["rlnPhaseShift"]))
-            ctf.standardize()
-            part.setCTF(ctf)
-        if has_align:
-            part.setTransform(emobj.Transform(row_to_alignment_matrix(
-                row["rlnAngleRot"], row["rlnAngleTilt"], row["rlnAnglePsi"],
-                row.get("rlnOriginXAngst", 0.0), row.get("rlnOriginYAngst", 0.0), apix)))
-        if has_class:
-            part.setClassId(int(row["rlnClassNumber"]))
-        if "rlnMicrographName" in row:
-            part._rlnMicrographName = _pwString(row["rlnMicrographName"])
         part_set.append(part)
-    if first_acq is not None:
-        part_set.setAcquisition(first_acq)
+    part_set.setAcquisition(next(iter(acq_by_group.values())))
     return part_set
 
 
@@ -446,46 +413,37 @@ class ResultReader:
     """
 
     def __init__(self, data_star, model_star, input_star=None, pixel_size=None):
-        import pandas as pd  # noqa: F401
+        from .runresults import ModelStar
         self.data_star = data_star
         self.model_star = model_star
-        df, self.optics = read_particle_table(data_star)
+        table = star_io.read_particles(data_star, check_stacks=False)
+        df, self.optics = table.df, table.optics
         if IMAGE_ID not in df.columns:
-            if input_star is None:
-                raise ValueError("%s has no rlnImageId column and no input STAR was "
-                                 "given to map rows to particles" % data_star)
-            inp, _ = read_particle_table(input_star)
-            names = dict(zip(inp["rlnImageName"].astype(str), inp[IMAGE_ID].astype(int)))
-            df[IMAGE_ID] = [names.get(str(n), 0) for n in df["rlnImageName"]]
+            df[IMAGE_ID] = self._ids_from_input(table, input_star)
         self.rows = {int(r[IMAGE_ID]): r for r in df.to_dict("records")}
-        if pixel_size is None:
-            col = "rlnImagePixelSize" if "rlnImagePixelSize" in df.columns else None
-            pixel_size = float(df[col].iloc[0]) if col else None
-        self.pixel_size = pixel_size
-        blocks = read_star(model_star)
-        self.model_general = blocks.get("model_general", {})
-        if not isinstance(self.model_general, dict):
-            self.model_general = self.model_general.iloc[0].to_dict()
-        self.model_classes = blocks.get("model_classes")
-        self.class_curves = {int(k.rsplit("_", 1)[1]): v for k, v in blocks.items()
-                             if re.match(r"^model_class_\d+$", k)}
-        self.model_dir = os.path.dirname(os.path.abspath(model_star))
+        self.pixel_size = float(pixel_size) if pixel_size is not None else table.apix
+        self.model = ModelStar(model_star)
+
+    def _ids_from_input(self, table, input_star):
+        """Scipion ids of ``table``'s rows, matched to ``input_star``'s rows by image
+        (frame and stack file, wherever each STAR file names the stack from)."""
+        if input_star is None:
+            raise ValueError("%s has no rlnImageId column and no input STAR was "
+                             "given to map rows to particles" % self.data_star)
+        inp = star_io.read_particles(input_star, check_stacks=False)
+        ids = dict(zip(star_io.output_image_names(inp, "/"),
+                       inp.df[IMAGE_ID].astype(int)))
+        return [ids.get(name, 0) for name in star_io.output_image_names(table, "/")]
 
     # ----- classes
     def class_info(self):
-        """``{class number: dict}`` with map path (absolute), distribution, resolution,
-        accuracies, from ``data_model_classes``."""
+        """``{class number: dict}`` with map path, distribution, resolution, accuracies,
+        from ``data_model_classes`` (:class:`runresults.ModelStar`)."""
         info = {}
-        if self.model_classes is None:
-            return info
-        for k, row in enumerate(self.model_classes.to_dict("records"), start=1):
-            idx, fn = relion_to_location(row.get("rlnReferenceImage", ""))
-            if fn and not os.path.isabs(fn):
-                # RELION writes paths relative to the working dir; try the model's folder
-                cand = os.path.join(self.model_dir, os.path.basename(fn))
-                fn = fn if os.path.exists(fn) else cand
+        for k in self.model.class_numbers():
+            row = self.model.class_row(k)
             info[k] = {
-                "map": fn,
+                "map": self.model.class_map_path(k) or row.get("rlnReferenceImage", ""),
                 "distribution": float(row.get("rlnClassDistribution", 0.0)),
                 "resolution": float(row.get("rlnEstimatedResolution", 999.0)),
                 "accuracy_rot": float(row.get("rlnAccuracyRotations", 999.0)),
@@ -496,12 +454,7 @@ class ResultReader:
 
     def ssnr_curve(self, k):
         """``(resolution 1/A array, SSNR array)`` of class ``k`` (empty when missing)."""
-        tab = self.class_curves.get(int(k))
-        if tab is None or "rlnSsnrMap" not in tab.columns:
-            return np.zeros(0), np.zeros(0)
-        res = tab["rlnResolution"].to_numpy(dtype=float) if "rlnResolution" in tab.columns \
-            else np.arange(len(tab), dtype=float)
-        return res, tab["rlnSsnrMap"].to_numpy(dtype=float)
+        return self.model.ssnr_curve(k)
 
     # ----- particles
     def update_particle(self, item, row=None):

@@ -14,9 +14,10 @@ A run with rootname ``<o>`` (for example ``out/run``) writes, per iteration ``NN
 and loads any of these as pandas tables or dicts.  It is read-only and needs neither
 pyworkflow nor the engine's numerics, only ``starfile``, ``mrcfile`` and pandas.
 
-STAR reading goes through :func:`read_star`, which hides the differences between
-``starfile`` versions: it always returns ``{block name without 'data_': table}`` where
-loop blocks are DataFrames and key/value blocks are plain dicts.
+STAR files are read by the one STAR module, :mod:`cryoclass_plugin.engine.star_io`
+(``{block name without 'data_': table}``, loop blocks as DataFrames, key/value blocks as
+dicts); :class:`ModelStar` is the one model.star reader (also used by the Scipion
+conversion).
 """
 import glob
 import os
@@ -25,6 +26,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from .engine import star_io as _star_io
+from .engine.star_io import block_key
 from .engine.errors import CryoClassError
 
 __all__ = [
@@ -44,12 +47,6 @@ _CLASS_RE = re.compile(r"_class(\d{3,})\.mrc(?::mrc)?$")
 # ---------------------------------------------------------------------------------------
 # STAR helpers
 # ---------------------------------------------------------------------------------------
-def block_key(name):
-    """``'data_model_class_1'`` / ``'model_class_1'`` -> ``'model_class_1'``."""
-    name = str(name).strip()
-    return name[5:] if name.startswith("data_") else name
-
-
 def as_dict(block):
     """A key/value block as a dict, whether starfile gave a dict or a 1-row frame."""
     if block is None:
@@ -82,38 +79,26 @@ _STAR_CACHE = {}
 
 
 def read_star(path, raw_columns=None):
-    """All blocks of a STAR file: ``{name without 'data_': DataFrame | dict}``.
-
-    ``raw_columns``: labels (without ``_``) whose values are kept as the exact strings
-    written in the file.  Raises a one-line :class:`CryoClassError` for a missing or
-    unreadable file.  Results (without ``raw_columns``) are cached per path and mtime.
-    """
-    import starfile
-
+    """:func:`cryoclass_plugin.engine.star_io.read_star` (``{name without 'data_':
+    DataFrame | dict}``), cached per path, mtime and size when ``raw_columns`` is not
+    given: figures and reports read the same model.star many times.  The cached blocks
+    are shared: callers must not modify them."""
     path = os.fspath(path)
     try:
         st = os.stat(path)
     except OSError:
-        raise CryoClassError(f"{path}: no such STAR file") from None
+        return _star_io.read_star(path)  # raises the one-line "not found" error
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    if not raw_columns and key in _STAR_CACHE:
-        return _STAR_CACHE[key]
-    try:
-        blocks = starfile.read(path, always_dict=True,
-                               parse_as_string=list(raw_columns or []))
-    except Exception as err:  # starfile raises many kinds on bad input
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CryoClassError(f"{path}: cannot read STAR file ({msg})") from None
-    if not isinstance(blocks, dict):
-        blocks = {"": blocks}
-    blocks = {block_key(k): v for k, v in blocks.items()}
-    if not blocks:
-        raise CryoClassError(f"{path}: no data_ blocks in this STAR file")
-    if not raw_columns:
+    if raw_columns or key not in _STAR_CACHE:
+        blocks = _star_io.read_star(path, raw_columns=raw_columns)
+        if not blocks:
+            raise CryoClassError(f"{path}: no data_ blocks in this STAR file")
+        if raw_columns:
+            return blocks
         if len(_STAR_CACHE) > 256:
             _STAR_CACHE.clear()
         _STAR_CACHE[key] = blocks
-    return blocks
+    return _STAR_CACHE[key]
 
 
 def read_star_block(path, table, raw_columns=None):
@@ -243,6 +228,29 @@ class ModelStar:
         return {k: as_frame(self.blocks[f"model_class_{k}"]) for k in self.class_numbers()
                 if f"model_class_{k}" in self.blocks}
 
+    def class_map_path(self, k):
+        """The map named by class k's ``rlnReferenceImage``: as written when it exists
+        from the working directory (RELION writes names relative to it), else the file of
+        that name next to the model.star; None when neither exists."""
+        ref = str(self.class_row(k).get("rlnReferenceImage", "") or "")
+        ref = ref.split("@")[-1].replace(":mrc", "").strip()
+        if not ref:
+            return None
+        here = os.path.join(os.path.dirname(os.path.abspath(self.path)),
+                            os.path.basename(ref))
+        return next((c for c in (ref, here) if os.path.exists(c)), None)
+
+    def ssnr_curve(self, k):
+        """``(resolution 1/A, SSNR)`` arrays of class k from data_model_class_k
+        (``rlnResolution``, ``rlnSsnrMap``); empty arrays when the table lacks them."""
+        name = f"model_class_{int(k)}"
+        tab = as_frame(self.blocks.get(name))
+        if "rlnSsnrMap" not in tab.columns:
+            return np.zeros(0), np.zeros(0)
+        res = tab["rlnResolution"].to_numpy(dtype=float) if "rlnResolution" in tab.columns \
+            else np.arange(len(tab), dtype=float)
+        return res, tab["rlnSsnrMap"].to_numpy(dtype=float)
+
     def group_table(self, g):
         name = f"model_group_{int(g)}"
         if name not in self.blocks:
@@ -279,14 +287,9 @@ class RunResults:
         if os.path.exists(fn):
             return fn
         try:
-            ref = str(self.model(it).class_row(k).get("rlnReferenceImage", ""))
+            return self.model(it).class_map_path(k) or fn
         except CryoClassError:
-            ref = ""
-        ref = ref.split("@")[-1].replace(":mrc", "")
-        for cand in (ref, os.path.join(self.directory, os.path.basename(ref))):
-            if cand and os.path.exists(cand):
-                return cand
-        return fn
+            return fn
 
     @property
     def iterations(self):
@@ -340,13 +343,7 @@ class RunResults:
     def data(self, it=None):
         """data_particles of an iteration (DataFrame, one row per particle)."""
         fn = self._need(self.resolve_iteration(it), "data")
-        blocks = read_star(fn)
-        if "particles" in blocks:
-            return as_frame(blocks["particles"])
-        if "" in blocks:             # RELION 3.0: a single unnamed block
-            return as_frame(blocks[""])
-        raise CryoClassError(f"{fn}: no table data_particles; tables: "
-                             + ", ".join("data_" + b for b in blocks))
+        return as_frame(_star_io.particle_block(read_star(fn), fn)[1])
 
     def optics(self, it=None):
         fn = self._need(self.resolve_iteration(it), "data")

@@ -28,8 +28,9 @@ class ProtCryoClassImportParticles(ProtImport):
         form.addParam("starFile", FileParam, important=True,
                       label="Particles STAR file",
                       help="RELION particles STAR file (RELION 3.0 or 3.1+ layout). Image "
-                           "names (NNN@stack.mrcs) are relative to the STAR file's "
-                           "folder or absolute.")
+                           "names (NNN@stack.mrcs) are absolute, or relative to the "
+                           "project folder (RELION's convention), or to the STAR "
+                           "file's folder; they are looked up in that order.")
         form.addParam("importAlignment", BooleanParam, default=False,
                       label="Import 3D alignment?",
                       help="Yes: rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst become the "

@@ -19,6 +19,7 @@ from pwem.protocols import EMProtocol
 
 from .. import convert
 from ..constants import SELECT_AUTO, SELECT_BY_NUMBER
+from ..runresults import ModelStar
 
 RANK_DISTRIBUTION = 0
 RANK_RESOLUTION = 1
@@ -188,14 +189,11 @@ class ProtCryoClassSelectClasses(EMProtocol):
         if not model or not os.path.exists(model):
             return float("nan")
         if model not in readers:
-            readers[model] = convert.read_star(model)
-        tab = readers[model].get("model_class_%d" % cls.getObjId())
-        if tab is None or "rlnSsnrMap" not in getattr(tab, "columns", []):
+            readers[model] = ModelStar(model)
+        res, ssnr = readers[model].ssnr_curve(cls.getObjId())
+        if not len(ssnr):
             return float("nan")
-        res = tab["rlnResolution"].to_numpy(dtype=float) if "rlnResolution" in tab.columns \
-            else np.arange(len(tab), dtype=float)
-        return mean_ssnr(res, tab["rlnSsnrMap"].to_numpy(dtype=float),
-                         self.ssnrResolution.get())
+        return mean_ssnr(res, ssnr, self.ssnrResolution.get())
 
     def _selectedIds(self):
         if self.selectionMode.get() == SELECT_BY_NUMBER:

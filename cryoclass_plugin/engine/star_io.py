@@ -183,10 +183,11 @@ def read_star(star_path, raw_columns=None):
                              "it is a RELION STAR file") from None
     if not isinstance(blocks, dict):
         blocks = {"": blocks}
-    return {_block_key(name): block for name, block in blocks.items()}
+    return {block_key(name): block for name, block in blocks.items()}
 
 
-def _block_key(name):
+def block_key(name):
+    """``'data_model_class_1'`` / ``'model_class_1'`` -> ``'model_class_1'``."""
     name = str(name).strip()
     return name[5:] if name.startswith("data_") else name
 
