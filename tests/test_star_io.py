@@ -421,23 +421,18 @@ def test_error_non_square_images(tmp_path):
     assert_one_line_naming(err, "rect.mrcs", "not square", f"{BOX + 2}x{BOX}")
 
 
-def test_error_optics_groups_differ(tmp_path):
+@pytest.mark.parametrize("column,value,needle", [("rlnImageSize", 2 * BOX, "optics groups 1 and 2"),
+                                                  ("rlnImagePixelSize", 1.1 * APIX, "optics groups")])
+def test_error_optics_groups_differ(tmp_path, column, value, needle):
     optics = star_io.optics_group_table(APIX, BOX, n_groups=2)
+    optics.loc[1, column] = value
     parts = particles_31(4)
     parts["rlnOpticsGroup"] = [1, 2, 1, 2]
     star = tmp_path / "p.star"
-    bad_box = optics.copy()
-    bad_box.loc[1, "rlnImageSize"] = 2 * BOX
-    star_io.write_particles(star, bad_box, parts)
+    star_io.write_particles(star, optics, parts)
     with pytest.raises(CryoClassError) as err:
         star_io.read_particles(star)
-    assert_one_line_naming(err, str(star), "rlnImageSize", "optics groups 1 and 2")
-    bad_apix = optics.copy()
-    bad_apix.loc[1, "rlnImagePixelSize"] = 1.1 * APIX
-    star_io.write_particles(star, bad_apix, parts)
-    with pytest.raises(CryoClassError) as err:
-        star_io.read_particles(star)
-    assert_one_line_naming(err, str(star), "rlnImagePixelSize", "optics groups")
+    assert_one_line_naming(err, str(star), column, needle)
 
 
 def test_error_unknown_optics_group(tmp_path):
@@ -487,3 +482,47 @@ def test_image_source_keeps_few_stacks_open(tmp_path, monkeypatch):
     pre = mrc_io.ImageSource(star_io.read_particles(star), preread=True)
     np.testing.assert_array_equal(pre.get(np.arange(len(names))), want)
     assert len(pre._handles) == 0
+
+
+# --------------------------------------------------------------------------- Scipion side
+
+def test_result_reader_maps_rows_by_image_across_folders(tmp_path, monkeypatch):
+    # The Scipion result reader reads data.star and model.star through star_io and
+    # runresults.ModelStar; without rlnImageId it matches rows to the input by image
+    # (frame and stack file), although each STAR file names the stack from elsewhere.
+    from cryoclass_plugin import convert
+    make_stack(tmp_path / "in" / "Extract" / "stack.mrcs", 4)
+    inp = tmp_path / "in" / "p.star"
+    parts = particles_31(4)
+    parts["rlnImageId"] = [11, 12, 13, 14]
+    star_io.write_particles(inp, star_io.optics_group_table(APIX, BOX), parts)
+    monkeypatch.chdir(tmp_path)
+    table = star_io.read_particles(inp)
+    out = table.particles_table().drop(columns="rlnImageId")
+    out["rlnImageName"] = star_io.output_image_names(table)
+    out["rlnClassNumber"] = [2, 1, 2, 1]
+    out = out.iloc[::-1].reset_index(drop=True)
+    data = tmp_path / "out" / "run_it001_data.star"
+    star_io.write_particles(data, table.optics_table(), out)
+    mrc_io.write_map(tmp_path / "out" / "run_it001_class002.mrc",
+                     np.zeros((BOX, BOX, BOX), np.float32), APIX)
+    model = tmp_path / "out" / "run_it001_model.star"
+    star_io.write_star(model, {
+        "model_general": {"rlnNrClasses": 2, "rlnPixelSize": APIX},
+        "model_classes": pd.DataFrame({
+            "rlnReferenceImage": ["out/run_it001_class001.mrc", "elsewhere/run_it001_class002.mrc"],
+            "rlnClassDistribution": [0.5, 0.5], "rlnEstimatedResolution": [10.0, 12.0]}),
+        "model_class_2": pd.DataFrame({"rlnResolution": [0.0, 0.05, 0.1],
+                                       "rlnSsnrMap": [9.0, 4.0, 1.0]})})
+    reader = convert.ResultReader(str(data), str(model), input_star=str(inp))
+    assert {k: int(r["rlnClassNumber"]) for k, r in reader.rows.items()} == \
+        {11: 2, 12: 1, 13: 2, 14: 1}
+    assert reader.pixel_size == pytest.approx(APIX)
+    info = reader.class_info()
+    assert info[2]["map"] == str(tmp_path / "out" / "run_it001_class002.mrc")  # by folder
+    assert info[1]["resolution"] == 10.0 and info[2]["distribution"] == 0.5
+    res, ssnr = reader.ssnr_curve(2)
+    np.testing.assert_allclose(ssnr, [9.0, 4.0, 1.0])
+    assert reader.ssnr_curve(1)[1].size == 0
+    df, optics = convert.read_particle_table(str(data))
+    assert len(df) == 4 and optics is not None and convert.read_star is star_io.read_star
