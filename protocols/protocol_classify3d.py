@@ -356,72 +356,16 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "one are searched (3 sigma of the prior).")
 
     def _defineHelixParams(self, form):
-        """RELION's Helix tab, kept so that its fields read as in RELION; the engine
-        has no helical processing, so _validate refuses 'Do helical reconstruction?'."""
+        """RELION's Helix tab: its switch only, which _validate refuses (the engine has
+        no helical processing, so the tab's other fields would change nothing)."""
         form.addSection(label="Helix")
         form.addParam("doHelix", BooleanParam, default=False, condition="not doContinue",
                       label="Do helical reconstruction?",
                       help="Helical processing (RELION's Helix tab). The cryoclass engine "
                            "has none: the protocol refuses to run with Yes.")
-        helix = "doHelix and not doContinue"
-        sym = helix + " and doApplyHelicalSymmetry"
-        for name, default, cond, label, help_text in (
-                ("helicalTubeInnerDiameter", -1, helix, "Tube diameter - inner (A)",
-                 "Inner diameter of the helical tube; -1 = none."),
-                ("helicalTubeOuterDiameter", -1, helix, "Tube diameter - outer (A)",
-                 "Outer diameter of the helical tube."),
-                ("helicalRangeRot", -1, helix, "Angular search range - rot (deg)",
-                 "Local search range of rot; -1 = no restriction."),
-                ("helicalRangeTilt", 15, helix, "Angular search range - tilt (deg)",
-                 "Local search range of tilt around 90 degrees."),
-                ("helicalRangePsi", 10, helix, "Angular search range - psi (deg)",
-                 "Local search range of psi around the prior."),
-                ("helicalRangeDistance", -1, helix, "Range factor of local averaging",
-                 "Local averaging of orientations along a segment; -1 = off.")):
-            form.addParam(name, FloatParam, default=default, condition=cond, label=label,
-                          help=help_text)
-        form.addParam("doApplyHelicalSymmetry", BooleanParam, default=True,
-                      condition=helix, label="Apply helical symmetry?",
-                      help="Impose twist and rise on the reconstructions.")
-        form.addParam("helicalNrAsu", IntParam, default=1, condition=sym,
-                      label="Number of unique asymmetrical units",
-                      help="Asymmetrical units per segment box.")
-        for name, default, label, help_text in (
-                ("helicalTwistInitial", 0, "Initial helical twist (deg)", "Starting twist."),
-                ("helicalRiseInitial", 0, "Initial helical rise (A)", "Starting rise."),
-                ("helicalZPercentage", 30, "Central Z length (%)",
-                 "Central part of the box used to impose helical symmetry.")):
-            form.addParam(name, FloatParam, default=default, condition=sym, label=label,
-                          help=help_text)
-        form.addParam("doLocalSearchHelicalSymmetry", BooleanParam, default=False,
-                      condition=sym, label="Do local searches of symmetry?",
-                      help="Refine twist and rise within the ranges below.")
-        for name, label in (("helicalTwistMin", "Twist search - min (deg)"),
-                            ("helicalTwistMax", "Twist search - max (deg)"),
-                            ("helicalTwistStep", "Twist search - step (deg)"),
-                            ("helicalRiseMin", "Rise search - min (A)"),
-                            ("helicalRiseMax", "Rise search - max (A)"),
-                            ("helicalRiseStep", "Rise search - step (A)")):
-            form.addParam(name, FloatParam, default=0, label=label,
-                          condition=sym + " and doLocalSearchHelicalSymmetry",
-                          help="Search range of the helical parameter.")
-        form.addParam("keepTiltPriorFixed", BooleanParam, default=True, condition=helix,
-                      label="Keep tilt-prior fixed?",
-                      help="Keep the tilt prior at 90 degrees.")
 
     def _defineComputeParams(self, form):
         form.addSection(label="Compute")
-        form.addParam("useParallelDisk", BooleanParam, default=True,
-                      label="Use parallel disc I/O?",
-                      help="RELION's choice between every MPI process reading its own "
-                           "particles (Yes) and the leader reading and sending them (No). "
-                           "The engine always memory-maps each rank's own particles; No "
-                           "passes --no_parallel_disc_io, which changes nothing.")
-        form.addParam("pooledParticles", IntParam, default=3,
-                      label="Number of pooled particles",
-                      help="RELION's particles read together per thread (--pool); the "
-                           "engine reads and processes particles in blocks of "
-                           "--block_size (256) instead.")
         form.addParam("skipPadding", BooleanParam, default=False, label="Skip padding?",
                       help="Yes: references are not padded before Fourier transforms "
                            "(--pad 1): faster and lighter, slightly less accurate "
@@ -438,11 +382,6 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       label="Copy particles to scratch directory",
                       help="A fast local folder: the particles are copied there at the "
                            "start and read from there. Empty = no copy.")
-        form.addParam("combineItersDisc", BooleanParam, default=False,
-                      label="Combine iterations through disc?",
-                      help="RELION's exchange of the MPI processes' sums through files. "
-                           "The engine always reduces over MPI; No passes "
-                           "--dont_combine_weights_via_disc, as RELION's GUI does.")
         form.addParam("doGpu", BooleanParam, default=False, label="Use GPU acceleration?",
                       help="Yes: the engine computes on the GPU with CuPy (the "
                            "plugin's [gpu] extra). Whether CuPy and a GPU are usable is "
@@ -1042,15 +981,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
     def _computeArgs(self, add, root):
         add("--pad", 1 if self.skipPadding else 2)
         add("--skip_gridding" if self.skipGridding else "--dont_skip_gridding")
-        if not self.useParallelDisk:
-            add("--no_parallel_disc_io")
-        add("--pool", int(self.pooledParticles.get()))
         if self.allParticlesRam:
             add("--preread_images")
         elif (self.scratchDir.get() or "").strip():
             add("--scratch_dir", self.scratchDir.get().strip())
-        if not self.combineItersDisc:
-            add("--dont_combine_weights_via_disc")
         if self.usesGpu():
             add("--gpu", (self.gpusToUse.get() or "").strip())
         add("--j", int(self.numberOfThreads.get() or 1))
@@ -1061,11 +995,11 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--random_seed", int(seed))
 
 
-#: The engine's flags (the option registry, the pair flags' second halves, and RELION's
-#: flags that the engine accepts without an option: Blush, disc and MPI choices).
+#: The engine's flags the form may pass (the option registry, the pair flags' second
+#: halves, and --blush, which _validate refuses while the registry lacks it).
 _ENGINE_FLAGS = (set(OPTIONS_BY_FLAG)
                  | {opt.off_flag for opt in OPTIONS_BY_FLAG.values() if opt.off_flag}
-                 | {"blush", "no_parallel_disc_io", "dont_combine_weights_via_disc"})
+                 | {"blush"})
 
 
 def _q(value):

@@ -121,3 +121,55 @@ def test_fast_subsets_needs_20_iterations():
     with pytest.raises(CryoClassError, match="--fast_subsets with --iter 19: .* at least 20"):
         _settings("--fast_subsets", "--iter", "19")
     assert _settings("--fast_subsets", "--iter", "20").fast_subsets
+
+
+# --------------------------------------------------------------------------- Class3D flags
+ONE_CLASS = ["--K", "1", "--iter", "1"]
+
+
+def test_verb_0_prints_nothing_but_writes_the_log(data, tmp_path, capsys):
+    for verb in ("0", "1"):
+        root = tmp_path / f"v{verb}" / "run"
+        capsys.readouterr()
+        assert _run(["--i", data / "particles.star", "--ref", data / "ref.mrc", "--o", root,
+                     "--verb", verb] + ONE_CLASS + COMMON) == 0
+        out = capsys.readouterr().out
+        log = open(f"{root}.log").read()
+        assert "done: 1 iterations" in log
+        assert (out == "") if verb == "0" else ("done: 1 iterations" in out)
+
+
+def test_scratch_copies_removed_unless_keep_scratch(data, tmp_path):
+    for keep in (False, True):
+        scratch = tmp_path / f"scratch_{keep}"
+        argv = ["--i", data / "particles.star", "--ref", data / "ref.mrc",
+                "--o", tmp_path / f"k{keep}" / "run", "--scratch_dir", scratch] + \
+            ONE_CLASS + [a for a in COMMON if a != "--preread_images"]
+        assert _run(argv + ["--keep_scratch"] * keep) == 0
+        left = [f for f in os.listdir(scratch) if f.endswith(".mrcs")]
+        assert len(left) == (1 if keep else 0), left
+
+
+def test_ref_angpix_overrides_the_header_and_resamples(data, tmp_path):
+    """--ref_angpix: a map whose header has a wrong pixel size is read at the given one;
+    a coarser map (twice the pixel size, half the box) is resampled to the particles'
+    grid and matches the original map at the resolution the coarse map carries."""
+    from cryoclass_plugin.engine.fourier import low_pass
+    from cryoclass_plugin.engine.options import Settings
+    from cryoclass_plugin.engine.references import check_references, read_references
+    from cryoclass_plugin.convert import resample_volume
+    truth, _ = read_map(data / "true_class001.mrc")
+    write_map(str(tmp_path / "wrong.mrc"), truth, 1.0)
+    s = Settings(ref=str(tmp_path / "wrong.mrc"), n_classes=2, ref_angpix=APIX)
+    check_references(s, BOX, APIX)
+    maps = read_references(s, BOX, APIX)
+    assert maps.shape == (2, BOX, BOX, BOX) and np.allclose(maps[0], truth, atol=1e-5)
+    coarse = resample_volume(truth, APIX, 2 * APIX, BOX // 2)
+    write_map(str(tmp_path / "coarse.mrc"), coarse, 2 * APIX)
+    s = Settings(ref=str(tmp_path / "coarse.mrc"), n_classes=1, ref_angpix=2 * APIX)
+    check_references(s, BOX, APIX)
+    back = read_references(s, BOX, APIX)[0]
+    assert back.shape == (BOX,) * 3
+    assert _correlation(back, low_pass(truth, APIX, 4.4 * APIX)) > 0.95
+    with pytest.raises(Exception, match="give --ref_angpix 11"):
+        check_references(Settings(ref=str(tmp_path / "coarse.mrc"), n_classes=1), BOX, APIX)

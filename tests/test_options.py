@@ -10,16 +10,18 @@ import pytest
 from cryoclass_plugin.commands import refine as refine_cmd
 from cryoclass_plugin.engine.errors import CryoClassError
 from cryoclass_plugin.engine.options import (CONTINUE_RULES, GROUPS, KINDS, OPTIONS,
-                                             OPTIONS_BY_FIELD, SAME, Settings,
+                                             OPTIONS_BY_FIELD, OPTIONS_BY_FLAG, SAME, Settings,
                                              resolve_automatic)
 
 PATHS = ["--i", "p.star", "--o", "out/run", "--ref", "r.mrc"]
-#: CLI flags that are not options of a run: refused (Blush, helices) or RELION's disc
-#: and MPI choices that change nothing in the engine (issue 22 checks those).
-NOT_OPTIONS = {"help", "blush", "helix", "helical_outer_diameter", "helical_nr_asu",
-               "helical_twist_initial", "helical_rise_initial", "helical_z_percentage",
-               "dont_combine_weights_via_disc", "no_parallel_disc_io", "dry_run",
-               "overwrite"}
+#: CLI flags of how ``main`` runs, not options of the run (tested in this file and in
+#: test_run_guard.py).
+RUN_MODE = {"help", "dry_run", "overwrite"}
+#: relion_refine flags that cryoclass refuses in one line.
+REFUSED = set(refine_cmd.REFUSED) | {"blush"} | set(refine_cmd.HELIX_FLAGS)
+#: CLI flags that are not options of a run: the run modes, the refused flags and the
+#: RELION flags that select what the engine always does.
+NOT_OPTIONS = RUN_MODE | REFUSED | set(refine_cmd.ALWAYS_DOES)
 HISTORY_WORDS = ("used to", "previously", "no longer", "session", "earlier version")
 
 
@@ -181,3 +183,56 @@ def test_numeric_flags_out_of_range_are_refused(flags, message):
     with pytest.raises(CryoClassError, match=message.replace("(", r"\(")):
         _settings(*flags)
     _settings()           # the defaults pass
+
+
+#: A valid value unlike the default, where "default + 1" (int) or "twice the default, or
+#: 10 when unset" (float) would not be one.
+SAMPLES = {"classify_local_order": 3, "adaptive_fraction": 0.9, "max_significant": 100,
+           "sym": "C2", "input_star": "q.star", "output_root": "out/other", "ref": "s.mrc"}
+
+
+def _sample(opt):
+    if opt.field in SAMPLES:
+        return SAMPLES[opt.field]
+    if opt.choices:
+        return next(c for c in reversed(opt.choices) if c != opt.default)
+    if opt.type is int:
+        return opt.default + 1
+    if opt.type is float:
+        return opt.default * 2 if opt.default > 0 else 10.0
+    return "x.mrc"
+
+
+def test_every_cli_flag_changes_the_settings_or_is_refused_or_documented():
+    """Walk every flag of ``cryoclass refine``: an option's flag changes the run's
+    Settings (a pair: its two flags differ), a refused flag stops the run in one line
+    that says why, a flag that selects what the engine always does leaves the Settings
+    as they are and its help says so; nothing else exists."""
+    from cryoclass_plugin.engine.errors import NotImplementedOption
+    parser = _parser()
+    base = _settings()
+    seen = set()
+    for action in parser._actions:
+        for option in (o for o in action.option_strings if o.startswith("--")):
+            name = option[2:]
+            seen.add(name)
+            if name in RUN_MODE:
+                continue
+            if name in refine_cmd.ALWAYS_DOES:
+                assert _settings(option) == base and action.help.startswith("accepted")
+            elif name in REFUSED:
+                value = [] if action.nargs == 0 else ["2"]
+                named = "--helix" if name in refine_cmd.HELIX_FLAGS else option
+                with pytest.raises(NotImplementedOption, match=f"^{named}: .*; run without"):
+                    _settings(option, *value)
+            elif name in OPTIONS_BY_FLAG and OPTIONS_BY_FLAG[name].kind == "pair":
+                opt = OPTIONS_BY_FLAG[name]
+                assert _settings(option) != _settings("--" + opt.off_flag), name
+            elif name in OPTIONS_BY_FLAG and name != "continue":   # --continue: below
+                opt = OPTIONS_BY_FLAG[name]
+                value = [] if action.nargs == 0 else [str(_sample(opt))]
+                assert _settings(option, *value) != base, name
+            else:
+                assert name == "continue" or any(
+                    o.off_flag == name for o in OPTIONS), f"{option}: not walked"
+    assert "continue" in seen and not (NOT_OPTIONS - seen)

@@ -222,14 +222,15 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
         return args[args.index(flag) + 1]
 
     for flag in ("--firstiter_cc", "--ctf", "--zero_mask", "--flatten_solvent", "--norm",
-                 "--scale", "--skip_gridding", "--dont_combine_weights_via_disc"):
+                 "--scale", "--skip_gridding"):
         assert flag in args, flag
     assert value("--K") == "2" and value("--iter") == str(ITERATIONS)
     assert value("--tau2_fudge") == "4" and value("--particle_diameter") == "180"
     assert value("--ini_high") == "30" and value("--sym") == "C1"
     assert value("--healpix_order") == "2" and value("--oversampling") == "1"
     assert value("--offset_range") == "3" and value("--offset_step") == "2"
-    assert value("--pad") == "2" and value("--pool") == "3" and value("--j") == "1"
+    assert value("--pad") == "2" and value("--j") == "1"
+    assert "--pool" not in args and "--no_parallel_disc_io" not in args
     assert value("--random_seed") == "11"
     assert value("--i").endswith("extra/input_particles.star")
     assert value("--o").endswith("extra/cryoclass")
@@ -242,12 +243,11 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
                        offsetSearchStepPix=1.5, skipPadding=True, limitResolEStep=10,
                        doBlush=True, useFastSubsets=True, allParticlesRam=True,
                        ignoreCTFUntilFirstPeak=True, doGpu=True, gpusToUse="0:1",
-                       numberOfThreads=3, skipGridding=False, combineItersDisc=True)
+                       numberOfThreads=3, skipGridding=False)
     prot.referenceMask.set(inputs["mask"])
     args = prot._getEngineArgs().split()
     assert "--firstiter_cc" not in args and "--skip_gridding" not in args
     assert "--dont_skip_gridding" in args
-    assert "--dont_combine_weights_via_disc" not in args
     assert value("--healpix_order") == "3" and value("--offset_step") == "3"
     assert value("--pad") == "1" and value("--strict_highres_exp") == "10"
     assert value("--gpu") == "0:1" and value("--j") == "3"
@@ -260,11 +260,10 @@ def test_engine_command_line_maps_relion_gui(project, inputs):
     assert value("--sigma_ang") == "3"
 
     prot = _classifier(project, inputs, doImageAlignment=False, scratchDir="/tmp/scratch",
-                       useParallelDisk=False, localAngularSearch=True)
+                       localAngularSearch=True)
     args = prot._getEngineArgs().split()
     assert "--skip_align" in args and "--healpix_order" not in args
     assert "--sigma_ang" not in args
-    assert "--no_parallel_disc_io" in args
     assert value("--scratch_dir") == "/tmp/scratch"
 
 

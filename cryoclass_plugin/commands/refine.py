@@ -27,6 +27,42 @@ HELIX_FLAGS = ("helix", "helical_outer_diameter", "helical_nr_asu", "helical_twi
 #: Attribute of the parsed flags that lists the destinations given on the command line.
 GIVEN = "given_dests"
 
+#: relion_refine flags that Class3D users set and cryoclass refuses, each with its
+#: argument (None: a switch) and why; giving one stops the run with one line.
+REFUSED = {
+    "strict_lowres_exp": (float, "RELION zeroes the E-step's reference projections below "
+                                 "this resolution; cryoclass's E-step uses every shell up "
+                                 "to its current limit"),
+    "relax_sym": (str, "symmetry relaxation (searching the symmetry-related poses of "
+                       "each particle) is not in the engine"),
+    "allow_coarser_sampling": (None, "the angular and offset sampling stay as given "
+                                     "(--healpix_order, --offset_step) in every iteration"),
+    "solvent_mask2": (str, "a second solvent mask with its own density level is not "
+                           "applied; give one --solvent_mask"),
+    "sigma_rot": (float, "the local-search prior has one width for all three angles; "
+                         "give --sigma_ang"),
+    "sigma_tilt": (float, "the local-search prior has one width for all three angles; "
+                          "give --sigma_ang"),
+    "sigma_psi": (float, "the local-search prior has one width for all three angles; "
+                         "give --sigma_ang"),
+    "free_gpu_memory": (float, "the engine takes GPU memory as it needs it (CuPy's pool) "
+                               "instead of reserving the device up front, so there is no "
+                               "reserve to leave free"),
+    "pool": (int, "particles are processed in blocks of --block_size (default 256), the "
+                  "engine's counterpart of RELION's pool; give --block_size instead"),
+    "no_parallel_disc_io": (None, "every MPI rank reads its own particles "
+                                  "(memory-mapped stacks); a leader that reads for all "
+                                  "ranks is not implemented"),
+}
+
+#: relion_refine flags accepted because they select what the engine always does.
+ALWAYS_DOES = {
+    "dont_combine_weights_via_disc": "the ranks' sums are always combined over MPI, never "
+                                     "through files",
+    "reuse_scratch": "stack copies already in --scratch_dir (same size as the stack) are "
+                     "always reused",
+}
+
 
 def _recording(base):
     """An argparse action class like ``base`` that also notes its destination in
@@ -81,12 +117,15 @@ def add_args(parser):
     helix.add_argument("--helix", action="store_true", help="helical reconstruction")
     for name in HELIX_FLAGS[1:]:
         helix.add_argument(f"--{name}", type=float, default=None)
-    comp = groups["Compute"]
-    comp.add_argument("--dont_combine_weights_via_disc", action="store_true",
-                      help="accepted for RELION compatibility (we always reduce over MPI)")
-    comp.add_argument("--no_parallel_disc_io", action="store_true",
-                      help="accepted for RELION compatibility (each rank reads its own "
-                           "particles; stacks are memory-mapped)")
+    refused = parser.add_argument_group("Refused (relion_refine flags not in cryoclass)")
+    for name, (typ, why) in REFUSED.items():
+        if typ is None:
+            refused.add_argument(f"--{name}", action="store_true", help=f"refused: {why}")
+        else:
+            refused.add_argument(f"--{name}", type=typ, default=None, help=f"refused: {why}")
+    for name, what in ALWAYS_DOES.items():
+        groups["Compute"].add_argument(f"--{name}", action="store_true",
+                                       help=f"accepted (RELION): {what}")
     groups["I/O"].add_argument(
         "--overwrite", action="store_true",
         help="replace the run already in --o (its files are removed first); without it "
@@ -106,6 +145,10 @@ def settings_from_args(args):
     if args.helix or any(getattr(args, n) is not None for n in HELIX_FLAGS[1:]):
         raise NotImplementedOption("--helix: helical processing is not implemented in "
                                    "cryoclass; run without the helical options")
+    for name, (typ, why) in REFUSED.items():
+        if getattr(args, name) not in (None, False):
+            raise NotImplementedOption(f"--{name}: not implemented in cryoclass: {why}; "
+                                       "run without it")
     if args.max_significant == -1:
         args.max_significant = None     # RELION's -1: no cap
     if args.continue_from:
@@ -201,7 +244,6 @@ def _range_problems(a):
         (a.max_significant is not None and a.max_significant < 1,
          f"--maxsig {a.max_significant}: give at least 1 sample, or -1 (or no flag) for "
          "no cap"),
-        (a.pool < 1, f"--pool {a.pool}: give at least 1"),
     )
 
 
@@ -299,7 +341,8 @@ def main(args):
     log_path = f"{settings.output_root}.log"
 
     def log(line):
-        print(line, flush=True)
+        if settings.verb > 0:
+            print(line, flush=True)
         with open(log_path, "a") as fh:
             fh.write(line + "\n")
 
@@ -325,10 +368,27 @@ def main(args):
     finally:
         if lock is not None:
             lock.release()
+    _remove_scratch_copies(ref, settings)
     if ref.comm.rank == 0:
         log(f"done: {model.iteration} iterations in {time.time() - t0:.1f} s; outputs "
             f"{settings.output_root}_it{model.iteration:03d}_*")
     return 0
+
+
+def _remove_scratch_copies(ref, settings):
+    """After a finished run, without ``--keep_scratch``: every rank (each node has its
+    own scratch disc) removes the stack copies it read from ``--scratch_dir``, once all
+    ranks are done with them."""
+    if not settings.scratch_dir or settings.keep_scratch:
+        return
+    scratch = os.path.abspath(settings.scratch_dir)
+    ref.comm.barrier()
+    for path in ref.data.images.stack_paths:
+        if os.path.dirname(os.path.abspath(path)) == scratch:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass        # another rank on this node removed it
 
 
 def _claim_output(comm, settings, overwrite):

@@ -245,14 +245,19 @@ OPTIONS = (
        group="Compute", on_continue="change", kind="switch", param="allParticlesRam"),
     _o("scratch_dir", "scratch_dir", str, "", "copy the stacks here first",
        group="Compute", on_continue="change", param="scratchDir"),
-    _o("pool", "pool", int, 1, "particles per read (RELION); the engine reads in blocks "
-       "of --block_size", group="Compute", on_continue="change", param="pooledParticles",
-       form_default=3),
+    _o("keep_scratch", "keep_scratch", bool, False,
+       "keep the copies in --scratch_dir after the run (RELION); without it they are "
+       "removed when the run ends (a run that fails keeps them for the next one)",
+       group="Compute", on_continue="change", kind="switch"),
     _o("gpu", "gpu", str, None, "use GPUs (CuPy); optional ids '0:1' one per rank",
        group="Compute", on_continue="change", kind="optional", param="gpusToUse"),
     # ---- Running (and the engine's own compute knobs)
     _o("threads", "j", int, 1, "threads (BLAS/FFT) per rank", group="Running",
        on_continue="change", param="numberOfThreads"),
+    _o("verb", "verb", int, 1,
+       "verbosity (RELION): 1 = the run's progress on the standard output; 0 = silent "
+       "there, only errors (the <--o>.log file is written either way)", group="Running",
+       on_continue="change", choices=(0, 1)),
     _o("random_seed", "random_seed", int, 0, "random seed", group="Running",
        on_continue="change", param="randomSeed"),
     _o("block_size", "block_size", int, 256, "particles per E-step block (memory bound)",
