@@ -20,6 +20,7 @@ ENV = setup_for_tests()
 
 from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes  # noqa: E402
 from pwem.protocols import ProtUserSubSet  # noqa: E402
+from pyworkflow.protocol.params import BooleanParam, FloatParam, IntParam  # noqa: E402
 
 from cryoclass_plugin import convert  # noqa: E402
 from cryoclass_plugin.protocols import (ProtCryoClassClassify3D,  # noqa: E402
@@ -292,6 +293,66 @@ def test_default_form_passes_the_registry_values(project, inputs):
         want = 3 if opt.field == "n_classes" else (
             opt.default if opt.form_default is SAME else opt.form_default)
         assert getattr(args, opt.field) == want, (opt.flag, getattr(args, opt.field), want)
+
+
+#: Form fields that act outside the engine's command line, and where that is tested.
+OUTSIDE_ARGS = {
+    "runName": "Scipion's run label", "runMode": "Scipion's resume / restart of steps",
+    "hostName": "the host that runs the job", "numberOfMpi": "runJob's MPI processes "
+    "(test_classification_with_mpi)",
+    "inputParticles": "converted to --i (test_star_written_for_the_engine)",
+    "referenceVolume": "converted to --ref (test_reference_set_each_class_starts...)",
+    "referenceMask": "converted to --solvent_mask (test_engine_command_line_maps...)",
+    "doContinue": "continue mode (test_continue_from_a_previous_run)",
+    "continueRun": "continue mode", "continueIter": "continue mode",
+    "resampleReference": "the conversion step resamples the maps "
+    "(test_validation_reference_mismatch_offers_resampling)",
+    "continueMsg": "a label", "phaseFlipNote": "a label",
+}
+#: What makes a field active in the walked form (its condition), where the default is not.
+ENABLERS = {"localAngularSearchRange": {"localAngularSearch": True},
+            "gpusToUse": {"doGpu": True}}
+#: A changed value where the generic one would not be valid.
+CHANGED = {"symmetryGroup": "C2", "gpusToUse": "0", "extraParams": "--block_size 128",
+           "scratchDir": "/tmp/cryoclass_scratch", "randomSeed": 5,
+           "numberOfClasses": 4}
+
+
+def _changed_value(param, default):
+    from pyworkflow.protocol.params import EnumParam as Enum, StringParam as String
+    if isinstance(param, BooleanParam):
+        return not default
+    if isinstance(param, Enum):
+        return (int(default) + 1) % len(param.choices)
+    if isinstance(param, IntParam):
+        return int(default) + 1
+    if isinstance(param, FloatParam):
+        return float(default) * 2 if float(default) > 0 else 10.0
+    assert not isinstance(param, String), param
+    raise AssertionError(type(param))
+
+
+def test_every_form_field_changes_the_run(project, inputs):
+    """Walk every field of the form (K = 3, so that the consensus fields are active):
+    changing it from its default changes the engine's command line or the form's
+    validation, unless it is one of the documented fields that act elsewhere."""
+    def state(prot):
+        return prot._getEngineArgs(), "\n".join(prot.validate())
+
+    base = {"numberOfClasses": 3, "initialClasses": 2}
+    walked = set()
+    for name, param in ProtCryoClassClassify3D()._definition.iterAllParams():
+        walked.add(name)
+        if name in OUTSIDE_ARGS:
+            continue
+        kwargs = dict(base, **ENABLERS.get(name, {}))
+        before = _classifier(project, inputs, **kwargs)
+        value = CHANGED[name] if name in CHANGED else \
+            _changed_value(param, getattr(before, name).get())
+        after = _classifier(project, inputs, **dict(kwargs, **{name: value}))
+        assert after.evalParamCondition(name), name
+        assert state(before) != state(after), name
+    assert set(OUTSIDE_ARGS) <= walked
 
 
 # --------------------------------------------------------------------------- validation
