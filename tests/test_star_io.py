@@ -526,3 +526,14 @@ def test_result_reader_maps_rows_by_image_across_folders(tmp_path, monkeypatch):
     assert reader.ssnr_curve(1)[1].size == 0
     df, optics = convert.read_particle_table(str(data))
     assert len(df) == 4 and optics is not None and convert.read_star is star_io.read_star
+
+
+def test_error_optics_without_pixel_size_names_the_column(tmp_path):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 2)
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, star_io.optics_group_table(APIX, BOX).drop(
+        columns="rlnImagePixelSize"), particles_31(2))
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star)
+    assert_one_line_naming(err, str(star), "data_optics", "rlnImagePixelSize")
+    assert "--angpix" not in str(err.value)
