@@ -537,3 +537,13 @@ def test_error_optics_without_pixel_size_names_the_column(tmp_path):
         star_io.read_particles(star)
     assert_one_line_naming(err, str(star), "data_optics", "rlnImagePixelSize")
     assert "--angpix" not in str(err.value)
+
+
+def test_mrc_io_does_not_import_star_io():
+    # star_io reads stack headers through mrc_io; the reverse import would be a cycle
+    import ast
+    tree = ast.parse(open(mrc_io.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names} | {node.module or "" for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom)}
+    assert not any("star_io" in name for name in imported), imported
