@@ -168,3 +168,21 @@ def test_sigterm_ends_the_run_with_a_message_and_continue_works(tiny, tmp_path):
     from cryoclass_plugin import cli
     assert cli.main(["refine", "--continue", f"{root}_it{last:03d}_optimiser.star",
                      "--iter", str(last + 1)]) == 0
+
+
+def test_an_output_data_star_is_the_next_runs_input(tiny, tmp_path, monkeypatch):
+    """Run in a working directory that is neither the data's folder nor the output's;
+    the next run reads the first run's data.star from there (paths as RELION writes
+    them: relative to the working directory)."""
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert _refine(tiny, "Class3D/job001/run") == 0
+    star = "Class3D/job001/run_it001_data.star"
+    names = open(star).read()
+    assert os.path.relpath(str(tiny / "particles.mrcs")) in names
+    from cryoclass_plugin import cli
+    assert cli.main(["refine", "--i", star, "--ref", str(tiny / "ref.mrc"), "--o",
+                     "Class3D/job002/run", "--iter", "1", "--healpix_order", "0",
+                     "--offset_range", "0", "--j", "1"]) == 0
+    assert os.path.exists("Class3D/job002/run_it001_data.star")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .mrc_io import write_map
-from .star_io import write_particles, write_star
+from .star_io import output_image_names, write_particles, write_star
 
 
 def iteration_root(root, iteration):
@@ -105,6 +105,9 @@ def _data_table(model, table):
     for col in ("rlnOriginX", "rlnOriginY"):
         if col in df.columns:
             df = df.drop(columns=col)
+    # Names that resolve from the folder the job runs in (RELION's convention), so
+    # that every data.star is a valid input to the next job run from there.
+    df["rlnImageName"] = output_image_names(table)
     df["rlnAngleRot"] = model.part_eulers[:, 0]
     df["rlnAngleTilt"] = model.part_eulers[:, 1]
     df["rlnAnglePsi"] = model.part_eulers[:, 2]
