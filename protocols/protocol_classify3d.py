@@ -11,7 +11,7 @@ import os
 import re
 import shlex
 
-from pyworkflow.constants import PROD
+from pyworkflow.constants import BETA
 from pyworkflow.object import Float, Integer, String
 from pyworkflow.protocol.constants import LEVEL_ADVANCED
 from pyworkflow.protocol.params import (BooleanParam, EnumParam, FloatParam, IntParam,
@@ -62,7 +62,7 @@ class ProtCryoClassClassify3D(ProtClassify3D):
     reference map (strongly low-pass filtered) and, optionally, a mask.
     """
     _label = "cryoclass - 3D classification"
-    _devStatus = PROD
+    _devStatus = BETA       # a new engine, until its real-size and Blush checks land
     _possibleOutputs = {"outputClasses": SetOfClasses3D, "outputVolumes": SetOfVolumes}
 
     # ------------------------------------------------------------------ form
@@ -675,30 +675,16 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         return summary
 
     def _methods(self):
+        """What ran, from the settings the engine saved with the last iteration (its
+        automatic choices resolved) and the merges its log records."""
         if not hasattr(self, "outputClasses"):
             return []
-        sampling = ANGULAR_SAMPLING_LIST[self.angularSamplingDeg.get()]
-        text = ("We classified %d particles into %d 3D classes with cryoclass, a "
-                "re-implementation of RELION's empirical Bayesian 3D classification "
-                "[Scheres2012a, Scheres2012b], running %d iterations with "
-                "regularisation parameter T=%g, a %g A mask diameter"
-                % (self._countInput(), self._getK(), self._totalIterations(),
-                   self.regularisationParamT.get(), self.maskDiameterA.get()))
-        if not self.doContinue:
-            text += (", symmetry %s and a reference low-pass filtered to %g A"
-                     % (self.symmetryGroup.get(), self.initialLowPassFilterA.get()))
-        if self.doImageAlignment:
-            text += (", %s degree angular sampling and %g pixel translational range"
-                     % (sampling, self.offsetSearchRangePix.get()))
-        else:
-            text += ", without image alignment"
-        text += "."
-        if self.doBlush:
-            text += " Blush regularisation [Kimanius2024] was used."
-        text += " Class sizes: %s." % ", ".join(
-            "class %d, %d particles" % (c.getObjId(), c.getSize())
-            for c in self.outputClasses.iterItems(orderBy="id"))
-        return [text]
+        it = self._lastIter()
+        settings = _saved_settings(self._getFileName("output_root") + "_it%03d_state.npz"
+                                   % it)
+        sizes = [c.getSize() for c in self.outputClasses.iterItems(orderBy="id")]
+        merges = _merge_lines(self._getFileName("output_root") + ".log")
+        return [methods_text(settings, self._countInput(), sizes, merges)]
 
     def _citations(self):
         cites = ["Scheres2010", "Scheres2012a", "Scheres2012b"]
@@ -1000,6 +986,118 @@ class ProtCryoClassClassify3D(ProtClassify3D):
 _ENGINE_FLAGS = (set(OPTIONS_BY_FLAG)
                  | {opt.off_flag for opt in OPTIONS_BY_FLAG.values() if opt.off_flag}
                  | {"blush"})
+
+
+def _saved_settings(state_path):
+    """The resolved engine settings stored in an iteration's state file."""
+    import json
+    import numpy as np
+    from ..engine.options import Settings
+    with np.load(state_path, allow_pickle=False) as z:
+        saved = json.loads(str(z["__settings__"]))
+    names = {f for f in Settings.__dataclass_fields__}
+    return Settings(**{k: v for k, v in saved.items() if k in names}).resolved()
+
+
+def _merge_lines(log_path):
+    """The engine log's merge decisions ("class 4 joins class 2"), in order."""
+    if not os.path.exists(log_path):
+        return []
+    with open(log_path) as fh:
+        return [m.group(1) for m in (re.match(r"merge: (class \d+ joins class \d+)", line)
+                                     for line in fh) if m]
+
+
+def methods_text(s, n_particles, class_sizes, merges=()):
+    """A methods paragraph for the run with (resolved) settings ``s``: RELION's
+    algorithm where RELION's start was chosen, cryoclass's own steps (consensus start,
+    merge test, local searches after the split, shared-consensus references, automatic
+    mask, EM tau2 update) where they ran."""
+    K = s.n_classes
+    consensus = s.init_classes in ("consensus", "pca") and K > 1
+    several = str(s.ref).lower().endswith(".star")
+    step = 60.0 / 2 ** (s.healpix_order + s.oversampling)
+    parts = ["We classified %d particles into %d 3D classes with cryoclass, %s, running "
+             "%d iterations with regularisation parameter T=%g, a %g A mask diameter and "
+             "symmetry %s." % (
+                 n_particles, K,
+                 "a re-implementation of RELION's empirical Bayesian 3D classification "
+                 "[Scheres2012a, Scheres2012b]" if not consensus else
+                 "which combines RELION's empirical Bayesian expectation-maximisation "
+                 "[Scheres2012a, Scheres2012b] with its own start and class-separation "
+                 "steps described below",
+                 s.n_iter, s.tau2_fudge, s.particle_diameter, s.sym)]
+    ref = ("%d reference maps, one per class," % K) if several else "one reference map"
+    parts.append("The classes started from %s %s%s." % (
+        ref, "low-pass filtered to %g A" % s.ini_high if s.ini_high > 0 else "(unfiltered)",
+        ", scored by cross-correlation in the first iteration (reference "
+        "not on absolute greyscale)" if s.firstiter_cc else ""))
+    parts.append(_methods_start(s, K, consensus, several, step))
+    parts.append(_methods_references(s, consensus, merges))
+    parts.append("Class sizes: %s." % "; ".join(
+        "class %d, %d particles" % (k, n) for k, n in enumerate(class_sizes, start=1)))
+    return " ".join(p for p in parts if p)
+
+
+def _methods_start(s, K, consensus, several, step):
+    """How classes started and how orientations were searched."""
+    search = ("without image alignment (input poses kept)" if s.skip_align else
+              "%s orientation searches at %g degrees and translations within %g pixels"
+              % ("local (prior sigma %g deg)" % s.sigma_ang if s.sigma_ang > 0 else "global",
+                 step, s.offset_range))
+    if not consensus:
+        how = ("each class from its own map, with no random seeds (RELION's behaviour for "
+               "several references)" if several else
+               "random class assignments in the first iteration (RELION's start)"
+               if K > 1 and s.init_classes == "relion" else
+               "the input class assignments" if K > 1 else "one class")
+        return "As in RELION, the run started from %s, with %s." % (how, search)
+    split = ("k-means clustering of the particles along the top %d principal directions "
+             "of 3D variability" % (K - 1) if s.init_classes == "pca" else
+             "the best of %d fixed-pose classifications from random partitions"
+             % s.restarts)
+    local = ("searched orientations locally around the consensus poses (prior sigma %g "
+             "deg, HEALPix order %d)" % (s.classify_local_sigma, s.classify_local_order
+                                          if s.classify_local_order >= 0
+                                          else s.healpix_order + 1)
+             if s.classify_local_sigma > 0 and not s.skip_align else "searched globally")
+    return ("Unlike RELION, all particles were first aligned to one consensus map for %d "
+            "iterations (%s, the last %d local; up to %d more global ones while the poses "
+            "still moved by more than the angular step), the classes were then started by "
+            "%s at %g A, %d fixed-pose iterations classified them at %g A, and the full "
+            "expectation-maximisation iterations %s." % (
+                s.consensus_iter, search, s.consensus_local_iter, s.consensus_extra_iter,
+                split, s.restart_highres, s.classify_fixed_iter, s.classify_fixed_highres,
+                local))
+
+
+def _methods_references(s, consensus, merges):
+    """The merge test, the E-step references, the mask and the tau2 update."""
+    text = []
+    if consensus and s.merge_threshold > 0:
+        text.append("After the fixed-pose iterations a held-out test merged two classes "
+                    "when their split paid back less than %g of a random split's cost (%s)."
+                    % (s.merge_threshold, "; ".join(merges) if merges else "no merge"))
+    if consensus and s.class_difference_highres > 0:
+        text.append("The references of the expectation step shared the consensus map (%s) "
+                    "beyond %g A and where the classes did not differ; the reported class "
+                    "maps are plain reconstructions." % (
+                        "reconstructed from all particles" if s.joint_consensus else
+                        "the class-weighted mean of the class maps",
+                        s.class_difference_highres))
+    if s.solvent_mask:
+        text.append("The references were masked with a user-provided solvent mask.")
+    elif s.auto_mask_sigma > 0:
+        text.append("The expectation-step references were masked around their density "
+                    "(%g robust standard deviations above the solvent of the 15 A "
+                    "low-passed mean map)." % s.auto_mask_sigma)
+    elif s.flatten_solvent:
+        text.append("The references were masked with a soft sphere of the mask diameter.")
+    text.append("The signal spectra (tau2) were updated %s." % (
+        "by the exact expectation-maximisation update (the maps' power spectra plus their "
+        "posterior variance)" if s.tau2_estimate == "em" else
+        "as in RELION (power spectra of the solvent-flattened maps)"))
+    return " ".join(text)
 
 
 def _q(value):

@@ -355,6 +355,35 @@ def test_every_form_field_changes_the_run(project, inputs):
     assert set(OUTSIDE_ARGS) <= walked
 
 
+def test_methods_state_what_ran_for_both_starts():
+    from cryoclass_plugin.engine.options import Settings
+    from cryoclass_plugin.protocols.protocol_classify3d import methods_text
+    relion = methods_text(Settings(ref="r.mrc", n_classes=3, firstiter_cc=True, ini_high=30,
+                                   particle_diameter=180, flatten_solvent=True).resolved(),
+                          150, [50, 60, 40])
+    assert "a re-implementation of RELION's" in relion
+    assert "random class assignments in the first iteration (RELION's start)" in relion
+    assert "global orientation searches at 7.5 degrees" in relion
+    assert "cross-correlation in the first iteration" in relion
+    assert "as in RELION (power spectra" in relion and "soft sphere" in relion
+    for ours in ("Unlike RELION", "held-out", "consensus map", "expectation-maximisation "
+                 "update", "around their density"):
+        assert ours not in relion, ours
+    pca = methods_text(Settings(ref="r.mrc", n_classes=4, init_classes="pca").resolved(),
+                       150, [50, 60, 40, 0], merges=["class 4 joins class 2"])
+    for ours in ("Unlike RELION, all particles were first aligned to one consensus map for "
+                 "5 iterations", "k-means clustering of the particles along the top 3 "
+                 "principal directions", "8 fixed-pose iterations", "locally around the "
+                 "consensus poses (prior sigma 5 deg, HEALPix order 3)",
+                 "held-out test merged", "(class 4 joins class 2)",
+                 "shared the consensus map (reconstructed from all particles) beyond 18 A",
+                 "around their density (3 robust", "exact expectation-maximisation update",
+                 "class 4, 0 particles"):
+        assert ours in pca, ours
+    several = methods_text(Settings(ref="refs.star", n_classes=2).resolved(), 150, [70, 80])
+    assert "2 reference maps, one per class" in several and "no random seeds" in several
+
+
 # --------------------------------------------------------------------------- validation
 def _errors(prot):
     return "\n".join(prot.validate())
@@ -619,6 +648,13 @@ def test_classification_with_mpi(classified, inputs):
 
 
 @needs_engine
+def test_methods_of_a_finished_run(classified):
+    text = classified._methods()[0]
+    assert "k-means clustering" in text and "Class sizes: class 1" in text
+    from pyworkflow.constants import BETA
+    assert classified._devStatus == BETA
+
+
 def test_classification_sources_are_recorded(project, classified, inputs):
     parents = {o.getObjId() for o in project.getSourceParents(classified.outputClasses)}
     assert inputs["particles"].getObjId() in parents
