@@ -66,6 +66,7 @@ Everything is deterministic for a seed (noise is drawn per fixed batch of partic
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -457,24 +458,83 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     (log-normal spreads, default 0 = none) vary each particle's image intensity / each
     micrograph's signal scale (module docstring).
     """
-    from .mrc_io import StackWriter, write_map
-    from .star_io import optics_group_table, write_particles, write_star
-
     t_start = time.time()
     box, n, n_classes = int(box), int(n), int(n_classes)
     apix, snr = float(apix), float(snr)
+    _check_arguments(box, n, n_classes, snr, norm_spread, scale_spread)
+    sigma_a = max(2.0, 0.6 * apix) if sigma_a is None else float(sigma_a)
+    log = log or (lambda msg: None)
+    os.makedirs(out_dir, exist_ok=True)
+    t = _draw_truth(n, box, apix, n_classes, seed, class_fractions, n_micrographs,
+                    max_shift_px, defocus_range, astigmatism_max, hinge_deg, poses,
+                    origins_px, float(norm_spread), float(scale_spread))
+    optics = dict(voltage=voltage, cs=cs, q0=q0)
+    stack_path = os.path.join(out_dir, "particles.mrcs")
+    images = _write_images(stack_path, t, box, apix, snr, seed, apply_ctf, optics, sigma_a,
+                           oversampling)
+    accuracy, accuracy_25, confusion = _oracle_accuracy(t, images)
+    map_paths, ref_path = _write_maps(out_dir, t, box, apix, sigma_a, oversampling,
+                                      images.scale)
+    star_path, truth_path = _write_tables(out_dir, t, box, apix, apply_ctf, optics)
+    seconds = time.time() - t_start
+    summary = {
+        "oracle_accuracy": accuracy, "oracle_accuracy_25A": accuracy_25,
+        "snr": snr if images.noisy else "inf", "n": n, "classes": n_classes,
+        "seed": int(seed), "class_sizes": [int(s) for s in t.sizes], "box": box,
+        "apix": apix, "oracle_confusion": confusion.tolist(),
+        "signal_scale": images.scale, "noise_sigma": 1.0 if images.noisy else 0.0,
+        "ctf": bool(apply_ctf), "hinge_deg": float(hinge_deg), "sigma_A": sigma_a,
+        "seconds": round(seconds, 2),
+    }
+    summary_path = _write_summary(out_dir, summary, t, norm_spread, scale_spread)
+    log(f"simulated {n} particles ({box} px, {apix:g} A/px, SNR {snr:g}, {n_classes} "
+        f"classes) in {seconds:.1f} s; oracle accuracy {accuracy:.4f} "
+        f"(<= {LOWRES_ORACLE_A:g} A: {accuracy_25:.4f})")
+    return {
+        "particles_star": star_path, "particles_mrcs": stack_path, "ref": ref_path,
+        "true_maps": map_paths, "truth_star": truth_path, "summary": summary_path,
+        "oracle_accuracy": accuracy, "oracle_accuracy_25A": accuracy_25,
+        "class_sizes": [int(s) for s in t.sizes], "signal_scale": images.scale,
+        "seconds": seconds,
+    }
+
+
+def _check_arguments(box, n, n_classes, snr, norm_spread, scale_spread):
     if box % 2 or box < 16:
         raise CryoClassError(f"--box {box}: use an even box of at least 16 pixels")
     if n < 1 or n_classes < 1:
         raise CryoClassError(f"--n {n} --classes {n_classes}: both must be >= 1")
     if not snr > 0:
         raise CryoClassError(f"--snr {snr:g}: must be > 0 (use inf for noise-free images)")
-    sigma_a = max(2.0, 0.6 * apix) if sigma_a is None else float(sigma_a)
-    log = log or (lambda msg: None)
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng([int(seed), 0])
+    if float(norm_spread) < 0 or float(scale_spread) < 0:
+        raise CryoClassError(f"--norm_spread {float(norm_spread):g} --scale_spread "
+                             f"{float(scale_spread):g}: give spreads >= 0")
 
-    # Ground truth -------------------------------------------------------------------
+
+@dataclass
+class _Truth:
+    """The drawn ground truth of a data set (one row per particle where indexed)."""
+    atoms: list             # per class: (positions, weights) of its pseudo-residues
+    pieces: list            # shared pieces of the classes and which class holds each
+    membership: np.ndarray
+    sizes: np.ndarray       # particles per class
+    classes: np.ndarray     # (n,) true class, 0-based
+    eulers: np.ndarray      # (n, 3) degrees
+    origin_px: np.ndarray   # (n, 2) pixels, RELION's sign
+    defocus_u: np.ndarray
+    defocus_v: np.ndarray
+    defocus_angle: np.ndarray
+    micrograph: np.ndarray  # (n,) micrograph index
+    n_micrographs: int
+    norm_factor: object     # (n,) or None
+    group_scale: object     # (n_micrographs,) or None
+
+
+def _draw_truth(n, box, apix, n_classes, seed, class_fractions, n_micrographs, max_shift_px,
+                defocus_range, astigmatism_max, hinge_deg, poses, origins_px, norm_spread,
+                scale_spread):
+    """Classes, poses, CTFs and intensity factors, from fixed random streams."""
+    rng = np.random.default_rng([int(seed), 0])
     domains, R = phantom_domains(box, apix, seed)
     variants = class_variants(n_classes, hinge_deg)
     atoms = [class_atoms(domains, R, v) for v in variants]
@@ -489,14 +549,9 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         origin_px = np.asarray(origins_px, dtype=np.float64).reshape(n, 2)
     defocus = rng.uniform(defocus_range[0], defocus_range[1], n)
     astig = rng.uniform(0.0, astigmatism_max, n)
-    defocus_u, defocus_v = defocus + astig / 2, defocus - astig / 2
     defocus_angle = rng.uniform(-180.0, 180.0, n)
     micrograph = (np.arange(n) * n_micrographs) // n
     # Intensity variation, each from its own stream (the default output is unchanged).
-    norm_spread, scale_spread = float(norm_spread), float(scale_spread)
-    if norm_spread < 0 or scale_spread < 0:
-        raise CryoClassError(f"--norm_spread {norm_spread:g} --scale_spread {scale_spread:g}: "
-                             "give spreads >= 0")
     norm_factor = group_scale = None
     if norm_spread > 0:
         z = np.random.default_rng([int(seed), 11]).standard_normal(n)
@@ -506,160 +561,195 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         group_scale = np.exp(scale_spread * np.random.default_rng(
             [int(seed), 13]).standard_normal(int(n_micrographs)))
         group_scale /= group_scale[micrograph].mean()
-    matrices = euler_to_matrix(eulers[:, 0], eulers[:, 1], eulers[:, 2])
+    return _Truth(atoms=atoms, pieces=pieces, membership=membership, sizes=sizes,
+                  classes=classes, eulers=eulers, origin_px=origin_px,
+                  defocus_u=defocus + astig / 2, defocus_v=defocus - astig / 2,
+                  defocus_angle=defocus_angle, micrograph=micrograph,
+                  n_micrographs=int(n_micrographs), norm_factor=norm_factor,
+                  group_scale=group_scale)
 
+
+@dataclass
+class _ImageStatistics:
+    """The oracle's sufficient statistics (pass 1 of :func:`_write_images`) and the
+    signal scale: with image = s P_t + noise, the squared residual against class c
+    exceeds the one against the true class t by s^2 D + 2 s E, with D = |P_t - P_c|^2
+    and E = <noise, P_t - P_c> (``D25``, ``E25``: the same below
+    ``LOWRES_ORACLE_A``)."""
+    D: np.ndarray
+    E: np.ndarray
+    D25: np.ndarray
+    E25: np.ndarray
+    scale: float
+    noisy: bool
+
+
+def _write_images(stack_path, t, box, apix, snr, seed, apply_ctf, optics, sigma_a,
+                  oversampling):
+    """Pass 1 writes the noise-free images (unit scale) and scores them for the oracle;
+    pass 2 scales the signal to ``snr`` and adds the same noise."""
+    from .mrc_io import StackWriter
+    n, n_classes = len(t.classes), len(t.atoms)
     k = (np.arange(box) - box // 2) / (box * apix)
     ky_a, kx_a = np.meshgrid(k, k, indexing="ij")
     kr = np.sqrt(kx_a ** 2 + ky_a ** 2) * box * apix
     lowres_idx = np.flatnonzero(kr.ravel() < box * apix / LOWRES_ORACLE_A)
-
-    # Pass 1: noise-free images (unit scale) and the oracle's sufficient statistics.
-    # With image = s P_t + noise, the squared residual against class c exceeds the one
-    # against the true class t by s^2 |P_t - P_c|^2 + 2 s <noise, P_t - P_c>, so storing
-    # D = |P_t - P_c|^2 and E = <noise, P_t - P_c> lets us score any scale s afterwards.
-    stack_path = os.path.join(out_dir, "particles.mrcs")
-    D = np.zeros((n, n_classes))
-    E = np.zeros((n, n_classes))
-    D25 = np.zeros((n, n_classes))
-    E25 = np.zeros((n, n_classes))
+    matrices = euler_to_matrix(t.eulers[:, 0], t.eulers[:, 1], t.eulers[:, 2])
+    stats = _ImageStatistics(D=np.zeros((n, n_classes)), E=np.zeros((n, n_classes)),
+                             D25=np.zeros((n, n_classes)), E25=np.zeros((n, n_classes)),
+                             scale=1.0, noisy=bool(np.isfinite(snr)))
     signal_var = np.zeros(n)
-    noisy = np.isfinite(snr)
     with StackWriter(stack_path, n, box, apix) as stack:
         for b0 in range(0, n, BATCH):
             sel = np.arange(b0, min(n, b0 + BATCH))
-            mod = shift_phase(box, origin_px[sel])
+            mod = shift_phase(box, t.origin_px[sel])
             if apply_ctf:
-                mod = mod * ctf_values(kx_a[None], ky_a[None], defocus_u[sel, None, None],
-                                       defocus_v[sel, None, None],
-                                       defocus_angle[sel, None, None], voltage, cs, q0)
-            spectra = project_atoms_ft([p for p, _ in pieces], [w for _, w in pieces],
+                mod = mod * ctf_values(kx_a[None], ky_a[None], t.defocus_u[sel, None, None],
+                                       t.defocus_v[sel, None, None],
+                                       t.defocus_angle[sel, None, None], optics["voltage"],
+                                       optics["cs"], optics["q0"])
+            spectra = project_atoms_ft([p for p, _ in t.pieces], [w for _, w in t.pieces],
                                        matrices[sel], box, apix, sigma_a, oversampling,
-                                       membership)
+                                       t.membership)
             spectra *= mod[:, None]                               # (B, C, N, N)
-            rows = np.arange(len(sel))
-            true_c = classes[sel]
-            f_true = spectra[rows, true_c]
+            f_true = spectra[np.arange(len(sel)), t.classes[sel]]
             p_true = ifft_centered(f_true, axes=(1, 2)).real
             stack.data[sel[0]:sel[-1] + 1] = p_true
             signal_var[sel] = p_true.reshape(len(sel), -1).var(axis=1)
-            # Parseval with unnormalised transforms: sum_x |p|^2 = sum_k |P|^2 / N^2.
-            fdiff = (f_true[:, None] - spectra).reshape(len(sel), n_classes, -1)
-            power = fdiff.real ** 2 + fdiff.imag ** 2
-            D[sel] = power.sum(axis=2) / box ** 2
-            D25[sel] = power[:, :, lowres_idx].sum(axis=2) / box ** 2
-            if noisy:
-                fnoise = np.conj(fft_centered(_batch_noise(seed, b0, len(sel), box),
-                                              axes=(1, 2))).reshape(len(sel), 1, -1)
-                cross = (fnoise * fdiff).real / box ** 2
-                E[sel] = cross.sum(axis=2)
-                E25[sel] = cross[:, :, lowres_idx].sum(axis=2)
+            _score_batch(stats, sel, f_true, spectra, lowres_idx, seed, b0, box)
         mean_var = float(signal_var.mean())
         if not mean_var > 0:
             raise CryoClassError("simulated images have no signal; increase --box or --apix")
-        scale = float(np.sqrt((snr if noisy else 1.0) / mean_var))
-        # Pass 2: scale the signal and add the same noise.
-        for b0 in range(0, n, BATCH):
-            b1 = min(n, b0 + BATCH)
-            block = np.asarray(stack.data[b0:b1], dtype=np.float64) * scale
-            if group_scale is not None:
-                block *= group_scale[micrograph[b0:b1]][:, None, None]
-            if noisy:
-                block += _batch_noise(seed, b0, b1 - b0, box)
-            if norm_factor is not None:
-                block *= norm_factor[b0:b1][:, None, None]
-            stack.data[b0:b1] = block.astype(np.float32)
+        stats.scale = float(np.sqrt((snr if stats.noisy else 1.0) / mean_var))
+        _scale_and_add_noise(stack, t, stats, seed, box)
+    return stats
 
-    def oracle(dd, ee):
-        """Oracle labels: the class of least residual (the true class scores 0)."""
-        if group_scale is None:
-            margin = scale * scale * dd + 2.0 * scale * ee
+
+def _score_batch(stats, sel, f_true, spectra, lowres_idx, seed, b0, box):
+    """The oracle's D and E of one batch (Parseval with unnormalised transforms:
+    sum_x |p|^2 = sum_k |P|^2 / N^2)."""
+    n_classes = spectra.shape[1]
+    fdiff = (f_true[:, None] - spectra).reshape(len(sel), n_classes, -1)
+    power = fdiff.real ** 2 + fdiff.imag ** 2
+    stats.D[sel] = power.sum(axis=2) / box ** 2
+    stats.D25[sel] = power[:, :, lowres_idx].sum(axis=2) / box ** 2
+    if stats.noisy:
+        fnoise = np.conj(fft_centered(_batch_noise(seed, b0, len(sel), box),
+                                      axes=(1, 2))).reshape(len(sel), 1, -1)
+        cross = (fnoise * fdiff).real / box ** 2
+        stats.E[sel] = cross.sum(axis=2)
+        stats.E25[sel] = cross[:, :, lowres_idx].sum(axis=2)
+
+
+def _scale_and_add_noise(stack, t, stats, seed, box):
+    """Pass 2: the signal times the scale (and the micrograph's factor), plus the noise
+    pass 1 scored, all times the particle's norm factor."""
+    n = len(t.classes)
+    for b0 in range(0, n, BATCH):
+        b1 = min(n, b0 + BATCH)
+        block = np.asarray(stack.data[b0:b1], dtype=np.float64) * stats.scale
+        if t.group_scale is not None:
+            block *= t.group_scale[t.micrograph[b0:b1]][:, None, None]
+        if stats.noisy:
+            block += _batch_noise(seed, b0, b1 - b0, box)
+        if t.norm_factor is not None:
+            block *= t.norm_factor[b0:b1][:, None, None]
+        stack.data[b0:b1] = block.astype(np.float32)
+
+
+def _oracle_accuracy(t, stats):
+    """Accuracy of the least-residual class (all frequencies, and below 25 A) and the
+    confusion matrix (true class x oracle class)."""
+    n, n_classes = stats.D.shape
+
+    def labels(dd, ee):
+        if t.group_scale is None:
+            margin = stats.scale * stats.scale * dd + 2.0 * stats.scale * ee
         else:
             # Each particle's signal scale; a norm factor scales signal and noise alike
             # and cancels from the comparison.
-            s_i = (scale * group_scale[micrograph])[:, None]
+            s_i = (stats.scale * t.group_scale[t.micrograph])[:, None]
             margin = s_i * s_i * dd + 2.0 * s_i * ee
-        margin[np.arange(n), classes] = 0.0
+        margin[np.arange(n), t.classes] = 0.0
         return np.argmin(margin, axis=1)
 
-    oracle_labels, oracle_labels_25 = oracle(D, E), oracle(D25, E25)
-    accuracy = float(np.mean(oracle_labels == classes))
-    accuracy_25 = float(np.mean(oracle_labels_25 == classes))
+    oracle_labels, oracle_labels_25 = labels(stats.D, stats.E), labels(stats.D25, stats.E25)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (classes, oracle_labels), 1)
+    np.add.at(confusion, (t.classes, oracle_labels), 1)
+    return (float(np.mean(oracle_labels == t.classes)),
+            float(np.mean(oracle_labels_25 == t.classes)), confusion)
 
-    # Maps ----------------------------------------------------------------------------
-    true_maps = [atoms_to_map(p, w, box, apix, sigma_a, oversampling) * scale for p, w in atoms]
+
+def _write_maps(out_dir, t, box, apix, sigma_a, oversampling, scale):
+    """``true_classKKK.mrc`` (on the images' greyscale) and ``ref.mrc`` (their
+    class-size-weighted mean low-passed to ``REF_LOWPASS_A``)."""
+    from .mrc_io import write_map
+    n = len(t.classes)
+    true_maps = [atoms_to_map(p, w, box, apix, sigma_a, oversampling) * scale
+                 for p, w in t.atoms]
     map_paths = []
     for c, vol in enumerate(true_maps):
         path = os.path.join(out_dir, f"true_class{c + 1:03d}.mrc")
         write_map(path, vol, apix)
         map_paths.append(path)
-    consensus = sum(vol * (size / n) for vol, size in zip(true_maps, sizes))
+    consensus = sum(vol * (size / n) for vol, size in zip(true_maps, t.sizes))
     ref = low_pass(consensus.astype(np.float32), apix, REF_LOWPASS_A)
     ref_path = os.path.join(out_dir, "ref.mrc")
     write_map(ref_path, ref, apix)
+    return map_paths, ref_path
 
-    # Tables ----------------------------------------------------------------------------
-    optics = optics_group_table(apix, box, voltage=voltage, cs=cs, q0=q0)
+
+def _write_tables(out_dir, t, box, apix, apply_ctf, optics):
+    """``particles.star`` (what a user gets) and ``truth.star`` (plus the truth)."""
+    from .star_io import optics_group_table, write_particles, write_star
+    n = len(t.classes)
+    optics_df = optics_group_table(apix, box, voltage=optics["voltage"], cs=optics["cs"],
+                                   q0=optics["q0"])
     particles = pd.DataFrame({
         "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)],
-        "rlnMicrographName": [_micrograph_name(m) for m in micrograph],
-        "rlnDefocusU": defocus_u if apply_ctf else np.zeros(n),
-        "rlnDefocusV": defocus_v if apply_ctf else np.zeros(n),
-        "rlnDefocusAngle": defocus_angle if apply_ctf else np.zeros(n),
+        "rlnMicrographName": [_micrograph_name(m) for m in t.micrograph],
+        "rlnDefocusU": t.defocus_u if apply_ctf else np.zeros(n),
+        "rlnDefocusV": t.defocus_v if apply_ctf else np.zeros(n),
+        "rlnDefocusAngle": t.defocus_angle if apply_ctf else np.zeros(n),
         "rlnOpticsGroup": np.ones(n, dtype=np.int64),
     })
     if not apply_ctf:
         particles = particles.drop(columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"])
     star_path = os.path.join(out_dir, "particles.star")
-    write_particles(star_path, optics, particles)
+    write_particles(star_path, optics_df, particles)
     truth = particles.copy()
-    truth["rlnClassNumber"] = classes + 1
-    truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"] = eulers.T
-    truth["rlnOriginXAngst"] = origin_px[:, 0] * apix
-    truth["rlnOriginYAngst"] = origin_px[:, 1] * apix
-    truth_blocks = {"optics": optics, "particles": truth}
-    if norm_factor is not None:
-        truth["rlnNormCorrection"] = norm_factor
-    if group_scale is not None:
+    truth["rlnClassNumber"] = t.classes + 1
+    truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"] = t.eulers.T
+    truth["rlnOriginXAngst"] = t.origin_px[:, 0] * apix
+    truth["rlnOriginYAngst"] = t.origin_px[:, 1] * apix
+    truth_blocks = {"optics": optics_df, "particles": truth}
+    if t.norm_factor is not None:
+        truth["rlnNormCorrection"] = t.norm_factor
+    if t.group_scale is not None:
         truth_blocks["groups"] = pd.DataFrame({
-            "rlnMicrographName": [_micrograph_name(m) for m in range(int(n_micrographs))],
-            "rlnGroupScaleCorrection": group_scale,
-            "rlnGroupNrParticles": np.bincount(micrograph, minlength=int(n_micrographs)),
+            "rlnMicrographName": [_micrograph_name(m) for m in range(t.n_micrographs)],
+            "rlnGroupScaleCorrection": t.group_scale,
+            "rlnGroupNrParticles": np.bincount(t.micrograph, minlength=t.n_micrographs),
         })
     truth_path = os.path.join(out_dir, "truth.star")
     write_star(truth_path, truth_blocks)
+    return star_path, truth_path
 
-    seconds = time.time() - t_start
-    summary = {
-        "oracle_accuracy": accuracy, "oracle_accuracy_25A": accuracy_25,
-        "snr": snr if noisy else "inf", "n": n, "classes": n_classes, "seed": int(seed),
-        "class_sizes": [int(s) for s in sizes], "box": box, "apix": apix,
-        "oracle_confusion": confusion.tolist(),
-        "signal_scale": scale, "noise_sigma": 1.0 if noisy else 0.0,
-        "ctf": bool(apply_ctf), "hinge_deg": float(hinge_deg), "sigma_A": sigma_a,
-        "seconds": round(seconds, 2),
-    }
-    if norm_factor is not None:
-        summary["norm_spread"] = norm_spread
-    if group_scale is not None:
-        summary["scale_spread"] = scale_spread
+
+def _write_summary(out_dir, summary, t, norm_spread, scale_spread):
+    """``truth_summary.json`` (atomically)."""
+    if t.norm_factor is not None:
+        summary["norm_spread"] = float(norm_spread)
+    if t.group_scale is not None:
+        summary["scale_spread"] = float(scale_spread)
         summary["group_scales"] = {_micrograph_name(m): float(v)
-                                   for m, v in enumerate(group_scale)}
+                                   for m, v in enumerate(t.group_scale)}
     summary_path = os.path.join(out_dir, "truth_summary.json")
     tmp = summary_path + f".tmp{os.getpid()}"
     with open(tmp, "w") as fh:
         json.dump(summary, fh, indent=2)
     os.replace(tmp, summary_path)
-    log(f"simulated {n} particles ({box} px, {apix:g} A/px, SNR {snr:g}, {n_classes} "
-        f"classes) in {seconds:.1f} s; oracle accuracy {accuracy:.4f} "
-        f"(<= {LOWRES_ORACLE_A:g} A: {accuracy_25:.4f})")
-    return {
-        "particles_star": star_path, "particles_mrcs": stack_path, "ref": ref_path,
-        "true_maps": map_paths, "truth_star": truth_path, "summary": summary_path,
-        "oracle_accuracy": accuracy, "oracle_accuracy_25A": accuracy_25,
-        "class_sizes": [int(s) for s in sizes], "signal_scale": scale, "seconds": seconds,
-    }
+    return summary_path
 
 
 def _batch_noise(seed, start, count, box):
