@@ -534,6 +534,8 @@ def evaluate_run(root, sim_dir, iteration=None):
     it = its[-1] if iteration is None else iteration
     data = _particles_block(f"{root}_it{it:03d}_data.star")
     truth = _particles_block(os.path.join(sim_dir, "truth.star"))
+    truth = truth.assign(rlnImageName=metrics.image_keys(truth["rlnImageName"]))
+    data = data.assign(rlnImageName=metrics.image_keys(data["rlnImageName"]))
     merged = truth.merge(data, on="rlnImageName", suffixes=("_true", ""))
     true_cls = merged["rlnClassNumber_true"].to_numpy(int)
     pred_cls = merged["rlnClassNumber"].to_numpy(int)

@@ -26,7 +26,7 @@ import pytest
 import starfile
 
 from cryoclass_plugin import cli
-from cryoclass_plugin.engine.metrics import adjusted_rand_index, angular_errors_deg
+from cryoclass_plugin.engine.metrics import adjusted_rand_index, angular_errors_deg, rows_like
 from cryoclass_plugin.oracle_reconstruction import map_resolution, oracle_resolutions
 from cryoclass_plugin.engine.simulate import simulate_dataset
 
@@ -42,7 +42,7 @@ def _ari(data_dir, root, it):
     truth = starfile.read(data_dir / "truth.star")
     truth = truth["particles"] if isinstance(truth, dict) else truth
     got = starfile.read(f"{root}_it{it:03d}_data.star")["particles"]
-    got = got.set_index("rlnImageName").loc[truth["rlnImageName"]]
+    got = rows_like(truth, got)
     return adjusted_rand_index(truth["rlnClassNumber"].to_numpy(), got["rlnClassNumber"].to_numpy())
 
 
@@ -89,16 +89,15 @@ def _assert_poses_and_maps(data, root, n_iter, oracle_dir, oracle_flags=(),
     angular error below the 7.5-degree step; each class map within 15 % of the oracle
     reconstruction's resolution (the same flags plus ``oracle_flags``) and, if given,
     better than ``max_resolution`` (A)."""
-    truth = starfile.read(data / "truth.star")["particles"].set_index("rlnImageName")
-    got = starfile.read(f"{root}_it{n_iter:03d}_data.star")["particles"]
-    got = got.set_index("rlnImageName").loc[truth.index]
+    truth = starfile.read(data / "truth.star")["particles"]
+    got = rows_like(truth, starfile.read(f"{root}_it{n_iter:03d}_data.star")["particles"])
     ang = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     err = float(np.median(angular_errors_deg(truth[ang].to_numpy(float), got[ang].to_numpy(float))))
     oracle = oracle_resolutions(data, TUTORIAL[2:] + list(oracle_flags), n_iter, oracle_dir)
     ours = []
     for k in (1, 2, 3):
-        mine = got["rlnClassNumber"][truth["rlnClassNumber"] == k]
-        best = int(np.bincount(mine.to_numpy(), minlength=4)[1:].argmax()) + 1
+        mine = got["rlnClassNumber"].to_numpy()[truth["rlnClassNumber"].to_numpy() == k]
+        best = int(np.bincount(mine, minlength=4)[1:].argmax()) + 1
         ours.append(map_resolution(f"{root}_it{n_iter:03d}_class{best:03d}.mrc",
                                    data / f"true_class{k:03d}.mrc"))
     print(f"median angular error {err:.2f} deg; FSC 0.5 against the true maps "

@@ -12,7 +12,7 @@ import starfile
 
 from cryoclass_plugin import cli
 from cryoclass_plugin.engine.geometry import angular_distance_deg, euler_to_matrix
-from cryoclass_plugin.engine.metrics import adjusted_rand_index, fsc, fsc_resolution
+from cryoclass_plugin.engine.metrics import adjusted_rand_index, fsc, fsc_resolution, rows_like
 from cryoclass_plugin.engine.mrc_io import read_map
 from cryoclass_plugin.engine.simulate import simulate_dataset
 
@@ -66,7 +66,7 @@ def last_data(root, it):
 def truth_and_result(data_dir, root, it):
     truth = starfile.read(data_dir / "truth.star")
     truth = truth["particles"] if isinstance(truth, dict) else truth
-    got = last_data(root, it).set_index("rlnImageName").loc[truth["rlnImageName"]]
+    got = rows_like(truth, last_data(root, it))
     return truth, got
 
 

@@ -119,3 +119,13 @@ def test_angular_errors_with_symmetry():
         pytest.skip("symmetry module not available")
     np.testing.assert_allclose(metrics.angular_errors_deg(eulers, flipped, sym="C2"), 0.0,
                                atol=1e-5)
+
+
+def test_image_keys_ignore_how_the_stack_path_is_spelled():
+    import pandas as pd
+    from cryoclass_plugin.engine.metrics import image_keys, rows_like
+    assert image_keys(["000003@particles.mrcs", "3@../data/particles.mrcs", "a/b.mrc"]) == \
+        ["3@particles.mrcs", "3@particles.mrcs", "0@b.mrc"]
+    truth = pd.DataFrame({"rlnImageName": ["2@p.mrcs", "1@p.mrcs"], "c": [20, 10]})
+    got = pd.DataFrame({"rlnImageName": ["000001@x/p.mrcs", "000002@x/p.mrcs"], "c": [1, 2]})
+    assert rows_like(truth, got)["c"].tolist() == [2, 1]

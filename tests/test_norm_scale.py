@@ -11,6 +11,7 @@ import starfile
 
 from cryoclass_plugin import cli
 from cryoclass_plugin.engine import iteration as iteration_mod
+from cryoclass_plugin.engine.metrics import rows_like
 from cryoclass_plugin.engine.model import ModelState
 from cryoclass_plugin.engine.mrc_io import read_map
 from cryoclass_plugin.engine.simulate import simulate_dataset
@@ -86,7 +87,7 @@ def plain_run(plain_data, tmp_path_factory):
 
 def test_norm_recovers_per_particle_factors(norm_data, norm_run):
     truth = starfile.read(norm_data / "truth.star", always_dict=True)["particles"]
-    got = _data(norm_run, ITER).set_index("rlnImageName").loc[truth["rlnImageName"]]
+    got = rows_like(truth, _data(norm_run, ITER))
     est, true = got["rlnNormCorrection"].to_numpy(), truth["rlnNormCorrection"].to_numpy()
     r = float(np.corrcoef(est, true)[0, 1])
     ratio = est / true

@@ -123,3 +123,21 @@ def angular_errors_deg(eulers_a, eulers_b, sym="C1"):
         group = np.asarray(sym, dtype=np.float64).reshape(-1, 3, 3)
     errors = [angular_distance_deg(A, B @ g) for g in group]
     return np.min(np.stack(errors), axis=0)
+
+
+def image_keys(names):
+    """Keys of ``rlnImageName`` values that do not depend on how the stack's path is
+    spelled: ``"<frame>@<stack file name>"`` (output data.star files name the stacks
+    relative to the job's folder, the simulator's truth.star relative to its own)."""
+    out = []
+    for name in names:
+        frame, _, stack = str(name).rpartition("@")
+        out.append(f"{int(frame) if frame else 0}@{stack.replace(chr(92), '/').rsplit('/', 1)[-1]}")
+    return out
+
+
+def rows_like(truth, got):
+    """``got`` (a particles table) reordered to ``truth``'s rows, matched by
+    :func:`image_keys`; raises ``KeyError`` if a particle of ``truth`` is missing."""
+    keyed = got.set_index(np.asarray(image_keys(got["rlnImageName"])))
+    return keyed.loc[image_keys(truth["rlnImageName"])]
