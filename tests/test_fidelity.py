@@ -173,3 +173,27 @@ def test_ref_angpix_overrides_the_header_and_resamples(data, tmp_path):
     assert _correlation(back, low_pass(truth, APIX, 4.4 * APIX)) > 0.95
     with pytest.raises(Exception, match="give --ref_angpix 11"):
         check_references(Settings(ref=str(tmp_path / "coarse.mrc"), n_classes=1), BOX, APIX)
+
+
+def test_strict_lowres_exp_zeroes_the_references_low_shells():
+    from cryoclass_plugin.engine.fourier import fft_centered, radial_index
+    from cryoclass_plugin.engine.iteration import _without_low_shells
+    refs = np.random.default_rng(0).normal(size=(2, 16, 16, 16)).astype(np.float32)
+    out = _without_low_shells(refs, 16, 10.0, 40.0)          # shells < 4 go
+    r = np.rint(radial_index((16, 16, 16)))
+    for k in range(2):
+        f_in, f_out = fft_centered(refs[k]), fft_centered(out[k])
+        assert np.abs(f_out[r < 4]).max() < 1e-3 * np.abs(f_in).max()
+        np.testing.assert_allclose(f_out[r >= 4], f_in[r >= 4], rtol=1e-4, atol=1e-3)
+
+
+def test_strict_lowres_exp_changes_the_e_step(data, tmp_path):
+    roots = []
+    for extra in ([], ["--strict_lowres_exp", "60"]):
+        root = tmp_path / f"low{len(extra)}" / "run"
+        assert _run(["--i", data / "particles.star", "--ref", data / "ref.mrc", "--o", root,
+                     "--K", "1", "--iter", "1"] + COMMON + extra) == 0
+        roots.append(root)
+    import starfile
+    a, b = (starfile.read(f"{r}_it001_data.star")["particles"] for r in roots)
+    assert not np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])

@@ -30,9 +30,6 @@ GIVEN = "given_dests"
 #: relion_refine flags that Class3D users set and cryoclass refuses, each with its
 #: argument (None: a switch) and why; giving one stops the run with one line.
 REFUSED = {
-    "strict_lowres_exp": (float, "RELION zeroes the E-step's reference projections below "
-                                 "this resolution; cryoclass's E-step uses every shell up "
-                                 "to its current limit"),
     "relax_sym": (str, "symmetry relaxation (searching the symmetry-related poses of "
                        "each particle) is not in the engine"),
     "allow_coarser_sampling": (None, "the angular and offset sampling stay as given "

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import estep, local_search, search
-from .backend import to_numpy
+from .backend import get_xp, to_numpy
 from .errors import CryoClassError
+from .fourier import fft_centered, ifft_centered, radial_index
 from .geometry import angular_distance_deg, euler_to_matrix
 from .masks import auto_solvent_mask, soft_sphere_mask
 from .mpi import split_range
@@ -28,7 +29,6 @@ from .outputs import write_iteration
 from .particles import ParticleResults, Pixels, mask_diameter_angst, prepare_block
 from .plan import class_shell
 from .projector import Projector, current_grid_shell
-from .references import several_references
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _particles_and_seeds(ctx, plan, allowed):
         size = fast_subset_size(plan.iteration, n, s.n_classes)
         if size < n:
             subset = np.sort(rng.permutation(n)[:size])
-    if allowed is None and plan.assignments == "random" and not several_references(s):
+    if allowed is None and plan.assignments == "random":
         allowed = rng.integers(0, s.n_classes, size=n)
     return subset, allowed
 
@@ -155,7 +155,23 @@ def estep_references(ctx, model, plan):
         mean = xp.tensordot(w, refs.astype(xp.float64), axes=1)
         mask = auto_solvent_mask(mean, apix, inside, plan.auto_mask_sigma)
         refs = (refs * mask[None]).astype(refs.dtype)
+    if s.strict_lowres_exp > 0:
+        refs = _without_low_shells(refs, box, apix, s.strict_lowres_exp)
     return refs
+
+
+def _without_low_shells(refs, box, apix, lowres_angst):
+    """``--strict_lowres_exp``: the references' Fourier shells below ``lowres_angst``
+    set to zero (RELION's ``min_ires``), so those frequencies of the images score the
+    same against every pose and class and drop out of the posteriors."""
+    xp = get_xp(refs)
+    low = xp.rint(radial_index(refs.shape[1:], xp)) < int(round(box * apix / lowres_angst))
+    out = xp.empty_like(refs)
+    for k in range(refs.shape[0]):
+        f = fft_centered(refs[k])
+        f[low] = 0
+        out[k] = ifft_centered(f).real.astype(refs.dtype)
+    return out
 
 
 def _search_setup(ctx, model, plan, pixels, active):
@@ -350,7 +366,8 @@ def expectation(ctx, model, work):
     s, comm, plan = ctx.settings, ctx.comm, work.plan
     lo, hi = split_range(len(work.subset), comm.rank, comm.size)
     blocks = [(b0, min(hi, b0 + s.block_size)) for b0 in range(lo, hi, s.block_size)]
-    progress = Progress(2 * (hi - lo), plan.iteration, s.n_iter, enabled=comm.rank == 0)
+    progress = Progress(2 * (hi - lo), plan.iteration, s.n_iter,
+                        enabled=comm.rank == 0 and s.verb > 0)
     results = ParticleResults.zeros(len(work.subset), _does_norm(s, plan), _does_scale(s, plan))
     path = _fixed_pose_expectation if plan.fixed_poses else _search_expectation
     results = path(ctx, model, work, results, blocks, progress)

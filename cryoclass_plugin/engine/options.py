@@ -127,6 +127,9 @@ OPTIONS = (
     _o("strict_highres_exp", "strict_highres_exp", float, -1.0,
        "limit the E-step to this resolution (A); <= 0: no limit", on_continue="change",
        param="limitResolEStep"),
+    _o("strict_lowres_exp", "strict_lowres_exp", float, -1.0,
+       "the E-step ignores frequencies below this resolution (A): the references' "
+       "Fourier shells below it are zero, as RELION's; <= 0: none", on_continue="change"),
     _o("norm", "norm", bool, False,
        "normalisation correction (RELION): estimate each particle's rlnNormCorrection "
        "n_i from its residual power (shells > 3) and multiply its image by mean(n) / "

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .options import resolve_automatic
+from .references import several_references
 
 PHASES = ("em", "consensus", "consensus-local", "split", "fixed-pose", "merged-fixed-pose")
 
@@ -222,7 +223,9 @@ def _assignments(settings, schedule, iteration, phase):
             return "current"
     elif s.init_classes == "input" and iteration == 1:
         return "input"
-    return "random" if iteration == 1 else "free"
+    # One reference map per class (a STAR list): each class starts from its own map,
+    # so no random seeds (RELION).
+    return "random" if iteration == 1 and not several_references(s) else "free"
 
 
 def merge_test_due(settings, schedule, iteration):
