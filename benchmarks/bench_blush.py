@@ -9,13 +9,15 @@ Part A -- denoising of held-out maps, never seen in training: the simulator's ph
 4 A/px, as ``cryoclass simulate`` writes them) and synthetic maps of the training
 generator drawn from seeds far from training's (10000+), at the same grid.  Each is
 degraded like a regularised reconstruction (``training_data.degrade`` with SSNR = 1 at
-``--crossovers`` A, beta 100 A^2, B 50 A^2, T = 4 with the true tau2, no preferred
-orientation; the band limit is the 8 A Nyquist of the grid) and regularised with
+``--crossovers`` A, ln SSNR falling by ``--beta`` (600 A^2) per unit |k|^2, B 50 A^2,
+T = 4 with the true tau2, no preferred orientation; the band limit is the 8 A Nyquist
+of the grid) and regularised with
 ``BlushRegulariser.regularise`` (replace mode, default crossover = 6 A network Nyquist,
 so at 4 A/px the whole band is D's).  Reported per map and SSNR level: FSC-0.5
-resolution against the truth (the clean map with the same blur) of V_reg and of the Blush
-result, the solvent noise (RMS outside the particle sphere + 10 A, over the truth's RMS
-inside the particle), and the time per call (one thread).
+resolution against the truth (the clean map with the same blur) of V_reg, of V_reg times
+Blush's soft mask (what masking alone gives) and of the Blush result, the solvent noise (RMS outside the particle sphere + 10 A, over the truth's RMS
+inside the particle), the real-space correlation with the truth inside the particle,
+and the time per call (one thread).
 
 Part B (``--classify``) -- ``cryoclass refine`` with and without ``--blush`` on
 simulated sets (600 and 1,500 particles at SNR 0.01 / 0.02 / 0.05, three true classes,
@@ -75,24 +77,44 @@ def fsc05(a, b):
     return metrics.fsc_resolution(metrics.fsc(a, b), BOX, APIX, 0.5)
 
 
-def part_a(blush, crossovers, n_synthetic, seed):
+def blush_mask(diameter):
+    """The soft mask Blush applies (radius + 5 A, 10 A edge), on the benchmark's grid:
+    V_reg times it separates what the network adds from what masking alone does."""
+    from cryoclass_plugin.blush.denoise import MASK_EDGE_A, MASK_EXTRA_A
+    from cryoclass_plugin.blush.resample import soft_sphere
+    return soft_sphere(BOX, (diameter / 2 + MASK_EXTRA_A) / APIX, MASK_EDGE_A / APIX).numpy()
+
+
+def masked_cc(a, b, diameter):
+    """Real-space correlation inside the particle sphere."""
+    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in
+                    np.meshgrid(*[np.arange(BOX) - BOX // 2] * 3, indexing="ij"))) * APIX
+    inside = r <= diameter / 2
+    return float(np.corrcoef(a[inside], b[inside])[0, 1])
+
+
+def part_a(blush, crossovers, n_synthetic, seed, beta):
     rows, times = [], []
     maps = phantom_maps() + held_out_maps(n_synthetic)
     for name, clean, diameter in maps:
         for cross in crossovers:
             rng = np.random.default_rng([seed, int(cross * 10)])
-            fixed = {"b_factor": 50.0, "crossover_a": cross, "beta": 100.0,
+            fixed = {"b_factor": 50.0, "crossover_a": cross, "beta": beta,
                      "preferred": 0.0, "prior_factor": 4.0, "band_limit_a": 0.0}
             v_reg, truth = training_data.degrade(clean, APIX, rng, fixed=fixed)
             t = time.perf_counter()
             out = blush.regularise(v_reg, APIX, diameter)
             times.append(time.perf_counter() - t)
+            masked = v_reg * blush_mask(diameter)
             rows.append([name, f"{cross:g}", C.fmt(fsc05(v_reg, truth), ".1f"),
+                         C.fmt(fsc05(masked, truth), ".1f"),
                          C.fmt(fsc05(out, truth), ".1f"),
+                         C.fmt(masked_cc(v_reg, truth, diameter)),
+                         C.fmt(masked_cc(out, truth, diameter)),
                          C.fmt(solvent_noise(v_reg, truth, diameter), ".3f"),
                          C.fmt(solvent_noise(out, truth, diameter), ".3f")])
-    headers = ["map", "SSNR=1 at (A)", "FSC0.5 V_reg (A)", "FSC0.5 Blush (A)",
-               "solvent V_reg", "solvent Blush"]
+    headers = ["map", "SSNR=1 at (A)", "FSC0.5 V_reg (A)", "V_reg masked", "FSC0.5 Blush (A)",
+               "CC V_reg", "CC Blush", "solvent V_reg", "solvent Blush"]
     print(C.format_table(headers, rows))
     print(f"time per regularise() call, box {BOX} at {APIX:g} A/px, 1 thread: "
           f"median {np.median(times):.3f} s (min {np.min(times):.3f}, max {np.max(times):.3f}, "
@@ -138,6 +160,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--crossovers", type=float, nargs="+", default=[30.0, 20.0, 14.0, 10.0])
     ap.add_argument("--synthetic", type=int, default=3, help="held-out synthetic maps")
+    ap.add_argument("--beta", type=float, default=600.0,
+                    help="fall of ln SSNR per unit |k|^2 (A^2) of the degradation")
     ap.add_argument("--weights", default=None, help="weights file (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--classify", action="store_true", help="also run part B")
@@ -150,7 +174,7 @@ def main():
     torch.set_num_threads(1)
     blush = BlushRegulariser(weights=args.weights, threads=1)
     print(blush.describe())
-    part_a(blush, args.crossovers, args.synthetic, args.seed)
+    part_a(blush, args.crossovers, args.synthetic, args.seed, args.beta)
     if args.classify:
         part_b(args)
 

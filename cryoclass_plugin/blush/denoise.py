@@ -236,11 +236,7 @@ class BlushRegulariser:
         if (mode == "prior-mean") != (sums is not None):
             raise CryoClassError("Blush: mode 'prior-mean' needs the reconstruction sums "
                                  "(sum X, W, 1 / (T tau2)); mode 'replace' takes none")
-        crossover_a = self.default_crossover() if crossover_a is None else float(crossover_a)
-        if crossover_a < self.default_crossover() - 1e-9:
-            raise CryoClassError(f"Blush crossover {crossover_a:g} A is finer than the "
-                                 f"network's Nyquist ({self.default_crossover():g} A); use "
-                                 "a value >= that")
+        crossover_a = self._crossover(crossover_a)
         vol, kind = _as_tensor(v_reg)
         self.device_used = f"{kind} on {self.device.type}"
         previous = torch.get_num_threads()
@@ -258,6 +254,34 @@ class BlushRegulariser:
             out = torch.fft.irfftn(w * f_d + (1.0 - w) * f_reg, s=(n, n, n), dim=(0, 1, 2))
         finally:
             torch.set_num_threads(previous)
+        return _back(out, kind, np.dtype(str(v_reg.dtype).replace("torch.", "")))
+
+    def _crossover(self, crossover_a):
+        crossover_a = self.default_crossover() if crossover_a is None else float(crossover_a)
+        if crossover_a < self.default_crossover() - 1e-9:
+            raise CryoClassError(f"Blush crossover {crossover_a:g} A is finer than the "
+                                 f"network's Nyquist ({self.default_crossover():g} A); use "
+                                 "a value >= that")
+        return crossover_a
+
+    def blend(self, v_reg, other, apix, crossover_a=None):
+        """``other`` below the crossover, ``v_reg`` from it on, the raised-cosine blend
+        between (step 6 of the module docstring), for callers that build the map to
+        blend themselves (e.g. a prior-mean reconstruction on the M-step's padded grid
+        from :meth:`denoise`'s D and :func:`prior_mean_ft`).  Same array type as
+        ``v_reg``."""
+        crossover_a = self._crossover(crossover_a)
+        vol, kind = _as_tensor(v_reg)
+        oth = _as_tensor(other)[0].to(self.device)
+        if tuple(oth.shape) != tuple(vol.shape):
+            raise CryoClassError(f"Blush blend: maps of shapes {tuple(vol.shape)} and "
+                                 f"{tuple(oth.shape)} differ")
+        vol = vol.to(self.device)
+        n = vol.shape[0]
+        w = blend_weight(n, float(apix), crossover_a, device=self.device)
+        f = (w * torch.fft.rfftn(oth.to(torch.float64), dim=(0, 1, 2))
+             + (1.0 - w) * torch.fft.rfftn(vol.to(torch.float64), dim=(0, 1, 2)))
+        out = torch.fft.irfftn(f, s=(n, n, n), dim=(0, 1, 2))
         return _back(out, kind, np.dtype(str(v_reg.dtype).replace("torch.", "")))
 
     def denoise(self, v_reg, apix, particle_diameter_a):

@@ -89,6 +89,10 @@ class BlushUNet(nn.Module):
         self.up1 = nn.ConvTranspose3d(w2, w1, 2, stride=2)
         self.dec1 = _block(2 * w1, w1)
         self.out = nn.Conv3d(w1, 8, 1)
+        # The noise estimate starts at zero: an untrained network is the identity, and
+        # training improves on it rather than first unlearning a random output.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x):
         h = space_to_depth(torch.cat([x, local_std(x)], dim=1))

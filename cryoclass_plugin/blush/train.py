@@ -3,7 +3,8 @@
 One run: build a pool of clean synthetic maps (:func:`.training_data.clean_map`, box
 64 at the network's 3 A voxel size, 192 A), then for each step degrade two pool maps
 (each turned by a random one of the 24 proper 90-degree rotations, and mirrored half of
-the time) with :func:`.training_data.degrade` (5 % of them noise only), mask them as
+the time) with :func:`.training_data.degrade` (20 % of them noise only: half a reconstruction
+of nothing, half white noise; target zero), mask them as
 :mod:`.denoise` masks maps (soft sphere of the structure's radius + 5 A with a 10 A
 edge), standardise both input and target by the input's RMS inside the mask, cut four
 random ``crop``^3 blocks of each, and take one Adam step (gradient norm clipped at
@@ -49,7 +50,7 @@ class TrainConfig:
     maps_per_step: int = 2
     lr: float = 2e-3
     widths: tuple = (16, 32, 48)
-    noise_only_fraction: float = 0.05
+    noise_only_fraction: float = 0.2
     n_validation: int = 16
 
 
@@ -99,6 +100,8 @@ def training_example(clean, radius_a, rng, noise_only_fraction, apix=NETWORK_API
     vol = orient(clean, int(rng.integers(len(ROTATIONS))), bool(rng.integers(2)))
     signal = rng.uniform() >= noise_only_fraction
     degraded, target = training_data.degrade(vol, apix, rng, signal=signal)
+    if not signal and rng.uniform() < 0.5:
+        degraded = rng.normal(size=degraded.shape).astype(np.float32)   # white noise
     mask = _mask(vol.shape[0], radius_a, apix)
     scale = np.sqrt((mask * degraded.astype(np.float64) ** 2).sum() / mask.sum())
     x = (degraded * mask / scale).astype(np.float32)

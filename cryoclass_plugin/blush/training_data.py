@@ -18,7 +18,8 @@ regularised reconstruction ``V = sum X / (W + 1 / (T tau2))`` sees a structure:
 - B-factor blur ``exp(-B |k|^2 / 4)``, B in [0, 200] A^2: the signal S; the training
   target is S (same blur: the network denoises, it does not sharpen);
 - per-shell SSNR ``exp(beta (k0^2 - |k|^2))`` (capped at 1000) through 1 at
-  ``1 / k0`` drawn log-uniformly in 5-30 A, beta in [30, 300] A^2;
+  ``1 / k0`` drawn log-uniformly in 5-30 A, beta log-uniformly in [150, 2000] A^2
+  (from a shallow fall, FSC-0.5 a little beyond the SSNR-1 point, to a steep one);
 - per-voxel weight ``W = SSNR / tau2`` (tau2 = the signal power per shell), times a
   defocus-averaged CTF^2 (300 kV, three defoci in 0.8-3 um, 10 % amplitude contrast:
   low weight at the lowest frequencies, residual ripples) normalised per shell, times,
@@ -284,7 +285,7 @@ def degrade(clean, apix, rng, signal=True, fixed=None):
     s = fft_c(clean) * np.exp(-b_factor * k2 / 4.0)
     tau2 = np.maximum(_shell_mean(np.abs(s) ** 2 / 2.0, shells, n_sh), 1e-30)
     k0 = 1.0 / fixed.get("crossover_a", np.exp(rng.uniform(np.log(5.0), np.log(30.0))))
-    beta = fixed.get("beta", rng.uniform(30.0, 300.0))
+    beta = fixed.get("beta", np.exp(rng.uniform(np.log(150.0), np.log(2000.0))))
     ssnr = np.minimum(np.exp(beta * (k0 ** 2 - k2)), 1000.0)
     shape = _ctf2_average(k2, rng)
     if rng.uniform() < 0.5 or fixed.get("preferred", 0.0) > 0:
