@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from cryoclass_plugin.engine import ctf
+from cryoclass_plugin.engine.errors import CryoClassError
 
 
 def reference_ctf(kx, ky, du, dv, angle_deg, kv, cs_mm, q0, phase_deg=0.0, bfactor=0.0,
@@ -147,3 +148,115 @@ def test_cupy_matches_numpy():
                          intact_first_peak=True)
     assert type(got).__module__.startswith("cupy")
     np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------- RELION 3.1+ optics terms
+# RELION's even Zernike terms in its index order (Zernike::evenIndexToMN), written out as
+# closed forms of rho = |k| (1/A) and phi = atan2(ky, kx).
+EVEN_ZERNIKE_CLOSED = [
+    lambda r, p: 1.0,                                   # (m, n) = (0, 0)
+    lambda r, p: r ** 2 * math.sin(2 * p),              # (-2, 2)
+    lambda r, p: 2 * r ** 2 - 1,                        # (0, 2)
+    lambda r, p: r ** 2 * math.cos(2 * p),              # (2, 2)
+    lambda r, p: r ** 4 * math.sin(4 * p),              # (-4, 4)
+    lambda r, p: (4 * r ** 4 - 3 * r ** 2) * math.sin(2 * p),  # (-2, 4)
+    lambda r, p: 6 * r ** 4 - 6 * r ** 2 + 1,           # (0, 4)
+    lambda r, p: (4 * r ** 4 - 3 * r ** 2) * math.cos(2 * p),  # (2, 4)
+    lambda r, p: r ** 4 * math.cos(4 * p),              # (4, 4)
+]
+
+
+def test_zernike_index_order_is_relions():
+    assert [ctf.even_index_to_mn(i) for i in range(9)] == [
+        (0, 0), (-2, 2), (0, 2), (2, 2), (-4, 4), (-2, 4), (0, 4), (2, 4), (4, 4)]
+    assert [ctf.odd_index_to_mn(i) for i in range(6)] == [
+        (-1, 1), (1, 1), (-3, 3), (-1, 3), (1, 3), (3, 3)]
+
+
+def test_even_zernike_adds_to_gamma():
+    """CTF = -sin(gamma + sum_i c_i Z_i(kx, ky)), Z_i of the frequency in 1/A."""
+    coeffs = np.array([0.3, -2.0, 5.0, 40.0, 300.0, -80.0, 120.0, 60.0, -500.0])
+    rng = np.random.default_rng(3)
+    theta = rng.uniform(0, 2 * np.pi, 40)
+    radius = rng.uniform(0.0, 0.3, 40)
+    kx, ky = radius * np.cos(theta), radius * np.sin(theta)
+    args = (16000.0, 15000.0, 25.0, 300.0, 2.7, 0.1)
+    got = ctf.ctf_values(kx, ky, *args, bfactor=30.0, even_zernike=coeffs)
+    for x, y, value in zip(kx, ky, got):
+        _, gamma = reference_ctf(x, y, *args)
+        r, p = math.hypot(x, y), math.atan2(y, x)
+        gamma += sum(c * z(r, p) for c, z in zip(coeffs, EVEN_ZERNIKE_CLOSED))
+        want = math.exp(-30.0 * r * r / 4) * -math.sin(gamma)
+        assert value == pytest.approx(want, abs=1e-9)
+    # zero coefficients change nothing
+    np.testing.assert_array_equal(ctf.ctf_values(kx, ky, *args, even_zernike=np.zeros(9)),
+                                  ctf.ctf_values(kx, ky, *args))
+
+
+def test_magnification_matrix_transforms_the_frequency_first():
+    """RELION's CTF::getCTF: (kx, ky) -> M (kx, ky) before defocus, Cs and B-factor."""
+    m = np.array([1.012, 0.007, -0.004, 0.991])
+    rng = np.random.default_rng(4)
+    kx, ky = rng.uniform(-0.25, 0.25, (2, 30))
+    args = (18000.0, 16500.0, -35.0, 200.0, 2.0, 0.07)
+    got = ctf.ctf_values(kx, ky, *args, bfactor=60.0, scale=0.8, mag_matrix=m)
+    want = [reference_ctf(m[0] * x + m[1] * y, m[2] * x + m[3] * y, *args, bfactor=60.0,
+                          scale=0.8)[0] for x, y in zip(kx, ky)]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def _optics_df(**group2):
+    """Two particles in optics groups 1 and 2; ``group2`` sets group 2's columns."""
+    df = pd.DataFrame({"rlnDefocusU": [15000.0, 21000.0], "rlnDefocusV": [15000.0, 20000.0],
+                       "rlnVoltage": [300.0, 200.0], "rlnSphericalAberration": [2.7, 2.0],
+                       "rlnAmplitudeContrast": [0.1, 0.07], "rlnOpticsGroup": [1, 2],
+                       "rlnOpticsGroupName": ["opticsGroup1", "late"]})
+    for col, value in group2.items():
+        first = "[]" if isinstance(value, str) else {"rlnMagMat00": 1.0,
+                                                     "rlnMagMat11": 1.0}.get(col, 0.0)
+        df[col] = [first, value]
+    return df
+
+
+@pytest.mark.parametrize("column, value", [
+    ("rlnOddZernike", "[0.1,0,0,0,0,0]"), ("rlnBeamTiltX", 0.3), ("rlnBeamTiltY", -0.2),
+    ("rlnMagMat00", 1.01), ("rlnMagMat01", 0.005), ("rlnCtfDataAreCtfPremultiplied", 1)])
+def test_terms_not_applied_are_refused_naming_group_and_field(column, value):
+    with pytest.raises(CryoClassError) as err:
+        ctf.ctf_params(_optics_df(**{column: value}))
+    text = str(err.value)
+    assert "optics group 2 (late)" in text and column in text
+    assert "\n" not in text
+
+
+def test_neutral_optics_terms_are_accepted_and_change_nothing():
+    plain = ctf.ctf_params(_optics_df())
+    neutral = ctf.ctf_params(_optics_df(
+        rlnOddZernike="[0,0,0,0,0,0]", rlnEvenZernike="[0,0,0,0,0,0,0,0,0]",
+        rlnBeamTiltX=0.0, rlnBeamTiltY=0.0, rlnMagMat00=1.0, rlnMagMat01=0.0,
+        rlnMagMat10=0.0, rlnMagMat11=1.0, rlnCtfDataAreCtfPremultiplied=0))
+    assert set(neutral) == set(plain)
+    for key in plain:
+        np.testing.assert_array_equal(neutral[key], plain[key])
+
+
+def test_even_zernike_per_optics_group_reaches_the_ctf_images():
+    df = _optics_df(rlnEvenZernike="[0,0,0,40,300]")
+    p = ctf.ctf_params(df)
+    np.testing.assert_array_equal(p["even_zernike"], [[0, 0, 0, 0, 0], [0, 0, 0, 40, 300]])
+    box, apix = 16, 2.0
+    imgs = ctf.ctf_images(p, box, apix)
+    iy, ix = 3, 12
+    x, y = (ix - 8) / 32.0, (iy - 8) / 32.0
+    args = (21000.0, 20000.0, 0.0, 200.0, 2.0, 0.07)
+    r, phi = math.hypot(x, y), math.atan2(y, x)
+    gamma = reference_ctf(x, y, *args)[1] + 40 * EVEN_ZERNIKE_CLOSED[3](r, phi) \
+        + 300 * EVEN_ZERNIKE_CLOSED[4](r, phi)
+    assert imgs[1, iy, ix] == pytest.approx(-math.sin(gamma), abs=1e-5)
+    assert imgs[0, iy, ix] == pytest.approx(
+        reference_ctf(x, y, 15000, 15000, 0, 300, 2.7, 0.1)[0], abs=1e-5)
+
+
+def test_bad_zernike_text_is_a_one_line_error():
+    with pytest.raises(CryoClassError, match=r"optics group 2 \(late\): rlnEvenZernike"):
+        ctf.ctf_params(_optics_df(rlnEvenZernike="[0,x,1]"))

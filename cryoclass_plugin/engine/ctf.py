@@ -9,12 +9,24 @@ defocus angle and phase shift in degrees, voltage in kV, Cs in mm, B-factor in A
               - phase_shift - atan(Q0 / sqrt(1 - Q0^2))
     CTF     = scale * exp(-B k^2 / 4) * (-sin(gamma))
 
-so the CTF is positive at low frequency.  ``intact_first_peak`` (RELION's
+so the CTF is positive at low frequency.  RELION 3.1+'s optics-group terms, as in its
+``CTF::getCTF`` and ``ObservationModel::getGammaOffset``:
+
+* anisotropic magnification ``M = [[rlnMagMat00, rlnMagMat01], [rlnMagMat10,
+  rlnMagMat11]]``: the frequency is replaced by ``M (kx, ky)`` before everything above
+  (defocus, Cs, B-factor and the aberrations all see the transformed frequency);
+* symmetric aberration (``rlnEvenZernike``, radians): ``gamma += sum_i c_i Z_i(kx, ky)``
+  with RELION's even Zernike order (index i -> (m, n): k = floor(sqrt(i)),
+  m = 2 (i - k^2 - k), n = 2k) of the frequency in 1/A (not normalised to a pupil).
+
+``intact_first_peak`` (RELION's
 ``--ctf_intact_first_peak``) sets the oscillating part to 1 wherever ``|gamma| < pi/2``
 (below the first peak; the envelope still applies), ``phase_flipped``
 (``--ctf_phase_flipped``) takes the absolute value, exactly in RELION's order.
 """
 import numpy as np
+
+from .errors import CryoClassError
 
 ELECTRON_WAVELENGTH_CONSTANT = 12.2643247  # A * sqrt(V)
 RELATIVISTIC_CORRECTION = 0.978466e-6      # 1/V
@@ -28,13 +40,16 @@ def electron_wavelength(voltage_kv):
 
 def ctf_values(kx, ky, defocus_u, defocus_v, defocus_angle_deg, voltage_kv, cs_mm, q0,
                phase_shift_deg=0.0, bfactor=0.0, scale=1.0, phase_flipped=False,
-               intact_first_peak=False):
+               intact_first_peak=False, mag_matrix=None, even_zernike=None):
     """RELION's CTF at spatial frequencies ``(kx, ky)`` in 1/A.
 
     All arguments broadcast: typically ``kx, ky`` have shape ``(1, npix)`` and the
     per-particle parameters ``(n, 1)``, giving ``(n, npix)``.  ``kx``/``ky`` may be numpy
     or cupy arrays; the result lives on the same device, in ``kx``'s float type (float64
     for non-float ``kx``); per-particle parameters may be numpy arrays or scalars.
+    ``mag_matrix`` (``(..., 4)``: M00, M01, M10, M11) and ``even_zernike`` (``(..., L)``
+    coefficients in radians) carry their terms on the last axis, the leading axes
+    broadcasting like the other parameters; None leaves the term out.
     """
     from .backend import get_xp
     xp = get_xp(kx)
@@ -46,6 +61,9 @@ def ctf_values(kx, ky, defocus_u, defocus_v, defocus_angle_deg, voltage_kv, cs_m
         return xp.asarray(value, dtype=fdtype)
 
     lam = param(electron_wavelength(_host(voltage_kv)))
+    if mag_matrix is not None:
+        m = param(_host(mag_matrix))
+        kx, ky = m[..., 0] * kx + m[..., 1] * ky, m[..., 2] * kx + m[..., 3] * ky
     k2 = kx * kx + ky * ky
     azimuth = xp.arctan2(ky, kx)
     du, dv = param(_host(defocus_u)), param(_host(defocus_v))
@@ -56,6 +74,8 @@ def ctf_values(kx, ky, defocus_u, defocus_v, defocus_angle_deg, voltage_kv, cs_m
     amplitude_phase = param(np.arctan(q0_host / np.sqrt(1.0 - q0_host * q0_host)))
     gamma = (-np.pi * lam * defocus * k2 + 0.5 * np.pi * cs_angstrom * lam ** 3 * k2 * k2
              - param(np.deg2rad(_host(phase_shift_deg))) - amplitude_phase)
+    if even_zernike is not None:
+        gamma = gamma + symmetric_aberration(kx, ky, param(_host(even_zernike)), xp)
     ctf = -xp.sin(gamma)
     if intact_first_peak:
         ctf = xp.where(xp.abs(gamma) < 0.5 * np.pi, xp.ones_like(ctf), ctf)
@@ -65,6 +85,45 @@ def ctf_values(kx, ky, defocus_u, defocus_v, defocus_angle_deg, voltage_kv, cs_m
     if phase_flipped:
         ctf = xp.abs(ctf)
     return ctf * param(_host(scale))
+
+
+def even_index_to_mn(i):
+    """RELION's ``Zernike::evenIndexToMN``: the i-th even Zernike term's ``(m, n)``."""
+    k = int(np.sqrt(i))
+    return 2 * (i - k * k - k), 2 * k
+
+
+def odd_index_to_mn(i):
+    """RELION's ``Zernike::oddIndexToMN``: the i-th odd Zernike term's ``(m, n)``."""
+    k = int((np.sqrt(1 + 4 * i) - 1.0) / 2.0)
+    n = 2 * k + 1
+    return 2 * (i - (k * k + k)) - n, n
+
+
+def zernike_cart(m, n, x, y, xp=np):
+    """RELION's ``Zernike::Z_cart``: ``R_n^|m|(rho) cos(m phi)`` for m >= 0, else
+    ``R_n^|m|(rho) sin(|m| phi)``, with ``rho = |(x, y)|``, ``phi = atan2(y, x)`` (not
+    normalised: the radial polynomial's coefficients are the textbook ones)."""
+    from math import factorial
+    am = abs(m)
+    rho = xp.sqrt(x * x + y * y)
+    radial = xp.zeros_like(rho)
+    if (n - am) % 2 == 0:
+        for k in range((n - am) // 2 + 1):
+            c = ((-1) ** k * factorial(n - k)
+                 / (factorial(k) * factorial((n + am) // 2 - k) * factorial((n - am) // 2 - k)))
+            radial = radial + c * rho ** (n - 2 * k)
+    phi = xp.arctan2(y, x)
+    return radial * (xp.cos(am * phi) if m >= 0 else xp.sin(am * phi))
+
+
+def symmetric_aberration(kx, ky, coeffs, xp=np):
+    """``sum_i coeffs[..., i] Z_even_i(kx, ky)`` (radians; added to gamma)."""
+    total = 0.0
+    for i in range(coeffs.shape[-1]):
+        m, n = even_index_to_mn(i)
+        total = total + coeffs[..., i] * zernike_cart(m, n, kx, ky, xp)
+    return total
 
 
 def _host(value):
@@ -91,7 +150,90 @@ def ctf_params(df):
         "phase_shift_deg": col("rlnPhaseShift", 0.0),
         "bfactor": col("rlnCtfBfactor", 0.0),
         "scale": col("rlnCtfScalefactor", 1.0),
+        **optics_terms(df),
     }
+
+
+MAG_COLUMNS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+
+
+def zernike_vector(text, where, label):
+    """RELION's vector text ``[c0,c1,...]`` (or a number, or empty) -> float64 array;
+    ``where`` names the optics group in the one-line error."""
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        return np.zeros(0)
+    body = str(text).strip().strip('"').strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    try:
+        return np.array([float(v) for v in body.split(",") if v.strip()], dtype=np.float64)
+    except ValueError:
+        raise CryoClassError(f"{where}: {label} = '{text}' is not a list of numbers "
+                             "[c0,c1,...]; fix the value") from None
+
+
+def _group_rows(df):
+    """``[(where, first row of the group)]`` per optics group in use, ``where`` =
+    'optics group N (name)'."""
+    if "rlnOpticsGroup" not in df.columns:
+        return [("optics group 1", df.iloc[0])]
+    out = []
+    for g, rows in df.groupby("rlnOpticsGroup", sort=True):
+        row = rows.iloc[0]
+        name = row.get("rlnOpticsGroupName", f"opticsGroup{int(g)}")
+        out.append((f"optics group {int(g)} ({name})", row))
+    return out
+
+
+def _refusals(where, row):
+    """One-line reasons why the engine cannot apply this group's optics (empty: fine)."""
+    out = []
+    if float(row.get("rlnCtfDataAreCtfPremultiplied", 0) or 0) == 1:
+        out.append(f"{where}: rlnCtfDataAreCtfPremultiplied = 1 (CTF-premultiplied images) "
+                   "is not supported by cryoclass; extract the particles without CTF "
+                   "premultiplication")
+    for label in ("rlnBeamTiltX", "rlnBeamTiltY"):
+        if float(row.get(label, 0.0) or 0.0) != 0.0:
+            out.append(f"{where}: {label} (beam tilt, an antisymmetric aberration) is not "
+                       "applied by cryoclass; remove the beam tilt or refine in RELION")
+    if np.any(zernike_vector(row.get("rlnOddZernike"), where, "rlnOddZernike") != 0):
+        out.append(f"{where}: rlnOddZernike (antisymmetric aberration) is not applied by "
+                   "cryoclass; remove the odd Zernike terms or refine in RELION")
+    for label, identity in zip(MAG_COLUMNS, (1.0, 0.0, 0.0, 1.0)):
+        if abs(float(row.get(label, identity)) - identity) > 1e-9:
+            out.append(f"{where}: {label} (anisotropic magnification, which RELION also "
+                       "applies to the reference projections) is not applied by cryoclass; "
+                       "correct the magnification in RELION first")
+            break
+    return out
+
+
+def optics_terms(df):
+    """The optics-group CTF terms the engine applies, as extra :func:`ctf_values`
+    arguments per particle: ``{'even_zernike': (n, L)}`` when some group has a nonzero
+    symmetric aberration, else ``{}``.  Terms the engine cannot apply (premultiplied
+    images, beam tilt, odd Zernike, anisotropic magnification) raise a one-line
+    :class:`CryoClassError` naming the optics group and the field."""
+    groups = _group_rows(df)
+    problems = [p for where, row in groups for p in _refusals(where, row)]
+    if problems:
+        raise CryoClassError(problems[0] + (f" (and {len(problems) - 1} more optics-group "
+                                            "terms)" if len(problems) > 1 else ""))
+    if "rlnEvenZernike" not in df.columns:
+        return {}
+    per_group = {}
+    for where, row in groups:
+        per_group[where] = zernike_vector(row.get("rlnEvenZernike"), where, "rlnEvenZernike")
+    if not any(np.any(v != 0) for v in per_group.values()):
+        return {}
+    width = max(v.size for v in per_group.values())
+    coeffs = np.zeros((len(df), width))
+    keys = (df["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in df.columns
+            else np.ones(len(df), dtype=np.int64))
+    for (where, row), v in zip(groups, per_group.values()):
+        g = int(row.get("rlnOpticsGroup", 1))
+        coeffs[keys == g, :v.size] = v
+    return {"even_zernike": coeffs}
 
 
 def frequency_grid_2d(box, apix, xp=np):

@@ -49,7 +49,9 @@ STAR_VERSION_LINE = "# version 30001"
 # Columns read as text even if they look numeric.
 STRING_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName", "rlnGroupName",
                   "rlnImageOriginalName", "rlnCtfImage", "rlnReferenceImage",
-                  "rlnMtfFileName"]
+                  "rlnMtfFileName",
+                  # RELION's vector columns ([c0,c1,...], radians), kept as written
+                  "rlnOddZernike", "rlnEvenZernike"]
 
 # Columns the engine and the Scipion conversion read as numbers: a value that is not a
 # number in one of them is an error naming its row.
@@ -62,6 +64,9 @@ NUMERIC_COLUMNS = [
     "rlnMicrographOriginalPixelSize", "rlnClassNumber", "rlnCoordinateX", "rlnCoordinateY",
     "rlnCtfDataArePhaseFlipped", "rlnCtfDataAreCtfPremultiplied", "rlnNormCorrection",
     "rlnRandomSubset", "rlnImageId",
+    # optics-group aberrations (CtfRefine): beam tilt (mrad), magnification matrix
+    "rlnBeamTiltX", "rlnBeamTiltY", "rlnMagMat00", "rlnMagMat01", "rlnMagMat10",
+    "rlnMagMat11",
 ]
 # Optional per-particle columns and the value RELION assumes when they are absent.
 OPTIONAL_DEFAULTS = {
@@ -388,6 +393,8 @@ def read_particles(star_path, apix=None, require_ctf=False, check_stacks=True):
         if ang not in df.columns and px in df.columns:
             df[ang] = df[px].to_numpy(np.float64) * table_apix
     has_ctf, has_angles = _fill_defaults(df, path, block_name, version, require_ctf)
+    if require_ctf:
+        _check_optics_terms(df, path)
     df["rlnImagePixelSize"] = table_apix
     df["rlnImageSize"] = int(box)
     df["rlnOpticsGroup"] = df["rlnOpticsGroup"].astype(np.int64)
@@ -395,6 +402,16 @@ def read_particles(star_path, apix=None, require_ctf=False, check_stacks=True):
     return ParticleTable(df=df, optics=optics, path=path, version=version, box=int(box),
                          apix=float(table_apix), has_ctf=bool(has_ctf),
                          has_angles=has_angles)
+
+
+def _check_optics_terms(df, path):
+    """Refuse, in one line naming the file, optics group and field, the optics-group
+    terms the engine's CTF cannot apply (:func:`.ctf.optics_terms`)."""
+    from .ctf import optics_terms
+    try:
+        optics_terms(df)
+    except CryoClassError as exc:
+        raise CryoClassError(f"{path}: {exc}") from None
 
 
 def _merge_optics(particles, optics, path):
