@@ -11,13 +11,13 @@ generator drawn from seeds far from training's (10000+), at the same grid.  Each
 degraded like a regularised reconstruction (``training_data.degrade`` with SSNR = 1 at
 ``--crossovers`` A, ln SSNR falling by ``--beta`` (600 A^2) per unit |k|^2, B 50 A^2,
 T = 4 with the true tau2, no preferred orientation; the band limit is the 8 A Nyquist
-of the grid) and regularised with
-``BlushRegulariser.regularise`` (replace mode, default crossover = 6 A network Nyquist,
-so at 4 A/px the whole band is D's).  Reported per map and SSNR level: FSC-0.5
-resolution against the truth (the clean map with the same blur) of V_reg, of V_reg times
-Blush's soft mask (what masking alone gives) and of the Blush result, the solvent noise (RMS outside the particle sphere + 10 A, over the truth's RMS
-inside the particle), the real-space correlation with the truth inside the particle,
-and the time per call (one thread).
+of the grid) and regularised with ``BlushRegulariser.regularise`` (replace mode,
+default crossover = 6 A network Nyquist, so at 4 A/px the whole band is D's).  Reported
+per map and SSNR level: FSC-0.5 resolution against the truth (the clean map with the
+same blur) of V_reg, of V_reg times Blush's soft mask (what masking alone gives) and of
+the Blush result; the solvent noise (RMS outside the particle sphere + 10 A, over the
+truth's RMS inside the particle); the real-space correlation with the truth inside the
+particle; and the time per call (one thread).
 
 Part B (``--classify``) -- ``cryoclass refine`` with and without ``--blush`` on
 simulated sets (600 and 1,500 particles at SNR 0.01 / 0.02 / 0.05, three true classes,
@@ -27,7 +27,6 @@ run ``--blush`` yet (its flag refuses at run time), part B says so and stops.
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 

@@ -190,7 +190,8 @@ def random_structure(rng, max_radius=70.0):
     elif kind < 0.35:
         ps, ws = [], []
         for _ in range(int(rng.integers(2, 7))):
-            p, wt = rna_helix(rng, _random_unit(rng) * rng.uniform(0, 30), int(rng.integers(10, 35)))
+            centre = _random_unit(rng) * rng.uniform(0, 30)
+            p, wt = rna_helix(rng, centre, int(rng.integers(10, 35)))
             ps.append(p)
             ws.append(wt)
         pts, w = np.concatenate(ps), np.concatenate(ws)
