@@ -12,12 +12,14 @@ throughout):
 :func:`map_slices_figure`                 one map as a grid of slices along z (or y, x)
 :func:`central_slices_figure`             central slices of all classes, largest first
 :func:`ssnr_figure`                       rlnSsnrMap against resolution, per class
+:func:`ssnr_overlay_figure`               the same for several iterations, overlaid
 :func:`class_distribution_figure`         rlnClassDistribution over iterations
 :func:`class_resolution_figure`           rlnEstimatedResolution over iterations
 :func:`convergence_figure`                changes in classes / orientations / offsets,
                                           log-likelihood, average Pmax, resolution
 :func:`angular_distribution_figure`       rot/tilt histogram per class (Mollweide)
 :func:`write_chimerax_script`             a ChimeraX ``.cxc`` opening, fitting, tiling
+:func:`write_angdist_bild`                angular distribution as ChimeraX BILD markers
 :func:`launch_chimerax`                   run ChimeraX on it if installed, else a message
 ========================================  =============================================
 
@@ -39,6 +41,7 @@ __all__ = [
     "class_distribution_figure", "class_resolution_figure", "convergence_figure",
     "angular_distribution_figure", "save_figure", "class_color", "map_contrast",
     "write_chimerax_script", "launch_chimerax", "find_chimerax", "auto_level",
+    "ssnr_overlay_figure", "direction_counts", "write_angdist_bild",
 ]
 
 ANGSTROM = "\u00c5"
@@ -313,42 +316,66 @@ def _angstrom_top_axis(ax, xmax):
     return top
 
 
+def _ssnr_curve(table):
+    """(1/A, SSNR) of a data_model_class_N frame without the origin shell, or None."""
+    if "rlnSsnrMap" not in table or "rlnResolution" not in table:
+        return None
+    x = np.asarray(table["rlnResolution"], float)
+    y = np.asarray(table["rlnSsnrMap"], float)
+    keep = (np.asarray(table["rlnSpectralIndex"], float) > 0 if "rlnSpectralIndex" in table
+            else x > 0)
+    x, y = x[keep], y[keep]
+    ok = np.isfinite(y) & (y > 0)
+    return (x, np.where(ok, y, np.nan)) if ok.any() else None   # log axis: no SSNR <= 0
+
+
+_ITER_STYLES = ["-", "--", "-.", ":"]
+
+
 def ssnr_figure(class_tables, classes=None, title=None, ymin=1e-2):
     """rlnSsnrMap against rlnResolution (1/A) for each class, log y, with the SSNR = 1
     line, a top axis in A and a dotted mark at each class's rlnEstimatedResolution.
 
     ``class_tables``: {class number: data_model_class_N frame}.
     """
+    return ssnr_overlay_figure({None: (class_tables, classes)}, title=title, ymin=ymin)
+
+
+def ssnr_overlay_figure(per_iteration, title=None, ymin=1e-2):
+    """SSNR curves of several iterations overlaid: one line per (iteration, class),
+    coloured by class, the line style and weight by iteration (the latest solid and
+    thickest); the estimated-resolution marks are those of the latest iteration.
+
+    ``per_iteration``: {iteration: ({class: data_model_class_N frame},
+    data_model_classes)}; the key None means a single unnamed iteration.  Each line's
+    label starts with ``it N, class k`` (``class k`` for None).
+    """
     fig = _figure(7.0, 4.6)
     ax = fig.add_subplot()
-    ks = _sorted_classes(list(class_tables), classes)
+    its = sorted(per_iteration, key=lambda i: -1 if i is None else i)
     xmax, ymax, plotted = 0.0, 1.0, 0
-    for k in ks:
-        t = class_tables[k]
-        if "rlnSsnrMap" not in t or "rlnResolution" not in t:
-            continue
-        x = np.asarray(t["rlnResolution"], float)
-        y = np.asarray(t["rlnSsnrMap"], float)
-        if "rlnSpectralIndex" in t:
-            keep = np.asarray(t["rlnSpectralIndex"], float) > 0
-        else:
-            keep = x > 0
-        x, y = x[keep], y[keep]
-        ok = np.isfinite(y) & (y > 0)
-        if not ok.any():
-            continue
-        dist, res, _ = _class_info(classes, k)
-        lab = f"class {k}"
-        extra = ", ".join(s for s in (_fmt_pct(dist), _fmt_res(res)) if s)
-        if extra:
-            lab += f" ({extra})"
-        yy = np.where(ok, y, np.nan)            # log axis: SSNR <= 0 is not drawn
-        ax.plot(x, yy, "-", color=class_color(k), lw=1.6, label=lab)
-        if res is not None and 0 < res < 999:
-            ax.axvline(1.0 / res, color=class_color(k), ls=":", lw=1.2)
-        xmax = max(xmax, float(np.nanmax(x)))
-        ymax = max(ymax, float(np.nanmax(y[ok])))
-        plotted += 1
+    for rank, it in enumerate(its):
+        tables, classes = per_iteration[it]
+        latest = rank == len(its) - 1
+        style = _ITER_STYLES[(len(its) - 1 - rank) % len(_ITER_STYLES)]
+        for k in _sorted_classes(list(tables), classes):
+            curve = _ssnr_curve(tables[k])
+            if curve is None:
+                continue
+            x, y = curve
+            dist, res, _ = _class_info(classes, k)
+            lab = f"class {k}" if it is None else f"it {it}, class {k}"
+            extra = ", ".join(s for s in (_fmt_pct(dist), _fmt_res(res)) if s)
+            if extra:
+                lab += f" ({extra})"
+            ax.plot(x, y, style, color=class_color(k), lw=1.6 if latest else 1.1,
+                    alpha=1.0 if latest else 0.45 + 0.5 * rank / max(len(its) - 1, 1),
+                    label=lab)
+            if latest and res is not None and 0 < res < 999:
+                ax.axvline(1.0 / res, color=class_color(k), ls=":", lw=1.2)
+            xmax = max(xmax, float(np.nanmax(x)))
+            ymax = max(ymax, float(np.nanmax(y)))
+            plotted += 1
     ax.axhline(1.0, color="black", ls="--", lw=1, label="SSNR = 1")
     ax.set_yscale("log")
     ax.set_ylim(ymin, ymax * 2)
@@ -361,7 +388,8 @@ def ssnr_figure(class_tables, classes=None, title=None, ymin=1e-2):
     ax.set_ylabel("SSNR (rlnSsnrMap)", fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.legend(fontsize=7 if plotted > 8 else 8, loc="upper right", framealpha=0.9,
+              ncol=2 if plotted > 12 else 1)
     fig.suptitle(title or "Spectral signal-to-noise ratio per class", fontsize=10)
     return fig
 
@@ -637,6 +665,55 @@ def write_chimerax_script(map_paths, out_cxc, apix=None, levels=None, labels=Non
     with open(out_cxc, "w") as f:
         f.write("\n".join(lines) + "\n")
     return out_cxc
+
+
+def direction_counts(rot, tilt, directions, chunk=4096):
+    """Particles per sampled direction: each projection direction (RELION ``rot``,
+    ``tilt`` in degrees, i.e. the unit vector ``(sin t cos r, sin t sin r, cos t)``) is
+    counted at the nearest of ``directions`` ((n, 3) unit vectors).  Returns (n,) ints."""
+    d = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    r = np.radians(np.asarray(rot, dtype=np.float64).ravel())
+    t = np.radians(np.asarray(tilt, dtype=np.float64).ravel())
+    v = np.stack([np.sin(t) * np.cos(r), np.sin(t) * np.sin(r), np.cos(t)], axis=-1)
+    counts = np.zeros(len(d), dtype=np.int64)
+    for i in range(0, len(v), chunk):
+        nearest = np.argmax(v[i:i + chunk] @ d.T, axis=1)
+        counts += np.bincount(nearest, minlength=len(d))
+    return counts
+
+
+def write_angdist_bild(path, directions, counts, centre, distance, max_radius,
+                       color=(1.0, 0.55, 0.0), comment=None):
+    """Write an angular distribution as a ChimeraX BILD file (``open file.bild``).
+
+    One ``.sphere x y z r`` per direction holding particles, at ``centre + distance *
+    direction`` (A, the map's frame: x, y, z with the map's origin at 0), radius
+    ``max_radius * count / max(count)`` (A), after one ``.color r g b`` (0..1).
+    ``comment`` goes in a ``.comment`` line first.  Returns the number of markers.
+    """
+    d = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    counts = np.asarray(counts, dtype=np.int64).ravel()
+    if len(counts) != len(d):
+        raise ValueError(f"{len(counts)} counts for {len(d)} directions")
+    top = int(counts.max()) if len(counts) else 0
+    c = np.asarray(centre, dtype=np.float64).reshape(3)
+    lines = []
+    if comment:
+        lines.append(".comment " + " ".join(str(comment).split()))
+    lines.append(".color %.4f %.4f %.4f" % tuple(float(v) for v in color[:3]))
+    for vec, n in zip(d, counts):
+        if n <= 0:
+            continue
+        x, y, z = c + distance * vec
+        lines.append(f".sphere {x:.3f} {y:.3f} {z:.3f} {max_radius * n / top:.4f}")
+    path = os.fspath(path)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return int((counts > 0).sum())
 
 
 def find_chimerax():

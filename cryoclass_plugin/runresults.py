@@ -319,6 +319,30 @@ class RunResults:
     def has(self, it, kind):
         return os.path.exists(self.path(it, kind))
 
+    def resolve_iterations(self, its):
+        """Iterations that must all exist (sorted, unique); None or empty -> [last].
+        A one-line error lists the iterations on disk when one is missing."""
+        if not its:
+            return [self.resolve_iteration(None)]
+        have = self.iterations
+        bad = sorted({int(i) for i in its if int(i) not in have})
+        if bad:
+            raise CryoClassError(f"{self.root}: no iteration {', '.join(map(str, bad))}; "
+                                 f"iterations {_ranges(have)}")
+        return sorted({int(i) for i in its})
+
+    def star_blocks(self, it, kind):
+        """``[(block name without 'data_', 'loop' | 'pairs', rows)]`` of an iteration's
+        ``<kind>.star`` (model, optimiser, data, sampling), in file order."""
+        fn = self._need(self.resolve_iteration(it), kind)
+        out = []
+        for name, block in read_star(fn).items():
+            if isinstance(block, dict):
+                out.append((name, "pairs", 1))
+            else:
+                out.append((name, "loop", len(as_frame(block))))
+        return out
+
     # ---- tables --------------------------------------------------------------------
     def _need(self, it, kind):
         fn = self.path(self.resolve_iteration(it), kind)
@@ -397,25 +421,27 @@ class RunResults:
         df.columns.name = "class"
         return df[sorted(df.columns)] if len(df.columns) else df
 
-    def class_distribution_series(self):
-        """rlnClassDistribution (fraction of particles) per class per iteration."""
-        return self.classes_series("rlnClassDistribution")
+    def class_distribution_series(self, iterations=None):
+        """rlnClassDistribution (fraction of particles) per class per iteration (all, or
+        the given ones)."""
+        return self.classes_series("rlnClassDistribution", iterations)
 
-    def class_resolution_series(self):
+    def class_resolution_series(self, iterations=None):
         """rlnEstimatedResolution (A) per class per iteration; RELION's 999 -> NaN."""
-        df = self.classes_series("rlnEstimatedResolution")
+        df = self.classes_series("rlnEstimatedResolution", iterations)
         return df.where(df < RELION_UNSET)
 
-    def convergence_series(self):
-        """DataFrame indexed by iteration: rlnChangesOptimalClasses (fraction),
-        rlnChangesOptimalOrientations (deg), rlnChangesOptimalOffsets (A) from the
-        optimiser, rlnLogLikelihood, rlnAveragePmax, rlnCurrentResolution (A) from the
-        model.  RELION's 'not yet defined' sentinels (>= 999) become NaN."""
+    def convergence_series(self, iterations=None):
+        """DataFrame indexed by iteration (all, or the given ones):
+        rlnChangesOptimalClasses (fraction), rlnChangesOptimalOrientations (deg),
+        rlnChangesOptimalOffsets (A) from the optimiser, rlnLogLikelihood,
+        rlnAveragePmax, rlnCurrentResolution (A) from the model.  RELION's 'not yet
+        defined' sentinels (>= 999) become NaN."""
         opt_labels = ["rlnChangesOptimalClasses", "rlnChangesOptimalOrientations",
                       "rlnChangesOptimalOffsets"]
         mod_labels = ["rlnLogLikelihood", "rlnAveragePmax", "rlnCurrentResolution"]
         rows = {}
-        for it in self.iterations:
+        for it in iterations or self.iterations:
             row = {}
             if self.has(it, "optimiser"):
                 try:

@@ -64,13 +64,14 @@ def test_form_and_defaults(setup):
     assert viewer.getIteration() == 3
     assert viewer.getClasses() is None
     assert viewer.runRoot().endswith(os.path.join("extra", OUTPUT_ROOT))
-    assert viewer.iterSelection.get() == 3        # defaults to the last iteration
+    assert viewer.iterSelection.get() == "3"      # defaults to the last iteration
+    assert viewer.getIterations() == [3] and viewer.seriesIterations() is None
     for name in viewer._getVisualizeDict():
         assert hasattr(viewer, name), name
 
 
 def test_selection_of_iteration_and_classes(setup):
-    viewer = make_viewer(setup, viewIter=V.ITER_SELECTION, iterSelection=1,
+    viewer = make_viewer(setup, displayIter=V.ITER_SELECTION, iterSelection="1",
                          showClasses3D=V.CLASSES_SEL, class3DSelection="1,3")
     assert viewer.getIteration() == 1 and viewer.getClasses() == [1, 3]
     paths = viewer.makeSlices()
@@ -85,14 +86,18 @@ def test_selection_of_iteration_and_classes(setup):
                                    "makeAngularDistribution"])
 def test_each_figure_action_headless(setup, maker):
     viewer = make_viewer(setup)
-    path = getattr(viewer, maker)()
-    assert path.startswith(setup[1]._getExtraPath("viewer"))
-    assert_not_blank(path)
+    paths = getattr(viewer, maker)()
+    paths = [paths] if isinstance(paths, str) else paths
+    assert len(paths) == 1
+    for path in paths:
+        assert path.startswith(setup[1]._getExtraPath("viewer"))
+        assert_not_blank(path)
 
 
 def test_angular_rect_and_slices_axis(setup):
     viewer = make_viewer(setup, displayAngDist=V.ANGDIST_RECT, sliceAxis=2)
-    assert viewer.makeAngularDistribution().endswith("_rect.png")
+    assert [os.path.basename(p) for p in viewer.makeAngularDistribution()] == [
+        "angular_distribution_it003_rect.png"]
     paths = viewer.makeSlices()
     assert len(paths) == 3 and all(p.endswith("_x.png") for p in paths)
 

@@ -1,15 +1,22 @@
 """Scipion viewer of a cryoclass 3D classification (``ProtCryoClassClassify3D``).
 
-A form in the spirit of RELION's viewer in scipion-em-relion (``RelionViewer``): pick an
-iteration (default the last) and classes (default all), then one eye button per display:
+A form in the spirit of RELION's viewer in scipion-em-relion (``RelionViewer``): pick the
+iterations (``displayIter``: the last, or a selection such as ``5,10-15`` in
+``iterSelection``) and classes (default all), then one eye button per display:
 
 * the classification in Scipion (``outputClasses`` in showj) and the particles of the
   selected classes;
-* class maps as slices, central slices of all classes sorted by size, the classes in
-  ChimeraX (fitted into the largest class and tiled);
-* SSNR per class;
-* class distribution, estimated resolution and convergence over iterations, angular
-  distribution per class.
+* class maps as slices, central slices of all classes sorted by size (one figure per
+  selected iteration), the classes of the last selected iteration in ChimeraX (fitted
+  into the largest class and tiled);
+* SSNR per class, the curves of all selected iterations overlaid (one line per
+  iteration and class);
+* class distribution, estimated resolution and convergence over the selected iterations
+  (one selected iteration: every iteration up to it);
+* angular distribution per class, as a plot or as ChimeraX markers (a ``.bild`` file
+  per class: one sphere per sampled direction, radius ~ particles);
+* the tables of ``_model.star`` and ``_optimiser.star`` in Scipion's table viewer
+  (showj, one view per STAR block).
 
 Every display has a headless method (``make*``) that writes its figure / file under the
 protocol's ``extra/viewer/`` and returns the path; the ``_show*`` methods used by the
@@ -22,7 +29,7 @@ import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
 from pyworkflow.protocol.constants import LEVEL_ADVANCED
 from pyworkflow.viewer import DESKTOP_TKINTER, WEB_DJANGO, View
-from pwem.viewers import Classes3DView, EmProtocolViewer, ObjectView
+from pwem.viewers import Classes3DView, DataView, EmProtocolViewer, ObjectView
 from pwem.viewers import showj
 
 from ..constants import OUTPUT_ROOT
@@ -37,6 +44,12 @@ VOLUME_SLICES = 0
 VOLUME_CHIMERAX = 1
 ANGDIST_MOLLWEIDE = 0
 ANGDIST_RECT = 1
+ANGDIST_CHIMERAX = 2
+MODEL_GENERAL = 0
+MODEL_CLASSES = 1
+MODEL_CLASS_SPECTRA = 2
+MODEL_GROUPS = 3
+MODEL_TABLES = ["general", "classes", "class spectra", "groups"]
 AXES = ["z", "y", "x"]
 
 
@@ -103,15 +116,20 @@ class CryoClassViewer(EmProtocolViewer):
     def _defineParams(self, form):
         self._env = os.environ.copy()
         form.addSection(label="Visualization")
-        form.addParam("viewIter", params.EnumParam, choices=["last", "selection"],
+        form.addParam("displayIter", params.EnumParam, choices=["last", "selection"],
                       default=ITER_LAST, display=params.EnumParam.DISPLAY_HLIST,
                       label="Iteration to visualize",
                       help="*last*: the last iteration written.\n"
-                           "*selection*: the iteration given below.")
-        form.addParam("iterSelection", params.IntParam, default=self._defaultIteration(),
-                      condition="viewIter==%d" % ITER_SELECTION,
-                      label="Iteration",
-                      help="Iteration number (0 is the starting model).")
+                           "*selection*: the iterations listed below.")
+        form.addParam("iterSelection", params.NumericRangeParam,
+                      default=str(self._defaultIteration()),
+                      condition="displayIter==%d" % ITER_SELECTION,
+                      label="Iterations list",
+                      help='e.g. "25" or "5,10-15" (0 is the starting model). SSNR '
+                           "curves of all of them are overlaid; the plots over "
+                           "iterations show them (one iteration: all up to it); maps, "
+                           "angular distributions and tables: one per iteration; "
+                           "ChimeraX: the last one.")
         form.addParam("showClasses3D", params.EnumParam, choices=["all", "selection"],
                       default=CLASSES_ALL, display=params.EnumParam.DISPLAY_HLIST,
                       label="3D classes to visualize")
@@ -146,7 +164,21 @@ class CryoClassViewer(EmProtocolViewer):
         group = form.addGroup("Resolution")
         group.addParam("showSSNR", params.LabelParam, label="Display SSNR plots",
                        help="Spectral signal-to-noise ratio per class (rlnSsnrMap) "
-                            "against resolution, with the SSNR = 1 line.")
+                            "against resolution, with the SSNR = 1 line; the selected "
+                            "iterations overlaid.")
+
+        group = form.addGroup("Tables")
+        group.addParam("displayModelTable", params.EnumParam, choices=MODEL_TABLES,
+                       default=MODEL_CLASSES, display=params.EnumParam.DISPLAY_COMBO,
+                       label="Show _model.star table",
+                       help="*general*: data_model_general; *classes*: "
+                            "data_model_classes; *class spectra*: data_model_class_N of "
+                            "the selected classes (SSNR, tau2, sigma2 per shell); "
+                            "*groups*: data_model_groups.")
+        group.addParam("showOptimiserTable", params.LabelParam,
+                       label="Show _optimiser.star table",
+                       help="data_optimiser_general: the run's settings and the changes "
+                            "between iterations.")
 
         form.addSection(label="Overall")
         form.addParam("showClassDistribution", params.LabelParam,
@@ -158,11 +190,13 @@ class CryoClassViewer(EmProtocolViewer):
                       help="Changes between iterations (optimiser.star), "
                            "log-likelihood, average Pmax and current resolution.")
         form.addParam("displayAngDist", params.EnumParam,
-                      choices=["Mollweide", "rot/tilt histogram"],
+                      choices=["Mollweide", "rot/tilt histogram", "ChimeraX"],
                       default=ANGDIST_MOLLWEIDE, display=params.EnumParam.DISPLAY_HLIST,
                       label="Angular distribution",
                       help="Projection directions of the particles of each selected "
-                           "class at the chosen iteration.")
+                           "class at the chosen iteration.\n*ChimeraX*: the class map "
+                           "with one sphere per sampled direction, radius ~ particles "
+                           "(a .bild file per class, also readable on its own).")
 
     def _getVisualizeDict(self):
         return {
@@ -175,6 +209,8 @@ class CryoClassViewer(EmProtocolViewer):
             "showClassResolution": self._showClassResolution,
             "showConvergence": self._showConvergence,
             "displayAngDist": self._showAngularDistribution,
+            "displayModelTable": self._showModelTable,
+            "showOptimiserTable": self._showOptimiserTable,
         }
 
     def _validate(self):
@@ -202,12 +238,34 @@ class CryoClassViewer(EmProtocolViewer):
         except Exception:
             return 0
 
-    def getIteration(self):
-        """The iteration chosen in the form (``last`` -> last written)."""
+    def getIterations(self):
+        """The iterations chosen in the form, sorted (``last`` -> [last written])."""
         run = self.runResults()
-        if self.viewIter.get() == ITER_SELECTION and self.iterSelection.get() is not None:
-            return run.resolve_iteration(self.iterSelection.get())
-        return run.resolve_iteration(None)
+        if self.displayIter.get() != ITER_SELECTION:
+            return [run.resolve_iteration(None)]
+        text = (self.iterSelection.get() or "").strip()
+        if not text:
+            return [run.resolve_iteration(None)]
+        try:
+            its = pwutils.getListFromRangeString(text)
+        except ValueError:
+            raise CryoClassError("Iterations list: cannot read '%s' (e.g. 25 or 5,10-15)"
+                                 % text) from None
+        return run.resolve_iterations(its)
+
+    def getIteration(self):
+        """The one iteration of single-iteration displays: the last selected."""
+        return self.getIterations()[-1]
+
+    def seriesIterations(self):
+        """Iterations of the plots over iterations: None (all) for ``last``; the
+        selection when it has several; every iteration up to a single selected one."""
+        if self.displayIter.get() != ITER_SELECTION:
+            return None
+        its = self.getIterations()
+        if len(its) > 1:
+            return its
+        return [i for i in self.runResults().iterations if i <= its[0]]
 
     def getClasses(self):
         """Selected class numbers, or None for all."""
@@ -235,21 +293,25 @@ class CryoClassViewer(EmProtocolViewer):
 
     # ------------------------------------------------------------------ headless makers
     def makeSlices(self):
-        """PNG per selected class: slices of its map along the chosen axis."""
+        """PNG per selected iteration and class: slices of its map along the chosen axis."""
         from ..commands import report as R
-        run, it = self.runResults(), self.getIteration()
+        run = self.runResults()
         axis = AXES[self.sliceAxis.get() or 0]
         paths = []
-        for k in R._classes_of(run, it, self.getClasses()):
-            fig = R.figure_map_slices(run, it, k, axis)
-            paths.append(self._save(fig, "slices_it%03d_class%03d_%s.png" % (it, k, axis)))
+        for it in self.getIterations():
+            for k in R._classes_of(run, it, self.getClasses()):
+                fig = R.figure_map_slices(run, it, k, axis)
+                paths.append(self._save(fig, "slices_it%03d_class%03d_%s.png"
+                                        % (it, k, axis)))
         return paths
 
     def makeCentralSlices(self):
+        """PNG per selected iteration: central slices of the selected classes."""
         from ..commands import report as R
-        run, it = self.runResults(), self.getIteration()
-        fig = R.figure_central_slices(run, it, self.getClasses())
-        return self._save(fig, "central_slices_it%03d.png" % it)
+        run = self.runResults()
+        return [self._save(R.figure_central_slices(run, it, self.getClasses()),
+                           "central_slices_it%03d.png" % it)
+                for it in self.getIterations()]
 
     def makeChimeraXScript(self):
         from ..commands import report as R
@@ -258,30 +320,82 @@ class CryoClassViewer(EmProtocolViewer):
                                  self.getClasses())
 
     def makeSSNR(self):
+        """One PNG: the SSNR curves of the selected iterations and classes, overlaid."""
         from ..commands import report as R
-        run, it = self.runResults(), self.getIteration()
-        return self._save(R.figure_ssnr(run, it, self.getClasses()), "ssnr_it%03d.png" % it)
+        run, its = self.runResults(), self.getIterations()
+        name = "ssnr_it%03d.png" % its[0] if len(its) == 1 else \
+            "ssnr_it%03d-%03d_%d.png" % (its[0], its[-1], len(its))
+        return self._save(R.figure_ssnr(run, its[-1], self.getClasses(),
+                                        iterations=its), name)
+
+    def _seriesName(self, stem):
+        its = self.seriesIterations()
+        return stem + (".png" if its is None else "_it%03d-%03d_%d.png"
+                       % (its[0], its[-1], len(its)))
 
     def makeClassDistribution(self):
         from ..commands import report as R
-        return self._save(R.figure_class_distribution(self.runResults(), self.getClasses()),
-                          "class_distribution.png")
+        return self._save(R.figure_class_distribution(self.runResults(), self.getClasses(),
+                                                      self.seriesIterations()),
+                          self._seriesName("class_distribution"))
 
     def makeClassResolution(self):
         from ..commands import report as R
-        return self._save(R.figure_class_resolution(self.runResults(), self.getClasses()),
-                          "class_resolution.png")
+        return self._save(R.figure_class_resolution(self.runResults(), self.getClasses(),
+                                                    self.seriesIterations()),
+                          self._seriesName("class_resolution"))
 
     def makeConvergence(self):
         from ..commands import report as R
-        return self._save(R.figure_convergence(self.runResults()), "convergence.png")
+        return self._save(R.figure_convergence(self.runResults(), self.seriesIterations()),
+                          self._seriesName("convergence"))
 
     def makeAngularDistribution(self):
+        """PNG per selected iteration (Mollweide or rot/tilt histogram)."""
         from ..commands import report as R
-        run, it = self.runResults(), self.getIteration()
+        run = self.runResults()
         proj = "rect" if self.displayAngDist.get() == ANGDIST_RECT else "mollweide"
-        fig = R.figure_angular_distribution(run, it, self.getClasses(), projection=proj)
-        return self._save(fig, "angular_distribution_it%03d_%s.png" % (it, proj))
+        return [self._save(R.figure_angular_distribution(run, it, self.getClasses(),
+                                                         projection=proj),
+                           "angular_distribution_it%03d_%s.png" % (it, proj))
+                for it in self.getIterations()]
+
+    def makeAngularDistributionBild(self):
+        """{iteration: {class: {'bild', 'cxc', 'markers', 'particles', 'order'}}}: a
+        ChimeraX marker file and a script opening it with the class map, per selected
+        iteration and class (:func:`..commands.report.angdist_bild`)."""
+        from ..commands import report as R
+        run = self.runResults()
+        return {it: R.angdist_bild(run, it, self.viewerDir(), self.getClasses())
+                for it in self.getIterations()}
+
+    def makeTableViews(self, kind, which=None):
+        """showj table views (``DataView('block@file')``, not shown) of the blocks of the
+        selected iterations' ``<kind>.star``: kind ``optimiser`` (its one block) or
+        ``model`` with ``which`` one of MODEL_GENERAL, MODEL_CLASSES,
+        MODEL_CLASS_SPECTRA (data_model_class_N of the selected classes), MODEL_GROUPS."""
+        from ..commands import report as R
+        run = self.runResults()
+        views = []
+        for it in self.getIterations():
+            names = [b[0] for b in run.star_blocks(it, kind)]
+            if kind == "model":
+                if which == MODEL_CLASS_SPECTRA:
+                    wanted = ["model_class_%d" % k
+                              for k in R._classes_of(run, it, self.getClasses())]
+                else:
+                    wanted = ["model_" + MODEL_TABLES[which or 0]]
+                missing = [w for w in wanted if w not in names]
+                if missing:
+                    raise CryoClassError("%s: no table data_%s; tables: %s" % (
+                        run.path(it, kind), missing[0],
+                        ", ".join("data_" + n for n in names)))
+                names = wanted
+            path = os.path.abspath(run.path(it, kind))
+            views += [DataView("%s@%s" % (n, path), env=getattr(self, "_env", None) or {},
+                               viewParams={showj.MODE: showj.MODE_MD})
+                      for n in names]
+        return views
 
     def _outputClasses(self):
         classes = getattr(self.protocol, "outputClasses", None)
@@ -392,5 +506,33 @@ class CryoClassViewer(EmProtocolViewer):
                                                      "Convergence"))
 
     def _showAngularDistribution(self, paramName=None):
+        if self.displayAngDist.get() == ANGDIST_CHIMERAX:
+            return self._guard(self._angdistChimeraViews)
         return self._guard(lambda: self._figureViews(self.makeAngularDistribution(),
                                                      "Angular distribution"))
+
+    def _angdistChimeraViews(self):
+        """ChimeraX on each class's map + markers; a message naming the scripts when
+        ChimeraX is not installed."""
+        from ..figures import launch_chimerax
+        scripts = [c["cxc"] for per in self.makeAngularDistributionBild().values()
+                   for c in per.values()]
+        failed = []
+        for cxc in scripts:
+            started, msg = launch_chimerax(cxc)
+            if not started:
+                failed.append(msg)
+        if not failed:
+            return []
+        return [MessageOnlyView(failed[0] if len(failed) == 1 else
+                                "ChimeraX not found on PATH; open these scripts in "
+                                "ChimeraX:\n" + "\n".join(os.path.abspath(c)
+                                                           for c in scripts),
+                                self, "ChimeraX")]
+
+    def _showModelTable(self, paramName=None):
+        return self._guard(lambda: self.makeTableViews("model",
+                                                       self.displayModelTable.get()))
+
+    def _showOptimiserTable(self, paramName=None):
+        return self._guard(lambda: self.makeTableViews("optimiser"))

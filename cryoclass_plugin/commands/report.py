@@ -23,6 +23,8 @@ import datetime
 import html
 import os
 
+import numpy as np
+
 from ..engine.errors import CryoClassError
 
 
@@ -93,38 +95,53 @@ def figure_central_slices(run, it, classes=None, mode="slice"):
                                  title=f"Iteration {it}")
 
 
-def figure_ssnr(run, it, classes=None):
-    from ..figures import ssnr_figure
+def figure_ssnr(run, it, classes=None, iterations=None):
+    """SSNR per class of iteration ``it``; with ``iterations`` (several), the curves of
+    all of them overlaid, one line per (iteration, class)."""
+    from ..figures import ssnr_figure, ssnr_overlay_figure
 
-    model = run.model(it)
-    ks = _classes_of(run, it, classes)
-    tables = {k: t for k, t in model.class_tables().items() if k in ks}
-    return ssnr_figure(tables, model.classes, title=f"SSNR per class, iteration {it}")
+    its = run.resolve_iterations(iterations) if iterations else [run.resolve_iteration(it)]
+    per_it = {}
+    for i in its:
+        model = run.model(i)
+        ks = _classes_of(run, i, classes)
+        per_it[i] = ({k: t for k, t in model.class_tables().items() if k in ks},
+                     model.classes)
+    if len(its) == 1:
+        return ssnr_figure(*per_it[its[0]], title=f"SSNR per class, iteration {its[0]}")
+    return ssnr_overlay_figure(per_it, title="SSNR per class, iterations "
+                                             f"{_iter_text(its)}")
 
 
-def figure_class_distribution(run, classes=None):
+def _iter_text(its):
+    from ..runresults import _ranges
+    return _ranges(list(its))
+
+
+def figure_class_distribution(run, classes=None, iterations=None):
     from ..figures import class_distribution_figure
 
-    df = run.class_distribution_series()
+    df = run.class_distribution_series(iterations)
     if classes:
         df = df[[k for k in df.columns if k in classes]]
     return class_distribution_figure(df)
 
 
-def figure_class_resolution(run, classes=None):
+def figure_class_resolution(run, classes=None, iterations=None):
     from ..figures import class_resolution_figure
 
-    df = run.class_resolution_series()
+    df = run.class_resolution_series(iterations)
     if classes:
         df = df[[k for k in df.columns if k in classes]]
-    conv = run.convergence_series()
+    conv = run.convergence_series(iterations)
     return class_resolution_figure(df, current=conv.get("rlnCurrentResolution"))
 
 
-def figure_convergence(run):
+def figure_convergence(run, iterations=None):
     from ..figures import convergence_figure
 
-    return convergence_figure(run.convergence_series(), title=f"Convergence ({run.name})")
+    return convergence_figure(run.convergence_series(iterations),
+                              title=f"Convergence ({run.name})")
 
 
 def figure_angular_distribution(run, it, classes=None, projection="mollweide"):
@@ -145,6 +162,82 @@ def figure_angular_distribution(run, it, classes=None, projection="mollweide"):
     return angular_distribution_figure(
         data, classes=order, class_info=run.model(it).classes, projection=projection,
         title=f"Angular distribution, iteration {it}")
+
+
+# HEALPix order of the BILD markers: the run's sampling, at most this (order 4: 3072
+# directions, 3.75 degrees apart), so that a fine run still gives readable markers.
+BILD_MAX_ORDER = 4
+
+
+def angdist_bild(run, it, out_dir, classes=None, max_order=BILD_MAX_ORDER):
+    """Angular distribution of each class of iteration ``it`` as ChimeraX markers.
+
+    Per class ``angdist_itNNN_classKKK.bild`` (one sphere per sampled direction that
+    holds particles, radius proportional to their number; the directions are the HEALPix
+    pixel centres of the run's ``rlnHealpixOrder``, at most ``max_order``) and
+    ``angdist_itNNN_classKKK.cxc`` opening the class map with its markers around it.
+    Returns ``{class: {'bild', 'cxc', 'markers', 'particles', 'order'}}``.
+    """
+    from ..engine import healpix
+    from ..figures import class_color, direction_counts, write_angdist_bild
+
+    it = run.resolve_iteration(it)
+    if not run.has(it, "data"):
+        raise CryoClassError(f"{run.path(it, 'data')}: missing (no particle angles for "
+                             f"iteration {it})")
+    data = run.data(it)
+    for lab in ("rlnAngleRot", "rlnAngleTilt", "rlnClassNumber"):
+        if lab not in data:
+            raise CryoClassError(f"{run.path(it, 'data')}: no {lab} column")
+    order = BILD_MAX_ORDER
+    if run.has(it, "sampling"):
+        order = int(run.sampling(it).get("rlnHealpixOrder", max_order))
+    order = max(0, min(order, max_order))
+    directions = healpix.pix2vec(np.arange(healpix.npix(order)), order)
+    model = run.model(it)
+    apix, box = model.pixel_size or 1.0, model.box or 64
+    centre = np.full(3, (box // 2) * apix)          # RELION's centre voxel, in A
+    distance, max_radius = 0.75 * box * apix / 2, 0.05 * box * apix
+    cls = data["rlnClassNumber"].astype(int).to_numpy()
+    out = {}
+    for k in _classes_of(run, it, classes):
+        sel = cls == k
+        counts = direction_counts(data["rlnAngleRot"].to_numpy(float)[sel],
+                                  data["rlnAngleTilt"].to_numpy(float)[sel], directions)
+        stem = os.path.join(out_dir, f"angdist_it{it:03d}_class{k:03d}")
+        note = (f"class {k} iteration {it}: {int(sel.sum())} particles on "
+                f"{int((counts > 0).sum())} of {len(directions)} directions (HEALPix order "
+                f"{order}); largest marker {max_radius:.3f} A = {int(counts.max())} particles")
+        markers = write_angdist_bild(stem + ".bild", directions, counts, centre, distance,
+                                     max_radius, color=class_color(k), comment=note)
+        out[k] = {"bild": stem + ".bild", "cxc": _angdist_cxc(run, it, k, stem, apix),
+                  "markers": markers, "particles": int(sel.sum()), "order": order}
+    return out
+
+
+def _angdist_cxc(run, it, k, stem, apix):
+    """ChimeraX script: class k's map as a surface and its angular-distribution markers."""
+    from ..figures import write_chimerax_script
+
+    cxc = stem + ".cxc"
+    map_path = run.class_map_path(it, k)
+    if os.path.exists(map_path):
+        write_chimerax_script([map_path], cxc, apix, labels=[f"class {k}"], fit=False,
+                              tile=False)
+        with open(cxc) as f:
+            lines = f.read().splitlines()
+    else:
+        lines = ["# ChimeraX script written by cryoclass", "set bgColor white"]
+    lines[0] = (f"# ChimeraX script written by cryoclass: class {k} of iteration {it} and "
+                "its angular distribution (one sphere per direction, radius ~ particles)")
+    bild = os.path.abspath(stem + ".bild")
+    lines.insert(len(lines) - 1 if lines[-1] == "view" else len(lines),
+                 f'open "{bild}"' if " " in bild else f"open {bild}")
+    if lines[-1] != "view":
+        lines.append("view")
+    with open(cxc, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return cxc
 
 
 def chimerax_script(run, it, out_cxc, classes=None):

@@ -456,6 +456,7 @@ def finish(ctx, model, work, started):
         timer.lap("output")
         ctx.log(log_line(model, plan.iteration, elapsed, len(work.subset)))
         ctx.log(f"          stage seconds: {timer.summary()}")
+        ctx.log(eta_line(model.history, plan.iteration, s.n_iter))
 
 
 def _check_finite_maps(model, iteration):
@@ -488,6 +489,25 @@ def log_line(model, iteration, seconds, n_used):
             f"dist [{dist}]  changes: classes {model.changes['classes']:.3f} "
             f"orient {model.changes['orientations']:.2f} deg "
             f"offsets {model.changes['offsets']:.2f} A  pmax {np.mean(model.part_pmax):.3f}")
+
+
+def eta_line(history, iteration, n_iter, now=None):
+    """Progress with an estimated end: wall seconds of this process's iterations so far
+    (``history``), their mean, the iterations left to ``n_iter`` and the local time at
+    which they end at that mean."""
+    now = time.time() if now is None else now
+    spent = sum(h["seconds"] for h in history)
+    mean = spent / max(len(history), 1)
+    left = max(int(n_iter) - int(iteration), 0)
+    end = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now + left * mean))
+    return (f"eta       iteration {iteration}/{n_iter}  elapsed {_hms(spent)}  "
+            f"{mean:.1f} s/iteration (mean of {len(history)})  {left} left  "
+            f"end {end} (in {_hms(left * mean)})")
+
+
+def _hms(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class StageTimer:
