@@ -175,3 +175,165 @@ def test_classes_and_particles_views(setup, tmp_path):
         assert len(views) == 2 and all(isinstance(v, ObjectView) for v in views)
     finally:
         del prot.outputClasses
+
+
+# ---------------------------------------------------------------------------------------
+# iteration ranges, tables, ChimeraX markers
+# ---------------------------------------------------------------------------------------
+def _ssnr_lines(viewer):
+    """{label prefix 'it N, class k' or 'class k': (x, y)} of the SSNR figure's curves."""
+    viewer.makeSSNR()
+    fig = list(viewer._figures.values())[-1]
+    out = {}
+    for line in fig.axes[0].get_lines():
+        lab = line.get_label()
+        if lab.startswith(("it ", "class ")):
+            out[lab.split(" (")[0]] = (line.get_xdata(), line.get_ydata())
+    return out
+
+
+def test_iteration_range_overlays_ssnr(setup):
+    _, _, info = setup
+    viewer = make_viewer(setup, displayIter=V.ITER_SELECTION, iterSelection="1-3",
+                         showClasses3D=V.CLASSES_SEL, class3DSelection="1,3")
+    assert viewer.getIterations() == [1, 2, 3] and viewer.getIteration() == 3
+    lines = _ssnr_lines(viewer)
+    # one line per selected iteration and class, each with that iteration's values
+    assert sorted(lines) == sorted(f"it {it}, class {k}" for it in (1, 2, 3) for k in (1, 3))
+    for it in (1, 2, 3):
+        for k in (1, 3):
+            x, y = lines[f"it {it}, class {k}"]
+            truth = info["ssnr"][(it, k)][1:]          # shell 0 is not drawn
+            np.testing.assert_allclose(x, np.arange(1, 17) / (32 * 4.0), atol=1e-6)
+            np.testing.assert_allclose(y, np.where(truth > 0, truth, np.nan), rtol=1e-6)
+    assert os.path.basename(viewer.makeSSNR()) == "ssnr_it001-003_3.png"
+
+
+def test_single_iteration_ssnr_and_series_up_to_it(setup):
+    viewer = make_viewer(setup, displayIter=V.ITER_SELECTION, iterSelection="2")
+    assert sorted(_ssnr_lines(viewer)) == ["class 1", "class 2", "class 3"]
+    assert viewer.seriesIterations() == [0, 1, 2]
+
+
+def test_series_plots_show_the_selected_iterations(setup):
+    _, _, info = setup
+    viewer = make_viewer(setup, displayIter=V.ITER_SELECTION, iterSelection="1,3")
+    assert viewer.seriesIterations() == [1, 3]
+    for maker in ("makeClassDistribution", "makeClassResolution", "makeConvergence"):
+        path = getattr(viewer, maker)()
+        assert path.endswith("_it001-003_2.png"), path
+        assert_not_blank(path)
+    fig = viewer._figures[viewer.makeClassDistribution()]
+    curves = {ln.get_label().split(" (")[0]: ln for ln in fig.axes[0].get_lines()}
+    for k in (1, 2, 3):
+        ln = curves[f"class {k}"]
+        assert list(ln.get_xdata()) == [1, 3]
+        np.testing.assert_allclose(ln.get_ydata(), 100 * np.array(
+            [info["dist"][1][k - 1], info["dist"][3][k - 1]]), atol=1e-4)
+
+
+def test_bad_iteration_selection_is_a_message(setup):
+    from pyworkflow.viewer import MessageView
+    for text in ("9", "1-x"):
+        viewer = make_viewer(setup, displayIter=V.ITER_SELECTION, iterSelection=text)
+        views = viewer._showSSNR("showSSNR")
+        assert len(views) == 1 and isinstance(views[0], MessageView), text
+
+
+def _parse_bild(path):
+    comment, color, spheres = None, None, []
+    for line in open(path).read().splitlines():
+        word, *vals = line.split()
+        if word == ".comment":
+            comment = line
+        elif word == ".color":
+            color = [float(v) for v in vals]
+        else:
+            assert word == ".sphere" and len(vals) == 4, line
+            spheres.append([float(v) for v in vals])
+    return comment, color, np.array(spheres)
+
+
+def test_angular_distribution_bild_per_class(setup):
+    import re
+    from cryoclass_plugin.engine import healpix
+    from cryoclass_plugin.figures import class_color
+    from cryoclass_plugin.runresults import RunResults
+    _, prot, info = setup
+    viewer = make_viewer(setup, displayAngDist=V.ANGDIST_CHIMERAX)
+    out = viewer.makeAngularDistributionBild()
+    assert list(out) == [3] and sorted(out[3]) == [1, 2, 3]
+    data = RunResults(viewer.runRoot()).data(3)
+    box, apix, order = 32, 4.0, 2                     # the fake run's sampling.star
+    centre, distance, rmax = 16 * apix, 0.75 * box * apix / 2, 0.05 * box * apix
+    # nearest HEALPix pixel centre by angle (arccos), independent of the writer's code
+    prot_dirs = healpix.pix2vec(np.arange(healpix.npix(order)), order)
+    for k, res in out[3].items():
+        sel = data["rlnClassNumber"].astype(int).to_numpy() == k
+        r = np.radians(data["rlnAngleRot"].to_numpy(float)[sel])
+        t = np.radians(data["rlnAngleTilt"].to_numpy(float)[sel])
+        v = np.stack([np.sin(t) * np.cos(r), np.sin(t) * np.sin(r), np.cos(t)], -1)
+        ang = np.arccos(np.clip(v @ prot_dirs.T, -1, 1))
+        truth = np.bincount(ang.argmin(1), minlength=len(prot_dirs))
+        comment, color, sph = _parse_bild(res["bild"])
+        assert res["bild"].endswith("angdist_it003_class%03d.bild" % k)
+        assert res["particles"] == sel.sum() and res["order"] == order
+        # one marker per sampled direction holding particles, at that direction
+        assert len(sph) == res["markers"] == (truth > 0).sum()
+        pos = (sph[:, :3] - centre) / distance
+        np.testing.assert_allclose(np.linalg.norm(pos, axis=1), 1.0, atol=1e-3)
+        nearest = (pos @ prot_dirs.T).argmax(1)
+        np.testing.assert_allclose(pos, prot_dirs[nearest], atol=1e-3)
+        # radius ~ count: the largest marker is rmax, radius / rmax * max = particles
+        top = int(re.search(r"= (\d+) particles", comment).group(1))
+        assert top == truth.max()
+        np.testing.assert_allclose(sph[:, 3] / rmax * top, truth[nearest], atol=1e-2)
+        np.testing.assert_allclose(color, class_color(k)[:3], atol=1e-4)
+        cxc = open(res["cxc"]).read()
+        assert "open " + os.path.abspath(res["bild"]) in cxc
+        assert "open %s_it003_class%03d.mrc" % (os.path.abspath(viewer.runRoot()), k) in cxc
+
+
+def test_angular_distribution_chimerax_without_chimerax(setup, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CHIMERAX_HOME", raising=False)
+    monkeypatch.delenv("CHIMERA_HOME", raising=False)
+    viewer = make_viewer(setup, displayAngDist=V.ANGDIST_CHIMERAX,
+                         showClasses3D=V.CLASSES_SEL, class3DSelection="2-3")
+    views = viewer._showAngularDistribution("displayAngDist")
+    assert len(views) == 1 and isinstance(views[0], V.MessageOnlyView)
+    assert views[0].message.count(".cxc") == 2 and "class002" in views[0].message
+
+
+@pytest.mark.parametrize("which,blocks", [
+    (V.MODEL_GENERAL, ["model_general"]), (V.MODEL_CLASSES, ["model_classes"]),
+    (V.MODEL_CLASS_SPECTRA, ["model_class_1", "model_class_3"]),
+    (V.MODEL_GROUPS, ["model_groups"])])
+def test_model_star_table_views(setup, which, blocks):
+    from pwem.viewers import DataView
+    from pwem.viewers import showj
+    viewer = make_viewer(setup, displayIter=V.ITER_SELECTION, iterSelection="1-2",
+                         displayModelTable=which, showClasses3D=V.CLASSES_SEL,
+                         class3DSelection="1,3")
+    views = viewer._showModelTable("displayModelTable")
+    root = os.path.basename(viewer.runRoot())
+    expect = [(b, "%s_it%03d_model.star" % (root, it)) for it in (1, 2) for b in blocks]
+    assert all(isinstance(v, DataView) for v in views)
+    assert [(v.getTableName(), os.path.basename(v.getPath())) for v in views] == expect
+    for v in views:
+        assert os.path.isabs(v.getPath()) and os.path.exists(v.getPath())
+        assert v.getViewParams()[showj.MODE] == showj.MODE_MD
+        assert '-i "%s@%s"' % (v.getTableName(), v.getPath()) in v.getShowJParams()
+
+
+def test_optimiser_table_view_and_missing_block(setup):
+    from pwem.viewers import DataView
+    from pyworkflow.viewer import MessageView
+    views = make_viewer(setup)._showOptimiserTable("showOptimiserTable")
+    assert len(views) == 1 and isinstance(views[0], DataView)
+    assert views[0].getTableName() == "optimiser_general"
+    assert views[0].getPath() == os.path.abspath(
+        make_viewer(setup).runRoot() + "_it003_optimiser.star")
+    views = make_viewer(setup, displayModelTable=V.MODEL_CLASS_SPECTRA,
+                        showClasses3D=V.CLASSES_SEL, class3DSelection="5")._showModelTable()
+    assert len(views) == 1 and isinstance(views[0], MessageView)
