@@ -173,8 +173,8 @@ def particle_to_row(part, pixel_size, write_ctf=True, write_align=False):
         row["rlnDefocusAngle"] = float(ctf.getDefocusAngle())
         ps = ctf.getPhaseShift()
         row["rlnPhaseShift"] = float(ps) if ps is not None else 0.0
-        row["rlnCtfBfactor"] = 0.0
-        row["rlnCtfScalefactor"] = 1.0
+        for label, default in PARTICLE_CTF_LABELS.items():
+            row[label] = _attribute(part, label, default, float)
     if write_align:
         t = part.getTransform()
         if t is not None:
@@ -187,7 +187,13 @@ def write_set_of_particles(part_set, star_file, out_dir=None, align_type=None,
     """Write ``part_set`` (or the particles yielded by ``iterator``) as a RELION 3.1
     particles STAR file the engine reads.
 
-    * one optics group per Scipion ``opticsGroupName`` of the acquisition (else one);
+    * optics groups as the relion plugin keeps them: the set's acquisition holds the
+      ``data_optics`` table as STAR text (``opticsGroupInfo``; all its columns, the
+      aberrations too, are written back with the set's pixel size and box), each
+      particle its group number (``_rlnOpticsGroup``, default 1); without a table, one
+      group from the acquisition;
+    * per-particle ``rlnCtfBfactor`` / ``rlnCtfScalefactor`` from the particles'
+      ``_rlnCtfBfactor`` / ``_rlnCtfScalefactor`` (RELION's 0 and 1 when absent);
     * ``rlnImageId`` = Scipion particle id (used to map results back);
     * stacks: MRC stacks are symlinked into ``out_dir`` (default: the STAR's folder)
       and referenced as ``NNNNNN@link.mrcs`` relative to the STAR file; other formats
@@ -208,49 +214,91 @@ def write_set_of_particles(part_set, star_file, out_dir=None, align_type=None,
     write_align = align_type == ALIGN_PROJ
     write_ctf = bool(write_ctf and part_set.hasCTF())
 
-    optics = {}
+    optics_df = optics_of_set(part_set, pixel_size, box)
+    known = set(optics_df["rlnOpticsGroup"].astype(int))
     rows = []
     items = iterator if iterator is not None else part_set.iterItems(orderBy="id")
     for part in items:
-        acq = part.getAcquisition() if part.hasAcquisition() else part_set.getAcquisition()
-        og_name = _optics_group_name(acq)
-        if og_name not in optics:
-            optics[og_name] = {
-                "rlnOpticsGroupName": og_name,
-                "rlnOpticsGroup": len(optics) + 1,
-                "rlnMicrographOriginalPixelSize": pixel_size,
-                "rlnVoltage": float(acq.getVoltage() or 300.0),
-                "rlnSphericalAberration": float(acq.getSphericalAberration() or 2.7),
-                "rlnAmplitudeContrast": float(acq.getAmplitudeContrast() or 0.1),
-                "rlnImagePixelSize": pixel_size,
-                "rlnImageSize": box,
-                "rlnImageDimensionality": 2,
-                "rlnCtfDataAreCtfPremultiplied": 0,
-            }
         row = {"rlnImageName": resolver.name_for(part)}
         row.update(particle_to_row(part, pixel_size, write_ctf, write_align))
-        row["rlnOpticsGroup"] = optics[og_name]["rlnOpticsGroup"]
+        row["rlnOpticsGroup"] = _attribute(part, "rlnOpticsGroup", 1, int)
+        if row["rlnOpticsGroup"] not in known:
+            raise ValueError("particle %d has optics group %d, which the set's optics "
+                             "groups (acquisition opticsGroupInfo: %s) lack; re-import the "
+                             "particles with their optics table"
+                             % (part.getObjId(), row["rlnOpticsGroup"], sorted(known)))
         rows.append(row)
     if not rows:
         raise ValueError("no particles to write to %s" % star_file)
     parts_df = pd.DataFrame(rows)
     parts_df = parts_df.fillna(0)
-    optics_df = pd.DataFrame(list(optics.values()))
     star_io.write_particles(star_file, optics_df, parts_df)
     return len(rows)
 
 
-def _optics_group_name(acq):
+# Per-particle CTF labels kept on Scipion particles as ``_<label>`` attributes (as the
+# relion plugin keeps its extra labels), with RELION's value when absent.
+PARTICLE_CTF_LABELS = {"rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0}
+
+
+def _attribute(obj, label, default, kind):
+    """``obj._<label>`` as ``kind``, or ``default`` when the object lacks it."""
+    value = getattr(obj, "_" + label, None)
+    value = value.get() if value is not None and hasattr(value, "get") else value
+    return kind(default if value is None else value)
+
+
+def optics_to_text(optics_df):
+    """A RELION ``data_optics`` table as STAR text: what Scipion keeps in an acquisition's
+    ``opticsGroupInfo`` (the relion plugin's ``OpticsGroups.toImages`` convention)."""
+    return star_io.star_text({"optics": optics_df})
+
+
+def optics_from_text(text):
+    """The ``data_optics`` table of STAR text (``opticsGroupInfo``), or None when the
+    text holds none."""
+    import tempfile
+    if not text or "data_optics" not in str(text):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optics.star")
+        with open(path, "w") as fh:
+            fh.write(str(text))
+        blocks = star_io.read_star(path)
+    optics = blocks.get("optics")
+    if optics is None or len(optics) == 0:
+        return None
+    return star_io._numeric_columns(optics.copy(), "opticsGroupInfo", "optics")
+
+
+def optics_of_set(part_set, pixel_size, box):
+    """The optics table to write ``part_set`` with: the groups kept in its acquisition's
+    ``opticsGroupInfo`` (every column, aberrations included), with the set's pixel size
+    and box (as the relion plugin's ``OpticsGroups.fromImages``); else one group from the
+    acquisition's voltage, Cs and amplitude contrast."""
+    import pandas as pd
+    acq = part_set.getAcquisition()
     info = getattr(acq, "opticsGroupInfo", None)
-    name = getattr(acq, "opticsGroupName", None)
-    for obj in (name, info):
-        try:
-            value = obj.get() if obj is not None else None
-        except AttributeError:
-            value = None
-        if value and re.match(r"^[\w.\-]+$", str(value)):
-            return str(value)
-    return "opticsGroup1"
+    optics = optics_from_text(info.get() if info is not None else None)
+    if optics is None:
+        optics = pd.DataFrame([{
+            "rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1,
+            "rlnMicrographOriginalPixelSize": pixel_size,
+            "rlnVoltage": float(acq.getVoltage() or 300.0),
+            "rlnSphericalAberration": float(acq.getSphericalAberration() or 2.7),
+            "rlnAmplitudeContrast": float(acq.getAmplitudeContrast() or 0.1)}])
+    optics["rlnOpticsGroup"] = optics["rlnOpticsGroup"].astype(int)
+    if "rlnOpticsGroupName" not in optics.columns:
+        optics.insert(0, "rlnOpticsGroupName",
+                      ["opticsGroup%d" % g for g in optics["rlnOpticsGroup"]])
+    if "rlnMicrographOriginalPixelSize" not in optics.columns:
+        optics["rlnMicrographOriginalPixelSize"] = pixel_size
+    optics["rlnImagePixelSize"] = float(pixel_size)
+    optics["rlnImageSize"] = int(box)
+    optics["rlnImageDimensionality"] = 2
+    if "rlnCtfDataAreCtfPremultiplied" not in optics.columns:
+        optics["rlnCtfDataAreCtfPremultiplied"] = 0
+    return optics
 
 
 def write_volume_mrc(volume, out_fn, box=None, pixel_size=None):
@@ -327,13 +375,16 @@ def _link_stacks(paths, folder):
     return links
 
 
-def _acquisition(row):
+def _acquisition(row, optics_text):
+    """The Scipion acquisition of one optics group (its voltage, Cs, Q0), carrying the
+    whole optics table in ``opticsGroupInfo``."""
     import pwem.objects as emobj
     acq = emobj.Acquisition()
     acq.setVoltage(float(row["rlnVoltage"]))
     acq.setSphericalAberration(float(row["rlnSphericalAberration"]))
     acq.setAmplitudeContrast(float(row["rlnAmplitudeContrast"]))
     acq.setMagnification(10000.0)
+    acq.opticsGroupInfo.set(optics_text)
     return acq
 
 
@@ -351,6 +402,8 @@ def _row_to_particle(row, location, apix, acq, has_ctf, has_align, has_class):
         ctf.setPhaseShift(float(row["rlnPhaseShift"]))
         ctf.standardize()
         part.setCTF(ctf)
+        for label in PARTICLE_CTF_LABELS:
+            setattr(part, "_" + label, _pwFloat(row[label]))
     if has_align:
         part.setTransform(emobj.Transform(row_to_alignment_matrix(
             row["rlnAngleRot"], row["rlnAngleTilt"], row["rlnAnglePsi"],
@@ -358,6 +411,8 @@ def _row_to_particle(row, location, apix, acq, has_ctf, has_align, has_class):
     if has_class:
         part.setClassId(int(row["rlnClassNumber"]))
     part._rlnMicrographName = _pwString(row["rlnMicrographName"])
+    from pyworkflow.object import Integer
+    part._rlnOpticsGroup = Integer(int(row["rlnOpticsGroup"]))
     return part
 
 
@@ -366,7 +421,12 @@ def read_set_of_particles(star_file, part_set, copy_binaries_to=None, read_align
     """Fill ``part_set`` (an empty SetOfParticles) from a RELION particles STAR file
     (3.0, 3.1 or 5.0 layout, read by :func:`star_io.read_particles`): locations, CTF,
     acquisition, sampling rate and, when the file has them, 3D alignment (ALIGN_PROJ)
-    and class numbers (``setClassId``).
+    and class numbers (``setClassId``).  Optics groups are kept as the relion plugin
+    keeps them: the whole ``data_optics`` table (every column, aberrations included) as
+    STAR text in the acquisitions' ``opticsGroupInfo``, each particle's group in
+    ``_rlnOpticsGroup`` and its acquisition with the group's voltage, Cs and Q0;
+    ``rlnCtfBfactor`` / ``rlnCtfScalefactor`` as ``_rlnCtfBfactor`` /
+    ``_rlnCtfScalefactor``.
 
     Image names are resolved as :func:`star_io.resolve_stack_paths` does (the working
     directory first, then the STAR file's folder).  With ``copy_binaries_to`` the
@@ -386,11 +446,12 @@ def read_set_of_particles(star_file, part_set, copy_binaries_to=None, read_align
     part_set.setAlignment(ALIGN_PROJ if has_align else ALIGN_NONE)
     part_set.setIsPhaseFlipped("rlnCtfDataArePhaseFlipped" in df.columns and
                                int(df["rlnCtfDataArePhaseFlipped"].iloc[0]) == 1)
+    optics_text = optics_to_text(table.optics_table())
     acq_by_group = {}
     for i, row in enumerate(df.to_dict("records")):
         group = int(row["rlnOpticsGroup"])
         if group not in acq_by_group:
-            acq_by_group[group] = _acquisition(row)
+            acq_by_group[group] = _acquisition(row, optics_text)
         part = _row_to_particle(row, (int(frames[i]), paths[stack_ids[i]]), table.apix,
                                 acq_by_group[group], table.has_ctf, has_align, has_class)
         part.setObjId(int(row[IMAGE_ID]) if IMAGE_ID in row else i + 1)
@@ -402,6 +463,11 @@ def read_set_of_particles(star_file, part_set, copy_binaries_to=None, read_align
 def _pwString(value):
     from pyworkflow.object import String
     return String(str(value))
+
+
+def _pwFloat(value):
+    from pyworkflow.object import Float
+    return Float(float(value))
 
 
 class ResultReader:

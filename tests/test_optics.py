@@ -1,0 +1,197 @@
+"""Optics groups through Scipion: a RELION 3.1 STAR file with several optics groups and
+aberration columns, imported with ProtCryoClassImportParticles, written back for the
+engine, classified with ProtCryoClassClassify3D, and written out again, keeps each
+particle's optics group (number, name, pixel size, voltage, Cs, Q0, aberrations,
+magnification, premultiplied flag) and its rlnCtfBfactor / rlnCtfScalefactor, field by
+field.  The engine's refusals of the terms it does not apply are checked here too.
+
+The multi-optics file is built from ``cryoclass simulate`` output (one optics group),
+split into three groups with different microscopes and CtfRefine-style columns.
+"""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryoclass_plugin.scipion_env import create_project, launch, setup_for_tests
+
+ENV = setup_for_tests()
+
+from cryoclass_plugin import convert  # noqa: E402
+from cryoclass_plugin.engine import star_io  # noqa: E402
+from cryoclass_plugin.engine.errors import CryoClassError  # noqa: E402
+from cryoclass_plugin.protocols import (ProtCryoClassClassify3D,  # noqa: E402
+                                        ProtCryoClassImportParticles)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+N, BOX, APIX = 36, 32, 6.0
+OPTICS_FIELDS = ["rlnOpticsGroupName", "rlnVoltage", "rlnSphericalAberration",
+                 "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnMicrographOriginalPixelSize",
+                 "rlnImageSize", "rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike",
+                 "rlnEvenZernike", "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11",
+                 "rlnCtfDataAreCtfPremultiplied"]
+PARTICLE_FIELDS = ["rlnOpticsGroup", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnDefocusU",
+                   "rlnDefocusV", "rlnDefocusAngle"]
+
+
+def _optics(aberrations):
+    """Three groups: plain; another microscope with a symmetric aberration (applied by
+    the engine); a third with ``aberrations`` (CtfRefine's beam tilt, odd Zernike,
+    magnification when True; neutral values otherwise)."""
+    base = star_io.optics_group_table(APIX, BOX, n_groups=3)
+    base["rlnOpticsGroupName"] = ["opticsGroup1", "krios200kV", "tilted_grid"]
+    base["rlnMicrographOriginalPixelSize"] = [APIX / 2, APIX / 2, APIX / 3]
+    base["rlnVoltage"] = [300.0, 200.0, 300.0]
+    base["rlnSphericalAberration"] = [2.7, 2.0, 0.01]
+    base["rlnAmplitudeContrast"] = [0.1, 0.07, 0.15]
+    base["rlnBeamTiltX"] = [0.0, 0.0, 0.35 if aberrations else 0.0]
+    base["rlnBeamTiltY"] = [0.0, 0.0, -0.21 if aberrations else 0.0]
+    base["rlnOddZernike"] = ["[0,0,0,0,0,0]", "[0,0,0,0,0,0]",
+                             "[0.47,0.41,34.4,0,0,10.8]" if aberrations else "[0,0,0,0,0,0]"]
+    base["rlnEvenZernike"] = ["[0,0,0,0,0,0,0,0,0]", "[0,0,0,46.1,61.3,71.7,-58.9,-20.4,21.2]",
+                              "[0,0,0,0,0,0,0,0,0]"]
+    base["rlnMagMat00"] = [1.0, 1.0, 1.007178 if aberrations else 1.0]
+    base["rlnMagMat01"] = [0.0, 0.0, 0.00768 if aberrations else 0.0]
+    base["rlnMagMat10"] = [0.0, 0.0, 0.007699 if aberrations else 0.0]
+    base["rlnMagMat11"] = [1.0, 1.0, 0.993671 if aberrations else 1.0]
+    base["rlnCtfDataAreCtfPremultiplied"] = 0
+    return base
+
+
+def _multi_optics_star(sim, path, aberrations):
+    blocks = star_io.read_star(sim["particles_star"])
+    parts = blocks["particles"].copy()
+    rng = np.random.default_rng(2)
+    parts["rlnOpticsGroup"] = np.arange(len(parts)) % 3 + 1
+    parts["rlnCtfBfactor"] = np.round(rng.uniform(0.0, 80.0, len(parts)), 3)
+    parts["rlnCtfScalefactor"] = np.round(rng.uniform(0.8, 1.1, len(parts)), 4)
+    parts["rlnImageName"] = [f"{i + 1:06d}@{os.path.abspath(sim['particles_mrcs'])}"
+                             for i in range(len(parts))]
+    parts["rlnImageId"] = np.arange(1, len(parts) + 1)
+    star_io.write_particles(str(path), _optics(aberrations), parts)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    from cryoclass_plugin.engine import simulate
+    out = tmp_path_factory.mktemp("optics_sim")
+    res = simulate.simulate_dataset(str(out), n=N, box=BOX, apix=APIX, snr=0.5, n_classes=2,
+                                    seed=7)
+    res["dir"] = str(out)
+    res["applied"] = _multi_optics_star(res, out / "optics_applied.star", False)
+    res["refused"] = _multi_optics_star(res, out / "optics_refused.star", True)
+    return res
+
+
+@pytest.fixture(scope="module")
+def project():
+    return create_project("TestCryoClassOptics")
+
+
+def _import(project, star):
+    return launch(project, project.newProtocol(ProtCryoClassImportParticles, starFile=star,
+                                               importAlignment=False)).outputParticles
+
+
+def _merged(star):
+    """Per-particle rows (optics merged on) keyed by rlnImageId."""
+    table = star_io.read_particles(star, check_stacks=False)
+    return table.df.set_index("rlnImageId").sort_index(), table.optics
+
+
+def _assert_same(star_in, star_out, ids=None):
+    """The optics tables and every particle's optics and CTF fields are identical."""
+    df_in, optics_in = _merged(star_in)
+    df_out, optics_out = _merged(star_out)
+    ids = df_in.index if ids is None else ids
+    assert sorted(df_out.index) == sorted(ids)
+    key_in = optics_in.set_index("rlnOpticsGroupName")
+    key_out = optics_out.set_index("rlnOpticsGroupName")
+    assert set(key_out.index) <= set(key_in.index)
+    for name in key_out.index:
+        for field in OPTICS_FIELDS[1:]:
+            a, b = key_in.loc[name, field], key_out.loc[name, field]
+            assert (a == b) if isinstance(a, str) else a == pytest.approx(b, abs=1e-6), \
+                (name, field, a, b)
+    for field in PARTICLE_FIELDS + OPTICS_FIELDS:
+        a, b = df_in.loc[ids, field].to_numpy(), df_out.loc[ids, field].to_numpy()
+        if a.dtype == object:
+            assert list(a) == list(b), field
+        elif field == "rlnDefocusAngle":
+            # Scipion's CTFModel.standardize() keeps the angle modulo 180 degrees (the
+            # same astigmatism)
+            np.testing.assert_allclose(np.mod(b - a + 90.0, 180.0) - 90.0, 0.0, atol=1e-6)
+        else:
+            np.testing.assert_allclose(b.astype(float), a.astype(float), atol=1e-6,
+                                       err_msg=field)
+
+
+def test_import_keeps_groups_on_particles_and_acquisition(project, sim):
+    parts = _import(project, sim["refused"])
+    df, optics = _merged(sim["refused"])
+    text = parts.getAcquisition().opticsGroupInfo.get()
+    back = convert.optics_from_text(text)
+    assert list(back["rlnOpticsGroupName"]) == list(optics["rlnOpticsGroupName"])
+    assert list(back["rlnOddZernike"]) == list(optics["rlnOddZernike"])
+    for part in parts.iterItems(orderBy="id"):
+        row = df.loc[int(part.getObjId())]
+        assert part._rlnOpticsGroup.get() == row["rlnOpticsGroup"]
+        assert part._rlnCtfBfactor.get() == pytest.approx(row["rlnCtfBfactor"])
+        assert part._rlnCtfScalefactor.get() == pytest.approx(row["rlnCtfScalefactor"])
+        acq = part.getAcquisition()
+        assert acq.getVoltage() == pytest.approx(row["rlnVoltage"])
+        assert acq.getSphericalAberration() == pytest.approx(row["rlnSphericalAberration"])
+        assert acq.getAmplitudeContrast() == pytest.approx(row["rlnAmplitudeContrast"])
+
+
+def test_import_then_write_keeps_every_optics_field(project, sim, tmp_path):
+    parts = _import(project, sim["refused"])
+    out = tmp_path / "written.star"
+    assert convert.write_set_of_particles(parts, str(out)) == N
+    _assert_same(sim["refused"], str(out))
+
+
+def test_engine_refuses_terms_it_does_not_apply_in_one_line(sim):
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(sim["refused"], require_ctf=True)
+    text = str(err.value)
+    assert "\n" not in text and "optics_refused.star" in text
+    assert "optics group 3 (tilted_grid): rlnBeamTiltX" in text
+    # without CTF correction the terms do not matter and the file is read
+    assert len(star_io.read_particles(sim["refused"], require_ctf=False)) == N
+    # the applied set (symmetric aberration only) is accepted with the CTF
+    assert len(star_io.read_particles(sim["applied"], require_ctf=True)) == N
+
+
+def test_classification_round_trip_keeps_every_optics_field(project, sim, tmp_path):
+    from pwem.protocols import ProtImportVolumes
+    parts = _import(project, sim["applied"])
+    ref = launch(project, project.newProtocol(ProtImportVolumes, filesPath=sim["ref"],
+                                              samplingRate=APIX)).outputVolume
+    prot = project.newProtocol(
+        ProtCryoClassClassify3D, numberOfClasses=2, numberOfIterations=2, initialClasses=0,
+        maskDiameterA=180, initialLowPassFilterA=30, angularSamplingDeg=2,
+        offsetSearchRangePix=3, randomSeed=3)
+    prot.inputParticles.set(parts)
+    prot.referenceVolume.set(ref)
+    prot = launch(project, prot)
+    # the engine's own data.star carries the input's optics table unchanged
+    data_star = prot._getFileName("data", iter=2)
+    _assert_same(sim["applied"], data_star)
+    # the Scipion output particles, written back out, equal the input field by field
+    ids, written = [], []
+    for k, cls in enumerate(prot.outputClasses):
+        fn = str(tmp_path / f"class{k}.star")
+        convert.write_set_of_particles(cls, fn)
+        table = star_io.read_star(fn)
+        ids += list(table["particles"]["rlnImageId"].astype(int))
+        written.append(table)
+    assert sorted(ids) == list(range(1, N + 1))
+    merged = pd.concat([t["particles"] for t in written])
+    optics = written[0]["optics"]
+    out = tmp_path / "all_classes.star"
+    star_io.write_particles(str(out), optics, merged)
+    _assert_same(sim["applied"], str(out))
