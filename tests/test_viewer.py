@@ -337,3 +337,45 @@ def test_optimiser_table_view_and_missing_block(setup):
     views = make_viewer(setup, displayModelTable=V.MODEL_CLASS_SPECTRA,
                         showClasses3D=V.CLASSES_SEL, class3DSelection="5")._showModelTable()
     assert len(views) == 1 and isinstance(views[0], MessageView)
+
+
+# ---------------------------------------------------------------------------------------
+# progress line with an ETA in the engine's log (the protocol's log through runJob)
+# ---------------------------------------------------------------------------------------
+def test_eta_line_numbers():
+    import time
+    from cryoclass_plugin.engine.iteration import eta_line
+    now = time.mktime((2026, 1, 2, 10, 0, 0, 0, 0, -1))
+    hist = [{"seconds": 30.0}, {"seconds": 50.0}, {"seconds": 70.0}]
+    line = eta_line(hist, 3, 10, now=now)
+    # 150 s spent, 50 s per iteration, 7 left -> 350 s -> 10:05:50 local time
+    assert line.startswith("eta ") and "\n" not in line
+    assert "iteration 3/10" in line and "elapsed 0:02:30" in line
+    assert "50.0 s/iteration (mean of 3)" in line and "7 left" in line
+    assert "end 2026-01-02 10:05:50" in line and "(in 0:05:50)" in line
+    assert "0 left" in eta_line(hist, 10, 10, now=now)
+
+
+def test_engine_logs_an_eta_line_per_iteration(tmp_path, capsys):
+    import re
+    from cryoclass_plugin import cli
+    from cryoclass_plugin.engine.simulate import simulate_dataset
+    data = tmp_path / "data"
+    simulate_dataset(str(data), n=60, box=24, apix=6.0, snr=0.5, n_classes=2, seed=3)
+    root = tmp_path / "out" / "run"
+    argv = ["refine", "--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
+            "--o", str(root), "--K", "2", "--iter", "2", "--healpix_order", "1",
+            "--particle_diameter", "120", "--ini_high", "40", "--offset_range", "2",
+            "--offset_step", "2", "--j", "1", "--random_seed", "1"]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    log = open(str(root) + ".log").read()
+    for text in (stdout, log):
+        etas = re.findall(r"^eta +iteration (\d+)/2 .* (\d+) left .*$", text, re.M)
+        assert [(int(a), int(b)) for a, b in etas] == [(1, 1), (2, 0)], text[-2000:]
+        # each follows its iteration's line
+        lines = text.splitlines()
+        for it in (1, 2):
+            i = next(n for n, ln in enumerate(lines) if ln.startswith("iter %3d " % it))
+            assert any(ln.startswith("eta       iteration %d/2" % it)
+                       for ln in lines[i + 1:i + 4])
