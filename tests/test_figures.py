@@ -288,3 +288,60 @@ def test_parse_classes():
     assert R.parse_classes(None) is None and R.parse_classes("all") is None
     with pytest.raises(CryoClassError):
         R.parse_classes("a-b")
+
+
+# ---------------------------------------------------------------------------------------
+# iteration ranges, STAR blocks, angular distribution markers
+# ---------------------------------------------------------------------------------------
+def test_series_of_selected_iterations_and_blocks(run, fake):
+    dist = run.class_distribution_series([1, 3])
+    assert list(dist.index) == [1, 3]
+    np.testing.assert_allclose(dist.loc[3].to_numpy(), fake["dist"][3], atol=1e-6)
+    assert list(run.convergence_series([2, 3]).index) == [2, 3]
+    assert list(run.class_resolution_series([0, 2]).index) == [0, 2]
+    assert run.resolve_iterations([3, 1, 1]) == [1, 3]
+    assert run.resolve_iterations(None) == [3]
+    with pytest.raises(CryoClassError, match="no iteration 5, 8; iterations 0-3"):
+        run.resolve_iterations([1, 5, 8])
+    blocks = run.star_blocks(2, "model")
+    assert blocks[0] == ("model_general", "pairs", 1)
+    assert ("model_classes", "loop", 3) in blocks and ("model_class_3", "loop", 17) in blocks
+    assert run.star_blocks(1, "optimiser") == [("optimiser_general", "pairs", 1)]
+
+
+def test_ssnr_overlay_one_line_per_iteration_and_class(run, fake):
+    fig = R.figure_ssnr(run, 3, classes=[2], iterations=[0, 2, 3])
+    lines = {ln.get_label().split(" (")[0]: ln for ln in fig.axes[0].get_lines()
+             if ln.get_label().startswith("it ")}
+    assert sorted(lines) == ["it 0, class 2", "it 2, class 2", "it 3, class 2"]
+    for it in (0, 2, 3):
+        truth = fake["ssnr"][(it, 2)][1:]                 # SSNR <= 0 is not drawn (log)
+        np.testing.assert_allclose(lines[f"it {it}, class 2"].get_ydata(),
+                                   np.where(truth > 0, truth, np.nan), rtol=1e-6)
+    # the latest iteration is drawn solid and thickest
+    assert lines["it 3, class 2"].get_linestyle() == "-"
+    assert lines["it 3, class 2"].get_linewidth() > lines["it 0, class 2"].get_linewidth()
+
+
+def test_direction_counts_and_bild_markers(tmp_path):
+    from cryoclass_plugin.engine import healpix
+    order = 1
+    dirs = healpix.pix2vec(np.arange(healpix.npix(order)), order)
+    rot, tilt = healpix.pixel_angles_deg(np.arange(healpix.npix(order)), order)
+    # 5 particles on pixel 7 (slightly off-centre), 2 on pixel 20, 1 on pixel 40
+    pick = [7] * 5 + [20] * 2 + [40]
+    jitter = np.array([0.5, -0.5, 1.0, 0.0, -1.0, 0.3, -0.3, 0.0])
+    counts = F.direction_counts(rot[pick] + jitter, tilt[pick] + jitter, dirs)
+    assert counts.sum() == 8 and counts[7] == 5 and counts[20] == 2 and counts[40] == 1
+    path = tmp_path / "a.bild"
+    n = F.write_angdist_bild(path, dirs, counts, centre=(10, 20, 30), distance=50,
+                             max_radius=4.0, color=(1.0, 0.0, 0.5), comment="test\nlines")
+    text = path.read_text().splitlines()
+    assert n == 3 and text[0] == ".comment test lines" and text[1] == ".color 1.0000 0.0000 0.5000"
+    sph = np.array([[float(v) for v in ln.split()[1:]] for ln in text[2:]])
+    assert all(ln.startswith(".sphere ") for ln in text[2:]) and sph.shape == (3, 4)
+    for row, pix, radius in zip(sph, (7, 20, 40), (4.0, 1.6, 0.8)):
+        np.testing.assert_allclose(row[:3], np.array([10, 20, 30]) + 50 * dirs[pix], atol=1e-3)
+        assert row[3] == pytest.approx(radius, abs=1e-4)
+    with pytest.raises(ValueError, match="3 counts for 48 directions"):
+        F.write_angdist_bild(path, dirs, [1, 2, 3], (0, 0, 0), 1, 1)

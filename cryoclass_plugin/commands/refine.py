@@ -312,12 +312,12 @@ def _settings_for_continue(args):
     """``--continue <root>_itNNN_optimiser.star``: the run's own settings (as RELION
     takes them from the optimiser file), with the changes :func:`_apply_continue_flags`
     allows (``--iter`` extends the run)."""
-    import numpy as np
+    from ..engine.model import read_state_file
     from ..engine.refine import continue_state_path
     path = args.continue_from
     state = continue_state_path(path)
-    with np.load(state, allow_pickle=False) as z:
-        saved = json.loads(str(z["__settings__"])) if "__settings__" in z.files else None
+    contents = read_state_file(state)
+    saved = json.loads(str(contents["__settings__"])) if "__settings__" in contents else None
     if saved is None:
         raise CryoClassError(f"--continue {path}: the state file has no settings; it was "
                              "not written by cryoclass refine")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import CryoClassError
 from .fourier import shell_resolution_angstrom
 from .plan import ScheduleState
 
@@ -91,14 +92,23 @@ class ModelState:
         extra = {}
         if settings is not None:
             extra["__settings__"] = np.array(json.dumps(settings))
-        np.savez(tmp, __scalars__=np.array(json.dumps(scalars, default=float)), **extra, **arrays)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, __scalars__=np.array(json.dumps(scalars, default=float)), **extra,
+                     **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            # A failed write (disk full, interrupt) leaves no partial file behind.
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path):
-        with np.load(path, allow_pickle=False) as z:
-            scalars = json.loads(str(z["__scalars__"]))
-            arrays = {k: z[k] for k in z.files if not k.startswith("__")}
+        contents = read_state_file(path)
+        scalars = json.loads(str(contents["__scalars__"]))
+        arrays = {k: v for k, v in contents.items() if not k.startswith("__")}
         schedule = scalars.pop("schedule", None)
         if schedule is None:
             # State files with the schedule's fields on the model (consensus_end 0:
@@ -116,3 +126,25 @@ class ModelState:
         if model.scale_correction is None:
             model.scale_correction = np.ones(model.n_groups)
         return model
+
+
+def read_state_file(path):
+    """All arrays of a state file (``{name: array}``, ``__scalars__`` and ``__settings__``
+    included), or a one-line :class:`.errors.CryoClassError` naming the file when it is
+    missing, truncated or not a state file (then an earlier iteration's files are the
+    way to go on)."""
+    import zipfile
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            contents = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise CryoClassError(f"{path}: state file not found; continue from an earlier "
+                             "iteration whose _state.npz is there") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise CryoClassError(f"{path}: the state file is damaged or truncated "
+                             f"({type(exc).__name__}); continue from an earlier iteration "
+                             "(its _optimiser.star)") from None
+    if "__scalars__" not in contents:
+        raise CryoClassError(f"{path}: not a cryoclass state file (no __scalars__); continue "
+                             "from an earlier iteration (its _optimiser.star)")
+    return contents

@@ -17,6 +17,7 @@ import os
 import shutil
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -33,6 +34,23 @@ def _atomic_tmp(path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+
+
+@contextmanager
+def _replacing(path):
+    """Yield the temporary name for an atomic write of ``path``; on success it replaces
+    ``path``, on any failure (disk full, interrupt) it is removed, so that no partial
+    file stays behind."""
+    tmp = _atomic_tmp(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _open_mrc(path, mode="mmap"):
@@ -93,12 +111,10 @@ def write_map(path, vol, apix):
     vol = np.ascontiguousarray(np.asarray(vol, dtype=np.float32))
     if vol.ndim != 3:
         raise ValueError(f"write_map expects a 3D array, got shape {vol.shape}")
-    tmp = _atomic_tmp(path)
-    with mrcfile.new(tmp, overwrite=True) as mrc:
+    with _replacing(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(vol)
         mrc.voxel_size = float(apix)
         mrc.update_header_stats()
-    os.replace(tmp, path)
 
 
 def write_stack(path, images, apix):
@@ -108,13 +124,11 @@ def write_stack(path, images, apix):
     images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
     if images.ndim == 2:
         images = images[None]
-    tmp = _atomic_tmp(path)
-    with mrcfile.new(tmp, overwrite=True) as mrc:
+    with _replacing(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(images)
         mrc.set_image_stack()
         mrc.voxel_size = float(apix)
         mrc.update_header_stats()
-    os.replace(tmp, path)
 
 
 class StackWriter:
@@ -144,16 +158,20 @@ class StackWriter:
         return self._mrc.data
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self._mrc.update_header_stats()
+        done = False
+        try:
+            if exc_type is None:
+                self._mrc.update_header_stats()
             self._mrc.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self._mrc.close()
-            try:
-                os.remove(self.tmp)
-            except OSError:
-                pass
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+                done = True
+        finally:
+            if not done:         # failed or interrupted: no partial file stays behind
+                try:
+                    os.remove(self.tmp)
+                except OSError:
+                    pass
         return False
 
 
@@ -191,19 +209,26 @@ def _scratch_name(path):
 def copy_to_scratch(paths, scratch_dir):
     """Copy stacks into ``scratch_dir`` (skipping copies already there with the right
     size, so that several ranks can share one scratch folder); returns new paths."""
-    os.makedirs(scratch_dir, exist_ok=True)
+    if os.path.exists(scratch_dir) and not os.path.isdir(scratch_dir):
+        raise CryoClassError(f"--scratch_dir {scratch_dir}: is a file, not a folder; give a "
+                             "folder on a local disk, or drop --scratch_dir")
+    try:
+        os.makedirs(scratch_dir, exist_ok=True)
+    except OSError as exc:
+        raise CryoClassError(f"--scratch_dir {scratch_dir}: cannot create the folder "
+                             f"({exc.strerror}); give a writable folder on a local disk, or "
+                             "drop --scratch_dir") from None
     out = []
     for src in paths:
         dst = os.path.join(scratch_dir, _scratch_name(src))
         if not (os.path.isfile(dst) and os.path.getsize(dst) == os.path.getsize(src)):
-            tmp = _atomic_tmp(dst)
             try:
-                shutil.copyfile(src, tmp)
+                with _replacing(dst) as tmp:
+                    shutil.copyfile(src, tmp)
             except OSError as exc:
-                raise CryoClassError(f"{scratch_dir}: cannot copy {src} to the scratch "
-                                     f"folder ({exc.strerror}); free space or drop "
-                                     "--scratch_dir") from None
-            os.replace(tmp, dst)
+                raise CryoClassError(f"--scratch_dir {scratch_dir}: cannot copy {src} there "
+                                     f"({exc.strerror}); free space there, give another "
+                                     "--scratch_dir, or drop it") from None
         out.append(dst)
     return out
 

@@ -574,9 +574,17 @@ def _atomic_write_text(path, text):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (disk full, interrupt) leaves no partial file behind.
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def write_star(path, blocks):
