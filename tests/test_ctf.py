@@ -141,11 +141,13 @@ def test_cupy_matches_numpy():
     kx = np.linspace(-0.2, 0.2, 101)[None]
     ky = 0.5 * kx
     du = np.array([12000.0, 25000.0])[:, None]
+    optics = dict(even_zernike=np.array([[[0, 0, 0, 40.0, 300.0]], [[0, 0, 0, -20.0, 0]]]),
+                  mag_matrix=np.array([1.01, 0.004, -0.003, 0.995]))
     want = ctf.ctf_values(kx, ky, du, du - 500, 30.0, 300, 2.7, 0.1, bfactor=20,
-                          intact_first_peak=True)
+                          intact_first_peak=True, **optics)
     got = ctf.ctf_values(cupy.asarray(kx), cupy.asarray(ky), cupy.asarray(du),
                          cupy.asarray(du - 500), 30.0, 300, 2.7, 0.1, bfactor=20,
-                         intact_first_peak=True)
+                         intact_first_peak=True, **optics)
     assert type(got).__module__.startswith("cupy")
     np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=1e-9, atol=1e-12)
 

@@ -195,3 +195,52 @@ def test_classification_round_trip_keeps_every_optics_field(project, sim, tmp_pa
     out = tmp_path / "all_classes.star"
     star_io.write_particles(str(out), optics, merged)
     _assert_same(sim["applied"], str(out))
+
+
+def _direct_ctf(kx, ky, row, coeffs):
+    """RELION's CTF with the symmetric aberration, written out term by term for one
+    particle: gamma + sum_i c_i Z_i (Zernike index order i = 3..8: (m, n) = (2, 2),
+    (-4, 4), (-2, 4), (0, 4), (2, 4), (4, 4))."""
+    volts = row["rlnVoltage"] * 1e3
+    lam = 12.2643247 / np.sqrt(volts * (1 + volts * 0.978466e-6))
+    k2 = kx * kx + ky * ky
+    phi = np.arctan2(ky, kx)
+    du, dv, ang = row["rlnDefocusU"], row["rlnDefocusV"], np.deg2rad(row["rlnDefocusAngle"])
+    defocus = (du + dv) / 2 + (du - dv) / 2 * np.cos(2 * (phi - ang))
+    q0 = row["rlnAmplitudeContrast"]
+    gamma = (-np.pi * lam * defocus * k2 + np.pi / 2 * row["rlnSphericalAberration"] * 1e7
+             * lam ** 3 * k2 * k2 - np.arctan(q0 / np.sqrt(1 - q0 * q0)))
+    r2 = k2
+    zernike = [r2 * np.cos(2 * phi), r2 ** 2 * np.sin(4 * phi),
+               (4 * r2 ** 2 - 3 * r2) * np.sin(2 * phi), 6 * r2 ** 2 - 6 * r2 + 1,
+               (4 * r2 ** 2 - 3 * r2) * np.cos(2 * phi), r2 ** 2 * np.cos(4 * phi)]
+    gamma = gamma + sum(c * z for c, z in zip(coeffs[3:], zernike))
+    return (row["rlnCtfScalefactor"] * np.exp(-row["rlnCtfBfactor"] * k2 / 4)
+            * -np.sin(gamma))
+
+
+def test_engine_block_ctf_applies_each_groups_terms(sim):
+    """The E-step's CTF (particles._block_ctf) of particles of each optics group equals
+    the direct formula with that group's microscope, symmetric aberration and the
+    particle's B-factor and scale factor."""
+    from types import SimpleNamespace
+    from cryoclass_plugin.engine.ctf import ctf_params, zernike_vector
+    from cryoclass_plugin.engine.particles import Pixels, _block_ctf
+    table = star_io.read_particles(sim["applied"], require_ctf=True)
+    data = SimpleNamespace(ctfp=ctf_params(table.df))
+    assert data.ctfp["even_zernike"].shape == (N, 9)
+    settings = SimpleNamespace(ctf=True, ctf_phase_flipped=False, ctf_intact_first_peak=False,
+                               scale=False)
+    model = SimpleNamespace(box=BOX, apix=APIX)
+    pixels = Pixels.within(BOX, BOX // 2, np)
+    indices = np.array([0, 1, 2, 4])  # optics groups 1, 2, 3, 2
+    got = _block_ctf(settings, model, data, indices, pixels, None, np)
+    kx = pixels.kx.astype(np.float64) / (BOX * APIX)
+    ky = pixels.ky.astype(np.float64) / (BOX * APIX)
+    for j, i in enumerate(indices):
+        row = table.df.iloc[i]
+        coeffs = zernike_vector(row["rlnEvenZernike"], "", "")
+        np.testing.assert_allclose(got[j], _direct_ctf(kx, ky, row, coeffs), atol=2e-5)
+    # the aberration matters: group 2's CTF is not the one without it
+    plain = _direct_ctf(kx, ky, table.df.iloc[1], np.zeros(9))
+    assert np.max(np.abs(got[1] - plain)) > 0.5

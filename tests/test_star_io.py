@@ -547,3 +547,28 @@ def test_mrc_io_does_not_import_star_io():
                 for alias in node.names} | {node.module or "" for node in ast.walk(tree)
                                             if isinstance(node, ast.ImportFrom)}
     assert not any("star_io" in name for name in imported), imported
+
+
+@pytest.mark.parametrize("column,value", [("rlnCtfDataAreCtfPremultiplied", 1),
+                                          ("rlnOddZernike", "[0,0.3,0,0,0,0]"),
+                                          ("rlnMagMat11", 0.98)])
+def test_optics_terms_not_applied_are_refused_with_ctf(tmp_path, column, value):
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 4)
+    optics = star_io.optics_group_table(APIX, BOX, n_groups=2).astype({"rlnImageSize": int})
+    optics[column] = [type(value)(0) if not isinstance(value, str) else "[]", value]
+    if column == "rlnMagMat11":
+        optics[column] = [1.0, value]
+    parts = particles_31(4)
+    parts["rlnOpticsGroup"] = [1, 2, 1, 2]
+    star = tmp_path / "p.star"
+    star_io.write_particles(star, optics, parts)
+    with pytest.raises(CryoClassError) as err:
+        star_io.read_particles(star, require_ctf=True)
+    assert_one_line_naming(err, str(star), "optics group 2 (opticsGroup2)", column,
+                           "not", "cryoclass")
+    # read as it is without CTF correction, the optics table kept verbatim
+    table = star_io.read_particles(star)
+    assert list(table.optics[column]) == list(optics[column])
+    out = tmp_path / "out.star"
+    star_io.write_particles(out, table.optics_table(), table.particles_table())
+    assert list(star_io.read_particles(out).optics[column]) == list(optics[column])

@@ -155,7 +155,9 @@ def prepare_block(settings, model, data, indices, pixels, xp):
 
 def _block_ctf(settings, model, data, indices, pixels, groups, xp):
     """(B, n_cur) CTF of the block's particles (ones without ``--ctf``), times the
-    group's scale with ``--scale``."""
+    group's scale with ``--scale``.  Each particle's CTF has its own optics group's
+    microscope and symmetric aberration (``data.ctfp``: :func:`.ctf.ctf_params`) and its
+    own rlnCtfBfactor / rlnCtfScalefactor."""
     n_cur = pixels.n_cur
     if settings.ctf:
         kx_c = pixels.kx.astype(xp.float32)[None] / (model.box * model.apix)

@@ -14,6 +14,11 @@ RELION 3.0
 RELION 3.1+
     ``data_optics`` and ``data_particles``; the optics columns are merged onto the
     particles by ``rlnOpticsGroup``; ``rlnImageSize`` is checked against the first stack.
+    The optics table is kept as read (:attr:`ParticleTable.optics`) and written back
+    unchanged, CtfRefine's columns included (``rlnBeamTiltX/Y`` in mrad,
+    ``rlnMagMat00..11``, the vectors ``rlnOddZernike`` / ``rlnEvenZernike`` as their
+    text ``[c0,c1,...]``).  With ``require_ctf`` the terms the engine's CTF cannot apply
+    are refused (:func:`.ctf.optics_terms`).
 RELION 5.0
     the 3.1 layout with more columns; other blocks (``data_general``...) are ignored.
 
