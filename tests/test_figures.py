@@ -345,3 +345,29 @@ def test_direction_counts_and_bild_markers(tmp_path):
         assert row[3] == pytest.approx(radius, abs=1e-4)
     with pytest.raises(ValueError, match="3 counts for 48 directions"):
         F.write_angdist_bild(path, dirs, [1, 2, 3], (0, 0, 0), 1, 1)
+
+
+def test_report_overlay_iterations_and_bild(run, tmp_path, capsys):
+    from cryoclass_plugin import cli
+
+    out = tmp_path / "rep"
+    assert cli.main(["report", run.root, "-o", str(out), "--overlay-iters", "1-3",
+                     "--classes", "1,3"]) == 0
+    names = set(os.listdir(out))
+    assert {"angdist_it003_class001.bild", "angdist_it003_class001.cxc",
+            "angdist_it003_class003.bild", "angdist_it003_class003.cxc"} <= names
+    assert "angdist_it003_class002.bild" not in names
+    html = (out / "index.html").read_text()
+    assert 'href="angdist_it003_class003.bild"' in html
+    assert 'href="angdist_it003_class003.cxc"' in html
+    for k in (1, 3):
+        lines = (out / f"angdist_it003_class{k:03d}.bild").read_text().splitlines()
+        assert lines[1].startswith(".color ") and lines[2].startswith(".sphere ")
+    assert_not_blank(str(out / "ssnr.png"))
+    assert cli.main(["report", run.root, "-o", str(tmp_path / "x"),
+                     "--overlay-iters", "2,9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no iteration 9" in err and "\n" not in err
+    assert cli.main(["report", run.root, "-o", str(tmp_path / "y"),
+                     "--overlay-iters", "a"]) == 2
+    assert "--overlay-iters: cannot read 'a'" in capsys.readouterr().err

@@ -13,8 +13,14 @@ a ``model.star``; ``--iter N`` picks another.  Writes into ``DIR`` (default
     class_resolution.png        estimated resolution per class over iterations
     convergence.png             changes in classes / orientations / offsets, ...
     angular_distribution.png    projection directions per class (needs data.star)
+    angdist_itNNN_classKKK.bild the same as ChimeraX markers (one sphere per sampled
+                                direction, radius ~ particles), with a .cxc opening
+                                the class map and its markers
     classes.cxc                 ChimeraX script: open, fit into the largest class, tile
     index.html                  everything above on one page
+
+``--overlay-iters LIST`` (e.g. ``5,10-15``) overlays the SSNR curves of those iterations
+and limits the plots over iterations to them.
 
 The ``figure_*`` functions build each figure from a :class:`RunResults` and are what the
 Scipion viewer uses, so the report and the viewer always show the same thing.
@@ -37,6 +43,10 @@ def add_args(parser):
                         help="iteration to show (default: the last one written)")
     parser.add_argument("--classes", default=None, metavar="LIST",
                         help="classes to show, e.g. '1,3-4' (default: all)")
+    parser.add_argument("--overlay-iters", default=None, metavar="LIST",
+                        help="iterations whose SSNR curves are overlaid and which the "
+                             "plots over iterations show, e.g. 5,10-15 (default: the "
+                             "shown iteration's SSNR; all iterations)")
     parser.add_argument("--slices-axis", default="z", choices=["z", "y", "x"],
                         help="axis of the per-class slice grids (default z)")
     parser.add_argument("--angdist", default="mollweide", choices=["mollweide", "rect"],
@@ -44,7 +54,7 @@ def add_args(parser):
     parser.add_argument("--dpi", type=int, default=110)
 
 
-def parse_classes(text):
+def parse_classes(text, flag="--classes"):
     """'1,3-4' -> [1, 3, 4]; None/'' -> None."""
     if text is None or str(text).strip() in ("", "all"):
         return None
@@ -59,7 +69,7 @@ def parse_classes(text):
             else:
                 out.append(int(part))
         except ValueError:
-            raise CryoClassError(f"--classes: cannot read '{text}' "
+            raise CryoClassError(f"{flag}: cannot read '{text}' "
                                  f"(expected a list like 1,3-4)") from None
     return sorted(set(out))
 
@@ -282,9 +292,11 @@ _CAPTIONS = {
 
 
 def write_report(run_root, out_dir=None, iteration=None, classes=None, slices_axis="z",
-                 angdist="mollweide", dpi=110):
-    """Write the PNGs, the ChimeraX script and index.html; returns
-    ``{'index': path, 'figures': {name: path}, 'notes': [...], 'iteration': it}``."""
+                 angdist="mollweide", dpi=110, overlay_iterations=None):
+    """Write the PNGs, the ChimeraX scripts and markers and index.html; returns
+    ``{'index': path, 'figures': {name: path}, 'chimerax': path, 'bild': {class:
+    path}, 'notes': [...], 'iteration': it}``.  ``overlay_iterations``: iterations whose
+    SSNR curves are overlaid and which the plots over iterations show."""
     from ..figures import save_figure
     from ..runresults import RunResults
 
@@ -292,6 +304,7 @@ def write_report(run_root, out_dir=None, iteration=None, classes=None, slices_ax
     it = run.resolve_iteration(iteration)
     classes = list(classes) if classes else None
     ks = _classes_of(run, it, classes)
+    over = run.resolve_iterations(overlay_iterations) if overlay_iterations else None
     out_dir = out_dir or (run.root + "_report")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -306,10 +319,10 @@ def write_report(run_root, out_dir=None, iteration=None, classes=None, slices_ax
         figures[name] = save_figure(fig, os.path.join(out_dir, name + ".png"), dpi=dpi)
 
     attempt("central_slices", lambda: figure_central_slices(run, it, ks))
-    attempt("ssnr", lambda: figure_ssnr(run, it, ks))
-    attempt("class_distribution", lambda: figure_class_distribution(run, ks))
-    attempt("class_resolution", lambda: figure_class_resolution(run, ks))
-    attempt("convergence", lambda: figure_convergence(run))
+    attempt("ssnr", lambda: figure_ssnr(run, it, ks, iterations=over))
+    attempt("class_distribution", lambda: figure_class_distribution(run, ks, over))
+    attempt("class_resolution", lambda: figure_class_resolution(run, ks, over))
+    attempt("convergence", lambda: figure_convergence(run, over))
     attempt("angular_distribution",
             lambda: figure_angular_distribution(run, it, classes, projection=angdist))
     for k in ks:
@@ -319,17 +332,22 @@ def write_report(run_root, out_dir=None, iteration=None, classes=None, slices_ax
         cxc = chimerax_script(run, it, os.path.join(out_dir, "classes.cxc"), ks)
     except CryoClassError as err:
         notes.append(f"ChimeraX script: {err}")
+    bild = {}
+    try:
+        bild = {k: v["bild"] for k, v in angdist_bild(run, it, out_dir, ks).items()}
+    except CryoClassError as err:
+        notes.append(f"angular distribution markers: {err}")
 
     index = os.path.join(out_dir, "index.html")
     tmp = index + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_html(run, it, figures, cxc, notes, slices_axis))
+        f.write(_html(run, it, figures, cxc, notes, slices_axis, bild))
     os.replace(tmp, index)
-    return {"index": index, "figures": figures, "chimerax": cxc, "notes": notes,
-            "iteration": it}
+    return {"index": index, "figures": figures, "chimerax": cxc, "bild": bild,
+            "notes": notes, "iteration": it}
 
 
-def _html(run, it, figures, cxc, notes, slices_axis):
+def _html(run, it, figures, cxc, notes, slices_axis, bild=None):
     esc = html.escape
     try:
         opt = run.optimiser(it)
@@ -413,6 +431,15 @@ def _html(run, it, figures, cxc, notes, slices_axis):
                      f"</a>: opens the class maps, fits each into the largest class and "
                      f"tiles them. Run <code>chimerax {esc(os.path.abspath(cxc))}</code>."
                      "</p>")
+    if bild:
+        links = ", ".join(
+            f'class {k}: <a href="{esc(os.path.basename(p))}">'
+            f'{esc(os.path.basename(p))}</a> (<a href="'
+            f'{esc(os.path.basename(p)[:-5])}.cxc">with the map</a>)'
+            for k, p in sorted(bild.items()))
+        parts.append("<h2>Angular distribution in ChimeraX</h2><p>One sphere per "
+                     "sampled direction, radius proportional to its particles: "
+                     f"{links}.</p>")
     if notes:
         parts.append('<h2>Not shown</h2><ul class="notes">' +
                      "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
@@ -424,7 +451,9 @@ def _html(run, it, figures, cxc, notes, slices_axis):
 
 def main(args):
     res = write_report(args.run, args.output, args.iter, parse_classes(args.classes),
-                       slices_axis=args.slices_axis, angdist=args.angdist, dpi=args.dpi)
+                       slices_axis=args.slices_axis, angdist=args.angdist, dpi=args.dpi,
+                       overlay_iterations=parse_classes(args.overlay_iters,
+                                                        "--overlay-iters"))
     for note in res["notes"]:
         print(f"note: {note}")
     print(f"wrote {len(res['figures'])} figures for iteration {res['iteration']}: "
