@@ -18,7 +18,7 @@ PATHS = ["--i", "p.star", "--o", "out/run", "--ref", "r.mrc"]
 #: test_run_guard.py).
 RUN_MODE = {"help", "dry_run", "overwrite"}
 #: relion_refine flags that cryoclass refuses in one line.
-REFUSED = set(refine_cmd.REFUSED) | {"blush"} | set(refine_cmd.HELIX_FLAGS)
+REFUSED = set(refine_cmd.REFUSED) | set(refine_cmd.HELIX_FLAGS)
 #: CLI flags that are not options of a run: the run modes, the refused flags and the
 #: RELION flags that select what the engine always does.
 NOT_OPTIONS = RUN_MODE | REFUSED | set(refine_cmd.ALWAYS_DOES)

@@ -481,15 +481,21 @@ def test_gpu_list_is_checked_without_a_gpu(project, inputs):
     assert not prot.usesGpu() and prot.getGpuList() == []
 
 
-def test_blush_is_refused_by_the_form(project, inputs):
-    """The engine has no --blush option yet: the form says so in one line before the
-    job runs."""
-    from cryoclass_plugin.engine.options import OPTIONS_BY_FLAG
-    if "blush" in OPTIONS_BY_FLAG:
-        pytest.skip("the engine has a --blush option")
-    err = _errors(_classifier(project, inputs, doBlush=True)).splitlines()
-    assert err == ["Blush regularisation is not available in the cryoclass engine: set "
-                   "'Use Blush regularisation?' to No."]
+def test_blush_validates_and_is_cited_only_when_used(project, inputs):
+    """'Use Blush regularisation? Yes' passes validation, gives --blush, and the methods
+    text and citations mention Blush only then."""
+    import dataclasses
+    from cryoclass_plugin.engine.options import Settings
+    from cryoclass_plugin.protocols.protocol_classify3d import methods_text
+    prot = _classifier(project, inputs, doBlush=True)
+    assert _errors(prot) == ""
+    assert "--blush" in prot._getEngineArgs().split()
+    assert "Kimanius2024" in prot._citations()
+    assert "Kimanius2024" not in _classifier(project, inputs)._citations()
+    base = Settings(input_star="p.star", output_root="run", ref="r.mrc", n_classes=2).resolved()
+    on = methods_text(dataclasses.replace(base, blush=True), 100, [50, 50])
+    off = methods_text(base, 100, [50, 50])
+    assert "Blush [Kimanius2024]" in on and "Blush" not in off
 
 
 def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):

@@ -42,6 +42,7 @@ class RunContext:
     solvent_mask : (N, N, N) host array or None (``--flatten_solvent``)
     symmetrise : device map -> symmetrised map, or None (C1)
     sym_mats : (G, 3, 3) symmetry matrices;  log : ``log(line)``
+    blush : a :class:`.blush_step.BlushStep` (``--blush``) or None
     """
     settings: object
     data: object
@@ -54,6 +55,7 @@ class RunContext:
     symmetrise: object
     sym_mats: object
     log: object
+    blush: object = None
 
 
 @dataclass
@@ -391,7 +393,7 @@ def maximisation(ctx, model, work, results):
     maximise(work.acc, model, MStepSettings.of(s, plan),
              solvent_mask=None if ctx.solvent_mask is None else xp.asarray(ctx.solvent_mask),
              symmetrise=ctx.symmetrise, unregularised=plan.use_cc,
-             consensus=plan.joint_consensus)
+             consensus=plan.joint_consensus, blush=ctx.blush)
     update_particles(model, work.subset, results)
     if results.norm_resid is not None:
         update_norm_corrections(model, work.subset, results.norm_resid)

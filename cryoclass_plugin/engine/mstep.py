@@ -135,13 +135,14 @@ def resolution_shell(ssnr):
 
 
 def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregularised=False,
-             consensus=False):
+             consensus=False, blush=None):
     """Update ``model`` (a :class:`.model.ModelState`) in place from reduced sums.
 
     ``unregularised`` reconstructs without the tau2 prior (first iteration after a
     ``--firstiter_cc`` pass, when the reference's greyscale, hence tau2, is unknown).
     ``consensus`` also reconstructs all classes' sums together
-    (:func:`reconstruct_consensus`).
+    (:func:`reconstruct_consensus`).  ``blush`` (a :class:`.blush_step.BlushStep`)
+    regularises each regularised class map before symmetrisation and solvent flattening.
     """
     xp = acc.xp
     K = len(acc.backprojectors)
@@ -162,6 +163,9 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
             tau2_prior = np.array(model.tau2[k], dtype=np.float64)
             vol = bp.reconstruct(tau2=xp.asarray(tau2_prior), tau2_fudge=settings.tau2_fudge,
                                  gridding=settings.gridding)
+            if blush is not None:
+                vol = blush.apply(bp, vol, xp.asarray(tau2_prior), settings.tau2_fudge,
+                                  settings.gridding, model.apix)
         if symmetrise is not None:
             vol = symmetrise(vol)
         if solvent_mask is not None:

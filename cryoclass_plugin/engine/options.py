@@ -127,6 +127,21 @@ OPTIONS = (
     _o("strict_highres_exp", "strict_highres_exp", float, -1.0,
        "limit the E-step to this resolution (A); <= 0: no limit", on_continue="change",
        param="limitResolEStep"),
+    _o("blush", "blush", bool, False,
+       "Blush regularisation (RELION 5): each class map of the M-step is denoised by "
+       "cryoclass's own trained 3D network (cryoclass_plugin/blush, weights and model "
+       "card shipped) below --blush_crossover", kind="switch", param="doBlush"),
+    _o("blush_crossover", "blush_crossover", float, -1.0,
+       "with --blush: the resolution (A) from which the plain reconstruction is kept; "
+       "<= 0: the network's Nyquist (6 A)"),
+    _o("blush_mode", "blush_mode", str, "replace",
+       "with --blush: 'replace' (RELION's: the denoised map replaces the reconstruction "
+       "below the crossover) or 'prior-mean' (the denoised map is the mean of the "
+       "Gaussian prior: (sum X + D / (T tau2)) / (W + 1 / (T tau2)))",
+       choices=("replace", "prior-mean")),
+    _o("blush_weights", "blush_weights", str, "",
+       "with --blush: a weights file from 'cryoclass train-blush' ('': the shipped "
+       "weights)", on_continue="change"),
     _o("strict_lowres_exp", "strict_lowres_exp", float, -1.0,
        "the E-step ignores frequencies below this resolution (A): the references' "
        "Fourier shells below it are zero, as RELION's; <= 0: none", on_continue="change"),

@@ -531,7 +531,8 @@ class BackProjector:
         """Shell (in unpadded frequency pixels, rounded) of every grid voxel (flat)."""
         return self._grid_shells()[0]
 
-    def reconstruct(self, tau2=None, tau2_fudge=1.0, max_shell=None, gridding=True):
+    def reconstruct(self, tau2=None, tau2_fudge=1.0, max_shell=None, gridding=True,
+                    prior_mean=None):
         """Regularised reconstruction ``V = D / (W + 1 / (pad^3 T tau2))`` per voxel.
 
         ``tau2`` (per shell, per real/imaginary component, of the unpadded map's
@@ -541,6 +542,10 @@ class BackProjector:
         padded voxel is ``1 / pad^3`` of the unpadded one.  Voxels beyond ``max_shell``
         are zeroed (and all beyond the grid's).  Returns the ``(N, N, N)`` float32 map
         at the full box.
+
+        ``prior_mean`` (this grid's half-grid transform of a map, e.g. Blush's denoised
+        map) makes the prior's mean that map instead of 0: ``V = (D + M / (pad^3 T
+        tau2)) / (W + 1 / (pad^3 T tau2))``, which is M where no slice reached.
         """
         xp = self.xp
         sh = self.shells()
@@ -555,12 +560,16 @@ class BackProjector:
         inverse += weight
         xp.maximum(inverse, 1e-300, out=inverse)
         xp.divide(1.0, inverse, out=inverse)
-        # Voxels no slice reached (negligible weight) carry no information: leave them 0.
-        threshold = 1e-12 * float(weight.max() if weight.size else 1.0)
-        inverse[weight <= threshold] = 0.0
+        if prior_mean is None:
+            # Voxels no slice reached (negligible weight) carry no information: 0.
+            threshold = 1e-12 * float(weight.max() if weight.size else 1.0)
+            inverse[weight <= threshold] = 0.0
+            data = self.data
+        else:
+            data = self.data + prior_mean.reshape(self.data.shape) * prior_shell[sh]
         if max_shell is not None:
             inverse[sh > max_shell] = 0.0
-        data = self.data * inverse
+        data = data * inverse
         del inverse
         # Hermitian by construction (symmetrised sums, shell-wise prior).
         return half_grid_to_real(data, self.grid, gridding=gridding, dtype=xp.float32)

@@ -13,12 +13,13 @@ import numpy as np
 from . import iteration as iteration_mod
 from . import memory
 from .backend import select_backend, to_numpy
+from .blush_step import BlushStep
 from .ctf import ctf_params
 from .errors import CryoClassError
 from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
 from .masks import soft_sphere_mask
 from .model import ModelState
-from .mpi import get_comm, split_range
+from .mpi import SharedError, get_comm, split_range
 from .mrc_io import ImageSource, read_map
 from .mstep import power_spectrum_half
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)
@@ -200,7 +201,8 @@ class Refinement:
             grid=self.grid, translations=TranslationGrid(s.offset_range, s.offset_step),
             solvent_mask=(_solvent_mask(s, self.box, self.apix) if s.flatten_solvent
                           else None),
-            symmetrise=symmetrise, sym_mats=symmetry_matrices(s.sym), log=self._log)
+            symmetrise=symmetrise, sym_mats=symmetry_matrices(s.sym), log=self._log,
+            blush=BlushStep(s, self.xp, log=self._log) if s.blush else None)
 
     @property
     def data(self):
@@ -240,6 +242,10 @@ class Refinement:
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
         check_class_count(len(self.table), s.n_classes, s.input_star)
+        if s.solvent_mask and not s.flatten_solvent:
+            # Read only with --flatten_solvent (RELION), but a broken mask is refused
+            # either way, so that adding the flag later cannot fail then.
+            check_mask_values(read_map(s.solvent_mask)[0], s.solvent_mask)
 
     def _log(self, line):
         """Log on rank 0 only."""
@@ -275,10 +281,13 @@ class Refinement:
 
     def _load_continue(self):
         path = self.s.continue_from
-        model = ModelState.load(continue_state_path(path))
+        try:
+            model = ModelState.load(continue_state_path(path))
+        except CryoClassError as err:      # every rank reads the same file
+            raise SharedError(str(err)) from None
         if model.box != self.box or model.n_classes != self.s.n_classes:
-            raise CryoClassError(f"--continue {path}: the run had box {model.box} and "
-                                 f"{model.n_classes} classes; use the same --i and --K")
+            raise SharedError(f"--continue {path}: the run had box {model.box} and "
+                              f"{model.n_classes} classes; use the same --i and --K")
         if model.schedule.consensus_end <= 0:
             model.schedule = ScheduleState(consensus_end=self.s.consensus_iter,
                                            merge_tested=model.schedule.merge_tested,
@@ -330,10 +339,19 @@ class Refinement:
             cache_bytes=cache if cache <= s.cache_bytes else 0.0,
             preread_bytes=4.0 * len(self.table) * box * box if s.preread_images else 0.0,
             consensus=plan.joint_consensus)
-        free = self.comm.bcast(memory.available_memory_bytes() if self.comm.rank == 0 else None)
+        free = self.comm.bcast(available_memory() if self.comm.rank == 0 else None)
         if first:
             self._log(memory.startup_report(est, free))
-        memory.check_fits(est, free, ranks_per_node=_ranks_per_node(self.comm))
+        # Rank 0 holds the largest share (split_range), so its estimate decides for all.
+        problem = None
+        if self.comm.rank == 0:
+            try:
+                memory.check_fits(est, free, ranks_per_node=_ranks_per_node(self.comm))
+            except CryoClassError as err:
+                problem = str(err)
+        problem = self.comm.bcast(problem)
+        if problem:
+            raise SharedError(problem)
 
     def _decide_before(self, model, iteration):
         """The decisions taken before ``iteration`` (a longer consensus, the split, the
