@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import starfile
 
 # Must run before anything imports pyworkflow/pwem.
 from cryoclass_plugin.scipion_env import create_project, setup_for_tests
@@ -324,6 +325,17 @@ def test_model_star_table_views(setup, which, blocks):
         assert os.path.isabs(v.getPath()) and os.path.exists(v.getPath())
         assert v.getViewParams()[showj.MODE] == showj.MODE_MD
         assert '-i "%s@%s"' % (v.getTableName(), v.getPath()) in v.getShowJParams()
+        assert isinstance(v, V.StarTableView)
+    # the Tk fallback's rows are the STAR block's values
+    header, rows = views[-1].table()
+    table = starfile.read(views[-1].getPath(), always_dict=True)[views[-1].getTableName()]
+    if isinstance(table, dict):
+        assert header == ["label", "value"] and [r[0] for r in rows] == list(table)
+        assert [float(r[1]) for r in rows if r[0] == "rlnPixelSize"] == [4.0]
+    else:
+        assert header == list(table.columns) and len(rows) == len(table)
+        np.testing.assert_array_equal(np.array(rows, dtype=object)[:, -1],
+                                      table.iloc[:, -1].to_numpy(dtype=object))
 
 
 def test_optimiser_table_view_and_missing_block(setup):

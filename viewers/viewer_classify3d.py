@@ -105,6 +105,37 @@ class MessageOnlyView(View):
             print(self.message)
 
 
+class StarTableView(DataView):
+    """One block of a STAR file in Scipion's table viewer (showj, ``block@file`` in
+    metadata mode).  Where showj is missing (it comes with the xmipp3 plugin) the same
+    rows open in pwem's Tk ``TableView``."""
+
+    def __init__(self, path, block, env=None):
+        DataView.__init__(self, "%s@%s" % (block, os.path.abspath(path)),
+                          viewParams={showj.MODE: showj.MODE_MD},
+                          env=env or os.environ.copy())
+
+    def table(self):
+        """(header, rows) of the block as the run reader reads it: a key/value block
+        gives rows (label, value), a loop block one row per line."""
+        from ..runresults import as_frame, read_star
+        block = read_star(self.getPath())[self.getTableName()]
+        if isinstance(block, dict):
+            return ["label", "value"], [(k, v) for k, v in block.items()]
+        frame = as_frame(block)
+        return list(frame.columns), [tuple(r) for r in frame.itertuples(index=False)]
+
+    def show(self):
+        from pyworkflow.plugin import Domain
+        if Domain.importFromPlugin("xmipp3", "Plugin") is not None:
+            return DataView.show(self)
+        from pwem.viewers import TableView
+        header, rows = self.table()
+        TableView(header, rows, title="data_%s (%s)" % (self.getTableName(),
+                                                        os.path.basename(self.getPath())),
+                  height=min(max(len(rows), 1), 25), width=min(180 * len(header), 1400))
+
+
 class CryoClassViewer(EmProtocolViewer):
     """Visualization of cryoclass 3D classification results: classes, maps, SSNR,
     convergence and angular distribution of any iteration."""
@@ -370,7 +401,7 @@ class CryoClassViewer(EmProtocolViewer):
                 for it in self.getIterations()}
 
     def makeTableViews(self, kind, which=None):
-        """showj table views (``DataView('block@file')``, not shown) of the blocks of the
+        """Table views (:class:`StarTableView`, not shown) of the blocks of the
         selected iterations' ``<kind>.star``: kind ``optimiser`` (its one block) or
         ``model`` with ``which`` one of MODEL_GENERAL, MODEL_CLASSES,
         MODEL_CLASS_SPECTRA (data_model_class_N of the selected classes), MODEL_GROUPS."""
@@ -391,9 +422,7 @@ class CryoClassViewer(EmProtocolViewer):
                         run.path(it, kind), missing[0],
                         ", ".join("data_" + n for n in names)))
                 names = wanted
-            path = os.path.abspath(run.path(it, kind))
-            views += [DataView("%s@%s" % (n, path), env=getattr(self, "_env", None) or {},
-                               viewParams={showj.MODE: showj.MODE_MD})
+            views += [StarTableView(run.path(it, kind), n, env=getattr(self, "_env", None))
                       for n in names]
         return views
 
