@@ -45,11 +45,15 @@ tests/test_halfgrid.py's engine test (grid shell 19): 31-33 s per iteration (set
 15 s, M-step 14-16 s, output 6 s), peak RSS 4.7 GB; the full-grid engine's grids alone
 would take 92 GiB (``full_grid_bytes``).
 
-``--full-run`` also runs ``cryoclass refine`` on the set with the tutorial's Class3D flags
-(``_common.tutorial_flags``: 7.5 deg, offsets 5 / 2 px, T given by ``--tau2_fudge``) plus
-``--ini_high 60 --pad 2 --skip_gridding``, and prints per-iteration time and peak RSS:
-the grids are cropped there only where the engine passes its current shell to
-``Projector`` / ``Accumulators`` (``current_grid_shell``).
+``--full-run`` runs the issue's job instead: ``cryoclass refine`` on the set with the
+tutorial's Class3D flags (``_common.tutorial_flags``: 7.5 deg, offsets 5 / 2 px, T given
+by ``--tau2_fudge``, mask 0.8 x box x pixel size) with ``--ini_high 60 --pad 2
+--skip_gridding --firstiter_cc --init_classes relion``, and with ``--relion PATH`` the same
+job by ``relion_refine`` (``--relion-iter`` iterations).  Per program and iteration it
+prints the time, the E-step size (``rlnCurrentImageSize`` of the previous iteration's
+model.star) and resolution, the peak RSS (GNU time's %M), the engine's stage seconds
+and the extrapolation to 105,247 particles x 25 iterations at that iteration's costs
+(``extrapolate``).  Figures: docs/benchmarks.md, "Large box".
 """
 import argparse
 import json
@@ -338,10 +342,10 @@ def result_rows(runs, args):
             hours = per = fixed = None
             if d.get("stages"):
                 hours, per, fixed = extrapolate(d["stages"], args.n)
-            stages = " ".join(f"{k} {v:.0f}" for k, v in d.get("stages", {}).items())
+            stages = " ".join(f"{k} {v:.1f}" for k, v in d.get("stages", {}).items())
             rows.append([name, it, C.fmt(times.get(it), ".0f"), C.fmt(size, "d"),
                          C.fmt(res, ".1f"), C.fmt(stats.maxrss_mb / 1024, ".2f"),
-                         status, stages or "-", C.fmt(per, ".2f"), C.fmt(fixed, ".0f"),
+                         status, stages or "-", C.fmt(per, ".3f"), C.fmt(fixed, ".0f"),
                          C.fmt(hours, ".0f")])
         if not times:
             rows.append([name, "-", "-", "-", "-", C.fmt(stats.maxrss_mb / 1024, ".2f"),
@@ -351,7 +355,7 @@ def result_rows(runs, args):
 
 
 RESULT_HEADERS = ["program", "iter", "s / iter", "E-step size px", "E-step res A",
-                  "peak RSS GB", "status", "stage s", "s / particle", "fixed s / iter",
+                  "peak RSS GiB", "status", "stage s", "s / particle", "fixed s / iter",
                   "h for 105,247 x 25 it"]
 
 
