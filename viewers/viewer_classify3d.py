@@ -16,7 +16,7 @@ iterations (``displayIter``: the last, or a selection such as ``5,10-15`` in
 * angular distribution per class, as a plot or as ChimeraX markers (a ``.bild`` file
   per class: one sphere per sampled direction, radius ~ particles);
 * the tables of ``_model.star`` and ``_optimiser.star`` in Scipion's table viewer
-  (showj, one view per STAR block).
+  (showj, one view per STAR block; a Tk table where showj is not installed).
 
 Every display has a headless method (``make*``) that writes its figure / file under the
 protocol's ``extra/viewer/`` and returns the path; the ``_show*`` methods used by the
@@ -149,7 +149,7 @@ class CryoClassViewer(EmProtocolViewer):
         form.addSection(label="Visualization")
         form.addParam("displayIter", params.EnumParam, choices=["last", "selection"],
                       default=ITER_LAST, display=params.EnumParam.DISPLAY_HLIST,
-                      label="Iteration to visualize",
+                      label="Iterations to visualize",
                       help="*last*: the last iteration written.\n"
                            "*selection*: the iterations listed below.")
         form.addParam("iterSelection", params.NumericRangeParam,
