@@ -272,6 +272,14 @@ def extrapolate(stages, n_measured, n_target=105247, n_iter=25):
     return (per * n_target + fixed) * n_iter / 3600.0, per, fixed
 
 
+def data_star_gaps(root):
+    """``{iteration: seconds}`` between consecutive ``<root>_itNNN_data.star`` writes: one
+    whole cycle (E-step, M-step, output), measured the same way for both programs."""
+    its = C.iterations_written(root)
+    stamps = {it: os.path.getmtime(f"{root}_it{it:03d}_data.star") for it in its}
+    return {it: stamps[it] - stamps[it - 1] for it in its if it - 1 in stamps}
+
+
 def run_program(name, cmd, sim_dir, out_dir, root, timeout, reuse=False):
     """Run ``cmd`` in ``sim_dir`` (under /usr/bin/time, see ``_common.run_timed``); its
     figures are kept in ``<out_dir>/stats.json`` and, with ``reuse``, a run of the same
@@ -294,7 +302,7 @@ def run_program(name, cmd, sim_dir, out_dir, root, timeout, reuse=False):
     if stats.rc != 0 and not stats.timed_out:
         print(f"{name} failed (rc {stats.rc}):\n{C.tail(stats.log)}")
     full_root = os.path.join(sim_dir, root)
-    return stats, C.iteration_times(full_root), model_star_sizes(full_root)
+    return stats, data_star_gaps(full_root), model_star_sizes(full_root)
 
 
 def full_run(sim_dir, args):
@@ -343,18 +351,20 @@ def result_rows(runs, args):
             if d.get("stages"):
                 hours, per, fixed = extrapolate(d["stages"], args.n)
             stages = " ".join(f"{k} {v:.1f}" for k, v in d.get("stages", {}).items())
-            rows.append([name, it, C.fmt(times.get(it), ".0f"), C.fmt(size, "d"),
+            rows.append([name, it, C.fmt(times.get(it), ".0f"), C.fmt(d.get("s"), ".0f"),
+                         C.fmt(size, "d"),
                          C.fmt(res, ".1f"), C.fmt(stats.maxrss_mb / 1024, ".2f"),
                          status, stages or "-", C.fmt(per, ".3f"), C.fmt(fixed, ".0f"),
                          C.fmt(hours, ".0f")])
         if not times:
-            rows.append([name, "-", "-", "-", "-", C.fmt(stats.maxrss_mb / 1024, ".2f"),
+            rows.append([name, "-", "-", "-", "-", "-", C.fmt(stats.maxrss_mb / 1024, ".2f"),
                          f"{status}, wall {stats.wall_s:.0f} s (no iteration finished)",
                          "-", "-", "-", "-"])
     return rows
 
 
-RESULT_HEADERS = ["program", "iter", "s / iter", "E-step size px", "E-step res A",
+RESULT_HEADERS = ["program", "iter", "s / iter (data.star gaps)",
+                  "s / iter (engine log, without output)", "E-step size px", "E-step res A",
                   "peak RSS GiB", "status", "stage s", "s / particle", "fixed s / iter",
                   "h for 105,247 x 25 it"]
 
