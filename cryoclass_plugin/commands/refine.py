@@ -16,8 +16,10 @@ import os
 import time
 
 from ..engine.errors import CryoClassError, NotImplementedOption, RunInterrupted
-from ..engine.run_guard import (OutputLock, check_output_root, interrupted_line,
-                                os_error_line, remove_temporaries, termination_signals)
+from ..engine.mpi import SharedError
+from ..engine.run_guard import (OutputLock, check_existing_run, check_output_folder,
+                                interrupted_line, os_error_line, remove_temporaries,
+                                termination_signals)
 from ..engine.options import (GROUPS, OPTIONS, OPTIONS_BY_FIELD, OPTIONS_BY_FLAG, Settings,
                               flag_of, resolve_automatic)
 
@@ -330,11 +332,27 @@ def _settings_for_continue(args):
 
 
 def main(args):
-    settings = settings_from_args(args)
-    from ..engine.refine import Refinement
-    if args.dry_run:
-        print(Refinement(settings, log=lambda line: None).describe_plan())
-        return 0
+    from ..engine.mpi import get_comm
+    comm = get_comm()
+    try:
+        # Every rank reads the same flags and inputs, so every rank meets the same
+        # error: rank 0 reports it, the others end quietly with the same status.
+        settings = settings_from_args(args)
+        from ..engine.refine import Refinement
+        if args.dry_run:
+            print(Refinement(settings, log=lambda line: None).describe_plan())
+            return 0
+        ref = Refinement(settings, log=lambda line: None)   # reads and checks the inputs
+        lock = _claim_output(ref.comm, settings, args.overwrite)
+    except CryoClassError:
+        _quiet_on_other_ranks(comm, 2)
+        raise
+    return _run(ref, settings, lock)
+
+
+def _run(ref, settings, lock):
+    """The iterations, with every way they can end turned into one line (rank 0's for
+    an interrupt or an error all ranks share; the failing rank's otherwise)."""
     log_path = f"{settings.output_root}.log"
 
     def log(line):
@@ -344,8 +362,6 @@ def main(args):
             fh.write(line + "\n")
 
     t0 = time.time()
-    ref = Refinement(settings, log=lambda line: None)   # reads and checks the inputs
-    lock = _claim_output(ref.comm, settings, args.overwrite)
     ref.log = log
     try:
         with termination_signals():
@@ -354,22 +370,77 @@ def main(args):
                     f"{ref.apix:g} A/px, K={settings.n_classes}, {ref.comm.size} rank(s), "
                     f"{'GPU ' + str(ref.device) if ref.device is not None else 'CPU'}")
             model = ref.run()
+            _remove_scratch_copies(ref, settings)
+            if ref.comm.rank == 0:
+                log(f"done: {model.iteration} iterations in {time.time() - t0:.1f} s; "
+                    f"outputs {settings.output_root}_it{model.iteration:03d}_*")
     except KeyboardInterrupt as stop:
         what = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
-        if ref.comm.rank == 0:
-            _log_quietly(log_path, interrupted_line(settings.output_root, what))
+        _quiet_on_other_ranks(ref.comm, RunInterrupted.exit_code)
+        if ref.comm.size > 1 and _last_line(log_path).startswith(_FAILED):
+            raise SystemExit(2)     # mpirun ending the job after another rank's error
+        _remove_temporaries_quietly(settings.output_root)
+        _log_quietly(log_path, interrupted_line(settings.output_root, what))
         raise RunInterrupted(interrupted_line(settings.output_root, what)) from None
-    except OSError as err:
-        path = err.filename or settings.output_root
-        raise CryoClassError(os_error_line(err, path, "write")) from None
+    except SharedError:
+        _quiet_on_other_ranks(ref.comm, 2)
+        raise
+    except (CryoClassError, OSError, MemoryError) as err:
+        _fail_one_rank(ref.comm, _one_line(err, settings), log_path)
     finally:
         if lock is not None:
             lock.release()
-    _remove_scratch_copies(ref, settings)
-    if ref.comm.rank == 0:
-        log(f"done: {model.iteration} iterations in {time.time() - t0:.1f} s; outputs "
-            f"{settings.output_root}_it{model.iteration:03d}_*")
     return 0
+
+
+def _one_line(err, settings):
+    """The user's line for an error met while running."""
+    if isinstance(err, MemoryError):
+        return ("out of memory while running; give a smaller --block_size, --pad 1, or "
+                "--strict_highres_exp (a lower E-step resolution), or run with fewer "
+                "ranks per node")
+    if isinstance(err, OSError):
+        path = err.filename or settings.output_root
+        return os_error_line(err, path, "write")
+    return str(err)
+
+
+_FAILED = "error (rank "
+
+
+def _fail_one_rank(comm, line, log_path):
+    """Raise ``line`` as the run's error; in a job of several ranks the failing rank
+    prints it, logs it and ends the job (the others may be waiting for it in a
+    collective; mpirun then stops them with SIGTERM, and rank 0 finds the logged error
+    rather than reporting an interrupt)."""
+    if comm.size == 1:
+        raise CryoClassError(line) from None
+    import sys
+    _log_quietly(log_path, f"{_FAILED}{comm.rank}): {line}")
+    print(f"cryoclass refine: error: {line}", file=sys.stderr, flush=True)
+    comm.abort(2)
+
+
+def _last_line(path):
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _quiet_on_other_ranks(comm, code):
+    """Ranks other than 0 end with ``code`` and print nothing (rank 0 reports)."""
+    if comm.rank != 0:
+        raise SystemExit(code)
+
+
+def _remove_temporaries_quietly(output_root):
+    try:
+        remove_temporaries(output_root)
+    except OSError:
+        pass
 
 
 def _remove_scratch_copies(ref, settings):
@@ -394,16 +465,22 @@ def _claim_output(comm, settings, overwrite):
     problem, lock = None, None
     if comm.rank == 0:
         try:
-            check_output_root(settings.output_root,
-                              inputs=(settings.input_star, settings.ref, settings.solvent_mask),
-                              continuing=bool(settings.continue_from), overwrite=overwrite)
+            check_output_folder(settings.output_root)
+            # The lock first: a run still writing into --o refuses this one before
+            # --overwrite removes any of its files.
             lock = OutputLock(settings.output_root).acquire()
+            check_existing_run(settings.output_root,
+                               inputs=(settings.input_star, settings.ref, settings.solvent_mask),
+                               continuing=bool(settings.continue_from), overwrite=overwrite)
             remove_temporaries(settings.output_root)
         except CryoClassError as err:
             problem = str(err)
+            if lock is not None:
+                lock.release()
+                lock = None
     problem = comm.bcast(problem)
     if problem:
-        raise CryoClassError(problem)
+        raise SharedError(problem)
     return lock
 
 

@@ -12,6 +12,15 @@ import sys
 
 import numpy as np
 
+from .errors import CryoClassError
+
+_COMM = []      # the process's communicator, made once
+
+
+class SharedError(CryoClassError):
+    """An error every rank meets alike (from the same inputs or a value rank 0 sent to
+    all): rank 0 reports it and the others end quietly, so a job prints it once."""
+
 
 class SerialComm:
     rank = 0
@@ -69,13 +78,17 @@ def _launched_by_mpirun():
 
 
 def get_comm():
-    """The world communicator when started under mpirun/mpiexec, else :class:`SerialComm`."""
+    """The world communicator when started under mpirun/mpiexec, else :class:`SerialComm`
+    (one per process: later calls return the same)."""
+    if _COMM:
+        return _COMM[0]
     if not _launched_by_mpirun():
         return SerialComm()
     from mpi4py import MPI
     comm = MPIComm(MPI.COMM_WORLD)
     if comm.size > 1:
         _install_abort_on_error(comm)
+    _COMM.append(comm)
     return comm
 
 

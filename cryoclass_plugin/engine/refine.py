@@ -20,6 +20,7 @@ from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
 from .masks import soft_sphere_mask
 from .model import ModelState
 from .mpi import SharedError, get_comm, split_range
+from .run_guard import available_memory
 from .mrc_io import ImageSource, read_map
 from .mstep import power_spectrum_half
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)

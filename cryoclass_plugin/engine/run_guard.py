@@ -70,11 +70,24 @@ def last_complete_iteration(output_root):
 def check_output_root(output_root, inputs=(), continuing=False, overwrite=False):
     """Refuse an ``--o`` that cannot hold this run (module docstring); with
     ``overwrite`` remove the old run's files.  ``inputs``: the paths the run reads."""
+    check_output_folder(output_root)
+    check_existing_run(output_root, inputs, continuing, overwrite)
+
+
+def check_output_folder(output_root):
+    """Refuse an ``--o`` that is a folder or whose folder cannot be created or written;
+    create the folder."""
     if not output_root or output_root.endswith(("/", os.sep)) or os.path.isdir(output_root):
         raise CryoClassError(f"--o {output_root!r}: give a rootname inside a folder, e.g. "
                              f"{os.path.join(output_root or 'Class3D', 'run')}, not a folder")
-    folder = os.path.dirname(os.path.abspath(output_root))
-    _check_folder(folder, output_root)
+    _check_folder(os.path.dirname(os.path.abspath(output_root)), output_root)
+
+
+def check_existing_run(output_root, inputs=(), continuing=False, overwrite=False):
+    """Refuse a run that would overwrite one of its ``inputs`` or (unless ``continuing``
+    or ``overwrite``) another run's files; with ``overwrite`` remove those files.  Call
+    it holding the run's :class:`OutputLock`, so that a run still writing there is
+    refused by the lock before any of its files is removed."""
     written = set(run_files(output_root))
     for path in inputs:
         if path and os.path.abspath(path) in written:
@@ -217,3 +230,24 @@ def interrupted_line(output_root, what="interrupted"):
         return f"{what} before the first iteration was complete; start the run again"
     return (f"{what}; the last complete iteration is {last}: continue with --continue "
             f"{output_root}_it{last:03d}_optimiser.star")
+
+
+def available_memory():
+    """Bytes this process may still take: :func:`.memory.available_memory_bytes` (free
+    memory, cgroup limit), lowered to what the address-space limit (``ulimit -v``, a
+    queue's per-job memory cap) leaves above the process's current size; None when
+    neither is known."""
+    import resource
+    from .memory import available_memory_bytes
+    free = available_memory_bytes()
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return free
+    size = 0
+    try:
+        with open("/proc/self/statm") as fh:
+            size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    left = max(0, soft - size)
+    return left if free is None else min(free, left)
