@@ -116,3 +116,16 @@ def test_a_job_that_cannot_fit_in_memory_stops_before_iteration_1(tiny, tmp_path
     line = _one_error_line(capsys, "GiB of memory per node", "0.0 GiB is free", "to fit it use")
     assert "--block_size" in line or "--pad 1" in line
     assert not os.path.exists(tmp_path / "out" / "run_it001_data.star")
+
+
+def test_running_out_of_memory_is_one_line_naming_the_options(tiny, tmp_path, capsys,
+                                                               monkeypatch):
+    from cryoclass_plugin.engine import refine
+
+    def no_memory(self):
+        raise MemoryError()
+    monkeypatch.setattr(refine.Refinement, "run", no_memory)
+    assert _refine(tiny, tmp_path) == 2
+    _one_error_line(capsys, "out of memory", "--block_size", "--pad 1",
+                    "--strict_highres_exp")
+    assert not os.path.exists(tmp_path / "out" / "run.lock")
