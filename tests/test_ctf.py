@@ -221,8 +221,8 @@ def _optics_df(**group2):
 
 
 @pytest.mark.parametrize("column, value", [
-    ("rlnOddZernike", "[0.1,0,0,0,0,0]"), ("rlnBeamTiltX", 0.3), ("rlnBeamTiltY", -0.2),
-    ("rlnMagMat00", 1.01), ("rlnMagMat01", 0.005), ("rlnCtfDataAreCtfPremultiplied", 1)])
+    ("rlnMagMat00", 1.01), ("rlnMagMat01", 0.005), ("rlnMagMat10", -0.004),
+    ("rlnMagMat11", 0.99), ("rlnCtfDataAreCtfPremultiplied", 1)])
 def test_terms_not_applied_are_refused_naming_group_and_field(column, value):
     with pytest.raises(CryoClassError) as err:
         ctf.ctf_params(_optics_df(**{column: value}))
@@ -262,3 +262,52 @@ def test_even_zernike_per_optics_group_reaches_the_ctf_images():
 def test_bad_zernike_text_is_a_one_line_error():
     with pytest.raises(CryoClassError, match=r"optics group 2 \(late\): rlnEvenZernike"):
         ctf.ctf_params(_optics_df(rlnEvenZernike="[0,x,1]"))
+
+
+# RELION's odd Zernike terms in its index order (Zernike::oddIndexToMN), closed forms.
+ODD_ZERNIKE_CLOSED = [
+    lambda r, p: r * math.sin(p),                        # (-1, 1)
+    lambda r, p: r * math.cos(p),                        # (1, 1)
+    lambda r, p: r ** 3 * math.sin(3 * p),               # (-3, 3)
+    lambda r, p: (3 * r ** 3 - 2 * r) * math.sin(p),     # (-1, 3)
+    lambda r, p: (3 * r ** 3 - 2 * r) * math.cos(p),     # (1, 3)
+    lambda r, p: r ** 3 * math.cos(3 * p),               # (3, 3)
+]
+
+
+def test_antisymmetric_phase_is_the_odd_zernike_sum():
+    coeffs = np.array([0.47, 0.41, 34.4, -12.0, 8.0, 10.8])
+    rng = np.random.default_rng(5)
+    kx, ky = rng.uniform(-0.3, 0.3, (2, 25))
+    got = ctf.antisymmetric_phase(kx, ky, coeffs)
+    for x, y, value in zip(kx, ky, got):
+        r, p = math.hypot(x, y), math.atan2(y, x)
+        assert value == pytest.approx(sum(c * z(r, p) for c, z in
+                                          zip(coeffs, ODD_ZERNIKE_CLOSED)), abs=1e-12)
+    # odd: phi(-k) = -phi(k), so the Hermitian half plane carries it consistently
+    np.testing.assert_allclose(ctf.antisymmetric_phase(-kx, -ky, coeffs), -got, atol=1e-12)
+
+
+def test_beam_tilt_is_the_textbook_phase():
+    """RELION's insertTilt: the beam tilt (tx, ty) in mrad becomes the phase
+    -2 pi Cs lambda^2 |k|^2 (k . tau), Cs in A, tau in rad (Glaeser's coma-free formula)."""
+    tx, ty, cs, kv = 0.35, -0.21, 2.7, 300.0
+    odd = ctf.insert_beam_tilt(np.zeros(6), tx, ty, cs, kv)
+    lam = ctf.electron_wavelength(kv)
+    rng = np.random.default_rng(6)
+    kx, ky = rng.uniform(-0.3, 0.3, (2, 25))
+    want = -2 * np.pi * cs * 1e7 * lam ** 2 * (kx * kx + ky * ky) * (kx * tx + ky * ty) * 1e-3
+    np.testing.assert_allclose(ctf.antisymmetric_phase(kx, ky, odd), want, rtol=1e-8,
+                               atol=1e-12)
+
+
+def test_odd_terms_per_group_with_beam_tilt_inserted():
+    df = _optics_df(rlnOddZernike="[0.1,0,0,0,0,0]", rlnBeamTiltX=0.3, rlnBeamTiltY=0.0)
+    p = ctf.ctf_params(df)
+    assert "even_zernike" not in p
+    np.testing.assert_array_equal(p["odd_zernike"][0], 0.0)
+    want = ctf.insert_beam_tilt(np.array([0.1, 0, 0, 0, 0, 0]), 0.3, 0.0, 2.0, 200.0)
+    np.testing.assert_allclose(p["odd_zernike"][1], want)
+    # the antisymmetric part is not a CTF factor: the CTF images are those without it
+    np.testing.assert_array_equal(ctf.ctf_images(p, 16, 2.0),
+                                  ctf.ctf_images(ctf.ctf_params(_optics_df()), 16, 2.0))

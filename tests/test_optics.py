@@ -37,19 +37,18 @@ PARTICLE_FIELDS = ["rlnOpticsGroup", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnD
 
 
 def _optics(aberrations):
-    """Three groups: plain; another microscope with a symmetric aberration (applied by
-    the engine); a third with ``aberrations`` (CtfRefine's beam tilt, odd Zernike,
-    magnification when True; neutral values otherwise)."""
+    """Three groups: plain; another microscope with a symmetric aberration; a third with
+    CtfRefine's beam tilt and odd Zernike terms (all applied by the engine), and, when
+    ``aberrations``, an anisotropic magnification (refused by the engine)."""
     base = star_io.optics_group_table(APIX, BOX, n_groups=3)
     base["rlnOpticsGroupName"] = ["opticsGroup1", "krios200kV", "tilted_grid"]
     base["rlnMicrographOriginalPixelSize"] = [APIX / 2, APIX / 2, APIX / 3]
     base["rlnVoltage"] = [300.0, 200.0, 300.0]
-    base["rlnSphericalAberration"] = [2.7, 2.0, 0.01]
+    base["rlnSphericalAberration"] = [2.7, 2.0, 4.1]
     base["rlnAmplitudeContrast"] = [0.1, 0.07, 0.15]
-    base["rlnBeamTiltX"] = [0.0, 0.0, 0.35 if aberrations else 0.0]
-    base["rlnBeamTiltY"] = [0.0, 0.0, -0.21 if aberrations else 0.0]
-    base["rlnOddZernike"] = ["[0,0,0,0,0,0]", "[0,0,0,0,0,0]",
-                             "[0.47,0.41,34.4,0,0,10.8]" if aberrations else "[0,0,0,0,0,0]"]
+    base["rlnBeamTiltX"] = [0.0, 0.0, 0.35]
+    base["rlnBeamTiltY"] = [0.0, 0.0, -0.21]
+    base["rlnOddZernike"] = ["[0,0,0,0,0,0]", "[0,0,0,0,0,0]", "[0.47,0.41,3440,0,0,1080]"]
     base["rlnEvenZernike"] = ["[0,0,0,0,0,0,0,0,0]", "[0,0,0,46.1,61.3,71.7,-58.9,-20.4,21.2]",
                               "[0,0,0,0,0,0,0,0,0]"]
     base["rlnMagMat00"] = [1.0, 1.0, 1.007178 if aberrations else 1.0]
@@ -159,10 +158,10 @@ def test_engine_refuses_terms_it_does_not_apply_in_one_line(sim):
         star_io.read_particles(sim["refused"], require_ctf=True)
     text = str(err.value)
     assert "\n" not in text and "optics_refused.star" in text
-    assert "optics group 3 (tilted_grid): rlnBeamTiltX" in text
+    assert "optics group 3 (tilted_grid): rlnMagMat00" in text
     # without CTF correction the terms do not matter and the file is read
     assert len(star_io.read_particles(sim["refused"], require_ctf=False)) == N
-    # the applied set (symmetric aberration only) is accepted with the CTF
+    # the applied set (symmetric and antisymmetric aberrations) is accepted with the CTF
     assert len(star_io.read_particles(sim["applied"], require_ctf=True)) == N
 
 
@@ -244,3 +243,34 @@ def test_engine_block_ctf_applies_each_groups_terms(sim):
     # the aberration matters: group 2's CTF is not the one without it
     plain = _direct_ctf(kx, ky, table.df.iloc[1], np.zeros(9))
     assert np.max(np.abs(got[1] - plain)) > 0.5
+
+
+def test_engine_removes_each_groups_antisymmetric_phase_from_the_images(sim):
+    """prepare_block's demodulation (particles._demodulate_aberration) multiplies each
+    image's transform by exp(-i phi), phi its group's odd Zernike terms plus the beam
+    tilt (-2 pi Cs lambda^2 |k|^2 k.tau), written out here term by term."""
+    from types import SimpleNamespace
+    from cryoclass_plugin.engine.ctf import ctf_params, electron_wavelength
+    from cryoclass_plugin.engine.particles import Pixels, _demodulate_aberration
+    table = star_io.read_particles(sim["applied"], require_ctf=True)
+    data = SimpleNamespace(ctfp=ctf_params(table.df))
+    model = SimpleNamespace(box=BOX, apix=APIX)
+    pixels = Pixels.within(BOX, BOX // 2, np)
+    indices = np.array([0, 1, 2, 5])  # optics groups 1, 2, 3, 3
+    rng = np.random.default_rng(8)
+    f = (rng.normal(size=(4, pixels.kx_all.size))
+         + 1j * rng.normal(size=(4, pixels.kx_all.size))).astype(np.complex64)
+    got = _demodulate_aberration(model, data, indices, pixels, f, np)
+    kx = pixels.kx_all / (BOX * APIX)
+    ky = pixels.ky_all / (BOX * APIX)
+    r, p = np.hypot(kx, ky), np.arctan2(ky, kx)
+    c = [0.47, 0.41, 3440, 0, 0, 1080]
+    zernike = c[0] * r * np.sin(p) + c[1] * r * np.cos(p) + c[2] * r ** 3 * np.sin(3 * p) \
+        + c[5] * r ** 3 * np.cos(3 * p)
+    lam = electron_wavelength(300.0)
+    tilt = -2 * np.pi * 4.1e7 * lam ** 2 * r ** 2 * (kx * 0.35 - ky * 0.21) * 1e-3
+    phi = zernike + tilt
+    np.testing.assert_allclose(got[:2], f[:2], atol=0)  # groups 1 and 2: no odd terms
+    for j in (2, 3):
+        np.testing.assert_allclose(got[j], f[j] * np.exp(-1j * phi), rtol=2e-5, atol=2e-5)
+    assert np.max(np.abs(phi)) > 1.0  # the phase is not negligible

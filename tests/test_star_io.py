@@ -550,7 +550,6 @@ def test_mrc_io_does_not_import_star_io():
 
 
 @pytest.mark.parametrize("column,value", [("rlnCtfDataAreCtfPremultiplied", 1),
-                                          ("rlnOddZernike", "[0,0.3,0,0,0,0]"),
                                           ("rlnMagMat11", 0.98)])
 def test_optics_terms_not_applied_are_refused_with_ctf(tmp_path, column, value):
     make_stack(tmp_path / "Extract" / "stack.mrcs", 4)

@@ -17,7 +17,14 @@ so the CTF is positive at low frequency.  RELION 3.1+'s optics-group terms, as i
   (defocus, Cs, B-factor and the aberrations all see the transformed frequency);
 * symmetric aberration (``rlnEvenZernike``, radians): ``gamma += sum_i c_i Z_i(kx, ky)``
   with RELION's even Zernike order (index i -> (m, n): k = floor(sqrt(i)),
-  m = 2 (i - k^2 - k), n = 2k) of the frequency in 1/A (not normalised to a pupil).
+  m = 2 (i - k^2 - k), n = 2k) of the frequency in 1/A (not normalised to a pupil);
+* antisymmetric aberration (``rlnOddZernike``, radians, and the beam tilt
+  ``rlnBeamTiltX/Y`` in mrad, turned into odd Zernike terms as RELION's
+  ``TiltHelper::insertTilt`` does): not a CTF factor but a phase
+  ``exp(i sum_i c_i Z_odd_i(k))`` on the reference projection; like RELION's
+  ``ObservationModel::demodulatePhase`` the engine multiplies the image by its conjugate
+  instead (the same likelihood, since the factor has unit modulus, and the same
+  reconstruction): :func:`antisymmetric_phase`.
 
 ``intact_first_peak`` (RELION's
 ``--ctf_intact_first_peak``) sets the oscillating part to 1 wherever ``|gamma| < pi/2``
@@ -126,6 +133,38 @@ def symmetric_aberration(kx, ky, coeffs, xp=np):
     return total
 
 
+def antisymmetric_phase(kx, ky, coeffs, xp=np):
+    """``sum_i coeffs[..., i] Z_odd_i(kx, ky)`` (radians): the phase RELION's
+    ``getPhaseCorrection`` puts on the projection at frequency ``(kx, ky)`` (1/A)."""
+    total = 0.0
+    for i in range(coeffs.shape[-1]):
+        m, n = odd_index_to_mn(i)
+        total = total + coeffs[..., i] * zernike_cart(m, n, kx, ky, xp)
+    return total
+
+
+def insert_beam_tilt(odd, tilt_x_mrad, tilt_y_mrad, cs_mm, voltage_kv):
+    """Odd Zernike coefficients with a beam tilt added (RELION's
+    ``TiltHelper::insertTilt``): with ``s = Cs[mm] * 20000 * lambda^2 * pi`` and
+    ``Z3 = -s * tilt / 3``, terms 1 and 0 get ``2 Z3x`` / ``2 Z3y`` and terms 4 and 3
+    get ``Z3x`` / ``Z3y``.  Returns a new array of at least 6 terms."""
+    out = np.zeros(max(6, np.asarray(odd).size))
+    out[:np.asarray(odd).size] = odd
+    scale = cs_mm * 20000.0 * float(electron_wavelength(voltage_kv)) ** 2 * 3.141592654
+    z3x, z3y = -scale * tilt_x_mrad / 3.0, -scale * tilt_y_mrad / 3.0
+    out[1] += 2.0 * z3x
+    out[0] += 2.0 * z3y
+    out[4] += z3x
+    out[3] += z3y
+    return out
+
+
+def ctf_arguments(params):
+    """The :func:`ctf_values` arguments of a :func:`ctf_params` dict (all but the
+    antisymmetric aberration, which is a phase on the image, not a CTF factor)."""
+    return {k: v for k, v in params.items() if k != "odd_zernike"}
+
+
 def _host(value):
     """Parameters are small per-particle arrays; keep them on the host to build them."""
     from .backend import to_numpy
@@ -192,13 +231,6 @@ def _refusals(where, row):
         out.append(f"{where}: rlnCtfDataAreCtfPremultiplied = 1 (CTF-premultiplied images) "
                    "is not supported by cryoclass; extract the particles without CTF "
                    "premultiplication")
-    for label in ("rlnBeamTiltX", "rlnBeamTiltY"):
-        if float(row.get(label, 0.0) or 0.0) != 0.0:
-            out.append(f"{where}: {label} (beam tilt, an antisymmetric aberration) is not "
-                       "applied by cryoclass; remove the beam tilt or refine in RELION")
-    if np.any(zernike_vector(row.get("rlnOddZernike"), where, "rlnOddZernike") != 0):
-        out.append(f"{where}: rlnOddZernike (antisymmetric aberration) is not applied by "
-                   "cryoclass; remove the odd Zernike terms or refine in RELION")
     for label, identity in zip(MAG_COLUMNS, (1.0, 0.0, 0.0, 1.0)):
         if abs(float(row.get(label, identity)) - identity) > 1e-9:
             out.append(f"{where}: {label} (anisotropic magnification, which RELION also "
@@ -208,32 +240,52 @@ def _refusals(where, row):
     return out
 
 
+def _odd_terms(where, row):
+    """A group's odd Zernike coefficients with its beam tilt inserted (RELION's
+    ObservationModel)."""
+    odd = zernike_vector(row.get("rlnOddZernike"), where, "rlnOddZernike")
+    tilt = [float(row.get(c, 0.0) or 0.0) for c in ("rlnBeamTiltX", "rlnBeamTiltY")]
+    if any(tilt):
+        odd = insert_beam_tilt(odd, tilt[0], tilt[1], float(row["rlnSphericalAberration"]),
+                               float(row["rlnVoltage"]))
+    return odd
+
+
+def _per_particle(df, groups, vectors):
+    """``(n, L)`` coefficients: each particle gets its optics group's vector (zero
+    padded), or None when every vector is zero."""
+    if not any(np.any(v != 0) for v in vectors):
+        return None
+    coeffs = np.zeros((len(df), max(v.size for v in vectors)))
+    keys = (df["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in df.columns
+            else np.ones(len(df), dtype=np.int64))
+    for (_, row), v in zip(groups, vectors):
+        coeffs[keys == int(row.get("rlnOpticsGroup", 1)), :v.size] = v
+    return coeffs
+
+
 def optics_terms(df):
-    """The optics-group CTF terms the engine applies, as extra :func:`ctf_values`
-    arguments per particle: ``{'even_zernike': (n, L)}`` when some group has a nonzero
-    symmetric aberration, else ``{}``.  Terms the engine cannot apply (premultiplied
-    images, beam tilt, odd Zernike, anisotropic magnification) raise a one-line
-    :class:`CryoClassError` naming the optics group and the field."""
+    """The optics-group terms the engine applies, per particle: ``'even_zernike'``
+    ``(n, L)`` (symmetric aberration, a :func:`ctf_values` argument) and
+    ``'odd_zernike'`` ``(n, L)`` (antisymmetric aberration and beam tilt, a phase:
+    :func:`antisymmetric_phase`), each only when some group's is nonzero.  Terms the
+    engine cannot apply (CTF-premultiplied images, anisotropic magnification) raise a
+    one-line :class:`CryoClassError` naming the optics group and the field."""
     groups = _group_rows(df)
     problems = [p for where, row in groups for p in _refusals(where, row)]
     if problems:
         raise CryoClassError(problems[0] + (f" (and {len(problems) - 1} more optics-group "
                                             "terms)" if len(problems) > 1 else ""))
-    if "rlnEvenZernike" not in df.columns:
-        return {}
-    per_group = {}
-    for where, row in groups:
-        per_group[where] = zernike_vector(row.get("rlnEvenZernike"), where, "rlnEvenZernike")
-    if not any(np.any(v != 0) for v in per_group.values()):
-        return {}
-    width = max(v.size for v in per_group.values())
-    coeffs = np.zeros((len(df), width))
-    keys = (df["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in df.columns
-            else np.ones(len(df), dtype=np.int64))
-    for (where, row), v in zip(groups, per_group.values()):
-        g = int(row.get("rlnOpticsGroup", 1))
-        coeffs[keys == g, :v.size] = v
-    return {"even_zernike": coeffs}
+    out = {}
+    even = _per_particle(df, groups, [zernike_vector(row.get("rlnEvenZernike"), where,
+                                                     "rlnEvenZernike")
+                                      for where, row in groups])
+    if even is not None:
+        out["even_zernike"] = even
+    odd = _per_particle(df, groups, [_odd_terms(where, row) for where, row in groups])
+    if odd is not None:
+        out["odd_zernike"] = odd
+    return out
 
 
 def frequency_grid_2d(box, apix, xp=np):
@@ -249,6 +301,7 @@ def ctf_images(params, box, apix, indices=None, xp=np, **options):
     ``intact_first_peak``."""
     ky, kx = frequency_grid_2d(box, apix, xp)
     sel = slice(None) if indices is None else np.asarray(indices)
-    per = {name: np.asarray(values)[sel][:, None] for name, values in params.items()}
+    per = {name: np.asarray(values)[sel][:, None]
+           for name, values in ctf_arguments(params).items()}
     ctf = ctf_values(kx.reshape(1, -1), ky.reshape(1, -1), **per, **options)
     return ctf.reshape(-1, box, box).astype(xp.float32)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .backend import to_numpy
-from .ctf import ctf_values
+from .ctf import antisymmetric_phase, ctf_arguments, ctf_values
 from .fourier import fft_centered, half_plane_pixels
 from .masks import soft_circle_mask
 from .search import BlockData
@@ -137,6 +137,7 @@ def prepare_block(settings, model, data, indices, pixels, xp):
                    * (xp.asarray(origin_px[:, 0:1], dtype=xp.float32) * kx[None].astype(xp.float32)
                       + xp.asarray(origin_px[:, 1:2], dtype=xp.float32) * ky[None].astype(xp.float32)))
     f = f * phase.astype(xp.complex64)
+    f = _demodulate_aberration(model, data, indices, pixels, f, xp)
     if settings.norm:
         # RELION's norm correction: the image (all pixels, also those beyond the current
         # radius, which feed the noise estimate) times avg_norm / n_i.
@@ -162,7 +163,7 @@ def _block_ctf(settings, model, data, indices, pixels, groups, xp):
     if settings.ctf:
         kx_c = pixels.kx.astype(xp.float32)[None] / (model.box * model.apix)
         ky_c = pixels.ky.astype(xp.float32)[None] / (model.box * model.apix)
-        params = {k: v[indices][:, None] for k, v in data.ctfp.items()}
+        params = {k: v[indices][:, None] for k, v in ctf_arguments(data.ctfp).items()}
         ctf = ctf_values(kx_c, ky_c, **params, phase_flipped=settings.ctf_phase_flipped,
                          intact_first_peak=settings.ctf_intact_first_peak).astype(xp.float32)
     else:
@@ -172,6 +173,22 @@ def _block_ctf(settings, model, data, indices, pixels, groups, xp):
         # the references are compared (and the images inserted) at the group's scale.
         ctf = ctf * xp.asarray(model.scale_correction[groups].astype(np.float32))[:, None]
     return ctf
+
+
+def _demodulate_aberration(model, data, indices, pixels, f, xp):
+    """``f`` (B, all half-plane pixels) times ``exp(-i phi)``, ``phi`` each particle's
+    antisymmetric aberration (its optics group's odd Zernike terms and beam tilt,
+    :func:`.ctf.antisymmetric_phase`), as RELION's ``demodulatePhase`` does to the
+    experimental images: the model's projection carries ``exp(i phi)``, and removing it
+    from the image instead gives the same likelihood and reconstruction.  ``f`` itself
+    when no group has such terms (or without ``--ctf``, where ``data.ctfp`` is None)."""
+    if data.ctfp is None or "odd_zernike" not in data.ctfp:
+        return f
+    coeffs = xp.asarray(data.ctfp["odd_zernike"][indices][:, None, :])
+    kx = pixels.kx_all.astype(xp.float64)[None] / (model.box * model.apix)
+    ky = pixels.ky_all.astype(xp.float64)[None] / (model.box * model.apix)
+    phi = antisymmetric_phase(kx, ky, coeffs, xp)
+    return f * xp.exp(-1j * phi).astype(xp.complex64)
 
 
 @dataclass
