@@ -4,7 +4,9 @@ pwem's own *import particles* reads RELION STAR files only through the relion pl
 this protocol reads RELION 3.0 / 3.1+ particle STAR files (e.g. those written by
 ``cryoclass simulate`` or by RELION) without it: locations, CTF, acquisition, and,
 when present, 3D alignment and class numbers (as a SetOfClasses2D, e.g. to bring in a
-RELION 2D classification).
+RELION 2D classification).  Optics groups are kept as the relion plugin keeps them
+(:func:`cryoclass_plugin.convert.read_set_of_particles`): each particle's group and
+rlnCtfBfactor / rlnCtfScalefactor, and the whole optics table (aberrations included).
 """
 from pyworkflow.constants import PROD
 from pyworkflow.protocol.params import BooleanParam, FileParam
@@ -74,6 +76,12 @@ class ProtCryoClassImportParticles(ProtImport):
             lines = ["Imported %d particles (%d px, %.3f A/px%s) from %s"
                      % (p.getSize(), p.getXDim() or 0, p.getSamplingRate(),
                         ", with CTF" if p.hasCTF() else "", self.starFile.get())]
+            optics = convert.optics_from_text(p.getAcquisition().opticsGroupInfo.get())
+            if optics is not None:
+                lines.append("%d optics group(s): %s (kept with the particles: "
+                             "_rlnOpticsGroup, and the optics table in the acquisition)."
+                             % (len(optics), ", ".join(optics["rlnOpticsGroupName"].astype(str))
+                                if "rlnOpticsGroupName" in optics.columns else ""))
             if hasattr(self, "outputClasses2D"):
                 lines.append("%d 2D classes from rlnClassNumber." % self.outputClasses2D.getSize())
             return lines

@@ -311,3 +311,15 @@ def test_odd_terms_per_group_with_beam_tilt_inserted():
     # the antisymmetric part is not a CTF factor: the CTF images are those without it
     np.testing.assert_array_equal(ctf.ctf_images(p, 16, 2.0),
                                   ctf.ctf_images(ctf.ctf_params(_optics_df()), 16, 2.0))
+
+
+def test_without_ctf_correction_premultiplied_is_accepted_and_odd_terms_kept():
+    """RELION squares the CTF of premultiplied data only with CTF correction, but
+    demodulates the antisymmetric aberration and applies the magnification always."""
+    df = _optics_df(rlnCtfDataAreCtfPremultiplied=1, rlnOddZernike="[0.1,0,0,0,0,0]")
+    terms = ctf.optics_terms(df, ctf=False)
+    np.testing.assert_array_equal(terms["odd_zernike"][1], [0.1, 0, 0, 0, 0, 0])
+    with pytest.raises(CryoClassError, match="rlnCtfDataAreCtfPremultiplied"):
+        ctf.optics_terms(df)
+    with pytest.raises(CryoClassError, match="rlnMagMat00"):
+        ctf.optics_terms(_optics_df(rlnMagMat00=1.02), ctf=False)

@@ -274,3 +274,10 @@ def test_engine_removes_each_groups_antisymmetric_phase_from_the_images(sim):
     for j in (2, 3):
         np.testing.assert_allclose(got[j], f[j] * np.exp(-1j * phi), rtol=2e-5, atol=2e-5)
     assert np.max(np.abs(phi)) > 1.0  # the phase is not negligible
+
+
+def test_import_summary_names_the_optics_groups(project, sim):
+    prot = launch(project, project.newProtocol(ProtCryoClassImportParticles,
+                                               starFile=sim["applied"]))
+    text = " ".join(prot._summary())
+    assert "3 optics group(s): opticsGroup1, krios200kV, tilted_grid" in text

@@ -224,10 +224,11 @@ def _group_rows(df):
     return out
 
 
-def _refusals(where, row):
-    """One-line reasons why the engine cannot apply this group's optics (empty: fine)."""
+def _refusals(where, row, ctf=True):
+    """One-line reasons why the engine cannot apply this group's optics (empty: fine);
+    premultiplied images matter only with CTF correction (``ctf``), as in RELION."""
     out = []
-    if float(row.get("rlnCtfDataAreCtfPremultiplied", 0) or 0) == 1:
+    if ctf and float(row.get("rlnCtfDataAreCtfPremultiplied", 0) or 0) == 1:
         out.append(f"{where}: rlnCtfDataAreCtfPremultiplied = 1 (CTF-premultiplied images) "
                    "is not supported by cryoclass; extract the particles without CTF "
                    "premultiplication")
@@ -264,15 +265,17 @@ def _per_particle(df, groups, vectors):
     return coeffs
 
 
-def optics_terms(df):
+def optics_terms(df, ctf=True):
     """The optics-group terms the engine applies, per particle: ``'even_zernike'``
     ``(n, L)`` (symmetric aberration, a :func:`ctf_values` argument) and
     ``'odd_zernike'`` ``(n, L)`` (antisymmetric aberration and beam tilt, a phase:
     :func:`antisymmetric_phase`), each only when some group's is nonzero.  Terms the
-    engine cannot apply (CTF-premultiplied images, anisotropic magnification) raise a
-    one-line :class:`CryoClassError` naming the optics group and the field."""
+    engine cannot apply (CTF-premultiplied images with ``ctf``, anisotropic
+    magnification) raise a one-line :class:`CryoClassError` naming the optics group and
+    the field.  ``ctf=False`` is for runs without CTF correction, where RELION still
+    demodulates the antisymmetric aberration and applies the magnification."""
     groups = _group_rows(df)
-    problems = [p for where, row in groups for p in _refusals(where, row)]
+    problems = [p for where, row in groups for p in _refusals(where, row, ctf)]
     if problems:
         raise CryoClassError(problems[0] + (f" (and {len(problems) - 1} more optics-group "
                                             "terms)" if len(problems) > 1 else ""))
