@@ -147,8 +147,10 @@ def edit_stack(w, fn):
 
 
 def write_map(path, vol, apix=8.0):
+    import warnings
     import mrcfile
-    with mrcfile.new(path, overwrite=True) as m:
+    with warnings.catch_warnings(), mrcfile.new(path, overwrite=True) as m:
+        warnings.simplefilter("ignore", RuntimeWarning)     # the NaN voxel is meant
         m.set_data(np.asarray(vol, dtype=np.float32))
         m.voxel_size = apix
 
@@ -513,9 +515,8 @@ def _(w):
     # ends, so the message is judged in run.log: once, naming the iteration.
     with open(w.out + ".log") as fh:
         logged = [line for line in fh.read().splitlines() if line.startswith("terminated")]
-    res = Outcome("interrupt", 130 if logged else proc.returncode, out,
-                  "\n".join(logged), ("--continue", "iteration"), mpi=False)
-    return res
+    return Outcome("interrupt", 130 if logged else proc.returncode, out, "\n".join(logged),
+                   ("--continue", "iteration"))
 
 
 # ---------------------------------------------------------------- running the tally
