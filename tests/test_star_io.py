@@ -571,3 +571,72 @@ def test_optics_terms_not_applied_are_refused_with_ctf(tmp_path, column, value):
     out = tmp_path / "out.star"
     star_io.write_particles(out, table.optics_table(), table.particles_table())
     assert list(star_io.read_particles(out).optics[column]) == list(optics[column])
+
+
+RELION_CTFREFINE_OPTICS = """
+# version 30001
+
+data_optics
+
+loop_ 
+_rlnOpticsGroup #1 
+_rlnOpticsGroupName #2 
+_rlnAmplitudeContrast #3 
+_rlnSphericalAberration #4 
+_rlnVoltage #5 
+_rlnImagePixelSize #6 
+_rlnMicrographOriginalPixelSize #7 
+_rlnImageSize #8 
+_rlnImageDimensionality #9 
+_rlnBeamTiltX #10 
+_rlnBeamTiltY #11 
+_rlnOddZernike #12 
+_rlnEvenZernike #13 
+_rlnMagMat00 #14 
+_rlnMagMat01 #15 
+_rlnMagMat10 #16 
+_rlnMagMat11 #17 
+           1 opticsGroup0     0.100000     2.700000   300.000000     {apix:f}     1.100000          {box}            2     0.000000     0.000000 [0.470415004546,0.416253693925,34.3861477546,0,0,10.7852815872] [46.1065172703,61.3089368588,71.6548502793,-58.8506376394,-20.448174654,21.1543486046,25.6263445943,-20.249181823,-16.9851856858]     {m00}     {m01}     {m10}     {m11} 
+ 
+
+# version 30001
+
+data_particles
+
+loop_ 
+_rlnImageName #1 
+_rlnDefocusU #2 
+_rlnDefocusV #3 
+_rlnDefocusAngle #4 
+_rlnOpticsGroup #5 
+000001@Extract/stack.mrcs 30876.811323 28722.607179   161.590835            1 
+000002@Extract/stack.mrcs 20876.811323 19722.607179    61.590835            1 
+"""
+
+
+@pytest.mark.parametrize("mag", [(1.007178, 0.007680, 0.007699, 0.993671), (1, 0, 0, 1)])
+def test_relion_ctfrefine_optics_layout(tmp_path, mag):
+    """The layout CtfRefine writes (vector columns among space-separated numbers, the
+    headers' trailing spaces): read, kept verbatim, applied or refused with --ctf."""
+    from cryoclass_plugin.engine import ctf
+    make_stack(tmp_path / "Extract" / "stack.mrcs", 2)
+    star = tmp_path / "ctfrefine.star"
+    star.write_text(RELION_CTFREFINE_OPTICS.format(apix=APIX, box=BOX, m00=mag[0],
+                                                   m01=mag[1], m10=mag[2], m11=mag[3]))
+    table = star_io.read_particles(star)
+    assert table.df["rlnOddZernike"].iloc[0] == \
+        "[0.470415004546,0.416253693925,34.3861477546,0,0,10.7852815872]"
+    assert table.df["rlnMagMat01"].iloc[1] == pytest.approx(mag[1])
+    out = tmp_path / "out.star"
+    star_io.write_particles(out, table.optics_table(), table.particles_table())
+    again = star_io.read_particles(out).optics
+    for col in table.optics.columns:
+        assert list(again[col]) == list(table.optics[col]), col
+    if mag[0] != 1:
+        with pytest.raises(CryoClassError) as err:
+            star_io.read_particles(star, require_ctf=True)
+        assert_one_line_naming(err, "optics group 1 (opticsGroup0): rlnMagMat00")
+    else:
+        terms = ctf.ctf_params(star_io.read_particles(star, require_ctf=True).df)
+        assert terms["odd_zernike"].shape == (2, 6) and terms["even_zernike"].shape == (2, 9)
+        assert terms["even_zernike"][1, 8] == pytest.approx(-16.9851856858)
