@@ -264,7 +264,12 @@ def optics_from_text(text):
         path = os.path.join(tmp, "optics.star")
         with open(path, "w") as fh:
             fh.write(str(text))
-        blocks = star_io.read_star(path)
+        try:
+            blocks = star_io.read_star(path)
+        except star_io.CryoClassError as exc:
+            raise ValueError("the acquisition's opticsGroupInfo is not a readable "
+                             "data_optics STAR table (%s); re-import the particles with "
+                             "their optics table" % str(exc).split(": ", 1)[-1]) from None
     optics = blocks.get("optics")
     if optics is None or len(optics) == 0:
         return None

@@ -281,3 +281,14 @@ def test_import_summary_names_the_optics_groups(project, sim):
                                                starFile=sim["applied"]))
     text = " ".join(prot._summary())
     assert "3 optics group(s): opticsGroup1, krios200kV, tilted_grid" in text
+
+
+def test_optics_text_round_trip_and_bad_text():
+    optics = _optics(True)
+    back = convert.optics_from_text(convert.optics_to_text(optics))
+    for col in optics.columns:
+        assert list(back[col]) == list(optics[col]), col
+    assert convert.optics_from_text("") is None
+    assert convert.optics_from_text("free text from another plugin") is None
+    with pytest.raises(ValueError, match="opticsGroupInfo"):
+        convert.optics_from_text("data_optics\nloop_\n_rlnOpticsGroup #1\n1 2 3\n\"")
