@@ -184,11 +184,13 @@ def _demodulate_aberration(model, data, indices, pixels, f, xp):
     when no group has such terms (or without ``--ctf``, where ``data.ctfp`` is None)."""
     if data.ctfp is None or "odd_zernike" not in data.ctfp:
         return f
-    coeffs = xp.asarray(data.ctfp["odd_zernike"][indices][:, None, :])
+    # one phase image per optics group in the block, not per particle
+    groups, which = np.unique(data.ctfp["odd_zernike"][indices], axis=0, return_inverse=True)
     kx = pixels.kx_all.astype(xp.float64)[None] / (model.box * model.apix)
     ky = pixels.ky_all.astype(xp.float64)[None] / (model.box * model.apix)
-    phi = antisymmetric_phase(kx, ky, coeffs, xp)
-    return f * xp.exp(-1j * phi).astype(xp.complex64)
+    phi = antisymmetric_phase(kx, ky, xp.asarray(groups[:, None, :]), xp)
+    factor = xp.exp(-1j * phi).astype(xp.complex64)
+    return f * factor[xp.asarray(which.reshape(-1))]
 
 
 @dataclass
