@@ -15,6 +15,7 @@ also prints the figures as a table in the format of docs/benchmarks.md.
 """
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -32,7 +33,6 @@ from cryoclass_plugin.engine.metrics import adjusted_rand_index  # noqa: E402
 from cryoclass_plugin.engine.model import ModelState  # noqa: E402
 from cryoclass_plugin.engine.mrc_io import read_map  # noqa: E402
 from cryoclass_plugin.engine.refine import Refinement  # noqa: E402
-from cryoclass_plugin.engine.sampling import OrientationGrid  # noqa: E402
 
 FLAGS = ("--firstiter_cc --tau2_fudge 4 --ini_high 50 --particle_diameter 205 --zero_mask "
          "--flatten_solvent --ctf --healpix_order 2 --offset_range 5 --offset_step 2 --pad 2 "
@@ -72,36 +72,46 @@ def main(argv=None):
     model.refs = (maps * scale).astype(np.float32)
     model.pdf_class = np.full(model.n_classes, 1.0 / model.n_classes)
 
+    def step(state, search="global", order=None, sigma=0.0):
+        """One E-step + M-step of ``state`` (not written) with the given search:
+        "none" (poses kept), "global" on the run's grid, or "local" at ``order`` /
+        ``sigma``; plain references, free assignments."""
+        plan = dataclasses.replace(
+            r.plan(state, state.iteration + 1), search=search,
+            healpix_order=int(order if order is not None else r.s.healpix_order),
+            sigma_ang=float(sigma), assignments="free", split="", merge_test=False,
+            extension_check=False, use_cc=False, references="plain", auto_mask_sigma=0.0,
+            class_highres_angst=0.0, write=False)
+        return r.iterate(state, plan)
+
     def err(m):
         return float(np.median(angular_distance_deg(euler_to_matrix(*m.part_eulers.T), true_m)))
 
     print(f"run: ARI {run_ari:.3f}, median angular error {err(model):.2f} deg "
           f"(state of iteration {model.iteration}); true maps x {scale:.3g}")
     rows = [["the run's own maps and poses", f"{run_ari:.3f}", f"{err(model):.2f}"]]
-    it = model.iteration + 1
     m = copy.deepcopy(model)
     m.part_eulers, m.part_origin_angst = true_e.copy(), true_o.copy()
-    m = r.iterate(m, it, write=False, fixed_poses=True)
+    m = step(m, "none")
     print(f"fixed true poses:             ARI {adjusted_rand_index(labels, m.part_class):.3f}")
     rows.append(["true maps, fixed true poses", f"{adjusted_rand_index(labels, m.part_class):.3f}",
                  "0"])
-    m = r.iterate(copy.deepcopy(model), it, write=False, fixed_poses=True)
+    m = step(copy.deepcopy(model), "none")
     print(f"fixed run poses:              ARI {adjusted_rand_index(labels, m.part_class):.3f}")
     rows.append(["true maps, fixed run poses", f"{adjusted_rand_index(labels, m.part_class):.3f}",
                  f"{err(model):.2f}"])
     if not a.no_global:
         t = time.time()
-        m = r.iterate(copy.deepcopy(model), it, write=False)
-        print(f"global search, order {r.orientations.healpix_order}:      ARI "
+        m = step(copy.deepcopy(model), "global")
+        print(f"global search, order {r.s.healpix_order}:      ARI "
               f"{adjusted_rand_index(labels, m.part_class):.3f}, error {err(m):.2f} deg "
               f"({time.time() - t:.0f} s)")
-        rows.append([f"true maps, global search, order {r.orientations.healpix_order}",
+        rows.append([f"true maps, global search, order {r.s.healpix_order}",
                      f"{adjusted_rand_index(labels, m.part_class):.3f}", f"{err(m):.2f}"])
     for pair in a.local.split(","):
         order, sigma = int(pair.split(":")[0]), float(pair.split(":")[1])
         t = time.time()
-        m = r.iterate(copy.deepcopy(model), it, write=False,
-                      orientations=OrientationGrid(order), sigma_ang=sigma)
+        m = step(copy.deepcopy(model), "local", order, sigma)
         print(f"local search, order {order}, sigma {sigma:g}: ARI "
               f"{adjusted_rand_index(labels, m.part_class):.3f}, error {err(m):.2f} deg "
               f"({time.time() - t:.0f} s)")
