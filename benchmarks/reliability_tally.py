@@ -500,6 +500,19 @@ def _(w):
     return w.run(w.args(), words=("particle 21", "non-finite"), mpi=2)
 
 
+@case("mpirun -np 2: NaN reference (all ranks fail)")
+def _(w):
+    if not mpirun():
+        raise Skip("no mpirun")
+    vol = read_map(os.path.join(w.data, "ref.mrc"))
+    vol[3, 3, 3] = np.nan
+    write_map(os.path.join(w.data, "ref.mrc"), vol)
+    res = w.run(w.args(), words=("ref.mrc", "non-finite"), mpi=2)
+    if os.path.exists(w.out + ".lock"):
+        res.problems.append("run.lock left behind")
+    return res
+
+
 @case("mpirun -np 2: SIGTERM, message once")
 def _(w):
     if not mpirun():

@@ -377,7 +377,7 @@ def _run(ref, settings, lock):
     except KeyboardInterrupt as stop:
         what = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
         _quiet_on_other_ranks(ref.comm, RunInterrupted.exit_code)
-        if ref.comm.size > 1 and _last_line(log_path).startswith(_FAILED):
+        if ref.comm.size > 1 and os.path.exists(_failure_marker(settings.output_root)):
             raise SystemExit(2)     # mpirun ending the job after another rank's error
         _remove_temporaries_quietly(settings.output_root)
         _log_quietly(log_path, interrupted_line(settings.output_root, what))
@@ -386,7 +386,9 @@ def _run(ref, settings, lock):
         _quiet_on_other_ranks(ref.comm, 2)
         raise
     except (CryoClassError, OSError, MemoryError) as err:
-        _fail_one_rank(ref.comm, _one_line(err, settings), log_path)
+        if lock is not None:
+            lock.release()      # before an MPI abort, which skips the finally below
+        _fail_one_rank(ref.comm, _one_line(err, settings), settings.output_root)
     finally:
         if lock is not None:
             lock.release()
@@ -405,29 +407,33 @@ def _one_line(err, settings):
     return str(err)
 
 
-_FAILED = "error (rank "
+def _failure_marker(output_root):
+    """The file by which the first failing rank claims the report of a job's error (a
+    temporary of the run: :func:`..engine.run_guard.remove_temporaries` clears it)."""
+    folder, base = os.path.split(os.path.abspath(output_root))
+    return os.path.join(folder, f".{base}.failed.tmp0")
 
 
-def _fail_one_rank(comm, line, log_path):
-    """Raise ``line`` as the run's error; in a job of several ranks the failing rank
-    prints it, logs it and ends the job (the others may be waiting for it in a
-    collective; mpirun then stops them with SIGTERM, and rank 0 finds the logged error
-    rather than reporting an interrupt)."""
+def _fail_one_rank(comm, line, output_root):
+    """Raise ``line`` as the run's error.  In a job of several ranks the first rank to
+    fail (the one that creates :func:`_failure_marker`) prints and logs it, and every
+    failing rank ends the job with MPI abort (the others may be waiting in a
+    collective); mpirun then stops them with SIGTERM, and rank 0, finding the marker,
+    does not report that as an interrupt."""
     if comm.size == 1:
         raise CryoClassError(line) from None
     import sys
-    _log_quietly(log_path, f"{_FAILED}{comm.rank}): {line}")
-    print(f"cryoclass refine: error: {line}", file=sys.stderr, flush=True)
-    comm.abort(2)
-
-
-def _last_line(path):
     try:
-        with open(path) as fh:
-            lines = fh.read().splitlines()
+        os.close(os.open(_failure_marker(output_root), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        first = True
+    except FileExistsError:
+        first = False
     except OSError:
-        return ""
-    return lines[-1] if lines else ""
+        first = True        # the folder cannot take the marker: report anyway
+    if first:
+        _log_quietly(f"{output_root}.log", f"error (rank {comm.rank}): {line}")
+        print(f"cryoclass refine: error: {line}", file=sys.stderr, flush=True)
+    comm.abort(2)
 
 
 def _quiet_on_other_ranks(comm, code):
