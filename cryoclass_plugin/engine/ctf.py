@@ -14,7 +14,10 @@ so the CTF is positive at low frequency.  RELION 3.1+'s optics-group terms, as i
 
 * anisotropic magnification ``M = [[rlnMagMat00, rlnMagMat01], [rlnMagMat10,
   rlnMagMat11]]``: the frequency is replaced by ``M (kx, ky)`` before everything above
-  (defocus, Cs, B-factor and the aberrations all see the transformed frequency);
+  (defocus, Cs, B-factor and the aberrations all see the transformed frequency, as in
+  RELION 5).  Only :func:`ctf_values` has it: RELION also projects the references
+  through ``M`` (``applyAnisoMag``), which the engine's projector does not, so
+  :func:`optics_terms` refuses groups with a non-identity matrix;
 * symmetric aberration (``rlnEvenZernike``, radians): ``gamma += sum_i c_i Z_i(kx, ky)``
   with RELION's even Zernike order (index i -> (m, n): k = floor(sqrt(i)),
   m = 2 (i - k^2 - k), n = 2k) of the frequency in 1/A (not normalised to a pupil);
@@ -25,6 +28,10 @@ so the CTF is positive at low frequency.  RELION 3.1+'s optics-group terms, as i
   ``ObservationModel::demodulatePhase`` the engine multiplies the image by its conjugate
   instead (the same likelihood, since the factor has unit modulus, and the same
   reconstruction): :func:`antisymmetric_phase`.
+
+CTF-premultiplied images (``rlnCtfDataAreCtfPremultiplied = 1``) are refused with CTF
+correction: RELION then compares with CTF^2 in the E-step but reconstructs from the
+images as they are with CTF^2 weights, which the engine's M-step does not do.
 
 ``intact_first_peak`` (RELION's
 ``--ctf_intact_first_peak``) sets the oscillating part to 1 wherever ``|gamma| < pi/2``
