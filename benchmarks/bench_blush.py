@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/bench_blush.py                 # part A (a few minutes)
     .venv/bin/python benchmarks/bench_blush.py --classify      # + part B (long)
+    .venv/bin/python benchmarks/bench_blush.py --skip-denoise --classify --markdown
 
 Part A -- denoising of held-out maps, never seen in training: the simulator's phantom
 (``cryoclass_plugin.engine.simulate``: the three true class maps of seed 0, box 64 at
@@ -19,14 +20,25 @@ the Blush result; the solvent noise (RMS outside the particle sphere + 10 A, ove
 truth's RMS inside the particle); the real-space correlation with the truth inside the
 particle; and the time per call (one thread).
 
-Part B (``--classify``) -- ``cryoclass refine`` with and without ``--blush`` on
-simulated sets (600 and 1,500 particles at SNR 0.01 / 0.02 / 0.05, three true classes,
-and a single-class set), RELION tutorial flags (benchmarks/_common.py), reporting ARI,
-FSC-0.5 against the true maps, and seconds per iteration.  Where ``refine`` does not
-run ``--blush`` yet (its flag refuses at run time), part B says so and stops.
+Part B (``--classify``; ``--skip-denoise`` leaves part A out) -- ``cryoclass refine``
+with and without ``--blush`` on simulated sets (``--sets N:SNR:CLASSES``, default 600
+particles at SNR 0.02 and 0.05 with three true classes, and 600 at SNR 0.05 with one,
+K = CLASSES), and with ``--blush_mode prior-mean`` on the sets of ``--prior-mean`` SNRs
+(default 0.02).  Flags: the RELION tutorial's as tests/test_accuracy_recommended.py
+passes them, plus the recommended start (``--init_classes pca --consensus_iter 6``),
+``--iter 25 --j 2``; one run at a time, in ``--work``/sim_.../{plain,blush,...}.  A run
+that finished with the same command is evaluated again, not rerun (``--rerun`` forces
+it).  Reported per run: the simulator's oracle accuracy, ARI and best-match accuracy,
+per true class the FSC-0.5 resolution and solvent noise of its matched class map, the
+mean seconds per iteration and per M-step; then per set Blush against no Blush, in the
+terms of issue 20's targets.  ``--markdown`` prints the docs/benchmarks.md block.
 """
 import argparse
+import json
 import os
+import re
+import shlex
+import shutil
 import sys
 import time
 
@@ -121,38 +133,166 @@ def part_a(blush, crossovers, n_synthetic, seed, beta):
     return headers, rows, times
 
 
-def _refine(sim_dir, root, classes, args, extra):
-    os.makedirs(os.path.join(sim_dir, os.path.dirname(root)), exist_ok=True)
-    cmd = C.cryoclass_refine_cmd(root, BOX, APIX, K=classes, iters=args.iters, j=args.j,
-                                 extra=extra)
-    log = os.path.join(sim_dir, root + ".log")
-    return C.run_timed(cmd, sim_dir, log), log
+# Part B: the flags of tests/test_accuracy_recommended.py (TUTORIAL: the RELION
+# tutorial's Class3D job at box 64, 4 A/px) plus the recommended start; --K, --iter and
+# the Blush flags are added per run.
+CLASSIFY_FLAGS = ["--tau2_fudge", "4", "--ini_high", "50", "--firstiter_cc",
+                  "--particle_diameter", "205", "--zero_mask", "--flatten_solvent", "--ctf",
+                  "--healpix_order", "2", "--offset_range", "5", "--offset_step", "2",
+                  "--pad", "2", "--skip_gridding", "--preread_images",
+                  "--init_classes", "pca", "--consensus_iter", "6"]
+DIAMETER_A = 205.0
+RUNS = {"plain": ("no Blush", []), "blush": ("Blush", ["--blush"]),
+        "blush_prior_mean": ("Blush prior-mean", ["--blush", "--blush_mode", "prior-mean"])}
+STAGE_RE = re.compile(r"^stage seconds:.*\bM-step\s+([0-9.]+)")
+
+
+def refine_cmd(root, classes, args, extra):
+    """The ``cryoclass refine`` command (run in the simulation folder)."""
+    cmd = [C.CRYOCLASS, "refine", "--i", "particles.star", "--ref", "ref.mrc", "--o", root,
+            "--K", str(classes)] + CLASSIFY_FLAGS + ["--j", str(args.j), "--iter",
+                                                      str(args.iters)] + list(extra)
+    if "--blush" in extra and args.weights:
+        cmd += ["--blush_weights", args.weights]
+    return cmd
+
+
+def run_refine(sim_dir, name, classes, args):
+    """Run (or, with the same command and all iterations written, reuse) one
+    classification; returns (root, wall seconds, command text)."""
+    run_dir = os.path.join(sim_dir, name)
+    root = os.path.join(name, "run")
+    cmd = refine_cmd(root, classes, args, RUNS[name][1])
+    text = "cryoclass " + shlex.join(cmd[1:])
+    done = os.path.join(run_dir, "result.json")
+    final = os.path.join(sim_dir, f"{root}_it{args.iters:03d}_data.star")
+    if not args.rerun and os.path.exists(done) and os.path.exists(final):
+        with open(done) as fh:
+            have = json.load(fh)
+        if have.get("command") == text:
+            print(f"  reusing {run_dir}", flush=True)
+            return os.path.join(sim_dir, root), have["wall_s"], text
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    res = C.run_timed(cmd, sim_dir, os.path.join(run_dir, "stdout.txt"))
+    if res.rc != 0:
+        print(C.tail(os.path.join(run_dir, "stdout.txt"), 5))
+        raise SystemExit(f"part B: {name} run in {sim_dir} failed (rc {res.rc})")
+    with open(done, "w") as fh:
+        json.dump({"command": text, "wall_s": res.wall_s}, fh)
+    return os.path.join(sim_dir, root), res.wall_s, text
+
+
+def mstep_seconds(root, first=2):
+    """Mean M-step seconds per iteration (from iteration ``first``; the engine log's
+    ``stage seconds`` line after each ``iter`` line): where Blush's inference runs."""
+    vals, it = [], None
+    with open(f"{root}.log") as fh:
+        for line in fh:
+            m = C.LOG_RE.match(line.strip())
+            if m:
+                it = int(m.group(1))
+            m = STAGE_RE.match(line.strip())
+            if m and it is not None and it >= first:
+                vals.append(float(m.group(1)))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def solvent_noise_class(vol, truth):
+    """RMS of a class map over solvent voxels inside the mask sphere (``DIAMETER_A``)
+    that lie more than 8 A from the molecule (true map above 2 % of its maximum), over
+    its RMS on the molecule: scale-free, 0 for a map flat in the solvent."""
+    from scipy.ndimage import distance_transform_edt
+    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in
+                    np.meshgrid(*[np.arange(BOX) - BOX // 2] * 3, indexing="ij"))) * APIX
+    molecule = truth > 0.02 * truth.max()
+    far = distance_transform_edt(~molecule) * APIX > 8.0
+    solvent = far & (r <= DIAMETER_A / 2)
+    return float(np.sqrt((vol[solvent] ** 2).mean()) / np.sqrt((vol[molecule] ** 2).mean()))
+
+
+def evaluate(root, sim_dir):
+    """ARI / best-match (data.star rows aligned with truth.star), per true class the
+    FSC-0.5 resolution (A) and solvent noise of the class map matched to it (Hungarian
+    on the particle assignments), and the mean seconds per iteration and M-step."""
+    from cryoclass_plugin.engine.mrc_io import read_map
+    ev = C.evaluate_run(root, sim_dir)
+    noise = []
+    for t, k in enumerate(ev["matched_class"], start=1):
+        truth, _ = read_map(os.path.join(sim_dir, f"true_class{t:03d}.mrc"))
+        vol, _ = read_map(f"{root}_it{ev['iteration']:03d}_class{k:03d}.mrc")
+        noise.append(solvent_noise_class(vol, truth))
+    ev["solvent"] = noise
+    ev["s_per_iter"] = C.mean_iteration_time(C.iteration_times(root))
+    ev["mstep_s"] = mstep_seconds(root)
+    return ev
+
+
+def _shells(res_a):
+    return BOX * APIX / np.asarray(res_a, dtype=np.float64)
+
+
+def compare(base, other):
+    """Targets of issue 20 for one set: mean FSC-0.5 gain (%, in A), worst per-class
+    change (shells, + = better), ARI change and time per iteration added (%)."""
+    b, o = np.asarray(base["fsc_res_A"]), np.asarray(other["fsc_res_A"])
+    gain = 100.0 * (b.mean() - o.mean()) / b.mean()
+    worst = float(np.min(_shells(o) - _shells(b)))
+    d_ari = other["ari"] - base["ari"]
+    added = 100.0 * (other["s_per_iter"] / base["s_per_iter"] - 1.0)
+    return gain, worst, d_ari, added
 
 
 def part_b(args):
-    """Blush runs first on each set: where ``refine`` refuses ``--blush`` (the flag not
-    wired to the regulariser), part B reports that and stops."""
-    rows = []
+    """Each set with and without Blush (and prior-mean where asked); one run at a time."""
+    rows, cmp_rows, commands, results = [], [], [], {}
     for n, snr, classes in args.sets:
         sim_dir = os.path.join(args.work, f"sim_n{n}_snr{snr:g}_k{classes}")
-        C.simulate(sim_dir, n, box=BOX, apix=APIX, snr=snr, classes=classes, seed=args.seed)
-        for label, extra in (("Blush", ["--blush"]), ("no Blush", [])):
-            root = f"run_{'blush' if extra else 'plain'}/run"
-            res, log = _refine(sim_dir, root, classes, args, extra)
-            if res.rc != 0:
-                print(C.tail(log, 5))
-                if extra and "not implemented" in open(log).read().lower():
-                    print("part B: 'cryoclass refine --blush' refuses to run (not wired to "
-                          "the Blush regulariser yet); no classification figures.")
-                    return
-                raise SystemExit(f"part B: {label} run failed (rc {res.rc}); see {log}")
-            ev = C.evaluate_run(os.path.join(sim_dir, root), sim_dir)
-            per_iter = C.mean_iteration_time(C.iteration_times(os.path.join(sim_dir, root)))
-            rows.append([n, snr, classes, label, C.fmt(ev["ari"]),
+        info = C.simulate(sim_dir, n, box=BOX, apix=APIX, snr=snr, classes=classes,
+                          seed=args.seed, commands=commands)
+        names = ["plain", "blush"] + (["blush_prior_mean"] if snr in args.prior_mean else [])
+        for name in names:
+            root, wall, text = run_refine(sim_dir, name, classes, args)
+            commands.append(f"(cd {os.path.relpath(sim_dir, C.REPO)} && {text})")
+            ev = results[(n, snr, classes, name)] = evaluate(root, sim_dir)
+            single = classes == 1
+            rows.append([n, f"{snr:g}", classes, C.fmt(info["oracle_accuracy"], ".3f"),
+                         RUNS[name][0], "-" if single else C.fmt(ev["ari"]),
+                         "-" if single else C.fmt(ev["best_match"]),
                          " / ".join(C.fmt(v, ".1f") for v in ev["fsc_res_A"]),
-                         C.fmt(per_iter, ".2f"), C.fmt(res.wall_s, ".0f")])
-    print(C.format_table(["n", "SNR", "K", "run", "ARI", "FSC0.5 per class (A)",
-                          "s / iteration", "wall (s)"], rows))
+                         " / ".join(C.fmt(v, ".3f") for v in ev["solvent"]),
+                         C.fmt(ev["s_per_iter"], ".2f"), C.fmt(ev["mstep_s"], ".2f"),
+                         C.fmt(wall, ".0f")])
+            if name != "plain":
+                gain, worst, d_ari, added = compare(results[(n, snr, classes, "plain")], ev)
+                cmp_rows.append([n, f"{snr:g}", classes, RUNS[name][0], f"{gain:+.1f}",
+                                 f"{worst:+.2f}", "-" if single else f"{d_ari:+.3f}",
+                                 f"{added:+.0f}"])
+    headers = ["n", "SNR", "K", "oracle acc.", "run", "ARI", "best-match", "FSC0.5 per class (A)",
+               "solvent noise per class", "s / iteration", "M-step s / it.", "wall (s)"]
+    cmp_headers = ["n", "SNR", "K", "run vs no Blush", "FSC0.5 gain (% of A, mean)",
+                   "worst class (shells)", "ARI change", "time per iteration (%)"]
+    print(C.format_table(headers, rows))
+    print()
+    print(C.format_table(cmp_headers, cmp_rows))
+    print("\ncommands:\n" + "\n".join(commands))
+    if args.markdown:
+        C.print_markdown(headers, rows, notes=CLASSIFY_NOTES,
+                         after=C.markdown_table(cmp_headers, cmp_rows))
+
+
+CLASSIFY_NOTES = (
+    "Sets: `cryoclass simulate` (seed 0, box 64, 4 A/px); runs: `cryoclass refine` with "
+    "the flags of tests/test_accuracy_recommended.py (TUTORIAL) plus `--init_classes pca "
+    "--consensus_iter 6`, 25 iterations, `--j 2`, one run at a time.",
+    "FSC0.5: the class map matched to each true class (Hungarian on the assignments) "
+    "against the true map; solvent noise: the map's RMS over solvent inside the 205 A "
+    "mask (> 8 A from the molecule) over its RMS on the molecule; s / iteration: mean "
+    "of the log's iteration lines from iteration 2; M-step: the same for the M-step "
+    "stage (where Blush runs). Comparison: gain > 0 and shells > 0 mean Blush better; "
+    "one shell is 1 / 256 A^-1.",
+)
 
 
 def main():
@@ -164,18 +304,36 @@ def main():
     ap.add_argument("--weights", default=None, help="weights file (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--classify", action="store_true", help="also run part B")
+    ap.add_argument("--skip-denoise", action="store_true", help="skip part A")
+    ap.add_argument("--sets", nargs="+", type=_set_spec,
+                    default=[(600, 0.02, 3), (600, 0.05, 3), (600, 0.05, 1)],
+                    help="part B sets as N:SNR:CLASSES (K = CLASSES)")
+    ap.add_argument("--prior-mean", type=float, nargs="*", default=[0.02],
+                    help="SNRs of the sets also run with --blush_mode prior-mean")
+    ap.add_argument("--rerun", action="store_true",
+                    help="rerun classifications that finished with the same command")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print part B as docs/benchmarks.md's Blush table")
     ap.add_argument("--work", default=os.path.join(C.REPO, "scratch", "bench_blush"))
     ap.add_argument("--iters", type=int, default=25)
     ap.add_argument("--j", type=int, default=2)
     args = ap.parse_args()
-    args.sets = [(600, 0.01, 3), (600, 0.05, 3), (1500, 0.01, 3), (1500, 0.02, 3),
-                 (1500, 0.05, 3), (600, 0.02, 1)]
-    torch.set_num_threads(1)
-    blush = BlushRegulariser(weights=args.weights, threads=1)
-    print(blush.describe())
-    part_a(blush, args.crossovers, args.synthetic, args.seed, args.beta)
+    if not args.skip_denoise:
+        torch.set_num_threads(1)
+        blush = BlushRegulariser(weights=args.weights, threads=1)
+        print(blush.describe())
+        part_a(blush, args.crossovers, args.synthetic, args.seed, args.beta)
     if args.classify:
         part_b(args)
+
+
+def _set_spec(text):
+    try:
+        n, snr, classes = text.split(":")
+        return int(n), float(snr), int(classes)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not N:SNR:CLASSES "
+                                         "(e.g. 600:0.02:3)")
 
 
 if __name__ == "__main__":
