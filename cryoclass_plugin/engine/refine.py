@@ -14,7 +14,7 @@ from . import iteration as iteration_mod
 from . import memory
 from .backend import select_backend, to_numpy
 from .blush_step import BlushStep
-from .ctf import ctf_params
+from .ctf import ctf_params, optics_terms
 from .errors import CryoClassError
 from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
 from .masks import soft_sphere_mask
@@ -192,7 +192,10 @@ class Refinement:
             images=ImageSource(self.table, preread=s.preread_images,
                                scratch_dir=s.scratch_dir or None),
             groups=groups, group_names=group_names,
-            ctfp=ctf_params(self.table.df) if s.ctf else None,
+            # Without --ctf RELION still removes the antisymmetric aberration (beam
+            # tilt, odd Zernike terms) and refuses what it cannot apply.
+            ctfp=(ctf_params(self.table.df) if s.ctf
+                  else optics_terms(self.table.df, ctf=False) or None),
             mask2d=image_mask(s, self.box, self.apix, self.xp), box=self.box, apix=self.apix)
         from .symmetry import symmetrize, symmetry_matrices, symmetry_order
         symmetrise = None if symmetry_order(s.sym) == 1 else \
