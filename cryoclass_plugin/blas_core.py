@@ -1,10 +1,11 @@
 """Pick OpenBLAS's compute kernels when OpenBLAS does not recognise the CPU.
 
 numpy's bundled OpenBLAS chooses its kernels from the CPU model at load time.  A CPU
-newer than the OpenBLAS build (seen on our development machines: an AVX-512 Xeon that
-numpy 1.26's OpenBLAS 0.3.23 reports as ``Prescott``) gets the generic SSE3 kernels,
+newer than the OpenBLAS build (e.g. an AVX-512 Xeon that numpy 1.26's OpenBLAS
+0.3.23 reports as ``Prescott``) gets the generic SSE3 kernels,
 and float32 GEMM, the E-step's main cost, runs 4-10x slower than the CPU allows
-(benchmarks/RESULTS.md, ``bench_gemm --compare-coretypes``).
+(docs/benchmarks.md, "GEMM rate and OpenBLAS kernels"; ``bench_gemm
+--compare-coretypes``).
 
 OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when the library loads, so this module sets
 it from the CPU's instruction-set flags before numpy is imported (it is imported first

@@ -199,7 +199,7 @@ def _posterior_variance(bp, tau2, n_shells):
     masking): the prior's signal lives inside the mask, so a voxel the data do not reach
     keeps its whole prior variance there.  Scaled by the mask's mean square (tried), the
     update shrinks tau2 by that fraction in every low-SNR shell, each iteration, as the
-    power-only update does (RELION's): benchmarks/RESULTS.md, "tau2 estimate"."""
+    power-only update does (RELION's): docs/benchmarks.md, "Signal spectrum (tau2) update"."""
     return to_numpy(bp.mean_posterior_variance_per_shell(tau2, n_shells))
 
 
@@ -215,7 +215,7 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     particles, and the E-step's alignment (the references share the consensus beyond
     ``--class_difference_highres``, :mod:`.focus`) loses frequencies the whole data set
     determines.  Measured: poses 0.1-0.3 degrees better; with the automatic reference
-    mask the classes too (benchmarks/RESULTS.md, "joint consensus", "automatic mask").
+    mask the classes too (docs/benchmarks.md, "Automatic reference mask and joint consensus").
     Costs one reconstruction and one more grid pair (data complex128 + weight float64,
     on the classes' cropped half grid) during the M-step.  Its signal spectrum is updated as
     ``settings.consensus_tau2_estimate`` says ("em": plus the posterior variance, as
