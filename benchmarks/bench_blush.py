@@ -235,13 +235,16 @@ def _shells(res_a):
 
 def compare(base, other):
     """Targets of issue 20 for one set: mean FSC-0.5 gain (%, in A), worst per-class
-    change (shells, + = better), ARI change and time per iteration added (%)."""
+    change (shells, + = better), ARI change, time per iteration added (%), and the
+    M-step's added seconds over the plain run's seconds per iteration (%): Blush's own
+    cost, less exposed to the shared machine's load and to the runs' different paths."""
     b, o = np.asarray(base["fsc_res_A"]), np.asarray(other["fsc_res_A"])
     gain = 100.0 * (b.mean() - o.mean()) / b.mean()
     worst = float(np.min(_shells(o) - _shells(b)))
     d_ari = other["ari"] - base["ari"]
     added = 100.0 * (other["s_per_iter"] / base["s_per_iter"] - 1.0)
-    return gain, worst, d_ari, added
+    mstep = 100.0 * (other["mstep_s"] - base["mstep_s"]) / base["s_per_iter"]
+    return gain, worst, d_ari, added, mstep
 
 
 def part_b(args):
@@ -260,23 +263,27 @@ def part_b(args):
             rows.append([n, f"{snr:g}", classes, C.fmt(info["oracle_accuracy"], ".3f"),
                          RUNS[name][0], "-" if single else C.fmt(ev["ari"]),
                          "-" if single else C.fmt(ev["best_match"]),
+                         " / ".join(C.fmt(v, ".2f") for v in ev["class_fractions"]),
                          " / ".join(C.fmt(v, ".1f") for v in ev["fsc_res_A"]),
                          " / ".join(C.fmt(v, ".3f") for v in ev["solvent"]),
                          C.fmt(ev["s_per_iter"], ".2f"), C.fmt(ev["mstep_s"], ".2f"),
                          C.fmt(wall, ".0f")])
             if name != "plain":
-                gain, worst, d_ari, added = compare(results[(n, snr, classes, "plain")], ev)
+                gain, worst, d_ari, added, mstep = compare(
+                    results[(n, snr, classes, "plain")], ev)
                 cmp_rows.append([n, f"{snr:g}", classes, RUNS[name][0], f"{gain:+.1f}",
                                  f"{worst:+.2f}", "-" if single else f"{d_ari:+.3f}",
-                                 f"{added:+.0f}"])
-    headers = ["n", "SNR", "K", "oracle acc.", "run", "ARI", "best-match", "FSC0.5 per class (A)",
+                                 f"{added:+.0f}", f"{mstep:+.0f}"])
+    headers = ["n", "SNR", "K", "oracle acc.", "run", "ARI", "best-match", "class sizes",
+               "FSC0.5 per class (A)",
                "solvent noise per class", "s / iteration", "M-step s / it.", "wall (s)"]
     cmp_headers = ["n", "SNR", "K", "run vs no Blush", "FSC0.5 gain (% of A, mean)",
-                   "worst class (shells)", "ARI change", "time per iteration (%)"]
+                   "worst class (shells)", "ARI change", "time per iteration (%)",
+                   "M-step added (% of an iteration)"]
     print(C.format_table(headers, rows))
     print()
     print(C.format_table(cmp_headers, cmp_rows))
-    print("\ncommands:\n" + "\n".join(commands))
+    print("\ncommands:\n" + "\n".join(c.replace(C.REPO + os.sep, "") for c in commands))
     if args.markdown:
         C.print_markdown(headers, rows, notes=CLASSIFY_NOTES,
                          after=C.markdown_table(cmp_headers, cmp_rows))
