@@ -229,6 +229,13 @@ def evaluate(root, sim_dir):
     return ev
 
 
+def _fsc_cell(ev, t):
+    """FSC-0.5 (A) of true class ``t``'s matched map; '*' where that class ended empty
+    (its map is then the last one it had, kept unchanged)."""
+    empty = ev["class_fractions"][ev["matched_class"][t] - 1] == 0.0
+    return C.fmt(ev["fsc_res_A"][t], ".1f") + ("*" if empty else "")
+
+
 def _shells(res_a):
     return BOX * APIX / np.asarray(res_a, dtype=np.float64)
 
@@ -264,7 +271,7 @@ def part_b(args):
                          RUNS[name][0], "-" if single else C.fmt(ev["ari"]),
                          "-" if single else C.fmt(ev["best_match"]),
                          " / ".join(C.fmt(v, ".2f") for v in ev["class_fractions"]),
-                         " / ".join(C.fmt(v, ".1f") for v in ev["fsc_res_A"]),
+                         " / ".join(_fsc_cell(ev, t) for t in range(len(ev["fsc_res_A"]))),
                          " / ".join(C.fmt(v, ".3f") for v in ev["solvent"]),
                          C.fmt(ev["s_per_iter"], ".2f"), C.fmt(ev["mstep_s"], ".2f"),
                          C.fmt(wall, ".0f")])
@@ -298,7 +305,8 @@ CLASSIFY_NOTES = (
     "mask (> 8 A from the molecule) over its RMS on the molecule; s / iteration: mean "
     "of the log's iteration lines from iteration 2; M-step: the same for the M-step "
     "stage (where Blush runs). Comparison: gain > 0 and shells > 0 mean Blush better; "
-    "one shell is 1 / 256 A^-1.",
+    "one shell is 1 / 256 A^-1. '*': the matched class ended empty, and its map is the "
+    "last one it had.",
 )
 
 
