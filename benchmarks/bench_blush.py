@@ -23,8 +23,8 @@ particle; and the time per call (one thread).
 Part B (``--classify``; ``--skip-denoise`` leaves part A out) -- ``cryoclass refine``
 with and without ``--blush`` on simulated sets (``--sets N:SNR:CLASSES``, default 600
 particles at SNR 0.02 and 0.05 with three true classes, and 600 at SNR 0.05 with one,
-K = CLASSES), and with ``--blush_mode prior-mean`` on the sets of ``--prior-mean`` SNRs
-(default 0.02).  Flags: the RELION tutorial's as tests/test_accuracy_recommended.py
+K = CLASSES), and with ``--blush_mode prior-mean`` on the sets named by ``--prior-mean``
+(default the SNR 0.02 one).  Flags: the RELION tutorial's as tests/test_accuracy_recommended.py
 passes them, plus the recommended start (``--init_classes pca --consensus_iter 6``),
 ``--iter 25 --j 2``; one run at a time, in ``--work``/sim_.../{plain,blush,...}.  A run
 that finished with the same command is evaluated again, not rerun (``--rerun`` forces
@@ -257,17 +257,22 @@ def compare(base, other):
 def part_b(args):
     """Each set with and without Blush (and prior-mean where asked); one run at a time."""
     rows, cmp_rows, commands, results = [], [], [], {}
-    for n, snr, classes in args.sets:
-        sim_dir = os.path.join(args.work, f"sim_n{n}_snr{snr:g}_k{classes}")
+    for n, snr, classes, seed in args.sets:
+        seed = args.seed if seed is None else seed
+        sim_dir = os.path.join(args.work, f"sim_n{n}_snr{snr:g}_k{classes}"
+                               + (f"_seed{seed}" if seed else ""))
         info = C.simulate(sim_dir, n, box=BOX, apix=APIX, snr=snr, classes=classes,
-                          seed=args.seed, commands=commands)
-        names = ["plain", "blush"] + (["blush_prior_mean"] if snr in args.prior_mean else [])
+                          seed=seed, commands=commands)
+        prior_mean = any(p[:3] == (n, snr, classes) and (p[3] if p[3] is not None
+                                                           else args.seed) == seed
+                         for p in args.prior_mean)
+        names = ["plain", "blush"] + (["blush_prior_mean"] if prior_mean else [])
         for name in names:
             root, wall, text = run_refine(sim_dir, name, classes, args)
             commands.append(f"(cd {os.path.relpath(sim_dir, C.REPO)} && {text})")
-            ev = results[(n, snr, classes, name)] = evaluate(root, sim_dir)
+            ev = results[(sim_dir, name)] = evaluate(root, sim_dir)
             single = classes == 1
-            rows.append([n, f"{snr:g}", classes, C.fmt(info["oracle_accuracy"], ".3f"),
+            rows.append([n, f"{snr:g}", classes, seed, C.fmt(info["oracle_accuracy"], ".3f"),
                          RUNS[name][0], "-" if single else C.fmt(ev["ari"]),
                          "-" if single else C.fmt(ev["best_match"]),
                          " / ".join(C.fmt(v, ".2f") for v in ev["class_fractions"]),
@@ -277,14 +282,14 @@ def part_b(args):
                          C.fmt(wall, ".0f")])
             if name != "plain":
                 gain, worst, d_ari, added, mstep = compare(
-                    results[(n, snr, classes, "plain")], ev)
-                cmp_rows.append([n, f"{snr:g}", classes, RUNS[name][0], f"{gain:+.1f}",
+                    results[(sim_dir, "plain")], ev)
+                cmp_rows.append([n, f"{snr:g}", classes, seed, RUNS[name][0], f"{gain:+.1f}",
                                  f"{worst:+.2f}", "-" if single else f"{d_ari:+.3f}",
                                  f"{added:+.0f}", f"{mstep:+.0f}"])
-    headers = ["n", "SNR", "K", "oracle acc.", "run", "ARI", "best-match", "class sizes",
+    headers = ["n", "SNR", "K", "seed", "oracle acc.", "run", "ARI", "best-match", "class sizes",
                "FSC0.5 per class (A)",
                "solvent noise per class", "s / iteration", "M-step s / it.", "wall (s)"]
-    cmp_headers = ["n", "SNR", "K", "run vs no Blush", "FSC0.5 gain (% of A, mean)",
+    cmp_headers = ["n", "SNR", "K", "seed", "run vs no Blush", "FSC0.5 gain (% of A, mean)",
                    "worst class (shells)", "ARI change", "time per iteration (%)",
                    "M-step added (% of an iteration)"]
     print(C.format_table(headers, rows))
@@ -321,10 +326,12 @@ def main():
     ap.add_argument("--classify", action="store_true", help="also run part B")
     ap.add_argument("--skip-denoise", action="store_true", help="skip part A")
     ap.add_argument("--sets", nargs="+", type=_set_spec,
-                    default=[(600, 0.02, 3), (600, 0.05, 3), (600, 0.05, 1)],
-                    help="part B sets as N:SNR:CLASSES (K = CLASSES)")
-    ap.add_argument("--prior-mean", type=float, nargs="*", default=[0.02],
-                    help="SNRs of the sets also run with --blush_mode prior-mean")
+                    default=[(600, 0.02, 3, None), (600, 0.05, 3, None), (600, 0.05, 1, None)],
+                    help="part B sets as N:SNR:CLASSES[:SEED] (K = CLASSES; the "
+                    "simulation seed defaults to --seed)")
+    ap.add_argument("--prior-mean", type=_set_spec, nargs="*", default=[(600, 0.02, 3, None)],
+                    help="sets (N:SNR:CLASSES[:SEED], among --sets) also run with "
+                    "--blush_mode prior-mean")
     ap.add_argument("--rerun", action="store_true",
                     help="rerun classifications that finished with the same command")
     ap.add_argument("--markdown", action="store_true",
@@ -343,12 +350,16 @@ def main():
 
 
 def _set_spec(text):
+    """N:SNR:CLASSES[:SEED] -> (n, snr, classes, seed or None: --seed)."""
+    parts = text.split(":")
     try:
-        n, snr, classes = text.split(":")
-        return int(n), float(snr), int(classes)
+        if len(parts) not in (3, 4):
+            raise ValueError(text)
+        seed = int(parts[3]) if len(parts) == 4 else None
+        return int(parts[0]), float(parts[1]), int(parts[2]), seed
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not N:SNR:CLASSES "
-                                         "(e.g. 600:0.02:3)")
+        raise argparse.ArgumentTypeError(f"'{text}' is not N:SNR:CLASSES[:SEED] "
+                                         "(e.g. 600:0.02:3 or 600:0.02:3:1)")
 
 
 if __name__ == "__main__":
