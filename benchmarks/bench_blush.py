@@ -21,17 +21,18 @@ truth's RMS inside the particle); the real-space correlation with the truth insi
 particle; and the time per call (one thread).
 
 Part B (``--classify``; ``--skip-denoise`` leaves part A out) -- ``cryoclass refine``
-with and without ``--blush`` on simulated sets (``--sets N:SNR:CLASSES``, default 600
-particles at SNR 0.02 and 0.05 with three true classes, and 600 at SNR 0.05 with one,
-K = CLASSES), and with ``--blush_mode prior-mean`` on the sets named by ``--prior-mean``
-(default the SNR 0.02 one).  Flags: the RELION tutorial's as tests/test_accuracy_recommended.py
-passes them, plus the recommended start (``--init_classes pca --consensus_iter 6``),
-``--iter 25 --j 2``; one run at a time, in ``--work``/sim_.../{plain,blush,...}.  A run
-that finished with the same command is evaluated again, not rerun (``--rerun`` forces
-it).  Reported per run: the simulator's oracle accuracy, ARI and best-match accuracy,
-per true class the FSC-0.5 resolution and solvent noise of its matched class map, the
-mean seconds per iteration and per M-step; then per set Blush against no Blush, in the
-terms of issue 20's targets.  ``--markdown`` prints the docs/benchmarks.md block.
+with and without ``--blush`` on simulated sets (``--sets N:SNR:CLASSES[:SEED]``; default
+600 particles at SNR 0.02 and 0.05 with three true classes, simulation seeds 0 and 1,
+and 600 at SNR 0.05 with one class; K = CLASSES), and with ``--blush_mode prior-mean``
+on the sets named by ``--prior-mean`` (default the SNR 0.02 one of seed 0).  Flags: the
+RELION tutorial's as tests/test_accuracy_recommended.py passes them, plus the
+recommended start (``--init_classes pca --consensus_iter 6``), ``--iter 25 --j 2``; one
+run at a time, in ``--work``/sim_.../{plain,blush,...}.  A run that finished with the
+same command is evaluated again, not rerun (``--rerun`` forces it).  Reported per run:
+the simulator's oracle accuracy, ARI and best-match accuracy, per true class the
+FSC-0.5 resolution and solvent noise of its matched class map, the mean seconds per
+iteration and per M-step; then per set Blush against no Blush, in the terms of issue
+20's targets.  ``--markdown`` prints the docs/benchmarks.md block.
 """
 import argparse
 import json
@@ -326,7 +327,8 @@ def main():
     ap.add_argument("--classify", action="store_true", help="also run part B")
     ap.add_argument("--skip-denoise", action="store_true", help="skip part A")
     ap.add_argument("--sets", nargs="+", type=_set_spec,
-                    default=[(600, 0.02, 3, None), (600, 0.05, 3, None), (600, 0.05, 1, None)],
+                    default=[(600, 0.02, 3, None), (600, 0.05, 3, None), (600, 0.05, 1, None),
+                             (600, 0.02, 3, 1), (600, 0.05, 3, 1)],
                     help="part B sets as N:SNR:CLASSES[:SEED] (K = CLASSES; the "
                     "simulation seed defaults to --seed)")
     ap.add_argument("--prior-mean", type=_set_spec, nargs="*", default=[(600, 0.02, 3, None)],
