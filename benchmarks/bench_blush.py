@@ -303,8 +303,8 @@ def part_b(args):
 
 
 CLASSIFY_NOTES = (
-    "Sets: `cryoclass simulate` (the seed of the table, box 64, 4 A/px); runs: `cryoclass refine` with "
-    "the flags of tests/test_accuracy_recommended.py (TUTORIAL) plus `--init_classes pca "
+    "Sets: `cryoclass simulate` (the seed of the table, box 64, 4 A/px); runs: "
+    "`cryoclass refine` with the flags of tests/test_accuracy_recommended.py (TUTORIAL) plus `--init_classes pca "
     "--consensus_iter 6`, 25 iterations, `--j 2`, one run at a time.",
     "FSC0.5: the class map matched to each true class (Hungarian on the assignments) "
     "against the true map; solvent noise: the map's RMS over solvent inside the 205 A "
