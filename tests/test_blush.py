@@ -220,6 +220,7 @@ def test_tiled_pass_matches_single_pass(phantom):
     assert _corr(single, tiled) > 0.99
 
 
+@pytest.mark.slow
 def test_training_runs_lowers_the_loss_and_is_deterministic(tmp_path):
     cfg = TrainConfig(seed=3, steps=40, pool=6, n_validation=4, crop=32)
     model, report = train(cfg, log=lambda m: None)

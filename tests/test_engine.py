@@ -81,6 +81,7 @@ def median_angular_error(truth, got):
     return float(np.median(angular_distance_deg(A, B)))
 
 
+@pytest.mark.slow
 def test_relion_path_aligns_and_stays_finite(classified):
     data_dir, info, root = classified
     truth, got = truth_and_result(data_dir, root, 10)
@@ -99,6 +100,7 @@ def test_relion_path_aligns_and_stays_finite(classified):
         assert best < 4 * APIX
 
 
+@pytest.mark.slow
 def test_consensus_start_runs_restarts_and_keeps_alignment(classified_consensus, classified):
     """--init_classes consensus: consensus iterations put every particle in class 1, the
     restarts then give every class particles, and alignment stays good.  (On this small
@@ -118,6 +120,7 @@ def test_consensus_start_runs_restarts_and_keeps_alignment(classified_consensus,
         assert sum(line.startswith("restart") for line in fh) == 3
 
 
+@pytest.mark.slow
 def test_outputs_have_relion_names_and_labels(classified):
     _, _, root = classified
     for it in (0, 10):
@@ -170,6 +173,7 @@ def assert_same_iteration(root_a, root_b, it, n_classes):
         assert np.array_equal(va, vb)
 
 
+@pytest.mark.slow
 def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_path):
     data_dir, _ = dataset
     full = tmp_path / "full" / "run"
@@ -208,6 +212,7 @@ def test_continue_refuses_a_changed_setting(dataset, tmp_path, capsys):
     assert float(general["rlnTau2FudgeFactor"]) == 8.0
 
 
+@pytest.mark.slow
 def test_continue_reproduces_the_shared_consensus_path(dataset, tmp_path):
     """The PCA start with shared-consensus references, the joint consensus and the
     automatic reference mask (the defaults): the joint consensus map lives in the state
@@ -256,7 +261,7 @@ def test_bad_input_gives_one_line_errors(dataset, tmp_path, capsys):
         (base + ["--K", "0"], "--K"),
         (base + ["--sym", "X7"], "X7"),
         (base + ["--particle_diameter", "5000"], "particle_diameter"),
-        (base + ["--blush"], "Blush"),
+        (base + ["--blush", "--blush_crossover", "4"], "crossover"),
         (base + ["--helix"], "helical"),
         (base + ["--class_difference_highres", "-2"], "--class_difference_highres"),
         (["refine", "--continue", str(tmp_path / "nope_it003_optimiser.star")], "not found"),
@@ -267,6 +272,7 @@ def test_bad_input_gives_one_line_errors(dataset, tmp_path, capsys):
         assert len(err) == 1 and word in err[0], err
 
 
+@pytest.mark.slow
 def test_pca_start_separates_classes_that_random_starts_leave_mixed(dataset, tmp_path):
     """Classification without alignment on well-aligned particles (here the true poses,
     as a consensus refinement would give): RELION's random start stays mixed, the

@@ -15,7 +15,8 @@ from cryoclass_plugin.engine.simulate import simulate_dataset
 
 BIN = os.path.dirname(sys.executable)
 MPIRUN = shutil.which("mpirun", path=BIN) or shutil.which("mpirun")
-pytestmark = pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+#: Several ranks under mpirun: part of the full suite, not the everyday subset.
+pytestmark = [pytest.mark.skipif(MPIRUN is None, reason="no mpirun"), pytest.mark.slow]
 
 
 def mpi_env():

@@ -165,6 +165,7 @@ def test_engine_refuses_terms_it_does_not_apply_in_one_line(sim):
     assert len(star_io.read_particles(sim["applied"], require_ctf=True)) == N
 
 
+@pytest.mark.slow
 def test_classification_round_trip_keeps_every_optics_field(project, sim, tmp_path):
     from pwem.protocols import ProtImportVolumes
     parts = _import(project, sim["applied"])

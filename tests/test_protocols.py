@@ -600,6 +600,7 @@ def _class_of(classes):
 
 
 @needs_engine
+@pytest.mark.slow
 def test_classification_with_mpi(classified, inputs):
     prot = classified
     classes, volumes = prot.outputClasses, prot.outputVolumes
@@ -683,6 +684,7 @@ def test_classification_recovers_the_simulated_classes(classified, sim):
 
 
 @needs_engine
+@pytest.mark.slow
 def test_copy_with_same_seed_gives_same_classes(project, classified):
     copy = project.copyProtocol(classified)
     copy = launch(project, copy)
@@ -690,6 +692,7 @@ def test_copy_with_same_seed_gives_same_classes(project, classified):
 
 
 @needs_engine
+@pytest.mark.slow
 def test_continue_from_a_previous_run(project, classified):
     start = ITERATIONS - 1
     prot = project.newProtocol(ProtCryoClassClassify3D, doContinue=True,
@@ -716,6 +719,7 @@ def test_continue_from_a_previous_run(project, classified):
 
 
 @needs_engine
+@pytest.mark.slow
 def test_classes2d_upstream_only_enabled_classes(project, inputs):
     imp = inputs["classes2d_prot"]
     classes2d = imp.outputClasses2D
@@ -774,6 +778,7 @@ def test_select_classes_by_number_and_with_pwem_subset(project, classified, tmp_
 
 
 @needs_engine
+@pytest.mark.slow
 def test_select_classes_automatically(project, classified):
     classes = classified.outputClasses
     dist = {c.getObjId(): c._rlnClassDistribution.get() for c in classes}

@@ -22,6 +22,7 @@ def _check(rows):
     assert not failed, failed
 
 
+@pytest.mark.slow
 def test_a_few_cases_quickly(tmp_path):
     """A bad pixel, a damaged state file, a disk that fills up, a concurrent run."""
     rows = _tally().run_tally(str(tmp_path), only=["NaN pixel", "truncated state",
