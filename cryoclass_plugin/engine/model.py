@@ -18,11 +18,11 @@ origins in Angstrom with RELION's sign.
 """
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import CryoClassError
 from .fourier import shell_resolution_angstrom
 from .plan import ScheduleState
@@ -88,21 +88,12 @@ class ModelState:
                    if not isinstance(v, np.ndarray) and k != "schedule"}
         if self.schedule is not None:
             scalars["schedule"] = dataclasses.asdict(self.schedule)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
         extra = {}
         if settings is not None:
             extra["__settings__"] = np.array(json.dumps(settings))
-        try:
+        with replacing(path, hidden=False, suffix=".npz") as tmp:   # savez adds .npz
             np.savez(tmp, __scalars__=np.array(json.dumps(scalars, default=float)), **extra,
                      **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            # A failed write (disk full, interrupt) leaves no partial file behind.
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
 
     @classmethod
     def load(cls, path):

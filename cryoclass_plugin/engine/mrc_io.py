@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .atomic import replacing, temporary_name
 from .errors import CryoClassError
 
 # Relative tolerance when comparing pixel sizes (headers often carry 3-4 digits only).
@@ -29,28 +30,8 @@ APIX_RTOL = 0.01
 MAX_OPEN_STACKS = 128
 
 
-def _atomic_tmp(path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-
-
-@contextmanager
-def _replacing(path):
-    """Yield the temporary name for an atomic write of ``path``; on success it replaces
-    ``path``, on any failure (disk full, interrupt) it is removed, so that no partial
-    file stays behind."""
-    tmp = _atomic_tmp(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+_atomic_tmp = temporary_name
+_replacing = replacing
 
 
 def _open_mrc(path, mode="mmap"):

@@ -194,7 +194,7 @@ class OutputLock:
 
 def remove_temporaries(output_root):
     """Delete partial files of interrupted atomic writes in the run's folder that belong
-    to this run (names from :func:`.mrc_io._atomic_tmp`, :func:`.star_io.write_star`
+    to this run (names from :func:`.atomic.temporary_name`, as :func:`.star_io.write_star`
     and :meth:`.model.ModelState.save`).  Returns the removed paths."""
     folder, base = os.path.split(os.path.abspath(output_root))
     removed = []

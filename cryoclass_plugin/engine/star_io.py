@@ -46,6 +46,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from .atomic import replacing
 from .errors import CryoClassError
 from .mrc_io import read_stack_header
 
@@ -575,21 +576,9 @@ def star_text(blocks):
 
 
 def _atomic_write_text(path, text):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         with open(tmp, "w") as fh:
             fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        # A failed write (disk full, interrupt) leaves no partial file behind.
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_star(path, blocks):
