@@ -1,7 +1,7 @@
 """GPU (CuPy) benchmark: the E-step GEMM rate against the card's SGEMM peak, and the
 tutorial-sized job (5000 particles, 64 px, K=4, 25 iterations) with ``--gpu``.
 
-    python benchmarks/bench_gpu.py [--n 5000] [--iter 25] [--workdir /tmp/bench_gpu]
+    python benchmarks/bench_gpu.py [--n 5000] [--iter 25] [--workdir scratch/bench_gpu]
 
 Prints the figures; ``--markdown`` also prints them as the table of docs/benchmarks.md
 (section "GPU").
@@ -54,7 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--iter", type=int, default=25)
-    ap.add_argument("--workdir", default="/tmp/bench_gpu")
+    ap.add_argument("--workdir", default="scratch/bench_gpu")
     ap.add_argument("--timeout", type=int, default=420)
     ap.add_argument("--skip-gemm", action="store_true", help="skip the GEMM-rate measurements")
     ap.add_argument("--profile", metavar="FILE", default=None,

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -55,7 +56,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     refine_cmd.add_args(parser)
     args = parser.parse_args(["--i", "particles.star", "--ref", "ref.mrc", "--o",
-                              f"/tmp/true_map_ceiling_{os.getpid()}/run",
+                              os.path.join(tempfile.mkdtemp(prefix="true_map_ceiling_"), "run"),
                               "--K", str(model.n_classes)] + FLAGS.split())
     r = Refinement(refine_cmd.settings_from_args(args), log=lambda m: None)
     r.start()

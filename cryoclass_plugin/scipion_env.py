@@ -6,7 +6,7 @@ protocol runs in a child process (``pw_protocol_run.py``) that inherits the envi
 So the environment has to be prepared before anything imports pyworkflow or pwem::
 
     from cryoclass_plugin.scipion_env import setup_headless_scipion
-    env = setup_headless_scipion("/tmp/scipion")       # first thing, before pyworkflow
+    env = setup_headless_scipion("scipion_home")       # first thing, before pyworkflow
 
     from cryoclass_plugin.scipion_env import create_project, launch
     project = create_project("demo")
