@@ -236,3 +236,16 @@ def test_every_cli_flag_changes_the_settings_or_is_refused_or_documented():
                 assert name == "continue" or any(
                     o.off_flag == name for o in OPTIONS), f"{option}: not walked"
     assert "continue" in seen and not (NOT_OPTIONS - seen)
+
+
+def test_readme_flag_table_lists_every_flag():
+    """README's "Flags" section names every flag of the parser (same, differs, ours or
+    refused)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"--([A-Za-z_0-9]+)", section))
+    parser = _parser()
+    flags = {s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    assert flags - {"help"} <= listed, sorted(flags - {"help"} - listed)
