@@ -108,3 +108,38 @@ def test_merge_test_is_the_same_on_one_and_two_ranks(data, tmp_path):
     numbers2 = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in lines[2][:3]]
     assert np.allclose(numbers, numbers2, atol=0.011), (lines[1], lines[2])
     assert lines[1][3] == lines[2][3]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_to_mpirun_prints_one_message_and_continue_works(data, tmp_path, signame):
+    """A queue's time limit (SIGTERM) or Ctrl-C (SIGINT) signals mpirun: the user reads one line naming the last
+    complete iteration (Open MPI's launcher stops forwarding its ranks' output when it is
+    signalled, so rank 0 writes to the launcher's standard error), and --continue works."""
+    import signal
+    import time
+    from cryoclass_plugin.engine import run_guard
+    root = tmp_path / "run"
+    cmd = [MPIRUN, "--oversubscribe", "-np", "2", sys.executable, "-m", "cryoclass_plugin.engine",
+           "refine", "--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
+           "--o", str(root), "--iter", "200", "--healpix_order", "1", "--offset_range", "0",
+           "--j", "1", "--block_size", "50"]
+    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while run_guard.last_complete_iteration(str(root)) in (None, 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    # Open MPI's launcher passes Ctrl-C on to the ranks as SIGTERM
+    lines = [line for line in (out + err).splitlines() if "terminated (SIGTERM)" in line]
+    assert len(lines) == 1, out + err
+    assert "--continue" in lines[0] and "Traceback" not in out + err
+    last = run_guard.last_complete_iteration(str(root))
+    assert f"last complete iteration is {last}" in open(f"{root}.log").read()
+    assert not os.path.exists(f"{root}.lock")
+    cont = subprocess.run([sys.executable, "-m", "cryoclass_plugin.engine", "refine",
+                           "--continue", f"{root}_it{last:03d}_optimiser.star",
+                           "--iter", str(last + 1), "--j", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert cont.returncode == 0, cont.stderr

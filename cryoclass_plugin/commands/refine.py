@@ -19,7 +19,7 @@ from ..engine.errors import CryoClassError, NotImplementedOption, RunInterrupted
 from ..engine.mpi import SharedError
 from ..engine.run_guard import (OutputLock, check_existing_run, check_output_folder,
                                 interrupted_line, os_error_line, remove_temporaries,
-                                termination_signals)
+                                tell_launcher_terminal, termination_signals)
 from ..engine.options import (GROUPS, OPTIONS, OPTIONS_BY_FIELD, OPTIONS_BY_FLAG, Settings,
                               flag_of, resolve_automatic)
 
@@ -379,9 +379,14 @@ def _run(ref, settings, lock):
         _quiet_on_other_ranks(ref.comm, RunInterrupted.exit_code)
         if ref.comm.size > 1 and os.path.exists(_failure_marker(settings.output_root)):
             raise SystemExit(2)     # mpirun ending the job after another rank's error
+        line = interrupted_line(settings.output_root, what)
+        if ref.comm.size > 1 and tell_launcher_terminal(f"cryoclass refine: {line}"):
+            _log_quietly(log_path, line)    # first: the launcher may kill the ranks soon
+            _remove_temporaries_quietly(settings.output_root)
+            raise SystemExit(RunInterrupted.exit_code)
         _remove_temporaries_quietly(settings.output_root)
-        _log_quietly(log_path, interrupted_line(settings.output_root, what))
-        raise RunInterrupted(interrupted_line(settings.output_root, what)) from None
+        _log_quietly(log_path, line)
+        raise RunInterrupted(line) from None
     except SharedError:
         _quiet_on_other_ranks(ref.comm, 2)
         raise

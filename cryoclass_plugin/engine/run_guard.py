@@ -223,6 +223,38 @@ def termination_signals():
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Launchers whose standard error is the user's terminal (or the job's output file) when
+#: the job runs on one node.  Open MPI's ``prterun`` stops forwarding its ranks' output as
+#: soon as it is signalled, so a rank's own message would be lost on the way.
+_LAUNCHERS = ("prterun", "mpirun", "mpiexec", "orterun")
+
+
+def launcher_stderr_path(pid=None):
+    """``/proc/<parent>/fd/2`` when this process's parent is an MPI launcher (so that a
+    rank can write the one message of an interrupted job where the user reads it), else
+    None."""
+    parent = os.getppid() if pid is None else pid
+    try:
+        with open(f"/proc/{parent}/comm") as fh:
+            name = fh.read().strip()
+    except OSError:
+        return None
+    return f"/proc/{parent}/fd/2" if name in _LAUNCHERS else None
+
+
+def tell_launcher_terminal(line):
+    """Write ``line`` to the MPI launcher's standard error; True when it was written."""
+    path = launcher_stderr_path()
+    if path is None:
+        return False
+    try:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+        return True
+    except OSError:
+        return False
+
+
 def interrupted_line(output_root, what="interrupted"):
     """The message of a run ended by a signal: what to ``--continue`` from."""
     last = last_complete_iteration(output_root)
