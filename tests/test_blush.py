@@ -133,6 +133,7 @@ def test_denoised_part_is_zero_outside_mask(blush, phantom):
     assert np.abs(d4[outside4]).max() < 0.05 * np.abs(d4).max()
 
 
+@pytest.mark.slow
 def test_pure_noise_gives_low_variance_and_no_training_map(blush, phantom):
     rng = np.random.default_rng(7)
     clean, _ = training_data.clean_map(rng, 64, NETWORK_APIX)

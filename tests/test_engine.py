@@ -187,6 +187,7 @@ def test_continue_equals_uninterrupted_and_seed_is_deterministic(dataset, tmp_pa
         assert_same_iteration(full, other, 3, n_classes=2)
 
 
+@pytest.mark.slow
 def test_continue_refuses_a_changed_setting(dataset, tmp_path, capsys):
     """With --continue, a flag that would change a fixed setting of the run is a one-line
     error (not ignored); the same values again (as the Scipion protocol passes them), the

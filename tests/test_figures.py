@@ -232,6 +232,7 @@ def test_chimerax_launch_uses_path(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_report_writes_index_linking_every_png(run, tmp_path):
     from cryoclass_plugin import cli
 
@@ -251,6 +252,7 @@ def test_report_writes_index_linking_every_png(run, tmp_path):
     assert "iteration 3" in html and "(finished)" in html
 
 
+@pytest.mark.slow
 def test_report_running_output_and_iter(tmp_path):
     info = make_fake_run(str(tmp_path / "r"), n_iter=3)
     # a run still going: iteration 3 has only its model.star and maps so far

@@ -171,6 +171,7 @@ def test_cropped_backprojector_and_reconstruction_equal_full_grid(pad, max_shell
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_noiseless_reconstruction_at_box_128_matches_full_grid():
     """Box 128, pad 2, grid for shell 20 (a 128^3 map at ~19 A for 3 A/px): the
     reconstruction from noiseless projections at known poses equals the full-grid one
@@ -249,6 +250,7 @@ def test_memory_formula_and_check():
     assert free is None or free > 0
 
 
+@pytest.mark.slow
 def test_engine_run_on_growing_cropped_grids_equals_full_grids(tmp_path, monkeypatch):
     """A whole run (RELION's start, K=3, 4 iterations, box 40) with every projector and
     accumulator sized by the iteration's current shell (``current_grid_shell``; the

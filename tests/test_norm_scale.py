@@ -175,6 +175,7 @@ def test_firstiter_cc_iteration_keeps_corrections(plain_data, tmp_path):
     assert (model["model_groups"]["rlnGroupScaleCorrection"] == 1.0).all()
 
 
+@pytest.mark.slow
 def test_continue_keeps_norm_and_scale(norm_data, norm_run, tmp_path):
     """A run cut after iteration 2 and continued equals the uninterrupted one; the
     uninterrupted one here also estimates --scale (one group per micrograph)."""

@@ -133,6 +133,7 @@ def test_hosts_parallel_command_runs_mpi():
         ["rank 0 of 2", "rank 1 of 2"]
 
 
+@pytest.mark.slow
 def test_import_volumes_protocol_runs(project, tmp_path):
     from pwem.protocols import ProtImportVolumes
     vol = np.random.default_rng(0).normal(size=(16, 16, 16))
@@ -145,6 +146,7 @@ def test_import_volumes_protocol_runs(project, tmp_path):
     assert os.path.exists(out.getFileName())
 
 
+@pytest.mark.slow
 def test_launch_reports_failures(project, tmp_path):
     from pwem.protocols import ProtImportVolumes
     prot = project.newProtocol(ProtImportVolumes, filesPath=str(tmp_path / "missing.mrc"),

@@ -439,6 +439,7 @@ def test_validation_reference_set_needs_k_volumes_and_relion_start(project, inpu
     assert "needs 'How classes start' = RELION" in _errors(prot)
 
 
+@pytest.mark.slow
 @needs_engine
 def test_reference_set_each_class_starts_from_its_volume(project, inputs, true_volumes, sim):
     """A SetOfVolumes as reference: the list and maps are written, and each class ends
@@ -654,6 +655,7 @@ def test_classification_with_mpi(classified, inputs):
     assert "classified %d particles into 2 3D classes" % N_PARTS in prot.methods()[0]
 
 
+@pytest.mark.slow
 @needs_engine
 def test_methods_of_a_finished_run(classified):
     text = classified._methods()[0]
@@ -662,6 +664,7 @@ def test_methods_of_a_finished_run(classified):
     assert classified._devStatus == BETA
 
 
+@pytest.mark.slow
 def test_classification_sources_are_recorded(project, classified, inputs):
     parents = {o.getObjId() for o in project.getSourceParents(classified.outputClasses)}
     assert inputs["particles"].getObjId() in parents
@@ -671,6 +674,7 @@ def test_classification_sources_are_recorded(project, classified, inputs):
 
 
 @needs_engine
+@pytest.mark.slow
 def test_classification_recovers_the_simulated_classes(classified, sim):
     from cryoclass_plugin.engine.metrics import adjusted_rand_index
     got = _class_of(classified.outputClasses)
@@ -746,6 +750,7 @@ def test_classes2d_upstream_only_enabled_classes(project, inputs):
     assert sorted(star["rlnImageId"]) == expected
 
 
+@pytest.mark.slow
 @needs_engine
 def test_select_classes_by_number_and_with_pwem_subset(project, classified, tmp_path):
     classes = classified.outputClasses

@@ -103,6 +103,7 @@ def test_angular_rect_and_slices_axis(setup):
     assert len(paths) == 3 and all(p.endswith("_x.png") for p in paths)
 
 
+@pytest.mark.slow
 def test_gui_wrappers_return_views_without_showing(setup):
     viewer = make_viewer(setup)
     for name in ("displayVol", "showCentralSlices", "showSSNR", "showClassDistribution",
