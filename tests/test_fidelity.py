@@ -197,3 +197,55 @@ def test_strict_lowres_exp_changes_the_e_step(data, tmp_path):
     import starfile
     a, b = (starfile.read(f"{r}_it001_data.star")["particles"] for r in roots)
     assert not np.allclose(a["rlnAngleRot"], b["rlnAngleRot"])
+
+
+# ------------------------------------------------------------------ --solvent_mask2
+
+def test_flatten_inside_is_relions_inverted_soft_mask():
+    """(1 - m) vol + m avg with avg the m-weighted mean: the region where m is 1 takes one
+    level, voxels where m is 0 keep their values, a soft edge blends the two."""
+    from cryoclass_plugin.engine.masks import flatten_inside
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(8, 8, 8)).astype(np.float32)
+    m = np.zeros_like(vol)
+    m[2:5, 2:5, 2:5] = 1.0
+    m[5, 2:5, 2:5] = 0.5
+    out = flatten_inside(vol, m)
+    level = float((m * vol).sum() / m.sum())
+    np.testing.assert_allclose(out[2:5, 2:5, 2:5], level, rtol=1e-5)
+    np.testing.assert_allclose(out[m == 0], vol[m == 0])
+    np.testing.assert_allclose(out[5, 2:5, 2:5], 0.5 * vol[5, 2:5, 2:5] + 0.5 * level,
+                               rtol=1e-5)
+
+
+def _core_mask(path, radius_px):
+    c = np.arange(BOX) - BOX // 2
+    r = np.sqrt(sum(g * g for g in np.meshgrid(c, c, c, indexing="ij")))
+    write_map(str(path), (r <= radius_px).astype(np.float32), APIX)
+    return r <= radius_px
+
+
+def test_solvent_mask2_sets_its_region_to_one_level_each_iteration(data, tmp_path):
+    core = _core_mask(tmp_path / "core.mrc", 4)
+    for name, extra in (("plain", []), ("mask2", ["--solvent_mask2", tmp_path / "core.mrc"])):
+        assert _run(["--i", data / "particles.star", "--ref", data / "ref.mrc",
+                     "--o", tmp_path / name / "run", "--K", "1", "--iter", "2"]
+                    + COMMON + extra) == 0
+    plain, _ = read_map(tmp_path / "plain" / "run_it002_class001.mrc")
+    flat, _ = read_map(tmp_path / "mask2" / "run_it002_class001.mrc")
+    assert np.ptp(plain[core]) > 0.1 * np.ptp(plain)          # structure there normally
+    assert np.ptp(flat[core]) <= 1e-5 * np.ptp(flat)          # one level with the mask
+    import starfile
+    opt = starfile.read(tmp_path / "mask2" / "run_it002_optimiser.star", always_dict=True)
+    assert str(opt["optimiser_general"]["rlnSolventMask2Name"]).endswith("core.mrc")
+
+
+def test_solvent_mask2_errors(data, tmp_path, capsys):
+    _core_mask(tmp_path / "core.mrc", 4)
+    base = ["--i", data / "particles.star", "--ref", data / "ref.mrc", "--K", "1",
+            "--iter", "1", "--solvent_mask2", tmp_path / "core.mrc"]
+    no_flatten = [a for a in COMMON if a != "--flatten_solvent"]
+    _refused(capsys, base + ["--o", tmp_path / "a" / "run"] + no_flatten, "add --flatten_solvent")
+    write_map(str(tmp_path / "small.mrc"), np.ones((20, 20, 20), np.float32), APIX)
+    base[-1] = tmp_path / "small.mrc"
+    _refused(capsys, base + ["--o", tmp_path / "b" / "run"] + COMMON, "mask box 20 differs")

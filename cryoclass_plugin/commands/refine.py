@@ -36,8 +36,6 @@ REFUSED = {
                        "each particle) is not in the engine"),
     "allow_coarser_sampling": (None, "the angular and offset sampling stay as given "
                                      "(--healpix_order, --offset_step) in every iteration"),
-    "solvent_mask2": (str, "a second solvent mask with its own density level is not "
-                           "applied; give one --solvent_mask"),
     "sigma_rot": (float, "the local-search prior has one width for all three angles; "
                          "give --sigma_ang"),
     "sigma_tilt": (float, "the local-search prior has one width for all three angles; "
@@ -481,7 +479,8 @@ def _claim_output(comm, settings, overwrite):
             # --overwrite removes any of its files.
             lock = OutputLock(settings.output_root).acquire()
             check_existing_run(settings.output_root,
-                               inputs=(settings.input_star, settings.ref, settings.solvent_mask),
+                               inputs=(settings.input_star, settings.ref, settings.solvent_mask,
+                                       settings.solvent_mask2),
                                continuing=bool(settings.continue_from), overwrite=overwrite)
             remove_temporaries(settings.output_root)
         except CryoClassError as err:

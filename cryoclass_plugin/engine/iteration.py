@@ -65,11 +65,13 @@ class MStepSettings:
     gridding: bool
     tau2_estimate: str
     consensus_tau2_estimate: str
+    solvent_mask2: str = ""     # --solvent_mask2 (path), flattened after the solvent mask
 
     @classmethod
     def of(cls, settings, plan):
         return cls(settings.tau2_fudge, settings.gridding, plan.tau2_estimate,
-                   settings.consensus_tau2_estimate or settings.tau2_estimate)
+                   settings.consensus_tau2_estimate or settings.tau2_estimate,
+                   settings.solvent_mask2)
 
 
 @dataclass

@@ -6,6 +6,8 @@ axis and distances are in pixels.  A mask is 1 for ``r <= radius``, 0 for
 RELION's ``softMaskOutsideMap`` (``--particle_diameter`` / 2 as the radius and
 ``width_mask_edge`` 5 pixels by default).
 """
+from functools import lru_cache
+
 import numpy as np
 
 from .fourier import resolution_to_shell, shell_resolution_angstrom
@@ -128,6 +130,38 @@ def auto_solvent_mask(volume, apix, inside, threshold_sigma=3.0, lowpass_angst=1
     return xp.asarray((soft * inside_h).astype(np.float32))
 
 
-__all__ = ["raised_cosine", "auto_solvent_mask", "soft_sphere_mask", "soft_circle_mask",
+def flatten_inside(vol, mask2, xp=np):
+    """RELION's second solvent mask (``--solvent_mask2``): where ``mask2`` is 1 the map
+    takes the ``mask2``-weighted average density of that region, with a soft blend at
+    its edge: ``(1 - m) vol + m avg``, ``avg = sum(m vol) / sum(m)`` (RELION's
+    ``softMaskOutsideMap`` with the mask inverted).  Used e.g. to give a virus's
+    interior one constant level above the solvent's."""
+    m = xp.asarray(mask2, dtype=vol.dtype)
+    weight = float(m.sum())
+    if weight <= 0:
+        return vol
+    level = float((m * vol).sum()) / weight
+    return (1 - m) * vol + m * level
+
+
+@lru_cache(maxsize=2)
+def read_secondary_mask(path):
+    """The ``--solvent_mask2`` map (read once per run and path), float32."""
+    from .mrc_io import read_map
+    mask, _ = read_map(path)
+    return np.clip(mask, 0, 1).astype(np.float32)
+
+
+def flatten_solvent(vol, solvent_mask, solvent_mask2_path="", xp=np):
+    """``--flatten_solvent``: the map times the solvent mask, then, with
+    ``--solvent_mask2``, the second mask's region set to its own average
+    (:func:`flatten_inside`), in RELION's order."""
+    vol = vol * solvent_mask
+    if solvent_mask2_path:
+        vol = flatten_inside(vol, read_secondary_mask(solvent_mask2_path), xp)
+    return vol
+
+
+__all__ = ["raised_cosine", "flatten_inside", "flatten_solvent", "read_secondary_mask", "auto_solvent_mask", "soft_sphere_mask", "soft_circle_mask",
            "particle_diameter_to_radius_px", "apply_soft_mask", "resolution_to_radius_px",
            "nyquist_angstrom", "shell_resolution_angstrom"]

@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import get_xp, to_numpy
 from .fourier import rfftn_workers
+from .masks import flatten_solvent
 from .projector import BackProjector
 
 
@@ -169,7 +170,7 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
         if symmetrise is not None:
             vol = symmetrise(vol)
         if solvent_mask is not None:
-            vol = vol * solvent_mask
+            vol = flatten_solvent(vol, solvent_mask, settings.solvent_mask2, xp)
         model.refs[k] = to_numpy(vol).astype(np.float32)
         mean_w = to_numpy(bp.mean_weight_per_shell(n_shells))
         power = power_spectrum_half(vol)
@@ -240,7 +241,7 @@ def reconstruct_consensus(acc, model, settings, solvent_mask=None, symmetrise=No
     if symmetrise is not None:
         vol = symmetrise(vol)
     if solvent_mask is not None:
-        vol = vol * solvent_mask
+        vol = flatten_solvent(vol, solvent_mask, settings.solvent_mask2, xp)
     model.consensus_ref = to_numpy(vol).astype(np.float32)
 
 

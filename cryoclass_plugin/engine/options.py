@@ -96,6 +96,11 @@ OPTIONS = (
        param="symmetryGroup"),
     _o("solvent_mask", "solvent_mask", str, "", "reference mask (MRC, 0..1)",
        group="Reference", on_continue="run", param="referenceMask"),
+    _o("solvent_mask2", "solvent_mask2", str, "",
+       "second mask (MRC, 0..1, the particles' box): with --flatten_solvent, each "
+       "iteration's maps take, where it is 1, the average density of that region (e.g. "
+       "a virus's interior), as relion_refine's --solvent_mask2", group="Reference",
+       on_continue="run"),
     # ---- CTF
     _o("ctf", "ctf", bool, False, "do CTF correction", group="CTF", kind="switch",
        param="doCTF", form_default=True),

@@ -140,6 +140,7 @@ def _optimiser_block(model, root, iteration, settings):
         "rlnDoZeroMask": int(s.zero_mask),
         "rlnDoSolventFlattening": int(s.flatten_solvent),
         "rlnSolventMaskName": s.solvent_mask or "None",
+        "rlnSolventMask2Name": s.solvent_mask2 or "None",
         "rlnInitialLowPassFilter": s.ini_high,
         "rlnTau2FudgeFactor": s.tau2_fudge,
         "rlnIncrementImageSize": s.incr_size,

@@ -17,7 +17,7 @@ from .blush_step import BlushStep
 from .ctf import ctf_params, optics_terms
 from .errors import CryoClassError
 from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
-from .masks import soft_sphere_mask
+from .masks import flatten_solvent, soft_sphere_mask
 from .model import ModelState
 from .mpi import SharedError, get_comm, split_range
 from .run_guard import available_memory
@@ -81,7 +81,8 @@ def _initial_model(settings, table, data, refs, comm):
     start = []
     for ref in refs:
         vol = low_pass(ref, apix, settings.ini_high) if settings.ini_high > 0 else ref.copy()
-        start.append(vol * mask if mask is not None else vol)
+        start.append(flatten_solvent(vol, mask, settings.solvent_mask2) if mask is not None
+                     else vol)
     refs = np.stack(start).astype(np.float32)
     shell = int(round(box * apix / settings.ini_high)) if settings.ini_high > 0 else box // 2 - 1
     current = min(shell + settings.incr_size, box // 2 - 1)
@@ -246,10 +247,28 @@ class Refinement:
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
         check_class_count(len(self.table), s.n_classes, s.input_star)
+        if s.solvent_mask2:
+            self._check_solvent_mask2()
         if s.solvent_mask and not s.flatten_solvent:
             # Read only with --flatten_solvent (RELION), but a broken mask is refused
             # either way, so that adding the flag later cannot fail then.
             check_mask_values(read_map(s.solvent_mask)[0], s.solvent_mask)
+
+    def _check_solvent_mask2(self):
+        s = self.s
+        if not s.flatten_solvent:
+            raise CryoClassError(f"--solvent_mask2 {s.solvent_mask2}: applied only when the "
+                                 "maps are flattened; add --flatten_solvent or drop "
+                                 "--solvent_mask2")
+        mask = read_map(s.solvent_mask2)[0]
+        check_mask_values(mask, s.solvent_mask2)
+        box = self.box
+        if mask.shape != (box, box, box):
+            raise CryoClassError(f"{s.solvent_mask2}: mask box {mask.shape[0]} differs from "
+                                 f"the particles' {box}; resample the mask (--solvent_mask2)")
+        if float(mask.sum()) <= 0:
+            raise CryoClassError(f"{s.solvent_mask2}: the mask is 0 everywhere; give a mask "
+                                 "that is 1 in the region to flatten (--solvent_mask2)")
 
     def _log(self, line):
         """Log on rank 0 only."""
