@@ -249,3 +249,16 @@ def test_solvent_mask2_errors(data, tmp_path, capsys):
     write_map(str(tmp_path / "small.mrc"), np.ones((20, 20, 20), np.float32), APIX)
     base[-1] = tmp_path / "small.mrc"
     _refused(capsys, base + ["--o", tmp_path / "b" / "run"] + COMMON, "mask box 20 differs")
+
+
+# ------------------------------------------------------------------ --free_gpu_memory
+
+def test_free_gpu_memory_pool_cap_and_errors(data, tmp_path, capsys):
+    from cryoclass_plugin.engine.backend import pool_limit_bytes
+    from cryoclass_plugin.engine.errors import CryoClassError
+    assert pool_limit_bytes(16 * 2 ** 30, 1024) == 15 * 2 ** 30
+    with pytest.raises(CryoClassError, match="leave less free"):
+        pool_limit_bytes(2 ** 30, 2048)
+    _refused(capsys, ["--i", data / "particles.star", "--ref", data / "ref.mrc",
+                      "--o", tmp_path / "run", "--K", "1", "--iter", "1",
+                      "--free_gpu_memory", "500"] + COMMON, "applies to GPU runs only")

@@ -137,3 +137,14 @@ def test_gpu_auto_solvent_mask_matches_cpu():
     gpu = auto_solvent_mask(cupy.asarray(vol), 4.0, cupy.asarray(inside), 3.0)
     assert isinstance(gpu, cupy.ndarray)
     assert np.abs(cpu - gpu.get()).max() < 1e-5
+
+
+def test_free_gpu_memory_caps_the_pool(tmp_path):
+    """--free_gpu_memory leaves that many MB of the device outside CuPy's pool."""
+    from cryoclass_plugin.engine.backend import reserve_gpu_memory
+    pool = cupy.get_default_memory_pool()
+    try:
+        limit = reserve_gpu_memory(cupy, 1024)
+        assert pool.get_limit() == limit == cupy.cuda.Device().mem_info[1] - 1024 * 2 ** 20
+    finally:
+        pool.set_limit(size=0)      # no cap for the other tests

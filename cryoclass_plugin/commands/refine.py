@@ -42,9 +42,6 @@ REFUSED = {
                           "give --sigma_ang"),
     "sigma_psi": (float, "the local-search prior has one width for all three angles; "
                          "give --sigma_ang"),
-    "free_gpu_memory": (float, "the engine takes GPU memory as it needs it (CuPy's pool) "
-                               "instead of reserving the device up front, so there is no "
-                               "reserve to leave free"),
     "pool": (int, "particles are processed in blocks of --block_size (default 256), the "
                   "engine's counterpart of RELION's pool; give --block_size instead"),
     "no_parallel_disc_io": (None, "every MPI rank reads its own particles "

@@ -68,3 +68,22 @@ def select_backend(use_gpu, gpu_spec="", rank=0):
                              f"(this machine has {n_dev}); use numbers 0..{n_dev - 1}")
     cupy.cuda.Device(dev).use()
     return cupy, dev
+
+
+def pool_limit_bytes(total_bytes, free_mb):
+    """The memory pool's cap (bytes) that leaves ``free_mb`` MB (2**20 bytes) of a
+    device of ``total_bytes`` free; a one-line error when nothing would be left."""
+    limit = int(total_bytes - free_mb * 2 ** 20)
+    if limit <= 0:
+        raise CryoClassError(f"--free_gpu_memory {free_mb:g}: the device has only "
+                             f"{total_bytes / 2 ** 20:.0f} MB; leave less free")
+    return limit
+
+
+def reserve_gpu_memory(xp, free_mb):
+    """``--free_gpu_memory``: cap the current device's CuPy memory pool so that
+    ``free_mb`` MB stay free for other programs (RELION's reserve); returns the cap."""
+    total = xp.cuda.Device().mem_info[1]
+    limit = pool_limit_bytes(total, free_mb)
+    xp.get_default_memory_pool().set_limit(size=limit)
+    return limit

@@ -274,6 +274,10 @@ OPTIONS = (
        group="Compute", on_continue="change", kind="switch"),
     _o("gpu", "gpu", str, None, "use GPUs (CuPy); optional ids '0:1' one per rank",
        group="Compute", on_continue="change", kind="optional", param="gpusToUse"),
+    _o("free_gpu_memory", "free_gpu_memory", float, 0.0,
+       "GPU memory (MB) to leave free for other programs: each rank's CuPy memory pool "
+       "is capped at the device's memory minus this (needs --gpu)", group="Compute",
+       on_continue="change"),
     # ---- Running (and the engine's own compute knobs)
     _o("threads", "j", int, 1, "threads (BLAS/FFT) per rank", group="Running",
        on_continue="change", param="numberOfThreads"),

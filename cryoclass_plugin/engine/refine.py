@@ -12,7 +12,7 @@ import numpy as np
 
 from . import iteration as iteration_mod
 from . import memory
-from .backend import select_backend, to_numpy
+from .backend import reserve_gpu_memory, select_backend, to_numpy
 from .blush_step import BlushStep
 from .ctf import ctf_params, optics_terms
 from .errors import CryoClassError
@@ -177,6 +177,11 @@ class Refinement:
         self.comm = get_comm()
         self.xp, self.device = select_backend(settings.gpu is not None, settings.gpu or "",
                                               self.comm.rank)
+        if settings.free_gpu_memory > 0:
+            if self.device is None:
+                raise CryoClassError(f"--free_gpu_memory {settings.free_gpu_memory:g}: "
+                                     "applies to GPU runs only; add --gpu or drop it")
+            reserve_gpu_memory(self.xp, settings.free_gpu_memory)
         self._limit_threads()
         set_fft_workers(settings.threads)
         self.table = read_particles(settings.input_star, require_ctf=settings.ctf)
