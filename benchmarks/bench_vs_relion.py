@@ -6,7 +6,8 @@
 Simulates a heterogeneous set (``cryoclass simulate``: default 3 classes, 64 px, 4 A/px,
 SNR 0.05, 2000 particles, seed 0), then runs, one after the other on the same cores,
 
-  cryoclass refine  and  relion_refine (if installed)
+  cryoclass refine,  relion_refine (RELION 3.1's CPU path, if installed)  and, with
+  --relion5 PATH, RELION 5's accelerated CPU path (``PATH ... --cpu``)
 
 with the RELION tutorial's Class3D job: K=4, T=4, 25 iterations, --ini_high 50, 7.5 deg
 (--healpix_order 2 --oversampling 1), offsets range 5 / step 1 (--offset_range 5
@@ -14,7 +15,14 @@ with the RELION tutorial's Class3D job: K=4, T=4, 25 iterations, --ini_high 50, 
 --skip_gridding --preread_images --norm --scale, mask diameter 0.8 * box * apix, --j 2,
 and --firstiter_cc for both (RELION 3.1 collapses onto one view on our simulated sets
 without it).  RELION also gets --dont_combine_weights_via_disc
---pool 3.
+--pool 3.  ``--relion5 PATH`` names a relion_refine of RELION 5 built with
+``-DALTCPU=ON`` (benchmarks/README.md has the recipe); it runs with the same flags plus
+``--cpu`` (single precision, vectorised kernels, TBB threads).
+
+Each RELION result is stored in benchmarks/relion_cache.json, keyed by the data set's
+bytes and RELION's flags (``--cpu`` included); where a RELION is not installed (or not
+given), its cached result for the same set and flags is shown instead, marked
+"(cached)", with the machine it ran on.
 
 Measured per program: wall time, CPU time (user + sys of the process tree), peak memory
 (max RSS of the largest process, and the sampled peak of the tree's summed RSS), seconds
@@ -28,8 +36,10 @@ the run log (``scratch/benchmark_runs.md``; ``--no-record`` skips it).
 """
 import argparse
 import os
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -64,6 +74,9 @@ def parse_args(argv=None):
                    help="before each program wait up to S seconds for other processes to "
                         "leave the CPUs (< 0.5 cores busy); their load is reported anyway")
     w = p.add_argument_group("what to run")
+    r.add_argument("--relion5", default=None, metavar="PATH",
+                   help="also run RELION 5's accelerated CPU path: PATH is a relion_refine "
+                        "built with -DALTCPU=ON; it gets the same flags plus --cpu")
     w.add_argument("--skip-relion", action="store_true", help="run cryoclass only")
     w.add_argument("--relion-only", action="store_true", help="run RELION only")
     w.add_argument("--workdir", default=None,
@@ -74,10 +87,91 @@ def parse_args(argv=None):
                    help="do not append to the run log (scratch/benchmark_runs.md)")
     w.add_argument("--markdown", action="store_true",
                    help="also print the table in the format of docs/benchmarks.md")
+    w.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write benchmarks/relion_cache.json")
     args = p.parse_args(argv)
     if args.skip_relion and args.relion_only:
         p.error("--skip-relion and --relion-only exclude each other")
+    if args.relion5:
+        problem = check_relion5(args.relion5)
+        if problem:
+            p.error(problem)
     return args
+
+
+def check_relion5(path):
+    """None if ``path`` is a relion_refine that takes ``--cpu``; else the one-line
+    reason."""
+    exe = shutil.which(path) or path
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return f"--relion5 {path}: no such executable; give the relion_refine of a RELION 5 build"
+    try:
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"--relion5 {path}: cannot run it ({exc})"
+    if "--cpu" not in out.stdout + out.stderr:
+        return (f"--relion5 {path}: this relion_refine has no --cpu option; build RELION 5 "
+                "with cmake -DALTCPU=ON (benchmarks/README.md)")
+    return None
+
+
+def program_version(exe):
+    """``RELION version: X`` of a relion_refine, or 'unknown'."""
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    m = re.search(r"RELION version:\s*(\S+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def relion_runs(args, info):
+    """``[(column name, executable or None, extra flags)]``: RELION 3.1 (relion_refine on
+    the PATH) and RELION 5 --cpu (``--relion5``); an executable of None means: show the
+    cached result if there is one."""
+    if args.skip_relion:
+        return []
+    exe31 = C.relion_refine_path()
+    runs = [(f"RELION {info['relion']}" if exe31 else "RELION 3.1", exe31, [])]
+    if args.relion5:
+        exe5 = shutil.which(args.relion5) or os.path.abspath(args.relion5)
+        runs.append((f"RELION {program_version(exe5)} --cpu", exe5, ["--cpu"]))
+    else:
+        runs.append(("RELION 5 --cpu", None, ["--cpu"]))
+    return runs
+
+
+def cached_result(sim_dir, cmd, name, args):
+    """A RELION result from benchmarks/relion_cache.json for this set and flags, in the
+    form of :func:`run_program`'s, or None."""
+    if args.no_cache:
+        return None
+    hit = C.relion_cache_get(C.relion_cache_key(sim_dir, cmd))
+    if not hit or "times" not in hit:
+        return None
+    print(f"  {name}: cached result ({hit.get('machine', 'machine unknown')})")
+    stats = C.RunStats(wall_s=hit["wall_s"], cpu_s=hit["cpu_s"], sys_s=hit.get("sys_s"),
+                       other_load=hit.get("other_load"), maxrss_mb=hit.get("maxrss_mb"),
+                       tree_rss_mb=hit.get("tree_rss_mb"), rc=0, timed_out=False,
+                       cmd=hit.get("cmd"))
+    return {"stats": stats, "ok": hit.get("status") == "ok", "eval": hit.get("eval"),
+            "times": {int(k): v for k, v in hit["times"].items()}, "cached": True}
+
+
+def store_result(sim_dir, cmd, result, info, args):
+    """Put a finished RELION run into benchmarks/relion_cache.json."""
+    if args.no_cache or not result["ok"] or not result["eval"]:
+        return
+    st = result["stats"]
+    C.relion_cache_put(C.relion_cache_key(sim_dir, cmd), {
+        "status": "ok", "wall_s": st.wall_s, "cpu_s": st.cpu_s, "sys_s": st.sys_s,
+        "other_load": st.other_load, "maxrss_mb": st.maxrss_mb,
+        "tree_rss_mb": st.tree_rss_mb, "cmd": st.cmd, "machine": C.machine_line(info),
+        "times": {str(k): v for k, v in result["times"].items()}, "eval": result["eval"],
+        "iteration": result["eval"]["iteration"], "ari": result["eval"]["ari"],
+        "best_match": result["eval"]["best_match"],
+        "median_ang_err_deg": result["eval"].get("median_ang_err_deg")})
 
 
 def run_program(name, cmd, sim_dir, root, args, commands, env=None):
@@ -153,28 +247,62 @@ def table_rows(results, sim):
     return rows
 
 
+def ratio_lines(name, cc, rel, n_iter):
+    """The time ratios of one RELION column against cryoclass."""
+    s_cc, s_rel = cc["stats"], rel["stats"]
+    t_cc, t_rel = (C.mean_iteration_time(cc["times"]), C.mean_iteration_time(rel["times"]))
+    same = (cc["eval"] or {}).get("iteration") == (rel["eval"] or {}).get("iteration")
+    tag = "" if same else "   (different iteration counts: not comparable)"
+    lines = [f"time ratio {name} / cryoclass: wall {s_rel.wall_s / s_cc.wall_s:.2f}"
+             f", CPU {s_rel.cpu_s / max(s_cc.cpu_s, 1e-9):.2f}{tag}",
+             f"time ratio {name} / cryoclass per iteration (mean of it >= 2): "
+             f"{t_rel / t_cc:.2f}"]
+    if not same and rel["times"]:
+        est = sum(v for k, v in rel["times"].items() if k == 1) + t_rel * (n_iter - 1)
+        lines.append(f"{name} extrapolated to {n_iter} iterations (it 1 + {n_iter - 1} x "
+                     f"mean of it >= 2): ~{est:.0f} s wall, ratio ~{est / s_cc.wall_s:.2f} "
+                     "(estimate)")
+    return lines
+
+
+def run_relions(args, info, sim_dir, relion_iter, commands, notes):
+    """Each RELION of :func:`relion_runs`: run where installed (and stored in the
+    cache), else its cached result; ``{column: result}``."""
+    out = {}
+    for i, (name, exe, flags) in enumerate(relion_runs(args, info)):
+        root = f"relion{i or ''}/run"
+        cmd = C.relion_refine_cmd(root, args.box, args.apix, args.K, args.tau2, relion_iter,
+                                  args.j, extra=flags + shlex.split(args.relion_args))
+        if exe is None:
+            hit = cached_result(sim_dir, cmd, name, args)
+            if hit:
+                out[name + " (cached)"] = hit
+                notes.append(f"{name}: cached result of `{hit['stats'].cmd}`")
+            else:
+                notes.append(f"{name}: not installed or not given, and no cached result "
+                             "for this set and flags")
+                print(notes[-1])
+            continue
+        cmd[0] = exe
+        out[name] = run_program(name, cmd, sim_dir, root, args, commands)
+        store_result(sim_dir, cmd, out[name], info, args)
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     info = C.machine_info()
     print(f"machine: {C.machine_line(info)}")
-    have_relion = C.relion_refine_path() is not None
-    run_relion = not args.skip_relion and have_relion
+    have_relion = C.relion_refine_path() is not None or args.relion5
     run_cc = not args.relion_only
     notes = []
-    if not args.skip_relion and not have_relion:
-        msg = ("relion_refine is not installed (apt-get install -y relion): RELION not run")
-        print(msg)
-        notes.append(msg)
     if args.relion_only and not have_relion:
-        print("nothing to run")
+        print("nothing to run: no relion_refine installed and no --relion5")
         return 1
     relion_iter = args.relion_iter or args.iter
-    if run_relion:
-        notes.append("RELION run with --firstiter_cc (its default scoring collapses onto "
-                     "one orientation on these simulated sets)")
-        if relion_iter != args.iter:
-            notes.append(f"RELION capped at {relion_iter} iterations (cryoclass: "
-                         f"{args.iter}); compare per-iteration times, not totals")
+    if not args.skip_relion and relion_iter != args.iter:
+        notes.append(f"RELION capped at {relion_iter} iterations (cryoclass: "
+                     f"{args.iter}); compare per-iteration times, not totals")
 
     tmp = args.workdir is None
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench_vs_relion_"))
@@ -194,52 +322,34 @@ def main(argv=None):
                                          extra=shlex.split(args.cryoclass_args))
             results["cryoclass"] = run_program("cryoclass", cmd, sim_dir, "cryoclass/run",
                                                args, commands)
-        if run_relion:
-            cmd = C.relion_refine_cmd("relion/run", args.box, args.apix, args.K, args.tau2,
-                                      relion_iter, args.j,
-                                      extra=shlex.split(args.relion_args))
-            results[f"RELION {info['relion']}"] = run_program("RELION", cmd, sim_dir,
-                                                              "relion/run", args, commands)
+        relions = run_relions(args, info, sim_dir, relion_iter, commands, notes)
+        results.update(relions)
         # Like-for-like accuracy when RELION stopped earlier.
-        rel_name = next((n for n in results if n.startswith("RELION")), None)
-        if run_cc and rel_name and results[rel_name]["eval"] and results["cryoclass"]["eval"]:
-            r_it = results[rel_name]["eval"]["iteration"]
-            if 1 <= r_it < results["cryoclass"]["eval"]["iteration"]:
-                try:
-                    cc = dict(results["cryoclass"], eval_only=True)
-                    cc["eval"] = C.evaluate_run(cc["root"], sim_dir, iteration=r_it)
-                    results[f"cryoclass at it {r_it}"] = cc
-                except Exception as exc:
-                    print(f"  cannot evaluate cryoclass at iteration {r_it}: {exc}")
+        rel_its = sorted({r["eval"]["iteration"] for r in relions.values() if r["eval"]})
+        if run_cc and results["cryoclass"]["eval"]:
+            for r_it in rel_its:
+                if 1 <= r_it < results["cryoclass"]["eval"]["iteration"]:
+                    try:
+                        cc = dict(results["cryoclass"], eval_only=True)
+                        cc["eval"] = C.evaluate_run(cc["root"], sim_dir, iteration=r_it)
+                        results[f"cryoclass at it {r_it}"] = cc
+                    except Exception as exc:
+                        print(f"  cannot evaluate cryoclass at iteration {r_it}: {exc}")
 
         title = (f"{args.n} particles, {args.box} px, {args.apix:g} A/px, SNR {args.snr:g}, "
                  f"{args.classes} true classes, seed {args.seed}; K={args.K}, T={args.tau2:g}, "
                  f"{args.iter} iterations" +
-                 (f" (RELION {relion_iter})" if run_relion and relion_iter != args.iter
+                 (f" (RELION {relion_iter})" if relions and relion_iter != args.iter
                   else "") + f", --j {args.j}")
         lines = [title,
                  f"oracle accuracy {sim['oracle_accuracy']:.4f} (< 25 A: "
                  f"{sim['oracle_accuracy_25A']:.4f})", ""]
         lines.append(C.format_table(["metric"] + list(results), table_rows(results, sim)))
-        cc, rel = results.get("cryoclass"), results.get(rel_name) if rel_name else None
-        if cc and rel:
-            lines.append("")
-            s_cc, s_rel = cc["stats"], rel["stats"]
-            t_cc, t_rel = (C.mean_iteration_time(cc["times"]),
-                           C.mean_iteration_time(rel["times"]))
-            same = (cc["eval"] or {}).get("iteration") == (rel["eval"] or {}).get("iteration")
-            tag = "" if same else "   (different iteration counts: not comparable)"
-            lines.append(f"time ratio RELION / cryoclass: wall {s_rel.wall_s / s_cc.wall_s:.2f}"
-                         f", CPU {s_rel.cpu_s / max(s_cc.cpu_s, 1e-9):.2f}{tag}")
-            lines.append(f"time ratio RELION / cryoclass per iteration (mean of it >= 2): "
-                         f"{t_rel / t_cc:.2f}")
-            if not same and rel["times"]:
-                est = sum(v for k, v in rel["times"].items() if k == 1) + \
-                    t_rel * (args.iter - 1)
-                lines.append(f"RELION extrapolated to {args.iter} iterations (it 1 + "
-                             f"{args.iter - 1} x mean of it >= 2): ~{est:.0f} s wall, "
-                             f"ratio ~{est / s_cc.wall_s:.2f} (estimate)")
-        if run_relion:
+        cc = results.get("cryoclass")
+        for name, rel in relions.items():
+            if cc and rel["ok"] and cc["ok"]:
+                lines += [""] + ratio_lines(name, cc, rel, args.iter)
+        if relions:
             lines.append("RELION ran with --firstiter_cc (without it "
                          "RELION 3.1 collapses on these simulated sets).")
         body = "\n".join(lines)
@@ -249,7 +359,8 @@ def main(argv=None):
                              [f"Settings: {title}; the tutorial's flags with --firstiter_cc"
                               + (f"; cryoclass flags: `{args.cryoclass_args}`"
                                  if args.cryoclass_args else "") + "."]
-                             + [line for line in lines if line.startswith("time ratio")])
+                             + [line for line in lines if line.startswith("time ratio")]
+                             + [n for n in notes if "cached" in n])
         if not args.no_record:
             C.append_results("bench_vs_relion", commands, body, info, notes + [f"<workdir> = {workdir}" +
                                                   (" (temporary)" if tmp and not args.keep
