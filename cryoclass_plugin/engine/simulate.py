@@ -111,6 +111,68 @@ STALK_HINGE = (-0.50, 0.40, -0.05)
 STALK_AXIS = (0.0, 0.0, 1.0)
 
 
+# A second, differently shaped particle for the many-state benchmarks: a compact core
+# with four lobes of different sizes, one detachable subunit, and a peripheral arm (a
+# rod and a head) on a hinge; and, for each shape, a ligand-sized density (~3 % of the
+# mass) in a cleft.  Same units and kinds as DOMAINS.
+COMPLEX_DOMAINS = {
+    "core": dict(kind="ellipsoid", centre=(0.0, 0.0, 0.0), axes=(0.45, 0.40, 0.50),
+                 density=1.0),
+    "lobe_a": dict(kind="ellipsoid", centre=(0.55, 0.25, -0.15), axes=(0.28, 0.25, 0.30),
+                   density=1.0),
+    "lobe_b": dict(kind="ellipsoid", centre=(-0.45, 0.40, 0.10), axes=(0.30, 0.22, 0.26),
+                   density=1.0),
+    "lobe_c": dict(kind="ellipsoid", centre=(0.05, -0.55, 0.30), axes=(0.32, 0.24, 0.22),
+                   density=1.0),
+    "subunit": dict(kind="ellipsoid", centre=(-0.40, -0.40, -0.35), axes=(0.30, 0.28, 0.26),
+                    density=1.0),
+    "arm": dict(kind="rod", start=(0.40, -0.20, -0.30), end=(0.78, -0.42, -0.45),
+                radius=0.11, density=1.0),
+    "arm_head": dict(kind="ellipsoid", centre=(0.84, -0.50, -0.52), axes=(0.22, 0.20, 0.20),
+                     density=1.0),
+}
+LIGANDS = {
+    "ribosome": {"ligand": dict(kind="ellipsoid", centre=(0.35, -0.05, 0.40),
+                                axes=(0.22, 0.20, 0.20), density=1.0)},
+    "complex": {"ligand": dict(kind="ellipsoid", centre=(0.15, 0.42, 0.45),
+                               axes=(0.20, 0.18, 0.18), density=1.0)},
+}
+SHAPES = {"ribosome": DOMAINS, "complex": COMPLEX_DOMAINS}
+# The independent changes the many-state sets combine, per shape: a subunit absent, a
+# peripheral domain swung about its hinge (by the set's swing angle), the ligand present.
+CHANGES = {
+    "ribosome": {"subunit": ("lsu_protuberance", "lsu_stalk"),
+                 "swing": (("ssu_head",), (0.25, -0.38, 0.15), (0.0, 0.3, 1.0))},
+    "complex": {"subunit": ("subunit",),
+                "swing": (("arm", "arm_head"), (0.40, -0.20, -0.30), (0.0, 0.4, 1.0))},
+}
+
+
+def state_variants(shape, states, swing_deg=12.0):
+    """Class variants (as :func:`class_variants` gives them) of ``shape`` ("ribosome" or
+    "complex") for ``states``: each a set of change names from ``CHANGES`` plus
+    ``"ligand"`` (the ligand present; absent otherwise), e.g. ``[(), ("ligand",),
+    ("swing",), ("subunit", "ligand")]``; the swing turns the peripheral domain by
+    ``swing_deg`` degrees."""
+    if shape not in SHAPES:
+        raise CryoClassError(f"phantom shape {shape!r}: use one of {sorted(SHAPES)}")
+    out = []
+    for state in states:
+        unknown = set(state) - set(CHANGES[shape]) - {"ligand"}
+        if unknown:
+            raise CryoClassError(f"state {sorted(state)}: unknown change(s) "
+                                 f"{sorted(unknown)}; use subunit, swing, ligand")
+        absent = (() if "ligand" in state else ("ligand",))
+        if "subunit" in state:
+            absent = absent + tuple(CHANGES[shape]["subunit"])
+        moves = []
+        if "swing" in state:
+            names, hinge, axis = CHANGES[shape]["swing"]
+            moves.append((names, hinge, axis, float(swing_deg)))
+        out.append((absent, moves))
+    return out
+
+
 def class_variants(n_classes, hinge_deg=20.0):
     """Per class: ``(absent domain names, [(domain names, hinge, axis, degrees), ...])``.
 
@@ -211,21 +273,34 @@ def _fill_domain(dom, R, n_residues, rng):
     return np.concatenate([helix, coil])
 
 
-def phantom_domains(box, apix, seed=0, diameter_fraction=0.65):
+def phantom_domains(box, apix, seed=0, diameter_fraction=0.65, shape="ribosome",
+                    ligand=False):
     """Pseudo-residues of every domain: ``{name: (points (K, 3) in A, weight per point)}``.
 
     Points are (x, y, z) Angstrom about the box centre; the particle's largest extent is
-    about ``diameter_fraction * box * apix``.
+    about ``diameter_fraction * box * apix``.  ``shape``: a key of ``SHAPES``;
+    ``ligand``: also the shape's ligand (``LIGANDS``), filled from its own random stream
+    so that the other domains are the same with or without it.
     """
-    rng = np.random.default_rng([int(seed), 101])
+    if shape not in SHAPES:
+        raise CryoClassError(f"phantom shape {shape!r}: use one of {sorted(SHAPES)}")
+    domains = SHAPES[shape]
+    rng = np.random.default_rng([int(seed), 101] if shape == "ribosome"
+                                else [int(seed), 101, 2])
     R = 0.5 * diameter_fraction * box * apix / 1.05  # domains reach ~1.05 R from the centre
-    volumes = {name: _domain_volume(d, R) * d["density"] for name, d in DOMAINS.items()}
+    volumes = {name: _domain_volume(d, R) * d["density"] for name, d in domains.items()}
     n_total = sum(volumes.values()) / RESIDUE_VOLUME_A3
     thin = max(1.0, n_total / MAX_PSEUDO_RESIDUES)  # > 1: fewer points, heavier each
     out = {}
-    for name, dom in DOMAINS.items():
+    for name, dom in domains.items():
         n_res = max(8, int(round(volumes[name] / RESIDUE_VOLUME_A3 / thin)))
         out[name] = (_fill_domain(dom, R, n_res, rng), float(thin))
+    if ligand:
+        rng = np.random.default_rng([int(seed), 103])
+        for name, dom in LIGANDS[shape].items():
+            n_res = max(8, int(round(_domain_volume(dom, R) * dom["density"]
+                                     / RESIDUE_VOLUME_A3 / thin)))
+            out[name] = (_fill_domain(dom, R, n_res, rng), float(thin))
     return out, R
 
 
@@ -444,7 +519,8 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
                      defocus_range=(10000.0, 30000.0), astigmatism_max=600.0,
                      voltage=300.0, cs=2.7, q0=0.1, apply_ctf=True, hinge_deg=20.0,
                      sigma_a=None, oversampling=2, poses=None, origins_px=None, log=None,
-                     norm_spread=0.0, scale_spread=0.0):
+                     norm_spread=0.0, scale_spread=0.0, shape="ribosome", states=None,
+                     swing_deg=12.0):
     """Simulate a data set in ``out_dir`` (see the module docstring for the model).
 
     Writes ``particles.star`` (RELION 3.1: optics + particles, no angles/origins),
@@ -456,7 +532,10 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     ``poses`` (n, 3) Euler angles (degrees) and ``origins_px`` (n, 2) pixels replace the
     random ones (tests, benchmarks at chosen views).  ``norm_spread`` / ``scale_spread``
     (log-normal spreads, default 0 = none) vary each particle's image intensity / each
-    micrograph's signal scale (module docstring).
+    micrograph's signal scale (module docstring).  ``states`` (a list of change sets,
+    :func:`state_variants`) replaces the classes of :func:`class_variants` by states of
+    ``shape`` built from independent changes (``n_classes`` must be their number), the
+    swing by ``swing_deg`` degrees; ``shape`` picks the phantom (``SHAPES``).
     """
     t_start = time.time()
     box, n, n_classes = int(box), int(n), int(n_classes)
@@ -465,9 +544,13 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
     sigma_a = max(2.0, 0.6 * apix) if sigma_a is None else float(sigma_a)
     log = log or (lambda msg: None)
     os.makedirs(out_dir, exist_ok=True)
+    if states is not None and len(states) != n_classes:
+        raise CryoClassError(f"{len(states)} states for {n_classes} classes: give one "
+                             "state per class")
+    phantom = dict(shape=shape, states=states, swing_deg=float(swing_deg))
     t = _draw_truth(n, box, apix, n_classes, seed, class_fractions, n_micrographs,
                     max_shift_px, defocus_range, astigmatism_max, hinge_deg, poses,
-                    origins_px, float(norm_spread), float(scale_spread))
+                    origins_px, float(norm_spread), float(scale_spread), phantom)
     optics = dict(voltage=voltage, cs=cs, q0=q0)
     stack_path = os.path.join(out_dir, "particles.mrcs")
     images = _write_images(stack_path, t, box, apix, snr, seed, apply_ctf, optics, sigma_a,
@@ -486,6 +569,9 @@ def simulate_dataset(out_dir, n=2000, box=64, apix=4.0, snr=0.05, n_classes=3, s
         "ctf": bool(apply_ctf), "hinge_deg": float(hinge_deg), "sigma_A": sigma_a,
         "seconds": round(seconds, 2),
     }
+    if states is not None or shape != "ribosome":
+        summary.update(shape=shape, swing_deg=float(swing_deg),
+                       states=None if states is None else [sorted(x) for x in states])
     summary_path = _write_summary(out_dir, summary, t, norm_spread, scale_spread)
     log(f"simulated {n} particles ({box} px, {apix:g} A/px, SNR {snr:g}, {n_classes} "
         f"classes) in {seconds:.1f} s; oracle accuracy {accuracy:.4f} "
@@ -532,11 +618,15 @@ class _Truth:
 
 def _draw_truth(n, box, apix, n_classes, seed, class_fractions, n_micrographs, max_shift_px,
                 defocus_range, astigmatism_max, hinge_deg, poses, origins_px, norm_spread,
-                scale_spread):
+                scale_spread, phantom=None):
     """Classes, poses, CTFs and intensity factors, from fixed random streams."""
     rng = np.random.default_rng([int(seed), 0])
-    domains, R = phantom_domains(box, apix, seed)
-    variants = class_variants(n_classes, hinge_deg)
+    phantom = phantom or dict(shape="ribosome", states=None)
+    states = phantom["states"]
+    domains, R = phantom_domains(box, apix, seed, shape=phantom["shape"],
+                                 ligand=states is not None)
+    variants = (class_variants(n_classes, hinge_deg) if states is None
+                else state_variants(phantom["shape"], states, phantom["swing_deg"]))
     atoms = [class_atoms(domains, R, v) for v in variants]
     pieces, membership = class_pieces(domains, R, variants)
     sizes = _class_sizes(n, n_classes, class_fractions)
