@@ -96,7 +96,7 @@ def parse_log(path):
 
 def _count(v):
     """A score count in millions (3 significant digits), '-' if absent."""
-    return "-" if v is None else (f"{v / 1e6:.3g}M" if v >= 1e5 else str(v))
+    return "-" if v is None else (f"{v / 1e6:.4g}M" if v >= 1e5 else str(v))
 
 
 def score_total(its, key):

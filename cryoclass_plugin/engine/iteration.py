@@ -85,6 +85,55 @@ class IterationWork:
     acc: Accumulators
     n_class_pixels: object      # pixels deciding the class posteriors (None: all)
     timer: object
+    prune_radius_deg: float = 0.0   # > 0: a pruned global search (:func:`prune_radius`)
+
+
+# Pruned global searches.  Once the poses have settled (the last iteration moved them
+# by at most PRUNE_SETTLED_STEPS coarse angular steps on average), an iteration of a
+# global search scores the rotations of a particle whose posterior was concentrated
+# only within PRUNE_RADIUS_STEPS steps of its current pose (all classes, all
+# translations, no prior inside the ball), and every PRUNE_CHECK_EVERY-th iteration
+# searches the whole grid for all particles again.  Such a particle's coarse posterior
+# lies far inside the ball (one or two significant samples out of the grid's ~10^5), so
+# its significant set, and with it the fine pass and the M-step, is the global
+# search's.
+PRUNE_RADIUS_STEPS = 3.0
+PRUNE_SETTLED_STEPS = 1.0
+PRUNE_CHECK_EVERY = 3
+# Only particles whose last posterior was concentrated are pruned (:func:`concentrated`);
+# the others (a few %: several modes, or a broad posterior) search the whole grid.
+PRUNE_MIN_PMAX = 0.5
+PRUNE_SPREAD_STEPS = 0.25
+
+
+def prune_radius(settings, model, plan, step_deg):
+    """The ball radius (deg) of a pruned global search in this iteration, or 0 for the
+    whole grid: only in full-EM global searches on the run's own grid (not the first,
+    cross-correlation iterations, not the consensus phase, whose pose changes decide
+    its length, not while ``--fast_subsets`` takes new particles), from the third
+    iteration on, never in the global check iterations (multiples of
+    ``PRUNE_CHECK_EVERY``) and not until the last iteration's mean change of the
+    orientations (``model.changes``, saved with the state) is within
+    ``PRUNE_SETTLED_STEPS`` coarse steps."""
+    if (plan.search != "global" or plan.phase != "em" or plan.use_cc
+            or plan.healpix_order != settings.healpix_order or plan.iteration < 3
+            or plan.iteration % PRUNE_CHECK_EVERY == 0
+            or (settings.fast_subsets and plan.iteration <= 15)
+            or model.changes["orientations"] > PRUNE_SETTLED_STEPS * step_deg):
+        return 0.0
+    return PRUNE_RADIUS_STEPS * step_deg
+
+
+def searched_classes(model, allowed, subset, n_classes):
+    """The classes the coarse and fine passes score: those some particle may take (one
+    during a consensus phase, each particle's seed in RELION's first iteration), and
+    without such restrictions all classes whose prior (the class distribution) is not 0.
+    A class with prior 0 has posterior 0 for every particle (prior times likelihood);
+    RELION skips it too."""
+    if allowed is not None:
+        return np.unique(np.asarray(allowed)[subset])
+    alive = np.nonzero(np.asarray(model.pdf_class) > 0.0)[0]
+    return alive if alive.size else np.arange(n_classes)
 
 
 def fast_subset_size(iteration, n_particles, n_classes):
@@ -192,8 +241,10 @@ def _search_setup(ctx, model, plan, pixels, active):
     ky, kx = pixels.ky, pixels.kx
     refs = estep_references(ctx, model, plan)
     grid_shell = current_grid_shell(model.current_shell, box)
+    # Searches project only the classes they score (the fixed-pose pass all of them).
+    projected = set(range(s.n_classes)) if plan.fixed_poses else set(np.asarray(active).tolist())
     projectors = [Projector(refs[k], pad=s.pad, gridding=s.gridding, max_shell=grid_shell)
-                  for k in range(s.n_classes)]
+                  if k in projected else None for k in range(s.n_classes)]
     if plan.search == "global":
         mats = xp.asarray(grid.matrices)
         coarse = xp.concatenate([projectors[k].project(mats, ky[:n_coarse], kx[:n_coarse])
@@ -237,16 +288,15 @@ def prepare(ctx, model, plan, allowed, timer):
     if plan.class_highres_angst > 0:
         n_class_pixels = int(to_numpy((pixels.pixel_shell[:pixels.n_cur] <= class_shell(
             data.box, data.apix, plan.class_highres_angst)).sum()))
-    # Only classes some particle may take (one during a consensus phase).
-    active = (np.arange(s.n_classes) if allowed is None
-              else np.unique(np.asarray(allowed)[subset]))
+    active = searched_classes(model, allowed, subset, s.n_classes)
+    radius = prune_radius(s, model, plan, ctx.grid(plan.healpix_order).angular_step_deg)
     setup = _search_setup(ctx, model, plan, pixels, active)
     timer.lap("setup")
     return IterationWork(
         plan=plan, subset=subset, allowed=allowed, pixels=pixels, setup=setup,
         acc=Accumulators(s.n_classes, len(data.group_names), data.box, s.pad, ctx.xp,
                          max_shell=current_grid_shell(model.current_shell, data.box)),
-        n_class_pixels=n_class_pixels, timer=timer)
+        n_class_pixels=n_class_pixels, timer=timer, prune_radius_deg=radius)
 
 
 # ----------------------------------------------------------------------------- E-step
@@ -302,6 +352,8 @@ def _coarse_expectation(ctx, model, work, results, blocks, progress, cache_ok):
                 setup.orientations, block.prior_views, plan.sigma_ang)
             sig_t, sig_kr, n_sig = local_search.local_coarse_pass(
                 setup, block, cand_ids, cand_logp, xp, search.fine_batch_bytes(xp))
+        elif work.prune_radius_deg > 0:
+            sig_t, sig_kr, n_sig = _pruned_coarse_pass(ctx, model, work, block, b0, b1)
         else:
             sig_t, sig_kr, n_sig = search.coarse_pass(setup, block, xp)
         results.nsig[b0:b1] = n_sig
@@ -311,6 +363,43 @@ def _coarse_expectation(ctx, model, work, results, blocks, progress, cache_ok):
         progress.update(b1 - b0)
         work.timer.lap("coarse")
     return significant, cache
+
+
+def _pruned_coarse_pass(ctx, model, work, block, b0, b1):
+    """The coarse pass of a pruned global search: the particles whose posterior was
+    concentrated in the last iteration (:func:`concentrated`) score the rotations within
+    ``work.prune_radius_deg`` of their pose, the others the whole grid.  Returns
+    ``(sig_t, sig_kr, n_sig)`` in the block's order, as :func:`.search.coarse_pass`."""
+    setup, xp = work.setup, ctx.xp
+    idx = work.subset[b0:b1]
+    near = concentrated(model, idx, setup.orientations.angular_step_deg)
+    sig_t, sig_kr = [None] * len(idx), [None] * len(idx)
+    n_sig = np.zeros(len(idx), dtype=np.int64)
+    for sel, pruned in ((np.nonzero(near)[0], True), (np.nonzero(~near)[0], False)):
+        if not sel.size:
+            continue
+        part = search.sub_block(block, sel)
+        if pruned:
+            cand = local_search.rotations_within(setup.orientations, model.part_eulers[idx[sel]],
+                                                 ctx.sym_mats, work.prune_radius_deg)
+            out = local_search.local_coarse_pass(setup, part, cand,
+                                                 [np.zeros(c.shape[0]) for c in cand], xp,
+                                                 search.fine_batch_bytes(xp))
+        else:
+            out = search.coarse_pass(setup, part, xp)
+        for j, b in enumerate(sel):
+            sig_t[b], sig_kr[b] = out[0][j], out[1][j]
+        n_sig[sel] = out[2]
+    setup.counts.pruned_particles += int(near.sum())
+    return sig_t, sig_kr, n_sig
+
+
+def concentrated(model, idx, step_deg):
+    """Particles ``idx`` whose last posterior was concentrated: its maximum at least
+    PRUNE_MIN_PMAX and its posterior-weighted angular distance from the best rotation
+    (rlnAccuracyRotations' per-particle term) within PRUNE_SPREAD_STEPS coarse steps."""
+    return ((model.part_pmax[idx] >= PRUNE_MIN_PMAX)
+            & (model.part_acc_rot[idx] <= PRUNE_SPREAD_STEPS * step_deg))
 
 
 def fine_chunks(blocks, significant, rows_budget, n_child):
@@ -385,6 +474,7 @@ def expectation(ctx, model, work):
 def reduce(ctx, work, results):
     """The M-step sums and the particle results of all ranks."""
     work.acc.reduce(ctx.comm)
+    work.setup.counts = work.setup.counts.summed_over_ranks(ctx.comm)
     return results.summed_over_ranks(ctx.comm)
 
 
@@ -451,7 +541,8 @@ def finish(ctx, model, work, started):
     model.log_likelihood = float(model.part_loglik.sum())
     elapsed = time.time() - started
     model.history.append({"iteration": plan.iteration, "seconds": elapsed,
-                          "stage_seconds": dict(timer.seconds)})
+                          "stage_seconds": dict(timer.seconds),
+                          "scores": work.setup.counts.as_dict()})
     _check_finite_maps(model, plan.iteration)
     if ctx.comm.rank == 0 and plan.write:
         write_iteration(s.output_root, plan.iteration, model, ctx.table, s,
@@ -460,6 +551,10 @@ def finish(ctx, model, work, started):
         timer.lap("output")
         ctx.log(log_line(model, plan.iteration, elapsed, len(work.subset)))
         ctx.log(f"          stage seconds: {timer.summary()}")
+        pruned = (f"  (pruned: {work.setup.counts.pruned_particles} particles searched "
+                  f"within {work.prune_radius_deg:.1f} deg of their pose)"
+                  if work.prune_radius_deg > 0 else "")
+        ctx.log(f"          scores: {work.setup.counts.summary()}{pruned}")
         ctx.log(eta_line(model.history, plan.iteration, s.n_iter))
 
 
@@ -534,7 +629,7 @@ class StageTimer:
         self._t = now
 
     def summary(self):
-        return " ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
+        return " ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
 
 
 class Progress:

@@ -116,6 +116,36 @@ def candidate_rotations(orientations, views, sigma_deg):
     return ids_out, logp_out
 
 
+def _candidate_slices(setup, classes, ids_pad, xp):
+    """(Bs, K Lm, nc) coarse slices of the candidates ``ids_pad`` (Bs, Lm) of every
+    class (class-major columns, column ``k * Lm + l``) and their power: rows of the
+    iteration's coarse slices of the whole grid where it has them (a pruned global
+    search), else projected."""
+    Bs, Lm = ids_pad.shape
+    nc = setup.n_coarse
+    K = classes.shape[0]
+    R = setup.orientations.n_rotations
+    if setup.coarse_power.shape[0] == K * R:
+        rows = xp.asarray((np.arange(K)[None, :, None] * R + ids_pad[:, None, :]).ravel())
+        pair = setup.coarse_pair[rows]
+        slices = (pair[:, :nc] + 1j * pair[:, nc:]).astype(xp.complex64)
+        return slices.reshape(Bs, K * Lm, nc), setup.coarse_power[rows].reshape(Bs, K * Lm, nc)
+    mats = xp.asarray(setup.orientations.matrices[ids_pad.ravel()])
+    ky, kx = setup.ky[:nc], setup.kx[:nc]
+    slices = xp.stack([setup.projectors[k].project(mats, ky, kx).reshape(Bs, Lm, nc)
+                       for k in classes], axis=1).reshape(Bs, K * Lm, nc)
+    return slices, slices.real ** 2 + slices.imag ** 2
+
+
+def rotations_within(orientations, eulers, sym_mats, radius_deg):
+    """Per particle, the coarse rotation ids within ``radius_deg`` of its pose
+    (``eulers`` (B, 3) degrees, or a symmetry mate of it): the candidates of a pruned
+    global search (:func:`.iteration.prune_radius`), with no prior inside the ball."""
+    ids, _ = candidate_rotations(orientations, prior_views(eulers, sym_mats),
+                                 radius_deg / SIGMA_CUTOFF)
+    return ids
+
+
 def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
     """Coarse pass over each particle's candidate rotations (all classes, all coarse
     translations, the coarse pixels).
@@ -133,9 +163,8 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
     R = setup.orientations.n_rotations
     T = setup.translations.offsets.shape[0]
     f32 = xp.float32
-    mats_all = setup.orientations.matrices
-    ky, kx = setup.ky[:nc], setup.kx[:nc]
-    shifts = estep.phase_shifts(setup.translations.offsets, ky, kx, setup.box)  # (T, nc)
+    shifts = estep.phase_shifts(setup.translations.offsets, setup.ky[:nc], setup.kx[:nc],
+                                setup.box)                                      # (T, nc)
     total_offsets = xp.asarray(block.origin_px, dtype=f32)[:, None, :] + \
         xp.asarray(setup.translations.offsets, dtype=f32)[None, :, :]
     prior_t = estep.log_offset_prior(total_offsets, setup.sigma_offset_px)     # (B, T)
@@ -155,11 +184,7 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
         ids_pad[filled] = np.concatenate(cand_ids[s:e])
         logp_pad[filled] = np.concatenate(cand_logp[s:e])
         ids_pad = np.where(filled, ids_pad, ids_pad[:, :1])
-        mats = xp.asarray(mats_all[ids_pad.ravel()])
-        # (Bs, K Lm, nc) slices: class-major columns, column k * Lm + l.
-        slices = xp.stack([setup.projectors[k].project(mats, ky, kx).reshape(Bs, Lm, nc)
-                           for k in classes], axis=1).reshape(Bs, K * Lm, nc)
-        power = slices.real ** 2 + slices.imag ** 2
+        slices, power = _candidate_slices(setup, classes, ids_pad, xp)
         x, c = block.images_f[s:e, :nc], block.ctf[s:e, :nc]
         col_logp = xp.asarray(np.tile(logp_pad, (1, K)), dtype=f32)          # (Bs, K Lm)
         scores, _ = estep.own_slice_scores(x, c, block.inv_sigma2[s:e, :nc], shifts[None],
@@ -176,6 +201,7 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
             col_class = xp.repeat(xp.asarray(classes), Lm)
             scores = xp.where(col_class[None, None, :] == allowed[:, None, None], scores, -xp.inf)
         flat = scores.reshape(Bs, T * K * Lm)
+        setup.counts.coarse += int(n_l[s:e].sum()) * K * T
         if setup.use_cc:
             chosen = [np.asarray([i]) for i in to_numpy(flat.argmax(axis=1))]
         else:
@@ -187,4 +213,5 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
             sig_t.append(idx // (K * Lm))
             sig_kr.append(classes[col // Lm] * R + ids_pad[j, col % Lm])
             n_sig.append(idx.shape[0])
+    setup.counts.significant += int(np.sum(n_sig))
     return sig_t, sig_kr, np.asarray(n_sig)

@@ -21,12 +21,12 @@ posterior-weighted residual power (RELION's ``exp_wsum_norm_correction``) and th
 cross and reference-power terms of the scale correction (``exp_wsum_scale_correction_XA``
 / ``_AA``); the M-step turns them into the corrections (:mod:`.mstep`).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from . import estep
-from .backend import to_numpy
+from .backend import get_xp, to_numpy
 from .geometry import euler_to_matrix, angular_distance_deg
 from .local_search import rotation_log_prior
 
@@ -54,6 +54,63 @@ class BlockData:
     prior_views: object = None
 
 
+def sub_block(block, idx):
+    """The particles ``idx`` (host indices) of a :class:`BlockData`."""
+    idx = np.asarray(idx, dtype=np.int64)
+    idx_d = get_xp(block.images_f).asarray(idx)
+    return BlockData(images_f=block.images_f[idx_d], ctf=block.ctf[idx_d],
+                     inv_sigma2=block.inv_sigma2[idx_d], group=block.group[idx],
+                     origin_px=block.origin_px[idx],
+                     allowed_class=None if block.allowed_class is None
+                     else np.asarray(block.allowed_class)[idx],
+                     prior_views=None if block.prior_views is None
+                     else block.prior_views[idx])
+
+
+@dataclass
+class ScoreCounts:
+    """How many (particle, class, rotation, translation) scores an iteration's passes
+    computed, counted where they are computed.
+
+    coarse : the coarse pass (global: particles x active classes x rotations x
+        translations; local: each particle's candidate rotations x classes x
+        translations, padding left out)
+    significant : the coarse samples that carry ``adaptive_fraction`` of a particle's
+        posterior (:func:`.estep.significant_samples`), the ones the fine pass expands
+    fine : the fine pass, each particle's oversampled rotations x translations
+    fine_padded : the fine pass as computed (sub-batches padded to their largest sets)
+    fixed : the fixed-pose pass, particles x classes
+    pruned_particles : particles whose coarse pass of a global search scored only the
+        rotations near their pose (:func:`.iteration.prune_radius`)
+    """
+    coarse: int = 0
+    significant: int = 0
+    fine: int = 0
+    fine_padded: int = 0
+    fixed: int = 0
+    pruned_particles: int = 0
+
+    def as_dict(self):
+        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+    def summed_over_ranks(self, comm):
+        """The counts of all ranks (``comm``: :mod:`.mpi`)."""
+        if comm.size == 1:
+            return self
+        total = to_numpy(comm.allreduce_sum(np.array(list(self.as_dict().values()),
+                                                     dtype=np.int64)))
+        return ScoreCounts(*(int(v) for v in total))
+
+    def summary(self):
+        """The log's ``scores:`` text."""
+        if self.fixed and not (self.coarse or self.fine):
+            return f"fixed-pose {self.fixed}"
+        share = self.significant / self.coarse if self.coarse else 0.0
+        return (f"coarse {self.coarse}  significant {self.significant} "
+                f"({100.0 * share:.3g} % of coarse)  fine {self.fine} "
+                f"(computed {self.fine_padded})")
+
+
 @dataclass
 class SearchSetup:
     """Everything fixed for one iteration."""
@@ -68,7 +125,7 @@ class SearchSetup:
     oversampling: int
     coarse_pair: object           # (K*R, 2 n_coarse) real  [Re P | Im P]
     coarse_power: object          # (K*R, n_coarse) real |P|^2
-    projectors: list              # per class Projector
+    projectors: list              # per class Projector (None: a class not scored)
     log_class_prior: object       # (K,)
     sigma_offset_px: float
     adaptive_fraction: float = 0.999
@@ -87,6 +144,8 @@ class SearchSetup:
     # (results.scale_xa = sum w Re(X s conj(C P)), results.scale_aa = sum w |C P|^2,
     # with the CTF C as used, i.e. including the group's current scale); None = off.
     scale_pixels: object = None
+    # The scores computed this iteration (added to by the passes).
+    counts: ScoreCounts = field(default_factory=ScoreCounts)
 
 
 def coarse_pass(setup, block, xp):
@@ -123,6 +182,7 @@ def coarse_pass(setup, block, xp):
             scores = xp.where((class_of_col[None, None, :] == allowed[:, None, None]),
                               scores, -xp.inf)
         flat = scores.reshape(e - s, T * KR)
+        setup.counts.coarse += (e - s) * T * KR
         if setup.use_cc:
             chosen = [xp.asarray([int(i)]) for i in to_numpy(flat.argmax(axis=1))]
         else:
@@ -134,6 +194,7 @@ def coarse_pass(setup, block, xp):
             sig_t.append(idx // KR)
             sig_kr.append(classes[col // R] * R + col % R)     # global (class, rotation) id
             n_sig.append(idx.shape[0])
+    setup.counts.significant += int(np.sum(n_sig))
     return sig_t, sig_kr, np.asarray(n_sig)
 
 
@@ -249,6 +310,7 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     t_children = [all_children[np.unique(t)].reshape(-1, 2) for t in sig_t]
     n_r = np.array([r.shape[0] for r in rows])
     n_t = np.array([t.shape[0] for t in t_children])
+    setup.counts.fine += int((n_r * n_t).sum())
     if batch_bytes is None:
         batch_bytes = fine_batch_bytes(xp)
     budget = batch_bytes // (8 * n_pix)
@@ -372,6 +434,7 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     f32 = xp.float32
     rows_pad, t_pad, valid_h, n_r, total_off = _pad_sub_batch(block, sel, rows, t_children)
     Rm, Tm = rows_pad.shape[1], t_pad.shape[1]
+    setup.counts.fine_padded += Bs * Rm * Tm
     sel_d = xp.asarray(sel)
     x = block.images_f[sel_d]
     c = block.ctf[sel_d]
@@ -499,6 +562,8 @@ def _fine_particle_reference(setup, block, b, sig_t, sig_kr, tables, acc, xp, re
     rows_d = xp.asarray(rows)
     t_children, _ = setup.translations.children(np.unique(sig_t), setup.oversampling)
     t_children = np.asarray(t_children, dtype=np.float32)
+    setup.counts.fine += rows.shape[0] * t_children.shape[0]
+    setup.counts.fine_padded += rows.shape[0] * t_children.shape[0]
     shifts = estep.phase_shifts(t_children, setup.ky, setup.kx, setup.box)
     x = block.images_f[b:b + 1]
     c = block.ctf[b:b + 1]
@@ -569,6 +634,7 @@ def fixed_pose_pass(setup, block, eulers, acc, xp, results, first_index, n_class
     """
     B = block.images_f.shape[0]
     K = setup.n_classes
+    setup.counts.fixed += B * K
     mats_h = euler_to_matrix(eulers[:, 0], eulers[:, 1], eulers[:, 2])
     mats = xp.asarray(mats_h)
     slices = xp.stack([p.project(mats, setup.ky, setup.kx) for p in setup.projectors])  # (K,B,n)
