@@ -9,7 +9,11 @@
   :func:`iteration.prune_radius`) gives the same classes, poses and posteriors as the
   whole grid once the poses have settled.
 """
+import os
 import re
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -82,6 +86,33 @@ def test_score_counts_sum_over_ranks():
     total = search.ScoreCounts(10, 20, 30, 40, 50, 60).summed_over_ranks(TwoRanks())
     assert total.as_dict() == {"coarse": 11, "significant": 22, "fine": 33,
                                "fine_padded": 44, "fixed": 55, "pruned_particles": 66}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "mpirun")), reason="no mpirun")
+def test_score_counts_are_the_same_on_one_and_two_ranks(data_dir, tmp_path):
+    mpirun = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+    counts = {}
+    for n in (1, 2):
+        root = tmp_path / f"np{n}" / "run"
+        cmd = [mpirun, "--oversubscribe", "-np", str(n), sys.executable, "-m",
+               "cryoclass_plugin.engine", "refine", "--i", str(data_dir / "particles.star"),
+               "--ref", str(data_dir / "ref.mrc"), "--o", str(root), "--K", "2", "--iter",
+               "2"] + COMMON
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts[n] = _score_lines(f"{root}.log")
+    # Each rank counts its own particles; the log has the sums.  The coarse count is
+    # exact; the significant set can differ by a sample at the threshold (the ranks'
+    # blocks sum in other orders), and the padded fine count with the sub-batches.
+    assert len(counts[1]) == len(counts[2]) == 2
+    for one, two in zip(counts[1], counts[2]):
+        assert one[0] == two[0]
+        assert np.allclose(one[1:3], two[1:3], rtol=0.02), (one, two)
 
 
 def _kill_class(monkeypatch, dead, skip):
