@@ -58,6 +58,26 @@ def test_an_all_zero_image_is_refused(tiny, tmp_path, capsys):
     _one_error_line(capsys, "particle 3 of the STAR file", "constant")
 
 
+def test_drop_bad_particles_leaves_them_out_and_lists_them(tiny, tmp_path, capsys):
+    """With --drop_bad_particles a NaN image and a constant one are left out (the run
+    goes on with the others), listed in <o>_dropped_particles.star and in the log."""
+    data = _copy(tiny, tmp_path)
+    with mrcfile.open(data / "particles.mrcs", "r+") as m:
+        m.data[6, 3, 4] = np.nan
+        m.data[2] = 0.0
+    assert _refine(data, tmp_path, "--drop_bad_particles") == 0
+    root = tmp_path / "out" / "run"
+    dropped = starfile.read(f"{root}_dropped_particles.star")
+    names = list(dropped["rlnImageName"])
+    assert [n.split("@")[0].lstrip("0") for n in names] == ["3", "7"]
+    kept = starfile.read(f"{root}_it001_data.star")["particles"]
+    assert len(kept) == 22 and not set(names) & set(kept["rlnImageName"])
+    assert "2 of 24 particles left out" in open(f"{root}.log").read()
+    # --overwrite removes the list with the rest of the old run
+    assert _refine(data, tmp_path, "--overwrite") == 2     # the NaN stops a run without it
+    assert not os.path.exists(f"{root}_dropped_particles.star")
+
+
 def test_a_non_finite_reference_voxel_is_refused(tiny, tmp_path, capsys):
     data = _copy(tiny, tmp_path)
     with mrcfile.open(data / "ref.mrc", "r+") as m:

@@ -264,6 +264,11 @@ OPTIONS = (
        "--skip_gridding: skip it (the default, accepted as in older RELIONs)",
        group="Compute", on_continue="change", kind="pair", off_flag="skip_gridding",
        param="skipGridding"),
+    _o("drop_bad_particles", "drop_bad_particles", bool, False,
+       "read every image once before iteration 1 and leave out the particles with a "
+       "non-finite (NaN/Inf) pixel or a constant image, listed in "
+       "<o>_dropped_particles.star (without it such a particle stops the run)",
+       group="I/O", kind="switch"),
     _o("preread_images", "preread_images", bool, False, "read all images into RAM",
        group="Compute", on_continue="change", kind="switch", param="allParticlesRam"),
     _o("scratch_dir", "scratch_dir", str, "", "copy the stacks here first",

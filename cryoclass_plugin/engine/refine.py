@@ -5,6 +5,7 @@ the decisions taken before it (a longer consensus, the split into classes, the h
 merge test) and then the EM iteration itself (:func:`.iteration.run_iteration`).
 """
 import copy
+import dataclasses
 import functools
 import os
 
@@ -20,7 +21,7 @@ from .fourier import fft_centered, half_plane_pixels, low_pass, set_fft_workers
 from .masks import flatten_solvent, soft_sphere_mask
 from .model import ModelState
 from .mpi import SharedError, get_comm, split_range
-from .run_guard import available_memory
+from .run_guard import available_memory, dropped_particles_path
 from .mrc_io import ImageSource, read_map
 from .mstep import power_spectrum_half
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)
@@ -30,8 +31,9 @@ from .references import check_references, read_references, several_references
 from .plan import (ScheduleState, after_merge, class_shell, describe_schedule,
                    extend_consensus, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
-from .star_io import read_particles
-from .validation import check_class_count, check_mask_values, duplicate_warning
+from .star_io import read_particles, write_star
+from .validation import (bad_image_rows, check_class_count, check_mask_values,
+                         duplicate_warning)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -185,6 +187,9 @@ class Refinement:
         self._limit_threads()
         set_fft_workers(settings.threads)
         self.table = read_particles(settings.input_star, require_ctf=settings.ctf)
+        self._dropped = None
+        if settings.drop_bad_particles:
+            self.table = self._drop_bad_particles(self.table)
         self.box, self.apix = self.table.box, self.table.apix
         self._validate()
         self._grids = {}
@@ -258,6 +263,35 @@ class Refinement:
             # Read only with --flatten_solvent (RELION), but a broken mask is refused
             # either way, so that adding the flag later cannot fail then.
             check_mask_values(read_map(s.solvent_mask)[0], s.solvent_mask)
+
+    def _drop_bad_particles(self, table):
+        """``--drop_bad_particles``: the table without the particles whose image has a
+        non-finite pixel or is constant (rank 0 reads them all once; every rank drops
+        the same rows); the dropped rows go to ``<o>_dropped_particles.star``."""
+        bad = None
+        if self.comm.rank == 0:
+            bad = bad_image_rows(ImageSource(table))
+        bad = self.comm.bcast(bad)
+        self._dropped = (len(table), table.df.iloc[bad])
+        keep = np.setdiff1d(np.arange(len(table)), bad)
+        return dataclasses.replace(table, df=table.df.iloc[keep].reset_index(drop=True))
+
+    def _report_dropped(self):
+        """Log (and list in a STAR file) what :meth:`_drop_bad_particles` left out; at the
+        start of the run, once the output folder is checked."""
+        if self._dropped is None:
+            return
+        n_all, dropped = self._dropped
+        if not len(dropped):
+            self._log("drop_bad_particles: every image is finite and not constant")
+            return
+        path = dropped_particles_path(self.s.output_root)
+        if self.comm.rank == 0:
+            write_star(path, {"particles": dropped})
+        names = dropped["rlnImageName"].to_numpy()
+        self._log(f"drop_bad_particles: {len(dropped)} of {n_all} particles left out "
+                  f"(a non-finite pixel or a constant image), listed in {path}: "
+                  f"{', '.join(map(str, names[:3]))}{' ...' if len(names) > 3 else ''}")
 
     def _check_solvent_mask2(self):
         s = self.s
@@ -337,6 +371,7 @@ class Refinement:
     def run(self):
         """All iterations from the start (or the continued one) to ``--iter``, each as
         its plan says (:mod:`.plan`)."""
+        self._report_dropped()
         model = self.start()
         first = model.iteration + 1
         for it in range(first, self.s.n_iter + 1):

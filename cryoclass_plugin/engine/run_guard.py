@@ -46,13 +46,22 @@ def os_error_line(err, path, doing):
     return f"{path}: cannot {doing}: {reason}; {fix}"
 
 
+def dropped_particles_path(output_root):
+    """The list of the particles ``--drop_bad_particles`` left out."""
+    return f"{output_root}_dropped_particles.star"
+
+
 def run_files(output_root):
-    """The files of the run ``output_root`` (iterations, state, log, lock), sorted."""
+    """The files of the run ``output_root`` (iterations, state, the list of dropped
+    particles), sorted."""
     folder, base = os.path.split(os.path.abspath(output_root))
     out = []
     for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(base) + "_it*")):
         if _ITERATION_FILE.search(os.path.basename(path)):
             out.append(path)
+    dropped = dropped_particles_path(os.path.join(folder, base))
+    if os.path.exists(dropped):
+        out.append(dropped)
     return sorted(out)
 
 
@@ -61,7 +70,7 @@ def last_complete_iteration(output_root):
     done = None
     for path in run_files(output_root):
         m = _ITERATION_FILE.search(path)
-        if m.group(2) == "optimiser.star" and os.path.exists(
+        if m and m.group(2) == "optimiser.star" and os.path.exists(
                 path[: -len("_optimiser.star")] + "_state.npz"):
             done = max(done or 0, int(m.group(1)))
     return done

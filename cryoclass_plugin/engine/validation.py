@@ -53,14 +53,30 @@ def check_image_block(images, rows, image_names):
             f"{image_names[rows[i]]}: particle {rows[i] + 1} of the STAR file has "
             f"{int((~np.isfinite(flat[i])).sum())} non-finite pixel(s) (NaN or Inf) "
             f"({int((~finite).sum())} such particle(s) in this block); remove it from the "
-            "STAR file or re-extract it")
+            "STAR file, re-extract it or give --drop_bad_particles")
     constant = np.ptp(flat, axis=1) == 0
     if constant.any():
         i = int(np.flatnonzero(constant)[0])
         raise CryoClassError(
             f"{image_names[rows[i]]}: particle {rows[i] + 1} of the STAR file is constant "
             f"({float(flat[i, 0]):g} everywhere; {int(constant.sum())} such particle(s) in "
-            "this block); remove it from the STAR file or re-extract it")
+            "this block); remove it from the STAR file, re-extract it or give "
+            "--drop_bad_particles")
+
+
+def bad_image_rows(source, block=512):
+    """Rows (0-based, sorted) of an :class:`.mrc_io.ImageSource` whose image has a
+    non-finite pixel or is constant: one pass over the stacks, ``block`` images at a
+    time (``--drop_bad_particles``)."""
+    bad = []
+    for start in range(0, len(source), block):
+        rows = np.arange(start, min(start + block, len(source)))
+        flat = source.get(rows).reshape(len(rows), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        constant = np.zeros(len(rows), bool)
+        constant[finite] = np.ptp(flat[finite], axis=1) == 0
+        bad.extend(rows[~finite | constant].tolist())
+    return np.asarray(bad, dtype=np.int64)
 
 
 def duplicate_rows(image_names):
