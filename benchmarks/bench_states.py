@@ -22,7 +22,7 @@ start of ``--starts``: ``pca`` (the recommended start, ``--init_classes pca
 --consensus_iter 6``) and ``relion`` (RELION's random subsets).  Per run it prints the
 oracle accuracy (all frequencies / < 25 A: a classifier given the true maps and poses),
 the adjusted Rand index, the best-match accuracy, each state's recall (the share of its
-particles in the class that holds most of them) next to the oracle's, the class sizes
+particles in the class matched to it one-to-one) next to the oracle's, the class sizes
 (sorted, as fractions), and the FSC-0.5 resolution of the class map matched to each state
 against its true map.  ``--markdown`` prints the table for docs/benchmarks.md.
 """
@@ -115,13 +115,18 @@ def simulate_set(name, args, sim_dir):
 
 
 def state_recall(true_cls, pred_cls):
-    """Per true state (sorted labels): the share of its particles in the class that
-    holds most of them."""
-    out = []
-    for t in sorted(set(true_cls)):
-        got = pred_cls[true_cls == t]
-        out.append(float(np.bincount(got).max() / len(got)))
-    return out
+    """Per true state (sorted labels): the share of its particles in the class matched
+    to it one-to-one (Hungarian matching of the contingency table, as best-match
+    accuracy), so two states lumped in one class cannot both score; 0 for a state left
+    without a class."""
+    from scipy.optimize import linear_sum_assignment
+    states, classes = sorted(set(true_cls)), sorted(set(pred_cls))
+    table = np.array([[np.sum((true_cls == t) & (pred_cls == c)) for c in classes]
+                      for t in states], dtype=np.float64)
+    rows, cols = linear_sum_assignment(-table)
+    recall = np.zeros(len(states))
+    recall[rows] = table[rows, cols] / table[rows].sum(axis=1)
+    return recall.tolist()
 
 
 def oracle_recall(summary):
@@ -227,7 +232,7 @@ def main(argv=None):
         text = "\n".join([f"bench_states{label}: {settings}", "",
                           C.format_table(HEADERS, rows), "",
                           "recall = per state (in the order of 'states'), the share of "
-                          "its particles in the class that holds most of them; oracle "
+                          "its particles in the class matched to it one-to-one; oracle "
                           "recall = the same for the oracle; class sizes = fractions, "
                           "largest first; FSC = FSC 0.5 (A) of the class map matched to "
                           "each state against its true map"])
