@@ -23,8 +23,10 @@ start of ``--starts``: ``pca`` (the recommended start, ``--init_classes pca
 oracle accuracy (all frequencies / < 25 A: a classifier given the true maps and poses),
 the adjusted Rand index, the best-match accuracy, each state's recall (the share of its
 particles in the class matched to it one-to-one) next to the oracle's, the class sizes
-(sorted, as fractions), and the FSC-0.5 resolution of the class map matched to each state
-against its true map.  ``--markdown`` prints the table for docs/benchmarks.md.
+(sorted, as fractions), the FSC-0.5 resolution of the class map matched to each state
+against its true map, and with ``--ceiling`` the ARI of the true maps at the run's own
+poses (the oracle assumes the true poses; this is what the run's pose errors leave).
+``--markdown`` prints the table for docs/benchmarks.md.
 """
 import argparse
 import json
@@ -80,6 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.add_argument("--no-record", action="store_true",
                    help="do not append to the run log (scratch/benchmark_runs.md)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="for runs with K = states: also classify with the TRUE maps at the "
+                        "run's final poses (bench_true_map_ceiling.py, poses kept and a "
+                        "local search at order 3, sigma 5 deg): how far the poses let any "
+                        "map set go")
     p.add_argument("--markdown", action="store_true",
                    help="also print the table in the format of docs/benchmarks.md")
     return p.parse_args(argv)
@@ -180,7 +187,24 @@ def run_one(name, start, K, args, sim_dir, commands):
     log = os.path.join(sim_dir, f"{root}.log")
     ev["merges"] = sum(1 for line in open(log) if line.startswith("merge: ")) \
         if os.path.exists(log) else 0
+    ev["ceiling"] = (true_map_ceiling(sim_dir, root, ev["iteration"])
+                     if args.ceiling and K == len(set(true_cls)) else (None, None))
     return ev
+
+
+def true_map_ceiling(sim_dir, root, iteration):
+    """ARI of the true maps with the run's poses kept and with a local search
+    (``bench_true_map_ceiling.py``), or (None, None)."""
+    import re
+    import subprocess
+    state = os.path.join(sim_dir, f"{root}_it{iteration:03d}_state.npz")
+    out = subprocess.run([sys.executable, os.path.join(C.REPO, "benchmarks",
+                                                       "bench_true_map_ceiling.py"),
+                          sim_dir, state, "--no-global", "--local", "3:5"],
+                         capture_output=True, text=True).stdout
+    kept = re.search(r"fixed run poses:\s+ARI ([-0-9.]+)", out)
+    local = re.search(r"local search, order 3, sigma 5: ARI ([-0-9.]+)", out)
+    return (float(kept.group(1)) if kept else None, float(local.group(1)) if local else None)
 
 
 def _cells(v, spec=".2f"):
@@ -189,7 +213,7 @@ def _cells(v, spec=".2f"):
 
 HEADERS = ["set", "n", "states (%)", "start", "K", "oracle", "oracle<25A", "ARI",
            "best-match", "recall per state", "oracle recall", "class sizes", "FSC A",
-           "wall s"]
+           "true maps at our poses (kept / local)", "wall s"]
 
 
 def main(argv=None):
@@ -221,7 +245,9 @@ def main(argv=None):
                            C.fmt(summary["oracle_accuracy_25A"]), C.fmt(ev["ari"]),
                            C.fmt(ev["best_match"]), _cells(ev["recall"]),
                            _cells(oracle_recall(summary)), _cells(sizes),
-                           _cells(ev["fsc_res_A"], ".1f"), C.fmt(ev["wall_s"], ".0f")]
+                           _cells(ev["fsc_res_A"], ".1f"),
+                           " / ".join(C.fmt(x) for x in ev["ceiling"]),
+                           C.fmt(ev["wall_s"], ".0f")]
                     rows.append(row)
                     print(C.format_table(HEADERS, [row]), flush=True)
         label = f" [{args.label}]" if args.label else ""
@@ -235,7 +261,10 @@ def main(argv=None):
                           "its particles in the class matched to it one-to-one; oracle "
                           "recall = the same for the oracle; class sizes = fractions, "
                           "largest first; FSC = FSC 0.5 (A) of the class map matched to "
-                          "each state against its true map"])
+                          "each state against its true map; true maps at our poses = ARI "
+                          "of one E-step with the true maps from the run's last state, "
+                          "poses kept / local search (order 3, sigma 5 deg), with "
+                          "--ceiling and K = states: the oracle with the run's poses"])
         print("\n" + text)
         if args.markdown:
             C.print_markdown(HEADERS, rows, info, [f"Settings: {settings}."])
