@@ -15,7 +15,8 @@ Class3D flags (K=4, T=4, 7.5 deg, offsets 5 / 1 px, pad 2, --skip_gridding, --no
 * the (particle, class, rotation, translation) scores of the coarse pass, how many of
   them were significant (carried ``--adaptive_fraction`` of a particle's posterior and
   went on to the fine pass), and the fine pass's scores (each particle's set, and as
-  computed in padded sub-batches) -- the log's ``scores:`` line;
+  computed in padded sub-batches) -- the log's ``scores:`` line; a fixed-pose
+  iteration (recommended start) shows its (particle, class) scores as coarse;
 
 and the accuracy of the last iteration against the truth (adjusted Rand index,
 best-match accuracy, median angular and offset errors, FSC-0.5 of the matched class
