@@ -359,6 +359,13 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                       label="Local angular search range (deg)",
                       help="Orientations within this angle of each particle's current "
                            "one are searched (3 sigma of the prior).")
+        form.addParam("relaxSymmetry", StringParam, default="",
+                      condition="doImageAlignment and localAngularSearch",
+                      label="Relax symmetry",
+                      help="Pseudo-symmetric particles: the local searches also look "
+                           "around the poses this point group (e.g. C2) relates to each "
+                           "particle's current one, while the maps keep the symmetry "
+                           "above (--relax_sym). Empty: no relaxation.")
 
     def _defineHelixParams(self, form):
         """RELION's Helix tab: its switch only, which _validate refuses (the engine has
@@ -965,6 +972,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         add("--offset_step", _num(2 * self.offsetSearchStepPix.get()))
         if self.localAngularSearch:
             add("--sigma_ang", _num(self.localAngularSearchRange.get() / 3.0))
+            if (self.relaxSymmetry.get() or "").strip():
+                add("--relax_sym", self.relaxSymmetry.get().strip())
 
     def _computeArgs(self, add, root):
         add("--pad", 1 if self.skipPadding else 2)

@@ -311,11 +311,12 @@ OUTSIDE_ARGS = {
 }
 #: What makes a field active in the walked form (its condition), where the default is not.
 ENABLERS = {"localAngularSearchRange": {"localAngularSearch": True},
+            "relaxSymmetry": {"localAngularSearch": True},
             "gpusToUse": {"doGpu": True}}
 #: A changed value where the generic one would not be valid.
 CHANGED = {"symmetryGroup": "C2", "gpusToUse": "0", "extraParams": "--block_size 128",
            "scratchDir": "/tmp/cryoclass_scratch", "randomSeed": 5,
-           "numberOfClasses": 4}
+           "numberOfClasses": 4, "relaxSymmetry": "C2"}
 
 
 def _changed_value(param, default):

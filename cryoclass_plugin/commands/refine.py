@@ -32,8 +32,6 @@ GIVEN = "given_dests"
 #: relion_refine flags that Class3D users set and cryoclass refuses, each with its
 #: argument (None: a switch) and why; giving one stops the run with one line.
 REFUSED = {
-    "relax_sym": (str, "symmetry relaxation (searching the symmetry-related poses of "
-                       "each particle) is not in the engine"),
     "allow_coarser_sampling": (None, "the angular and offset sampling stay as given "
                                      "(--healpix_order, --offset_step) in every iteration"),
     "sigma_rot": (float, "the local-search prior has one width for all three angles; "

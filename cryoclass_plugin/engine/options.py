@@ -256,6 +256,11 @@ OPTIONS = (
        "orientation, searched to 3 sigma (RELION's 'local angular search range' / 3); "
        "needs input angles; -1: global searches", group="Sampling",
        on_continue="change", param="localAngularSearchRange"),
+    _o("relax_sym", "relax_sym", str, "",
+       "symmetry to relax (RELION's --relax_sym, pseudo-symmetry): local searches also "
+       "look around the poses this point group relates to each particle's current one, "
+       "the maps keep --sym; needs local searches", group="Sampling",
+       on_continue="change", param="relaxSymmetry"),
     # ---- Compute
     _o("pad", "pad", int, 2, "padding factor of the references' Fourier transforms",
        group="Compute", on_continue="change", choices=(1, 2), param="skipPadding"),

@@ -208,7 +208,7 @@ class Refinement:
             ctfp=(ctf_params(self.table.df) if s.ctf
                   else optics_terms(self.table.df, ctf=False) or None),
             mask2d=image_mask(s, self.box, self.apix, self.xp), box=self.box, apix=self.apix)
-        from .symmetry import symmetrize, symmetry_matrices, symmetry_order
+        from .symmetry import search_views, symmetrize, symmetry_order
         symmetrise = None if symmetry_order(s.sym) == 1 else \
             (lambda v: self.xp.asarray(symmetrize(to_numpy(v), s.sym)))
         return iteration_mod.RunContext(
@@ -216,7 +216,7 @@ class Refinement:
             grid=self.grid, translations=TranslationGrid(s.offset_range, s.offset_step),
             solvent_mask=(_solvent_mask(s, self.box, self.apix) if s.flatten_solvent
                           else None),
-            symmetrise=symmetrise, sym_mats=symmetry_matrices(s.sym), log=self._log,
+            symmetrise=symmetrise, sym_mats=search_views(s.sym, s.relax_sym), log=self._log,
             blush=BlushStep(s, self.xp, log=self._log) if s.blush else None)
 
     @property
@@ -259,6 +259,8 @@ class Refinement:
         check_class_count(len(self.table), s.n_classes, s.input_star)
         if s.solvent_mask2:
             self._check_solvent_mask2()
+        if s.relax_sym:
+            self._check_relax_sym()
         if s.solvent_mask and not s.flatten_solvent:
             # Read only with --flatten_solvent (RELION), but a broken mask is refused
             # either way, so that adding the flag later cannot fail then.
@@ -292,6 +294,20 @@ class Refinement:
         self._log(f"drop_bad_particles: {len(dropped)} of {n_all} particles left out "
                   f"(a non-finite pixel or a constant image), listed in {path}: "
                   f"{', '.join(map(str, names[:3]))}{' ...' if len(names) > 3 else ''}")
+
+    def _check_relax_sym(self):
+        s = self.s
+        from .symmetry import parse_symmetry
+        try:
+            parse_symmetry(s.relax_sym)
+        except (CryoClassError, ValueError) as err:
+            raise CryoClassError(f"--relax_sym {s.relax_sym}: {err}") from None
+        staged = s.init_classes in ("consensus", "pca") and s.n_classes > 1
+        local = s.sigma_ang > 0 or (staged and s.classify_local_sigma > 0)
+        if not local or s.skip_align:
+            raise CryoClassError(f"--relax_sym {s.relax_sym}: relaxes the symmetry in local "
+                                 "angular searches only, and this run has none; add "
+                                 "--sigma_ang or drop --relax_sym")
 
     def _check_solvent_mask2(self):
         s = self.s

@@ -410,3 +410,19 @@ def symmetrize(vol, sym):
         acc += map_coordinates(src, coords, order=1, mode="constant",
                                cval=0.0).reshape(vol.shape)
     return (acc / len(mats)).astype(vol.dtype)
+
+
+def search_views(sym, relax_sym=""):
+    """The rotations ``R`` such that a pose ``A0`` and ``A0 R`` are searched as the same
+    view in local searches, ``(G, 3, 3)``, identity first: the elements of ``sym``, and
+    with ``relax_sym`` (RELION's ``--relax_sym``) also every product with the relaxed
+    group's elements (pseudo-symmetric particles whose maps keep ``sym``)."""
+    mats = symmetry_matrices(sym)
+    if not relax_sym:
+        return mats
+    products = (mats[:, None] @ symmetry_matrices(relax_sym)[None]).reshape(-1, 3, 3)
+    unique = [products[0]]
+    for m in products[1:]:
+        if all(np.abs(m - u).max() > 1e-6 for u in unique):
+            unique.append(m)
+    return np.stack(unique)
