@@ -349,6 +349,7 @@ def test_direction_counts_and_bild_markers(tmp_path):
         F.write_angdist_bild(path, dirs, [1, 2, 3], (0, 0, 0), 1, 1)
 
 
+@pytest.mark.slow
 def test_report_overlay_iterations_and_bild(run, tmp_path, capsys):
     from cryoclass_plugin import cli
 

@@ -122,6 +122,7 @@ def _shadowed_run(data_dir, tmp_path, monkeypatch, batch, cc, *flags, iterations
     return calls
 
 
+@pytest.mark.slow
 def test_two_iterations_batched_equal_reference(data_dir, tmp_path, monkeypatch):
     assert _refine(data_dir, tmp_path / "batched" / "run", "--iter", "2") == 0
     original = search.fine_pass

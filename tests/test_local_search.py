@@ -85,6 +85,7 @@ def _refine(data_dir, root, star, *extra):
     return cli.main(argv)
 
 
+@pytest.mark.slow
 def test_flat_wide_prior_equals_global_search(aligned_dir, tmp_path):
     # 3 sigma = 30000 deg covers every rotation; the prior varies by < 2e-4 in log.
     assert _refine(aligned_dir, tmp_path / "global" / "run", "aligned.star", "--iter", "2",

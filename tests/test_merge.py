@@ -100,6 +100,7 @@ def test_relative_shift_is_found_to_a_twentieth_of_a_pixel(truth_run):
     assert np.allclose(merge.relative_shift_px(a, b, 10), s, atol=0.051)
 
 
+@pytest.mark.slow
 def test_only_the_duplicate_pair_is_merged_and_the_class_freed(truth_run):
     import copy
     r, model = truth_run

@@ -107,6 +107,7 @@ def test_norm_recovers_per_particle_factors(norm_data, norm_run):
     assert int(opt["rlnDoCorrectNorm"]) == 1
 
 
+@pytest.mark.slow
 def test_scale_recovers_group_scales(tmp_path):
     data = _simulate(tmp_path / "sim", n=200, seed=7, n_micrographs=4, scale_spread=0.3)
     root = tmp_path / "run" / "run"

@@ -146,6 +146,7 @@ def test_import_keeps_groups_on_particles_and_acquisition(project, sim):
         assert acq.getAmplitudeContrast() == pytest.approx(row["rlnAmplitudeContrast"])
 
 
+@pytest.mark.slow
 def test_import_then_write_keeps_every_optics_field(project, sim, tmp_path):
     parts = _import(project, sim["refused"])
     out = tmp_path / "written.star"

@@ -152,6 +152,7 @@ def _compare_runs(dir_a, dir_b, iterations, classes, prob_tol=5e-4, min_same=1.0
                 f"iteration {it}: class {k} map differs by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_classes_with_prior_zero_are_skipped_with_the_same_results(data_dir, tmp_path,
                                                                    monkeypatch):
     with monkeypatch.context() as m:
@@ -167,6 +168,7 @@ def test_classes_with_prior_zero_are_skipped_with_the_same_results(data_dir, tmp
     _compare_runs(tmp_path / "all", tmp_path / "skip", (2, 3), (1, 2))
 
 
+@pytest.mark.slow
 def test_pruned_search_matches_the_global_search_once_poses_settle(data_dir, tmp_path,
                                                                    monkeypatch):
     with monkeypatch.context() as m:
