@@ -115,8 +115,22 @@ def relion_refine_path():
     return shutil.which("relion_refine")
 
 
-def relion_version():
-    exe = relion_refine_path()
+def add_dataset_args(parser, n_default):
+    """The simulated set's options (``cryoclass simulate``) as an argument group."""
+    g = parser.add_argument_group("data set (cryoclass simulate)")
+    g.add_argument("--n", type=int, default=n_default, help=f"particles ({n_default})")
+    g.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio (0.05)")
+    g.add_argument("--box", type=int, default=64, help="box in pixels (64)")
+    g.add_argument("--apix", type=float, default=4.0, help="pixel size in A (4.0)")
+    g.add_argument("--classes", type=int, default=3, help="true classes (3)")
+    g.add_argument("--seed", type=int, default=0, help="simulation seed (0)")
+    return g
+
+
+def relion_version(exe=None):
+    """``RELION version: X`` of ``exe`` (default: the relion_refine on PATH), 'unknown'
+    when it does not say, None when there is none."""
+    exe = exe or relion_refine_path()
     if not exe:
         return None
     try:

@@ -36,7 +36,6 @@ the run log (``scratch/benchmark_runs.md``; ``--no-record`` skips it).
 """
 import argparse
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -49,13 +48,7 @@ import _common as C
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data set (cryoclass simulate)")
-    g.add_argument("--n", type=int, default=2000, help="particles (2000)")
-    g.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio (0.05)")
-    g.add_argument("--box", type=int, default=64, help="box in pixels (64)")
-    g.add_argument("--apix", type=float, default=4.0, help="pixel size in A (4.0)")
-    g.add_argument("--classes", type=int, default=3, help="true classes (3)")
-    g.add_argument("--seed", type=int, default=0, help="simulation seed (0)")
+    C.add_dataset_args(p, 2000)
     r = p.add_argument_group("refinement (both programs)")
     r.add_argument("--K", type=int, default=4, help="classes to refine (4, as the tutorial)")
     r.add_argument("--tau2", type=float, default=4.0, help="--tau2_fudge (4)")
@@ -115,17 +108,6 @@ def check_relion5(path):
     return None
 
 
-def program_version(exe):
-    """``RELION version: X`` of a relion_refine, or 'unknown'."""
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    m = re.search(r"RELION version:\s*(\S+)", out)
-    return m.group(1) if m else "unknown"
-
-
 def relion_runs(args, info):
     """``[(column name, executable or None, extra flags)]``: RELION 3.1 (relion_refine on
     the PATH) and RELION 5 --cpu (``--relion5``); an executable of None means: show the
@@ -136,7 +118,7 @@ def relion_runs(args, info):
     runs = [(f"RELION {info['relion']}" if exe31 else "RELION 3.1", exe31, [])]
     if args.relion5:
         exe5 = shutil.which(args.relion5) or os.path.abspath(args.relion5)
-        runs.append((f"RELION {program_version(exe5)} --cpu", exe5, ["--cpu"]))
+        runs.append((f"RELION {C.relion_version(exe5)} --cpu", exe5, ["--cpu"]))
     else:
         runs.append(("RELION 5 --cpu", None, ["--cpu"]))
     return runs
