@@ -1062,6 +1062,9 @@ def _methods_start(s, K, consensus, several, step):
               "%s orientation searches at %g degrees and translations within %g pixels"
               % ("local (prior sigma %g deg)" % s.sigma_ang if s.sigma_ang > 0 else "global",
                  step, s.offset_range))
+    if s.relax_sym and not s.skip_align:
+        search += (" (local searches also around the poses related by %s symmetry, "
+                   "relaxed: the maps kept %s)" % (s.relax_sym, s.sym))
     if not consensus:
         how = ("each class from its own map, with no random seeds (RELION's behaviour for "
                "several references)" if several else

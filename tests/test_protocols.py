@@ -381,6 +381,9 @@ def test_methods_state_what_ran_for_both_starts():
                  "around their density (3 robust", "exact expectation-maximisation update",
                  "class 4, 0 particles"):
         assert ours in pca, ours
+    relaxed = methods_text(Settings(ref="r.mrc", n_classes=2, sigma_ang=2, relax_sym="C2")
+                           .resolved(), 150, [70, 80])
+    assert "related by C2 symmetry, relaxed: the maps kept C1" in relaxed
     several = methods_text(Settings(ref="refs.star", n_classes=2).resolved(), 150, [70, 80])
     assert "2 reference maps, one per class" in several and "no random seeds" in several
 
