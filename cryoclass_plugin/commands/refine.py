@@ -34,12 +34,6 @@ GIVEN = "given_dests"
 REFUSED = {
     "allow_coarser_sampling": (None, "the angular and offset sampling stay as given "
                                      "(--healpix_order, --offset_step) in every iteration"),
-    "sigma_rot": (float, "the local-search prior has one width for all three angles; "
-                         "give --sigma_ang"),
-    "sigma_tilt": (float, "the local-search prior has one width for all three angles; "
-                          "give --sigma_ang"),
-    "sigma_psi": (float, "the local-search prior has one width for all three angles; "
-                         "give --sigma_ang"),
     "pool": (int, "particles are processed in blocks of --block_size (default 256), the "
                   "engine's counterpart of RELION's pool; give --block_size instead"),
     "no_parallel_disc_io": (None, "every MPI rank reads its own particles "

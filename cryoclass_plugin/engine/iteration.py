@@ -264,7 +264,7 @@ def _search_setup(ctx, model, plan, pixels, active):
         sigma_offset_px=model.sigma_offset_angst / apix,
         adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
         use_cc=plan.use_cc, coarse_classes=None if plan.fixed_poses else active,
-        sigma_ang=plan.sigma_ang if plan.local else 0.0,
+        sigma_ang=local_search.angle_prior(s, plan.sigma_ang) if plan.local else 0.0,
         norm_pixels=None if norm_pixels is None else xp.asarray(norm_pixels),
         scale_pixels=None if scale_pixels is None else xp.asarray(scale_pixels))
 
@@ -349,7 +349,7 @@ def _coarse_expectation(ctx, model, work, results, blocks, progress, cache_ok):
         block = _first_read(ctx, model, work, results, b0, b1)
         if plan.local:
             cand_ids, cand_logp = local_search.candidate_rotations(
-                setup.orientations, block.prior_views, plan.sigma_ang)
+                setup.orientations, block.prior_views, setup.sigma_ang)
             sig_t, sig_kr, n_sig = local_search.local_coarse_pass(
                 setup, block, cand_ids, cand_logp, xp, search.fine_batch_bytes(xp))
         elif work.prune_radius_deg > 0:

@@ -22,17 +22,82 @@ batched GEMM per sub-batch of particles (``(B, T, 2n) @ (B, 2n, K L)``), so its 
 ``particles x classes x local rotations`` instead of ``x all rotations``.  The
 significant samples then go through the ordinary fine pass (:func:`.search.fine_pass`).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import estep
 from .backend import to_numpy
-from .geometry import euler_to_matrix
+from .geometry import euler_to_matrix, matrix_to_euler
 
 #: Ball radius of the search in units of sigma (RELION's ``sigma_cutoff``).
 SIGMA_CUTOFF = 3.0
 #: Rotations whose distance to the prior is computed at once (~80 bytes each per
 #: symmetry element).
 CANDIDATE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class EulerPrior:
+    """RELION's per-angle local-search prior (``--sigma_rot``, ``--sigma_tilt``,
+    ``--sigma_psi``; degrees, <= 0: that angle is free), in place of the rotation-angle
+    prior of ``--sigma_ang``.  As RELION's sampling: with both rot and tilt sigmas a
+    Gaussian on the angle between the projection directions (third rows) of width the
+    larger of the two, with one of them a Gaussian on that Euler angle's difference
+    alone; a Gaussian on the psi difference; each searched to 3 sigma (a box, not a
+    ball), at the nearest of the particle's equivalent views."""
+    rot: float
+    tilt: float
+    psi: float
+
+    @property
+    def direction_sigma(self):
+        """Width (deg) of the direction prior when both rot and tilt have one, else 0."""
+        return max(self.rot, self.tilt) if self.rot > 0 and self.tilt > 0 else 0.0
+
+
+def angle_prior(settings, sigma_ang):
+    """The local searches' prior: an :class:`EulerPrior` when the run gives
+    ``--sigma_rot/--sigma_tilt/--sigma_psi``, else the plan's ``sigma_ang`` (deg)."""
+    s = settings
+    if max(s.sigma_rot, s.sigma_tilt, s.sigma_psi) > 0:
+        return EulerPrior(s.sigma_rot, s.sigma_tilt, s.sigma_psi)
+    return sigma_ang
+
+
+def _wrap_deg(d):
+    return (d + 180.0) % 360.0 - 180.0
+
+
+def euler_log_prior(mats, views, prior):
+    """``(log prior (B, L), inside (B, L))`` of rotations ``mats`` (B, L, 3, 3) under an
+    :class:`EulerPrior` about each particle's views (B, G, 3, 3): the best view's
+    Gaussian terms (no cut) and whether some view has every constrained difference
+    within ``3 sigma``."""
+    B, L = mats.shape[:2]
+    G = views.shape[1]
+    rot_m, tilt_m, psi_m = (a.reshape(B, L, 1) for a in matrix_to_euler(mats))
+    rot_v, tilt_v, psi_v = (a.reshape(B, 1, G) for a in matrix_to_euler(views))
+    logp = np.zeros((B, L, G))
+    inside = np.ones((B, L, G), dtype=bool)
+
+    def term(delta, sigma):
+        nonlocal logp, inside
+        logp = logp - 0.5 * (delta / sigma) ** 2
+        inside = inside & (np.abs(delta) <= SIGMA_CUTOFF * sigma)
+
+    if prior.direction_sigma > 0:
+        cos = np.einsum("blk,bgk->blg", mats[:, :, 2, :], views[:, :, 2, :])
+        term(np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0))), prior.direction_sigma)
+    elif prior.rot > 0:
+        term(_wrap_deg(rot_m - rot_v), prior.rot)
+    elif prior.tilt > 0:
+        term(tilt_m - tilt_v, prior.tilt)
+    if prior.psi > 0:
+        term(_wrap_deg(psi_m - psi_v), prior.psi)
+    best = np.where(inside, logp, logp - 1e6).argmax(axis=2)[..., None]
+    return (np.take_along_axis(logp, best, 2)[..., 0],
+            np.take_along_axis(inside, best, 2)[..., 0])
 
 
 def prior_views(prior_eulers, sym_mats):
@@ -50,20 +115,40 @@ def rotation_distance_deg(mats, views):
 
 
 def rotation_log_prior(mats, views, sigma_deg):
-    """Gaussian log prior ``-theta^2 / (2 sigma^2)`` of rotations (B, L, 3, 3)."""
+    """Gaussian log prior ``-theta^2 / (2 sigma^2)`` of rotations (B, L, 3, 3); with an
+    :class:`EulerPrior` for ``sigma_deg``, its per-angle terms (:func:`euler_log_prior`)."""
+    if isinstance(sigma_deg, EulerPrior):
+        return euler_log_prior(mats, views, sigma_deg)[0]
     theta = rotation_distance_deg(mats, views)
     return -0.5 * (theta / sigma_deg) ** 2
 
 
+def _inside(mats, views, prior):
+    """(log prior, inside the cut) of rotations (N, 1, 3, 3) about views (N, G, 3, 3)."""
+    if isinstance(prior, EulerPrior):
+        logp, inside = euler_log_prior(mats, views, prior)
+        return logp[:, 0], inside[:, 0]
+    theta = rotation_distance_deg(mats, views)[:, 0]
+    return -0.5 * (theta / prior) ** 2, theta <= SIGMA_CUTOFF * prior
+
+
+def _direction_cut_deg(prior):
+    """How far (deg) a candidate's projection direction may be from a view's."""
+    if isinstance(prior, EulerPrior):
+        # A free rot or tilt lets the direction go anywhere.
+        return SIGMA_CUTOFF * prior.direction_sigma if prior.direction_sigma > 0 else 180.0
+    return SIGMA_CUTOFF * prior
+
+
 def candidate_rotations(orientations, views, sigma_deg):
     """Per particle, the coarse rotation ids within ``3 sigma`` of its views and their
-    log prior.
+    log prior (``sigma_deg`` a width in degrees, or an :class:`EulerPrior`).
 
     ``orientations`` is the :class:`.sampling.OrientationGrid` in use, ``views`` the
     (B, G, 3, 3) array of :func:`prior_views`.  Returns two lists of length B: int64 ids
     (direction-major, as the grid's) and float64 log priors.
     """
-    cut = SIGMA_CUTOFF * sigma_deg
+    cut = _direction_cut_deg(sigma_deg)
     # The angle between two rotations bounds the angle between their projection
     # directions (third rows), so directions further than the cut from every view's
     # direction cannot hold a candidate.  The perturbation moves grid rotations off
@@ -79,7 +164,7 @@ def candidate_rotations(orientations, views, sigma_deg):
     per_particle = near.sum(axis=1) * n_psi
     B = near.shape[0]
     limit = max(1, CANDIDATE_CHUNK // views.shape[1])      # views[rb] is G matrices a row
-    rb_all, ids_all, theta_all = [], [], []
+    rb_all, ids_all, logp_all = [], [], []
     start = 0
     while start < B:
         stop = start + 1
@@ -90,20 +175,19 @@ def candidate_rotations(orientations, views, sigma_deg):
         pb, pd = np.nonzero(near[start:stop])
         rb = np.repeat(pb + start, n_psi)
         ids = (pd[:, None] * n_psi + np.arange(n_psi)[None, :]).ravel()
-        theta = rotation_distance_deg(mats[ids][:, None], views[rb])[:, 0]
-        keep = theta <= cut
+        logp, keep = _inside(mats[ids][:, None], views[rb], sigma_deg)
         rb_all.append(rb[keep])
         ids_all.append(ids[keep])
-        theta_all.append(theta[keep])
+        logp_all.append(logp[keep])
         start = stop
-    rb, ids, theta = (np.concatenate(a) for a in (rb_all, ids_all, theta_all))
+    rb, ids, logp = (np.concatenate(a) for a in (rb_all, ids_all, logp_all))
     bounds = np.searchsorted(rb, np.arange(B + 1))
     ids_out, logp_out = [], []
     for b in range(B):
         lo, hi = bounds[b], bounds[b + 1]
         if hi > lo:
             ids_out.append(ids[lo:hi])
-            logp_out.append(-0.5 * (theta[lo:hi] / sigma_deg) ** 2)
+            logp_out.append(logp[lo:hi])
             continue
         # Nothing inside the ball (sigma far below the grid step): the nearest
         # rotations of the direction nearest to any view.
@@ -112,7 +196,8 @@ def candidate_rotations(orientations, views, sigma_deg):
         th = rotation_distance_deg(mats[cand][None], views[b:b + 1])[0]
         sel = th == th.min()
         ids_out.append(cand[sel])
-        logp_out.append(-0.5 * (th[sel] / sigma_deg) ** 2)
+        logp_out.append(rotation_log_prior(mats[cand[sel]][None], views[b:b + 1],
+                                           sigma_deg)[0])
     return ids_out, logp_out
 
 

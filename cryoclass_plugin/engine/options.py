@@ -256,6 +256,17 @@ OPTIONS = (
        "orientation, searched to 3 sigma (RELION's 'local angular search range' / 3); "
        "needs input angles; -1: global searches", group="Sampling",
        on_continue="change", param="localAngularSearchRange"),
+    _o("sigma_rot", "sigma_rot", float, -1.0,
+       "local angular searches with a Gaussian prior on the first Euler angle (deg; "
+       "RELION's per-angle prior, searched to 3 sigma, instead of --sigma_ang); with "
+       "--sigma_tilt the two make one prior on the projection direction", group="Sampling",
+       on_continue="change"),
+    _o("sigma_tilt", "sigma_tilt", float, -1.0,
+       "local angular searches with a Gaussian prior on the tilt angle (deg; see "
+       "--sigma_rot)", group="Sampling", on_continue="change"),
+    _o("sigma_psi", "sigma_psi", float, -1.0,
+       "local angular searches with a Gaussian prior on the in-plane angle psi (deg; see "
+       "--sigma_rot)", group="Sampling", on_continue="change"),
     _o("relax_sym", "relax_sym", str, "",
        "symmetry to relax (RELION's --relax_sym, pseudo-symmetry): local searches also "
        "look around the poses this point group relates to each particle's current one, "

@@ -142,10 +142,19 @@ def local_order(settings):
     return s.classify_local_order if s.classify_local_order >= 0 else s.healpix_order + 1
 
 
+def local_sigma(settings):
+    """The local searches' width (deg) the run asks for: ``--sigma_ang``, else the
+    largest of ``--sigma_rot/--sigma_tilt/--sigma_psi`` (whose per-angle prior the
+    searches then use, :func:`.local_search.angle_prior`), else -1 (none)."""
+    s = settings
+    per_angle = max(s.sigma_rot, s.sigma_tilt, s.sigma_psi)
+    return s.sigma_ang if s.sigma_ang > 0 else (per_angle if per_angle > 0 else -1.0)
+
+
 def last_global_consensus(settings, schedule):
     """The last consensus iteration that searches globally (the local ones follow)."""
     s, end = settings, schedule.consensus_end
-    if s.sigma_ang > 0 or s.classify_local_sigma <= 0:
+    if local_sigma(s) > 0 or s.classify_local_sigma <= 0:
         return end
     return end - min(s.consensus_local_iter, end - 1)
 
@@ -174,10 +183,10 @@ def _search(settings, schedule, iteration, phase):
     poses (with ``--skip_align`` every iteration does), on the grid they would search.
     """
     s = settings
-    sigma, order = s.sigma_ang, s.healpix_order
+    sigma, order = local_sigma(s), s.healpix_order
     if _staged(s):
-        if s.sigma_ang > 0:
-            sigma = -1.0 if iteration <= schedule.consensus_end else s.sigma_ang
+        if local_sigma(s) > 0:
+            sigma = -1.0 if iteration <= schedule.consensus_end else local_sigma(s)
         elif s.classify_local_sigma > 0 and (phase == "consensus-local" or
                                              iteration > schedule.consensus_end):
             sigma, order = s.classify_local_sigma, local_order(s)

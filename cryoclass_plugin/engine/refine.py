@@ -29,7 +29,7 @@ from .outputs import write_iteration
 from .particles import ParticleData, Pixels, group_index, image_mask, mask_diameter_angst
 from .references import check_references, read_references, several_references
 from .plan import (ScheduleState, after_merge, class_shell, describe_schedule,
-                   extend_consensus, plan_iteration)
+                   extend_consensus, local_sigma, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
 from .star_io import read_particles, write_star
 from .validation import (bad_image_rows, check_class_count, check_mask_values,
@@ -249,11 +249,16 @@ class Refinement:
         if s.skip_align and not self.table.has_angles:
             raise CryoClassError(f"{s.input_star}: --skip_align needs rlnAngleRot/Tilt/Psi "
                                  "(poses from a refinement); align first or drop --skip_align")
-        if s.sigma_ang > 0 and s.init_classes in ("relion", "input") and \
+        per_angle = max(s.sigma_rot, s.sigma_tilt, s.sigma_psi) > 0
+        if s.sigma_ang > 0 and per_angle:
+            raise CryoClassError("--sigma_ang and --sigma_rot/--sigma_tilt/--sigma_psi both "
+                                 "set the local searches' prior; give one or the other")
+        flag = "--sigma_ang" if s.sigma_ang > 0 else "--sigma_rot/--sigma_tilt/--sigma_psi"
+        if local_sigma(s) > 0 and s.init_classes in ("relion", "input") and \
                 not self.table.has_angles:
-            raise CryoClassError(f"{s.input_star}: --sigma_ang (local angular searches) needs "
+            raise CryoClassError(f"{s.input_star}: {flag} (local angular searches) needs "
                                  "rlnAngleRot/Tilt/Psi from an earlier refinement; give "
-                                 "aligned particles or drop --sigma_ang")
+                                 f"aligned particles or drop {flag}")
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
         check_class_count(len(self.table), s.n_classes, s.input_star)
@@ -303,7 +308,7 @@ class Refinement:
         except (CryoClassError, ValueError) as err:
             raise CryoClassError(f"--relax_sym {s.relax_sym}: {err}") from None
         staged = s.init_classes in ("consensus", "pca") and s.n_classes > 1
-        local = s.sigma_ang > 0 or (staged and s.classify_local_sigma > 0)
+        local = local_sigma(s) > 0 or (staged and s.classify_local_sigma > 0)
         if not local or s.skip_align:
             raise CryoClassError(f"--relax_sym {s.relax_sym}: relaxes the symmetry in local "
                                  "angular searches only, and this run has none; add "
