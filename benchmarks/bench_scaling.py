@@ -58,6 +58,10 @@ def parse_args(argv=None):
                         "can be an iteration by which every box has reached R, so that "
                         "boxes compare at the same E-step resolution")
     p.add_argument("--apix", type=float, default=4.0, help="pixel size (4.0)")
+    p.add_argument("--same-particle", action="store_true",
+                   help="scale the pixel size with the box (apix x base box / box), so "
+                        "that every box holds the same particle and, with "
+                        "--strict_highres_exp, the same E-step size in pixels")
     p.add_argument("--snr", type=float, default=0.05, help="SNR of the simulated sets")
     p.add_argument("--threads", type=int, default=None,
                    help="--j per rank (default: nproc / ranks, at least 1)")
@@ -115,7 +119,10 @@ def _print_markdown(results, rrows, args, info):
             for (n, K, box, ranks), r in results.items()]
     notes = [f"Settings: {args.iter} iterations per run, mean over iterations >= "
              f"{args.from_iter}; base {base['n']} particles, K={base['K']}, box {base['box']}, "
-             f"{base['ranks']} rank; {args.apix:g} A/px, SNR {args.snr:g}; RELION's start, "
+             f"{base['ranks']} rank; {args.apix:g} A/px"
+             + (f" at box {base['box']}, scaled with the box (the same particle)"
+                if args.same_particle else "")
+             + f", SNR {args.snr:g}; RELION's start, "
              "the tutorial's flags with --firstiter_cc"
              + (f"; cryoclass flags: `{args.cryoclass_args}`" if args.cryoclass_args else "")
              + "."]
@@ -141,7 +148,9 @@ def main(argv=None):
     try:
         for n, K, box, ranks in runs:
             print(f"\n=== n={n} K={K} box={box} ranks={ranks}", flush=True)
-            sim = C.simulate(os.path.join(workdir, f"sim_n{n}_box{box}"), n, box, args.apix,
+            base_box = args.grid["base"]["box"]
+            apix = (args.apix * base_box / box) if args.same_particle else args.apix
+            sim = C.simulate(os.path.join(workdir, f"sim_n{n}_box{box}"), n, box, apix,
                              args.snr, 3, 0, commands=commands)
             j = args.threads or max(1, nproc // ranks)
             root = f"run_n{n}_K{K}_box{box}_r{ranks}/run"
@@ -149,7 +158,7 @@ def main(argv=None):
             if os.path.isdir(out_dir):
                 shutil.rmtree(out_dir)
             os.makedirs(out_dir)
-            cmd = C.cryoclass_refine_cmd(root, box, args.apix, K, 4.0, args.iter, j, ranks,
+            cmd = C.cryoclass_refine_cmd(root, box, apix, K, 4.0, args.iter, j, ranks,
                                          extra=shlex.split(args.cryoclass_args))
             if args.wait_idle:
                 C.wait_for_idle(args.wait_idle)

@@ -104,12 +104,16 @@ class Workspace:
         if mpi:
             cmd = [mpirun(), "-np", str(mpi), "--oversubscribe", "--allow-run-as-root"] + cmd
 
-        def limit():                  # ulimit -v: the address space the run may take
-            import resource
-            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        def prepare():
+            # Ctrl-C as in a terminal: a shell's background job (nohup ... &, some CI
+            # runners) passes SIGINT on ignored, and Python then never raises
+            # KeyboardInterrupt for it.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if memory_limit:              # ulimit -v: the address space the run may take
+                import resource
+                resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         return subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=limit if memory_limit else None)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=prepare)
 
     def run(self, args, kind="error", words=(), mpi=0, memory_limit=None):
         proc = self.popen(args, mpi=mpi, memory_limit=memory_limit)

@@ -366,6 +366,14 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "around the poses this point group (e.g. C2) relates to each "
                            "particle's current one, while the maps keep the symmetry "
                            "above (--relax_sym). Empty: no relaxation.")
+        form.addParam("allowCoarserSampling", BooleanParam, default=False,
+                      condition="doImageAlignment", label="Allow coarser sampling?",
+                      help="Yes: while the poses' expected accuracy is worse than the "
+                           "sampling above (early iterations), search a coarser angular "
+                           "grid and offset step, never finer than the ones above; "
+                           "recomputed every iteration, so the sampling returns to "
+                           "these as the maps improve (--allow_coarser_sampling). "
+                           "Faster; needs more than one class.")
 
     def _defineHelixParams(self, form):
         """RELION's Helix tab: its switch only, which _validate refuses (the engine has
@@ -564,6 +572,11 @@ class ProtCryoClassClassify3D(ProtClassify3D):
         if not self.doImageAlignment and not parts.hasAlignmentProj():
             errors.append("'Perform image alignment?' is No, which needs particles with "
                           "3D alignment (e.g. from a 3D refinement); these have none.")
+        if self.allowCoarserSampling and self.doImageAlignment and \
+                (self.numberOfClasses.get() or 1) < 2:
+            errors.append("'Allow coarser sampling?' is Yes with one class: it changes "
+                          "the sampling of classifications only; set it to No or ask "
+                          "for 2 or more classes.")
         if self._localFromInput() and not parts.hasAlignmentProj():
             errors.append("'Perform local angular searches?' is Yes with RELION's start, "
                           "which needs particles with 3D alignment; these have none. "
@@ -974,6 +987,8 @@ class ProtCryoClassClassify3D(ProtClassify3D):
             add("--sigma_ang", _num(self.localAngularSearchRange.get() / 3.0))
             if (self.relaxSymmetry.get() or "").strip():
                 add("--relax_sym", self.relaxSymmetry.get().strip())
+        if self.allowCoarserSampling:
+            add("--allow_coarser_sampling")
 
     def _computeArgs(self, add, root):
         add("--pad", 1 if self.skipPadding else 2)
@@ -1065,6 +1080,10 @@ def _methods_start(s, K, consensus, several, step):
     if s.relax_sym and not s.skip_align:
         search += (" (local searches also around the poses related by %s symmetry, "
                    "relaxed: the maps kept %s)" % (s.relax_sym, s.sym))
+    if getattr(s, "allow_coarser_sampling", False) and not s.skip_align:
+        search += (", on coarser angular and offset samplings in the iterations whose "
+                   "expected pose accuracy was worse than these (RELION's "
+                   "--allow_coarser_sampling rule)")
     if not consensus:
         how = ("each class from its own map, with no random seeds (RELION's behaviour for "
                "several references)" if several else

@@ -149,3 +149,24 @@ def test_running_out_of_memory_is_one_line_naming_the_options(tiny, tmp_path, ca
     _one_error_line(capsys, "out of memory", "--block_size", "--pad 1",
                     "--strict_highres_exp")
     assert not os.path.exists(tmp_path / "out" / "run.lock")
+
+
+def test_continue_reads_the_class_maps_the_state_names_and_refuses_a_changed_one(
+        tiny, tmp_path, capsys):
+    """The state file names the iteration's class maps with their checksums (it does not
+    hold them a second time); --continue reads them back, and a map changed since then
+    is refused in one line naming it."""
+    assert _refine(tiny, tmp_path, "--iter", "1") == 0
+    root = tmp_path / "out" / "run"
+    with np.load(f"{root}_it001_state.npz") as z:
+        assert "refs" not in z.files and "__ref_maps__" in z.files
+    from cryoclass_plugin.engine.model import ModelState
+    state = ModelState.load(f"{root}_it001_state.npz")
+    np.testing.assert_array_equal(state.refs[0], mrcfile.read(f"{root}_it001_class001.mrc"))
+    with mrcfile.open(f"{root}_it001_class001.mrc", mode="r+") as mrc:
+        mrc.data[0, 0, 0] += 1.0
+    capsys.readouterr()
+    argv = ["refine", "--continue", f"{root}_it001_optimiser.star", "--o", str(root),
+            "--iter", "2"]
+    assert cli.main(argv) == 2
+    _one_error_line(capsys, "run_it001_class001.mrc", "changed since", "continue from another")

@@ -51,20 +51,11 @@ def test_fine_pass_prior_has_no_cut():
 @pytest.fixture(scope="module")
 def psi_off(tmp_path_factory):
     """Particles whose input angles are their true poses with psi off by 20 degrees."""
-    from cryoclass_plugin.engine.simulate import simulate_dataset
+    from conftest import aligned_particles
     data = tmp_path_factory.mktemp("euler")
-    simulate_dataset(str(data), n=40, box=32, apix=7.0, snr=2.0, n_classes=1, seed=3,
-                     max_shift_px=0.0)
-    truth = starfile.read(data / "truth.star")
-    truth = truth["particles"] if isinstance(truth, dict) else truth
-    star = starfile.read(data / "particles.star", always_dict=True)
-    parts = star["particles"]
-    parts["rlnAngleRot"] = truth["rlnAngleRot"].to_numpy()
-    parts["rlnAngleTilt"] = truth["rlnAngleTilt"].to_numpy()
-    parts["rlnAnglePsi"] = truth["rlnAnglePsi"].to_numpy() + 20.0
-    parts["rlnOriginXAngst"] = truth["rlnOriginXAngst"].to_numpy()
-    parts["rlnOriginYAngst"] = truth["rlnOriginYAngst"].to_numpy()
-    starfile.write(star, data / "psi_off.star", overwrite=True)
+    truth = aligned_particles(data, "psi_off", 3, lambda t: (
+        t["rlnAngleRot"].to_numpy(), t["rlnAngleTilt"].to_numpy(),
+        t["rlnAnglePsi"].to_numpy() + 20.0))
     return data, truth
 
 

@@ -80,7 +80,7 @@ def test_batched_fine_pass_matches_reference_on_each_block(data_dir, tmp_path, m
     _shadowed_run(data_dir, tmp_path, monkeypatch, batch, cc)
 
 
-@pytest.mark.parametrize("batch", ["default", "small"])
+@pytest.mark.parametrize("batch", ["default", pytest.param("small", marks=pytest.mark.slow)])
 def test_batched_fine_pass_matches_reference_with_norm_and_scale(data_dir, tmp_path,
                                                                  monkeypatch, batch):
     """--norm / --scale: the per-particle residual, cross and power sums of both codes

@@ -384,6 +384,10 @@ def test_methods_state_what_ran_for_both_starts():
     relaxed = methods_text(Settings(ref="r.mrc", n_classes=2, sigma_ang=2, relax_sym="C2")
                            .resolved(), 150, [70, 80])
     assert "related by C2 symmetry, relaxed: the maps kept C1" in relaxed
+    assert "coarser angular and offset samplings" not in relaxed
+    coarser = methods_text(Settings(ref="r.mrc", n_classes=2, allow_coarser_sampling=True)
+                           .resolved(), 150, [70, 80])
+    assert "coarser angular and offset samplings in the iterations whose expected" in coarser
     several = methods_text(Settings(ref="refs.star", n_classes=2).resolved(), 150, [70, 80])
     assert "2 reference maps, one per class" in several and "no random seeds" in several
 

@@ -40,20 +40,10 @@ def test_candidates_surround_both_related_poses():
 @pytest.fixture(scope="module")
 def flipped(tmp_path_factory):
     """Particles whose input angles are their true poses times the C2 element."""
-    from cryoclass_plugin.engine.simulate import simulate_dataset
+    from conftest import aligned_particles
     data = tmp_path_factory.mktemp("relax")
-    simulate_dataset(str(data), n=40, box=32, apix=7.0, snr=2.0, n_classes=1, seed=2,
-                     max_shift_px=0.0)
-    truth = starfile.read(data / "truth.star")
-    truth = truth["particles"] if isinstance(truth, dict) else truth
-    star = starfile.read(data / "particles.star", always_dict=True)
-    parts = star["particles"]
-    A = euler_to_matrix(truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"])
-    rot, tilt, psi = matrix_to_euler(A @ RZ180)
-    parts["rlnAngleRot"], parts["rlnAngleTilt"], parts["rlnAnglePsi"] = rot, tilt, psi
-    parts["rlnOriginXAngst"] = truth["rlnOriginXAngst"].to_numpy()
-    parts["rlnOriginYAngst"] = truth["rlnOriginYAngst"].to_numpy()
-    starfile.write(star, data / "flipped.star", overwrite=True)
+    truth = aligned_particles(data, "flipped", 2, lambda t: matrix_to_euler(euler_to_matrix(
+        t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"]) @ RZ180))
     return data, truth
 
 

@@ -32,8 +32,6 @@ GIVEN = "given_dests"
 #: relion_refine flags that Class3D users set and cryoclass refuses, each with its
 #: argument (None: a switch) and why; giving one stops the run with one line.
 REFUSED = {
-    "allow_coarser_sampling": (None, "the angular and offset sampling stay as given "
-                                     "(--healpix_order, --offset_step) in every iteration"),
     "pool": (int, "particles are processed in blocks of --block_size (default 256), the "
                   "engine's counterpart of RELION's pool; give --block_size instead"),
     "no_parallel_disc_io": (None, "every MPI rank reads its own particles "

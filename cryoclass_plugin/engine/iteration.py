@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import estep, local_search, search
+from . import coarser_sampling, estep, local_search, search
 from .backend import get_xp, to_numpy
 from .errors import CryoClassError
 from .fourier import fft_centered, ifft_centered, radial_index
@@ -26,9 +26,11 @@ from .mpi import split_range
 from .mstep import (Accumulators, correction_pixels, maximise, norm_power_beyond,
                     update_norm_corrections, update_scale_corrections)
 from .outputs import write_iteration
-from .particles import ParticleResults, Pixels, mask_diameter_angst, prepare_block
+from .particles import (ParticleResults, Pixels, ctf_and_inverse_noise, mask_diameter_angst,
+                        prepare_block)
 from .plan import class_shell
 from .projector import Projector, current_grid_shell
+from .sampling import TranslationGrid
 
 
 @dataclass
@@ -66,12 +68,18 @@ class MStepSettings:
     tau2_estimate: str
     consensus_tau2_estimate: str
     solvent_mask2: str = ""     # --solvent_mask2 (path), flattened after the solvent mask
+    # RELION's weight floor in the unregularised reconstruction after a --firstiter_cc
+    # iteration: in RELION's start, not in the consensus of the recommended start,
+    # whose splits came out worse with it (docs/benchmarks.md, "Reconstruction weight
+    # floor").
+    cc_weight_floor: bool = True
 
     @classmethod
     def of(cls, settings, plan):
         return cls(settings.tau2_fudge, settings.gridding, plan.tau2_estimate,
                    settings.consensus_tau2_estimate or settings.tau2_estimate,
-                   settings.solvent_mask2)
+                   settings.solvent_mask2,
+                   cc_weight_floor=plan.phase not in ("consensus", "consensus-local"))
 
 
 @dataclass
@@ -227,9 +235,55 @@ def _without_low_shells(refs, box, apix, lowres_angst):
     return out
 
 
-def _search_setup(ctx, model, plan, pixels, active):
-    """The :class:`.search.SearchSetup` of the iteration (projectors, coarse slices,
-    priors, correction pixels)."""
+def _projectors(ctx, model, plan, active):
+    """Each class's :class:`.projector.Projector` of its E-step reference at the current
+    size, for the classes the iteration projects (the fixed-pose pass all of them, a
+    search those it scores); None for the others."""
+    s = ctx.settings
+    refs = estep_references(ctx, model, plan)
+    grid_shell = current_grid_shell(model.current_shell, ctx.data.box)
+    projected = set(range(s.n_classes)) if plan.fixed_poses else set(np.asarray(active).tolist())
+    return [Projector(refs[k], pad=s.pad, gridding=s.gridding, max_shell=grid_shell)
+            if k in projected else None for k in range(s.n_classes)]
+
+
+def translation_grid(ctx, plan):
+    """The plan's coarse offsets: the run's grid, or the coarser one that
+    ``--allow_coarser_sampling`` chose (``plan.offset_step_px``)."""
+    run_grid = ctx.translations
+    if plan.offset_step_px <= 0 or plan.offset_step_px == run_grid.offset_step_px:
+        return run_grid
+    return TranslationGrid(run_grid.offset_range_px, plan.offset_step_px)
+
+
+def _coarser_plan(ctx, model, plan, projectors, subset, active, pixels):
+    """``--allow_coarser_sampling``: the plan on the sampling its expected accuracy
+    allows (:mod:`.coarser_sampling`), from up to ``N_TRIALS`` of the iteration's
+    particles (the same on every rank: rank 0's decision is broadcast)."""
+    s, data = ctx.settings, ctx.data
+    decision = None
+    if ctx.comm.rank == 0:
+        accuracy = None
+        if not plan.use_cc:
+            rng = np.random.default_rng([s.random_seed, plan.iteration, 17])
+            trials = np.sort(rng.choice(subset, size=min(coarser_sampling.N_TRIALS,
+                                                          len(subset)), replace=False))
+            ctf, inv_sigma2 = ctf_and_inverse_noise(s, model, data, trials, pixels, ctx.xp)
+            acc_rot, acc_trans, _ = coarser_sampling.run_accuracy(
+                projectors, active, model.pdf_class, ctf, inv_sigma2, pixels.ky, pixels.kx,
+                data.box, rng)
+            accuracy = (acc_rot, acc_trans)
+        decision = coarser_sampling.adjust_plan(
+            s, plan, accuracy, mask_diameter_angst(s, data.box, data.apix),
+            model.current_resolution_angst())
+        ctx.log(decision[1])
+    plan, _ = ctx.comm.bcast(decision)
+    return plan
+
+
+def _search_setup(ctx, model, plan, pixels, active, projectors):
+    """The :class:`.search.SearchSetup` of the iteration (coarse slices of the
+    ``projectors``, priors, correction pixels)."""
     s, xp, box, apix = ctx.settings, ctx.xp, ctx.data.box, ctx.data.apix
     grid = ctx.grid(plan.healpix_order)
     # A local search on a finer grid keeps the coarse size of the run's own grid: its
@@ -239,12 +293,6 @@ def _search_setup(ctx, model, plan, pixels, active):
                ctx.grid(s.healpix_order).angular_step_deg if plan.local else 0.0)
     n_coarse = pixels.count(min(model.current_shell, coarse_shell(s, box, apix, step)))
     ky, kx = pixels.ky, pixels.kx
-    refs = estep_references(ctx, model, plan)
-    grid_shell = current_grid_shell(model.current_shell, box)
-    # Searches project only the classes they score (the fixed-pose pass all of them).
-    projected = set(range(s.n_classes)) if plan.fixed_poses else set(np.asarray(active).tolist())
-    projectors = [Projector(refs[k], pad=s.pad, gridding=s.gridding, max_shell=grid_shell)
-                  if k in projected else None for k in range(s.n_classes)]
     if plan.search == "global":
         mats = xp.asarray(grid.matrices)
         coarse = xp.concatenate([projectors[k].project(mats, ky[:n_coarse], kx[:n_coarse])
@@ -256,7 +304,7 @@ def _search_setup(ctx, model, plan, pixels, active):
         _does_norm(s, plan), _does_scale(s, plan))
     return search.SearchSetup(
         box=box, n_coarse=n_coarse, ky=ky, kx=kx, pixel_shell=pixels.pixel_shell[:pixels.n_cur],
-        n_classes=s.n_classes, orientations=grid, translations=ctx.translations,
+        n_classes=s.n_classes, orientations=grid, translations=translation_grid(ctx, plan),
         oversampling=s.oversampling, coarse_pair=estep.as_real_pair(coarse),
         coarse_power=(coarse.real ** 2 + coarse.imag ** 2), projectors=projectors,
         log_class_prior=xp.asarray(np.log(np.maximum(model.pdf_class, 1e-30)),
@@ -289,8 +337,11 @@ def prepare(ctx, model, plan, allowed, timer):
         n_class_pixels = int(to_numpy((pixels.pixel_shell[:pixels.n_cur] <= class_shell(
             data.box, data.apix, plan.class_highres_angst)).sum()))
     active = searched_classes(model, allowed, subset, s.n_classes)
+    projectors = _projectors(ctx, model, plan, active)
+    if s.allow_coarser_sampling and s.n_classes > 1 and not plan.fixed_poses:
+        plan = _coarser_plan(ctx, model, plan, projectors, subset, active, pixels)
     radius = prune_radius(s, model, plan, ctx.grid(plan.healpix_order).angular_step_deg)
-    setup = _search_setup(ctx, model, plan, pixels, active)
+    setup = _search_setup(ctx, model, plan, pixels, active, projectors)
     timer.lap("setup")
     return IterationWork(
         plan=plan, subset=subset, allowed=allowed, pixels=pixels, setup=setup,
@@ -546,7 +597,7 @@ def finish(ctx, model, work, started):
     _check_finite_maps(model, plan.iteration)
     if ctx.comm.rank == 0 and plan.write:
         write_iteration(s.output_root, plan.iteration, model, ctx.table, s,
-                        ctx.grid(plan.healpix_order), ctx.translations,
+                        ctx.grid(plan.healpix_order), translation_grid(ctx, plan),
                         ctx.data.group_names, ctx.data.group_counts)
         timer.lap("output")
         ctx.log(log_line(model, plan.iteration, elapsed, len(work.subset)))

@@ -159,7 +159,8 @@ def maximise(acc, model, settings, solvent_mask=None, symmetrise=None, unregular
             continue
         if unregularised:
             tau2_prior = None
-            vol = bp.reconstruct(tau2=None, gridding=settings.gridding)
+            vol = bp.reconstruct(tau2=None, gridding=settings.gridding,
+                                 weight_floor=getattr(settings, "cc_weight_floor", True))
         else:
             tau2_prior = np.array(model.tau2[k], dtype=np.float64)
             vol = bp.reconstruct(tau2=xp.asarray(tau2_prior), tau2_fudge=settings.tau2_fudge,

@@ -272,6 +272,11 @@ OPTIONS = (
        "look around the poses this point group relates to each particle's current one, "
        "the maps keep --sym; needs local searches", group="Sampling",
        on_continue="change", param="relaxSymmetry"),
+    _o("allow_coarser_sampling", "allow_coarser_sampling", bool, False,
+       "with K > 1, a coarser HEALPix order and offset step while the expected accuracy "
+       "of the poses is worse than the sampling asked for (RELION's rule, recomputed "
+       "every iteration; never finer than --healpix_order / --offset_step)",
+       group="Sampling", kind="switch", on_continue="change", param="allowCoarserSampling"),
     # ---- Compute
     _o("pad", "pad", int, 2, "padding factor of the references' Fourier transforms",
        group="Compute", on_continue="change", choices=(1, 2), param="skipPadding"),

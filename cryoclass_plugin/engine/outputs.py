@@ -2,7 +2,8 @@
 
 For rootname ``<o>`` and iteration ``NNN``: ``<o>_itNNN_classKKK.mrc``,
 ``<o>_itNNN_model.star``, ``<o>_itNNN_data.star``, ``<o>_itNNN_sampling.star``, the
-exact state ``<o>_itNNN_state.npz`` (for ``--continue``) and, last, ``<o>_itNNN_optimiser.star``.
+exact state ``<o>_itNNN_state.npz`` (for ``--continue``; it names the class maps, written
+first, with their checksums) and, last, ``<o>_itNNN_optimiser.star``.
 Every file is written to a temporary name and renamed, and the optimiser file is the
 marker of a complete iteration: ``--continue`` only accepts an iteration whose optimiser
 file exists, so a run killed while writing never leaves a half iteration behind.
@@ -175,8 +176,9 @@ def _sampling_block(settings, orientations, translations):
         "rlnHealpixOrder": int(orientations.healpix_order),
         "rlnPsiStep": float(orientations.psi_step_deg),
         "rlnTiltAngleLimit": -91,
-        "rlnOffsetRange": settings.offset_range,
-        "rlnOffsetStep": settings.offset_step,
+        # The offsets this iteration searched (--allow_coarser_sampling may coarsen them).
+        "rlnOffsetRange": float(translations.offset_range_px),
+        "rlnOffsetStep": float(translations.offset_step_px),
         "rlnHelicalOffsetStep": -1,
         "rlnSamplingPerturbInstance": 0.0,
         "rlnSamplingPerturbFactor": 0.0,
@@ -198,6 +200,7 @@ def write_iteration(root, iteration, model, table, settings, orientations, trans
     write_star(f"{it_root}_sampling.star",
                {"sampling_general": _sampling_block(settings, orientations, translations)})
     import dataclasses
-    model.save(f"{it_root}_state.npz", settings=dataclasses.asdict(settings))
+    model.save(f"{it_root}_state.npz", settings=dataclasses.asdict(settings),
+               map_paths=[class_map_path(root, iteration, k) for k in range(model.n_classes)])
     write_star(f"{it_root}_optimiser.star",
                {"optimiser_general": _optimiser_block(model, root, iteration, settings)})

@@ -145,13 +145,20 @@ def prepare_block(settings, model, data, indices, pixels, xp):
         f = f * xp.asarray(factor)[:, None]
     power_beyond, count_beyond = _shell_power(f[:, n_cur:], pixels.pixel_shell[n_cur:],
                                               model.n_shells, xp)
-    g = data.groups[indices]
-    ctf = _block_ctf(settings, model, data, indices, pixels, g, xp)
-    sigma2 = xp.asarray(model.sigma2[g][:, to_numpy(pixels.pixel_shell[:n_cur])],
-                        dtype=xp.float32)
-    block = BlockData(images_f=f[:, :n_cur], ctf=ctf, inv_sigma2=1.0 / sigma2,
-                      group=g, origin_px=origin_px.astype(np.float32))
+    ctf, inv_sigma2 = ctf_and_inverse_noise(settings, model, data, indices, pixels, xp)
+    block = BlockData(images_f=f[:, :n_cur], ctf=ctf, inv_sigma2=inv_sigma2,
+                      group=data.groups[indices], origin_px=origin_px.astype(np.float32))
     return block, power_beyond, count_beyond
+
+
+def ctf_and_inverse_noise(settings, model, data, indices, pixels, xp):
+    """(B, n_cur) CTFs (as :func:`prepare_block`'s, scale included) and 1 / sigma2 of
+    the particles ``indices`` at the pixels within the current radius, without reading
+    their images."""
+    g = data.groups[indices]
+    sigma2 = xp.asarray(model.sigma2[g][:, to_numpy(pixels.pixel_shell[:pixels.n_cur])],
+                        dtype=xp.float32)
+    return _block_ctf(settings, model, data, indices, pixels, g, xp), 1.0 / sigma2
 
 
 def _block_ctf(settings, model, data, indices, pixels, groups, xp):

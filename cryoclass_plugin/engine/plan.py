@@ -67,6 +67,8 @@ class IterationPlan:
         ``"current"`` (hard, the state's classes: after a split or merge)
     search : ``"none"`` (poses kept), ``"global"`` or ``"local"``
     healpix_order : the orientation grid (also written to sampling.star)
+    offset_step_px : the coarse offset step (px); 0: ``--offset_step`` (a coarser one
+        only with ``--allow_coarser_sampling``, :mod:`.coarser_sampling`)
     sigma_ang : the local searches' rotation prior sigma (deg); 0 otherwise
     class_highres_angst : the class posteriors use the frequencies up to this
         resolution (A); 0 = all of the current image size
@@ -85,6 +87,7 @@ class IterationPlan:
     assignments: str = "free"
     search: str = "global"
     healpix_order: int = 2
+    offset_step_px: float = 0.0
     sigma_ang: float = 0.0
     class_highres_angst: float = 0.0
     references: str = "plain"
@@ -110,6 +113,8 @@ class IterationPlan:
             search = f"local order {self.healpix_order} sigma {self.sigma_ang:g} deg"
         else:
             search = f"global order {self.healpix_order}"
+        if self.offset_step_px > 0 and self.search != "none":
+            search += f" offset step {self.offset_step_px:.2f} px"
         parts = [f"iter {self.iteration:3d}", f"{self.phase:<17s}", search]
         if self.class_highres_angst > 0:
             parts.append(f"classes to {self.class_highres_angst:g} A")

@@ -62,6 +62,9 @@ _ROTATION_CHUNK_GPU = 1024
 # scatter-add (bincount) costs per entry, the full-volume additions per chunk, so chunks
 # of ~2 M entries amortise the latter (~16 MB per (8, r, n) temporary).
 _INSERT_ENTRIES_CPU = 1 << 21
+# RELION's floor of a reconstruction's divisor (weight plus prior): its mean over the
+# voxel's shell divided by this.
+RECONSTRUCTION_FLOOR = 1000.0
 # Bytes of one complex128 intermediate of the axis-by-axis transforms (slabs are sized
 # to stay under it).
 _SLAB_BYTES = 1 << 26
@@ -532,7 +535,7 @@ class BackProjector:
         return self._grid_shells()[0]
 
     def reconstruct(self, tau2=None, tau2_fudge=1.0, max_shell=None, gridding=True,
-                    prior_mean=None):
+                    prior_mean=None, weight_floor=True):
         """Regularised reconstruction ``V = D / (W + 1 / (pad^3 T tau2))`` per voxel.
 
         ``tau2`` (per shell, per real/imaginary component, of the unpadded map's
@@ -546,6 +549,8 @@ class BackProjector:
         ``prior_mean`` (this grid's half-grid transform of a map, e.g. Blush's denoised
         map) makes the prior's mean that map instead of 0: ``V = (D + M / (pad^3 T
         tau2)) / (W + 1 / (pad^3 T tau2))``, which is M where no slice reached.
+
+        ``weight_floor``: RELION's floor on the divisor (below); off, a plain division.
         """
         xp = self.xp
         sh = self.shells()
@@ -558,6 +563,13 @@ class BackProjector:
                 tau2 > 0, 1.0 / (self.pad ** 3 * tau2_fudge * xp.maximum(tau2, 1e-300)), 0.0)
         inverse = prior_shell[sh]
         inverse += weight
+        # RELION's floor on the divisor: 1/1000 of its mean over the shell, so that a
+        # voxel few slices reached (a CTF zero, a sparse shell) cannot blow up; it
+        # decides where there is no prior (the unregularised reconstruction after a
+        # --firstiter_cc iteration), rarely elsewhere.
+        if weight_floor:
+            floor = self._mean_per_shell(inverse, n_grid_shells) / RECONSTRUCTION_FLOOR
+            xp.maximum(inverse, floor[sh], out=inverse)
         xp.maximum(inverse, 1e-300, out=inverse)
         xp.divide(1.0, inverse, out=inverse)
         if prior_mean is None:

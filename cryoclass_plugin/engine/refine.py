@@ -261,6 +261,10 @@ class Refinement:
                                  f"aligned particles or drop {flag}")
         if s.offset_step <= 0:
             raise CryoClassError(f"--offset_step {s.offset_step:g}: must be > 0 pixels")
+        if s.allow_coarser_sampling and (s.n_classes < 2 or s.skip_align):
+            raise CryoClassError("--allow_coarser_sampling: changes the sampling of "
+                                 "classifications that align (--K 2 or more, without "
+                                 "--skip_align), as RELION's; drop it")
         check_class_count(len(self.table), s.n_classes, s.input_star)
         if s.solvent_mask2:
             self._check_solvent_mask2()
