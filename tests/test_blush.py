@@ -7,7 +7,7 @@ import torch
 from cryoclass_plugin.blush import training_data
 from cryoclass_plugin.blush.denoise import (BlushRegulariser, DEFAULT_WEIGHTS, blend_weight,
                                             prior_mean_ft, MASK_EXTRA_A, MASK_EDGE_A)
-from cryoclass_plugin.blush.network import BlushUNet, n_parameters, NETWORK_APIX
+from cryoclass_plugin.blush.network import BlushUNet, Conv3d, n_parameters, NETWORK_APIX
 from cryoclass_plugin.blush.resample import (fft_c, ifft_c, network_box, radius_grid,
                                              resample, rfft_radius)
 from cryoclass_plugin.blush.train import TrainConfig, make_pool, save_weights, train
@@ -85,6 +85,20 @@ def test_network_is_small_and_loads_weights_only():
     assert n_parameters(model) < 500_000
     x = torch.zeros(1, 1, 24, 24, 24)
     assert model(x).shape == x.shape
+
+
+def test_inference_convolution_matches_torchs():
+    """The oneDNN inference path gives torch's own convolution, on a shape torch would
+    send to its native kernel (one map, 32 channels of 12^3) and on a 1x1 one."""
+    torch.manual_seed(0)
+    for c_in, c_out, k in ((32, 32, 3), (16, 8, 1)):
+        conv = Conv3d(c_in, c_out, k, padding=k // 2)
+        x = torch.randn(1, c_in, 12, 12, 12)
+        with torch.no_grad():
+            fast = conv(x)
+            reference = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=k // 2)
+        assert fast.shape == reference.shape
+        assert float((fast - reference).abs().max()) < 1e-4 * float(reference.abs().max())
 
 
 def test_output_equals_vreg_above_crossover(blush):
