@@ -298,14 +298,16 @@ def part_b(args):
     print(C.format_table(cmp_headers, cmp_rows))
     print("\ncommands:\n" + "\n".join(c.replace(C.REPO + os.sep, "") for c in commands))
     if args.markdown:
-        C.print_markdown(headers, rows, notes=CLASSIFY_NOTES,
+        C.print_markdown(headers, rows, notes=classify_notes(args),
                          after=C.markdown_table(cmp_headers, cmp_rows))
 
 
-CLASSIFY_NOTES = (
+def classify_notes(args):
+    """Part B's notes under its markdown table (the run's own iterations and threads)."""
+    return (
     "Sets: `cryoclass simulate` (the seed of the table, box 64, 4 A/px); runs: "
     "`cryoclass refine` with the flags of tests/test_accuracy_recommended.py (TUTORIAL) plus `--init_classes pca "
-    "--consensus_iter 6`, 25 iterations, `--j 2`, one run at a time.",
+    f"--consensus_iter 6`, {args.iters} iterations, `--j {args.j}`, one run at a time.",
     "FSC0.5: the class map matched to each true class (Hungarian on the assignments) "
     "against the true map; solvent noise: the map's RMS over solvent inside the 205 A "
     "mask (> 8 A from the molecule) over its RMS on the molecule; s / iteration: mean "
@@ -313,7 +315,7 @@ CLASSIFY_NOTES = (
     "stage (where Blush runs). Comparison: gain > 0 and shells > 0 mean Blush better; "
     "one shell is 1 / 256 A^-1. '*': the matched class ended empty, and its map is the "
     "last one it had.",
-)
+    )
 
 
 def main():
