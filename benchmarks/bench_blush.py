@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_blush.py                 # part A (a few minutes)
     .venv/bin/python benchmarks/bench_blush.py --classify      # + part B (long)
     .venv/bin/python benchmarks/bench_blush.py --skip-denoise --classify --markdown
+    .venv/bin/python benchmarks/bench_blush.py --skip-denoise --inference   # part C
 
 Part A -- denoising of held-out maps, never seen in training: the simulator's phantom
 (``cryoclass_plugin.engine.simulate``: the three true class maps of seed 0, box 64 at
@@ -26,13 +27,18 @@ with and without ``--blush`` on simulated sets (``--sets N:SNR:CLASSES[:SEED]``;
 and 600 at SNR 0.05 with one class; K = CLASSES), and with ``--blush_mode prior-mean``
 on the sets named by ``--prior-mean`` (default the SNR 0.02 one of seed 0).  Flags: the
 RELION tutorial's as tests/test_accuracy_recommended.py passes them, plus the
-recommended start (``--init_classes pca --consensus_iter 6``), ``--iter 25 --j 2``; one
+recommended start (``--init_classes pca --consensus_iter 6``), ``--iter 25 --j 2``
+(``--iters``, ``--j``); one
 run at a time, in ``--work``/sim_.../{plain,blush,...}.  A run that finished with the
 same command is evaluated again, not rerun (``--rerun`` forces it).  Reported per run:
 the simulator's oracle accuracy, ARI and best-match accuracy, per true class the
 FSC-0.5 resolution and solvent noise of its matched class map, the mean seconds per
 iteration and per M-step; then per set Blush against no Blush, in the terms of issue
 20's targets.  ``--markdown`` prints the docs/benchmarks.md block.
+
+Part C (``--inference``) -- the time of one Blush pass on a box-64 class map, with 1
+and 2 threads, with the network's oneDNN inference path and with torch's own choice of
+convolution kernel.
 """
 import argparse
 import json
@@ -318,6 +324,36 @@ def classify_notes(args):
     )
 
 
+def inference_time(weights, box=BOX, apix=APIX, diameter=205.0, repeats=5):
+    """Part C: seconds of one Blush pass on a class map (best and median of ``repeats``
+    after a warm-up), 1 and 2 threads, with the network's oneDNN inference path and with
+    torch's own choice of convolution kernel."""
+    from cryoclass_plugin.blush import network
+    vol = np.random.default_rng(0).normal(size=(box,) * 3).astype(np.float32)
+    ours = network.Conv3d.forward
+    rows = []
+    try:
+        for label, forward in (("torch's own choice", torch.nn.Conv3d.forward),
+                               ("always oneDNN (blush.network.Conv3d)", ours)):
+            network.Conv3d.forward = forward
+            row = [label]
+            for threads in (1, 2):
+                blush = BlushRegulariser(weights=weights, threads=threads)
+                blush.regularise(vol, apix, diameter)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    blush.regularise(vol, apix, diameter)
+                    times.append(time.perf_counter() - start)
+                row.append(f"{min(times):.3f} s (median {np.median(times):.3f})")
+            rows.append(row)
+    finally:
+        network.Conv3d.forward = ours
+    print(f"\nBlush pass per class map: box {box}, {apix:g} A/px, particle {diameter:g} A; "
+          f"best of {repeats} after a warm-up")
+    print(C.format_table(["convolution kernels", "1 thread", "2 threads"], rows))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--crossovers", type=float, nargs="+", default=[30.0, 20.0, 14.0, 10.0])
@@ -327,6 +363,8 @@ def main():
     ap.add_argument("--weights", default=None, help="weights file (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--classify", action="store_true", help="also run part B")
+    ap.add_argument("--inference", action="store_true",
+                    help="also time one Blush pass per class map (part C)")
     ap.add_argument("--skip-denoise", action="store_true", help="skip part A")
     ap.add_argument("--sets", nargs="+", type=_set_spec,
                     default=[(600, 0.02, 3, None), (600, 0.05, 3, None), (600, 0.05, 1, None),
@@ -349,6 +387,8 @@ def main():
         blush = BlushRegulariser(weights=args.weights, threads=1)
         print(blush.describe())
         part_a(blush, args.crossovers, args.synthetic, args.seed, args.beta)
+    if args.inference:
+        inference_time(args.weights)
     if args.classify:
         part_b(args)
 
