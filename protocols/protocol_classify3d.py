@@ -228,8 +228,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "replaces the map below 6 A, as RELION 5's Blush does with its "
                            "network. On held-out simulated maps at low SNR the blended "
                            "maps reach FSC 0.5 at 11-12 A against 15-19 A without it "
-                           "(docs/benchmarks.md). Costs about 0.2 s per class and "
-                           "iteration on one CPU thread at box 64.")
+                           "(docs/benchmarks.md). Costs about 0.15 s per class and "
+                           "iteration on one CPU thread at box 64. Not advised for very "
+                           "noisy data (SNR ~0.02): there it drew the class maps "
+                           "together in our tests.")
 
     def _defineClassStartParams(self, form):
         """The Optimisation tab's options of the consensus starts (not in RELION)."""
