@@ -34,6 +34,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from .backend import to_numpy
 
@@ -161,14 +162,8 @@ def expected_errors(projector, ctf, inv_sigma2, ky, kx, box, rng):
 
 
 def _random_rotations(rng, n):
-    """(n, 3, 3) rotations uniform on SO(3) (from uniform unit quaternions)."""
-    q = _random_unit_vectors(rng, n, 4)
-    w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], axis=1)
+    """(n, 3, 3) rotations uniform on SO(3)."""
+    return Rotation.random(n, random_state=rng).as_matrix()
 
 
 def fine_step_deg(order, oversampling):
