@@ -52,6 +52,7 @@ import numpy as np
 
 from .backend import get_xp
 from .fourier import fft_axis
+from . import workers
 
 # Rotations interpolated per chunk.  On the CPU small chunks keep the (chunk, n_pixels)
 # temporaries of the eight corner passes in cache (32 rotations x 1500 pixels x 8 bytes
@@ -335,9 +336,8 @@ class Projector:
         kxy = _pixel_pairs(ky, kx)
         steps = _corner_steps(self.grid)
         mate_sum = self.grid.mate_sum
-        chunk = _rotation_chunk(xp)
-        for start in range(0, R, chunk):
-            stop = min(start + chunk, R)
+
+        def rows(start, stop):
             first, bx, fx, fy, fz = _corners(matrices[start:stop], kxy, self.grid)
             # Corners with q_x < 0 (lower x corner if bx < 0, upper if bx < -1) are
             # read at their mate and conjugated.
@@ -359,6 +359,13 @@ class Projector:
                 corner *= weight
                 imag *= sign[i % 2]
                 acc += corner
+
+        ranges = workers.split(R, _rotation_chunk(xp))
+        if xp is np:
+            workers.map_ranges(rows, ranges)
+        else:
+            for start, stop in ranges:
+                rows(start, stop)
         return out
 
 
@@ -425,50 +432,88 @@ class BackProjector:
         grid = self.grid
         grid.check_pixels(ky, kx)
         kxy = _pixel_pairs(ky, kx)
-        steps = xp.asarray(_corner_steps(grid), dtype=xp.int64)[:, None, None]
-        dx = xp.asarray([0, 1] * 4, dtype=xp.int64)[:, None, None]
         chunk = (max(1, _INSERT_ENTRIES_CPU // (8 * max(1, ky.shape[0]))) if xp is np
                  else _ROTATION_CHUNK_GPU)
-        for start in range(0, matrices.shape[0], chunk):
-            stop = min(start + chunk, matrices.shape[0])
-            first, bx, fx, fy, fz = _corners(xp.asarray(matrices[start:stop]), kxy, grid)
-            # (8, r, n) weights; the products with the values in float32, then summed
-            # in float64.
-            w = xp.stack(list(_corner_weights(fx, fy, fz)))
-            flat = first.astype(xp.int64)[None] + steps
-            qx = bx.astype(xp.int64)[None] + dx
-            neg, plane = qx < 0, qx == 0
-            mate = grid.mate_sum - flat
-            val = slices[start:stop][None]
-            re = xp.broadcast_to(val.real, w.shape)
-            im = xp.broadcast_to(val.imag, w.shape)
-            wt = xp.broadcast_to(weights[start:stop][None], w.shape)
-            # Each corner at q_x >= 0 as it is, at q_x < 0 at its mate (conjugate), and
-            # on the q_x = 0 plane at its mate too (both are stored).
-            target = xp.concatenate([xp.where(neg, mate, flat).ravel(), mate[plane]])
-            self._scatter(target, [
-                xp.concatenate([(w * re).ravel(), w[plane] * re[plane]]),
-                xp.concatenate([(w * xp.where(neg, -im, im)).ravel(), -w[plane] * im[plane]]),
-                xp.concatenate([(w * wt).ravel(), w[plane] * wt[plane]])])
 
-    def _scatter(self, flat, terms):
+        def entries(start, stop):
+            """The chunk's scatter targets and its (real, imaginary, weight) terms: the
+            eight corners' entries corner by corner, each in (rotation, pixel) order, then
+            the q_x = 0 corners' entries at their mates in the same order.  Products of
+            the interpolation weights with the values in float32 (summed in float64)."""
+            first, bx, fx, fy, fz = _corners(xp.asarray(matrices[start:stop]), kxy, grid)
+            first = first.astype(xp.int64)
+            m = first.size
+            # A corner's q_x is bx + d, d = 0 for the lower and 1 for the upper x corner
+            # (odd corners).  Where it is < 0 the corner is stored at its mate
+            # mate_sum - index, conjugated: index s (first + step) + origin with s = -1
+            # and origin = mate_sum there, s = 1 and origin = 0 elsewhere.
+            s_int, s_float, origin, on_plane = [], [], [], []
+            for d in (0, 1):
+                neg = bx < -d
+                s_int.append(xp.where(neg, -1, 1).astype(xp.int64))
+                s_float.append(s_int[d].astype(xp.float32).ravel())
+                origin.append((s_int[d] * first + neg * xp.int64(grid.mate_sum)).ravel())
+                on_plane.append(xp.flatnonzero(bx == -d))
+            n_plane = sum(on_plane[i % 2].size for i in range(8))
+            values = (slices[start:stop].real, slices[start:stop].imag, weights[start:stop])
+            flat_values = [v.ravel() for v in values]
+            target = xp.empty(8 * m + n_plane, dtype=xp.int64)
+            terms = [xp.empty(8 * m + n_plane, dtype=xp.result_type(fx.dtype, v.dtype))
+                     for v in values]
+            flat_first = first.ravel()
+            pos = 8 * m
+            for i, (step, w) in enumerate(zip(_corner_steps(grid), _corner_weights(fx, fy, fz))):
+                d = i % 2
+                seg = slice(i * m, (i + 1) * m)
+                xp.multiply(s_int[d], step, out=target[seg].reshape(first.shape))
+                target[seg] += origin[d]
+                for term, v in zip(terms, values):
+                    xp.multiply(w, v, out=term[seg].reshape(first.shape))
+                terms[1][seg] *= s_float[d]
+                # On the q_x = 0 plane the corner is stored at its mate as well.
+                at = on_plane[d]
+                if at.size:
+                    plane = slice(pos, pos + at.size)
+                    target[plane] = grid.mate_sum - (flat_first[at] + step)
+                    w_at = w.ravel()[at]
+                    for term, v in zip(terms, flat_values):
+                        xp.multiply(w_at, v[at], out=term[plane])
+                    terms[1][plane] *= -1
+                    pos += at.size
+            return target, terms
+
+        ranges = workers.split(matrices.shape[0], chunk)
+        if xp is not np:
+            for start, stop in ranges:
+                self._scatter_gpu(*entries(start, stop))
+            return
+        pair = self.data.view(np.float64).reshape(self.grid.size, 2)
+        n = self.grid.size
+
+        def binned(start, stop):
+            # bincount is numpy's fast scatter-add (np.add.at is ~10x slower).
+            target, terms = entries(start, stop)
+            return [np.bincount(target, weights=t, minlength=n) for t in terms]
+
+        # Chunks run on the worker threads a round at a time (each holds three
+        # grid-sized sums), added in chunk order: the same sums whatever the threads.
+        per_round = workers.workers()
+        for r0 in range(0, len(ranges), per_round):
+            for re_sum, im_sum, w_sum in workers.map_ranges(binned, ranges[r0:r0 + per_round]):
+                pair[:, 0] += re_sum
+                pair[:, 1] += im_sum
+                self.weight += w_sum
+
+    def _scatter_gpu(self, flat, terms):
         """Add ``terms`` (real part, imaginary part, weight; each aligned with the flat
-        indices ``flat``) into ``data`` and ``weight``."""
+        indices ``flat``) into ``data`` and ``weight`` by CuPy's atomic adds (cupy.bincount
+        would check its input on the host: a device synchronisation per call)."""
+        import cupyx
         xp = self.xp
         pair = self.data.view(xp.float64).reshape(self.grid.size, 2)
-        n = self.grid.size
-        if xp is np:
-            # numpy: bincount is the fast scatter-add (np.add.at is ~10x slower).
-            pair[:, 0] += np.bincount(flat, weights=terms[0].astype(np.float64), minlength=n)
-            pair[:, 1] += np.bincount(flat, weights=terms[1].astype(np.float64), minlength=n)
-            self.weight += np.bincount(flat, weights=terms[2].astype(np.float64), minlength=n)
-        else:
-            # CuPy: atomic adds; cupy.bincount would check its input on the host
-            # (a device synchronisation per call).
-            import cupyx
-            both = xp.stack([terms[0], terms[1]], axis=1).astype(xp.float64)
-            cupyx.scatter_add(pair, flat, both)
-            cupyx.scatter_add(self.weight, flat, terms[2].astype(xp.float64))
+        both = xp.stack([terms[0], terms[1]], axis=1).astype(xp.float64)
+        cupyx.scatter_add(pair, flat, both)
+        cupyx.scatter_add(self.weight, flat, terms[2].astype(xp.float64))
 
     def symmetrised(self):
         """``(data, weight)``: the sums hold every sample's Hermitian mate already

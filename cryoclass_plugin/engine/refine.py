@@ -24,6 +24,7 @@ from .mpi import SharedError, get_comm, split_range
 from .run_guard import available_memory, dropped_particles_path
 from .mrc_io import ImageSource, read_map
 from .mstep import power_spectrum_half
+from .workers import set_workers
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)
 from .outputs import write_iteration
 from .particles import ParticleData, Pixels, group_index, image_mask, mask_diameter_angst
@@ -186,6 +187,7 @@ class Refinement:
             reserve_gpu_memory(self.xp, settings.free_gpu_memory)
         self._limit_threads()
         set_fft_workers(settings.threads)
+        set_workers(settings.threads)
         self.table = read_particles(settings.input_star, require_ctf=settings.ctf)
         self._dropped = None
         if settings.drop_bad_particles:

@@ -1,0 +1,51 @@
+"""Worker threads of the CPU interpolation (projection) and insertion loops.
+
+The engine's gathers and scatter-adds (:mod:`.projector`) are numpy loops over chunks
+of rotations; BLAS and the FFTs have threads of their own, these loops do not.  numpy
+releases the GIL inside ``take``, its element-wise loops and ``bincount``'s counting, so
+chunks of rotations run side by side in Python threads.  The engine sets the number of
+threads from ``--j`` (:func:`set_workers`); CuPy arrays never use them.
+
+Every chunk writes its own rows of the output (projection) or its own partial sums
+(insertion, added in chunk order afterwards), so results do not depend on the number of
+threads or on their timing.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+_WORKERS = 1
+_POOL = None
+
+
+def set_workers(n):
+    """Use ``n`` (>= 1) threads in :func:`map_ranges`."""
+    global _WORKERS, _POOL
+    n = max(1, int(n))
+    if n != _WORKERS and _POOL is not None:
+        _POOL.shutdown(wait=True)
+        _POOL = None
+    _WORKERS = n
+
+
+def workers():
+    return _WORKERS
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="cryoclass")
+    return _POOL
+
+
+def split(n_items, chunk):
+    """``(start, stop)`` ranges of at most ``chunk`` items covering ``range(n_items)``."""
+    return [(s, min(s + chunk, n_items)) for s in range(0, n_items, max(1, int(chunk)))]
+
+
+def map_ranges(fn, ranges):
+    """``[fn(start, stop) for start, stop in ranges]``, the calls spread over the worker
+    threads when there are more than one (and more than one range); results in the order
+    of ``ranges``."""
+    if _WORKERS == 1 or len(ranges) < 2:
+        return [fn(a, b) for a, b in ranges]
+    return list(_pool().map(lambda r: fn(*r), ranges))
