@@ -399,6 +399,55 @@ def padded_shell_counts(box, pad, n_shells):
     return counts
 
 
+def _insert_entries(grid, matrices, kxy, slices, weights, start, stop, xp):
+    """For :meth:`BackProjector.insert`, rotations ``start:stop``: the scatter targets
+    (flat half-grid indices) and their (real, imaginary, weight) terms.  The eight
+    corners' entries corner by corner, each in (rotation, pixel) order, then the
+    q_x = 0 corners' entries at their mates in the same order.  Products of the
+    interpolation weights with the values in float32 (summed in float64)."""
+    first, bx, fx, fy, fz = _corners(xp.asarray(matrices[start:stop]), kxy, grid)
+    first = first.astype(xp.int64)
+    m = first.size
+    # A corner's q_x is bx + d, d = 0 for the lower and 1 for the upper x corner
+    # (odd corners).  Where it is < 0 the corner is stored at its mate
+    # mate_sum - index, conjugated: index s (first + step) + origin with s = -1
+    # and origin = mate_sum there, s = 1 and origin = 0 elsewhere.
+    s_int, s_float, origin, on_plane = [], [], [], []
+    for d in (0, 1):
+        neg = bx < -d
+        s_int.append(xp.where(neg, -1, 1).astype(xp.int64))
+        s_float.append(s_int[d].astype(xp.float32).ravel())
+        origin.append((s_int[d] * first + neg * xp.int64(grid.mate_sum)).ravel())
+        on_plane.append(xp.flatnonzero(bx == -d))
+    n_plane = sum(on_plane[i % 2].size for i in range(8))
+    values = (slices[start:stop].real, slices[start:stop].imag, weights[start:stop])
+    flat_values = [v.ravel() for v in values]
+    target = xp.empty(8 * m + n_plane, dtype=xp.int64)
+    terms = [xp.empty(8 * m + n_plane, dtype=xp.result_type(fx.dtype, v.dtype))
+             for v in values]
+    flat_first = first.ravel()
+    pos = 8 * m
+    for i, (step, w) in enumerate(zip(_corner_steps(grid), _corner_weights(fx, fy, fz))):
+        d = i % 2
+        seg = slice(i * m, (i + 1) * m)
+        xp.multiply(s_int[d], step, out=target[seg].reshape(first.shape))
+        target[seg] += origin[d]
+        for term, v in zip(terms, values):
+            xp.multiply(w, v, out=term[seg].reshape(first.shape))
+        terms[1][seg] *= s_float[d]
+        # On the q_x = 0 plane the corner is stored at its mate as well.
+        at = on_plane[d]
+        if at.size:
+            plane = slice(pos, pos + at.size)
+            target[plane] = grid.mate_sum - (flat_first[at] + step)
+            w_at = w.ravel()[at]
+            for term, v in zip(terms, flat_values):
+                xp.multiply(w_at, v[at], out=term[plane])
+            terms[1][plane] *= -1
+            pos += at.size
+    return target, terms
+
+
 class BackProjector:
     """Accumulates weighted slices into a padded 3D transform (cropped half grid) and
     reconstructs.
@@ -436,51 +485,7 @@ class BackProjector:
                  else _ROTATION_CHUNK_GPU)
 
         def entries(start, stop):
-            """The chunk's scatter targets and its (real, imaginary, weight) terms: the
-            eight corners' entries corner by corner, each in (rotation, pixel) order, then
-            the q_x = 0 corners' entries at their mates in the same order.  Products of
-            the interpolation weights with the values in float32 (summed in float64)."""
-            first, bx, fx, fy, fz = _corners(xp.asarray(matrices[start:stop]), kxy, grid)
-            first = first.astype(xp.int64)
-            m = first.size
-            # A corner's q_x is bx + d, d = 0 for the lower and 1 for the upper x corner
-            # (odd corners).  Where it is < 0 the corner is stored at its mate
-            # mate_sum - index, conjugated: index s (first + step) + origin with s = -1
-            # and origin = mate_sum there, s = 1 and origin = 0 elsewhere.
-            s_int, s_float, origin, on_plane = [], [], [], []
-            for d in (0, 1):
-                neg = bx < -d
-                s_int.append(xp.where(neg, -1, 1).astype(xp.int64))
-                s_float.append(s_int[d].astype(xp.float32).ravel())
-                origin.append((s_int[d] * first + neg * xp.int64(grid.mate_sum)).ravel())
-                on_plane.append(xp.flatnonzero(bx == -d))
-            n_plane = sum(on_plane[i % 2].size for i in range(8))
-            values = (slices[start:stop].real, slices[start:stop].imag, weights[start:stop])
-            flat_values = [v.ravel() for v in values]
-            target = xp.empty(8 * m + n_plane, dtype=xp.int64)
-            terms = [xp.empty(8 * m + n_plane, dtype=xp.result_type(fx.dtype, v.dtype))
-                     for v in values]
-            flat_first = first.ravel()
-            pos = 8 * m
-            for i, (step, w) in enumerate(zip(_corner_steps(grid), _corner_weights(fx, fy, fz))):
-                d = i % 2
-                seg = slice(i * m, (i + 1) * m)
-                xp.multiply(s_int[d], step, out=target[seg].reshape(first.shape))
-                target[seg] += origin[d]
-                for term, v in zip(terms, values):
-                    xp.multiply(w, v, out=term[seg].reshape(first.shape))
-                terms[1][seg] *= s_float[d]
-                # On the q_x = 0 plane the corner is stored at its mate as well.
-                at = on_plane[d]
-                if at.size:
-                    plane = slice(pos, pos + at.size)
-                    target[plane] = grid.mate_sum - (flat_first[at] + step)
-                    w_at = w.ravel()[at]
-                    for term, v in zip(terms, flat_values):
-                        xp.multiply(w_at, v[at], out=term[plane])
-                    terms[1][plane] *= -1
-                    pos += at.size
-            return target, terms
+            return _insert_entries(grid, matrices, kxy, slices, weights, start, stop, xp)
 
         ranges = workers.split(matrices.shape[0], chunk)
         if xp is not np:
