@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from . import estep
+from . import estep, workers
 from .backend import get_xp, to_numpy
 from .geometry import euler_to_matrix, angular_distance_deg
 from .local_search import rotation_log_prior
@@ -163,10 +163,14 @@ def coarse_pass(setup, block, xp):
     prior_t = estep.log_offset_prior(total_offsets, setup.sigma_offset_px)        # (B, T)
     class_of_col = xp.repeat(xp.asarray(classes), R)
     col_prior = setup.log_class_prior[class_of_col]                               # (KR,)
-    step = max(1, int(setup.block_log_budget // max(1, T * KR)))
-    sig_t, sig_kr, n_sig = [], [], []
-    for s in range(0, B, step):
-        e = min(B, s + step)
+    # On the CPU the particles' score blocks run side by side on the worker threads
+    # (element-wise passes and the significance search are single-threaded numpy), each
+    # with single-threaded BLAS; the blocks shrink so that their scores together stay
+    # within the budget.
+    n_threads = workers.workers() if xp is np else 1
+    step = max(1, int(setup.block_log_budget // max(1, T * KR * n_threads)))
+
+    def significant_in(s, e):
         x = block.images_f[s:e, :nc]
         c = block.ctf[s:e, :nc]
         if setup.use_cc:
@@ -182,12 +186,16 @@ def coarse_pass(setup, block, xp):
             scores = xp.where((class_of_col[None, None, :] == allowed[:, None, None]),
                               scores, -xp.inf)
         flat = scores.reshape(e - s, T * KR)
-        setup.counts.coarse += (e - s) * T * KR
         if setup.use_cc:
-            chosen = [xp.asarray([int(i)]) for i in to_numpy(flat.argmax(axis=1))]
-        else:
-            chosen, _ = estep.significant_samples(flat, setup.adaptive_fraction,
-                                                  setup.max_significant)
+            return [xp.asarray([int(i)]) for i in to_numpy(flat.argmax(axis=1))]
+        return estep.significant_samples(flat, setup.adaptive_fraction,
+                                         setup.max_significant)[0]
+
+    with workers.single_threaded_blas(n_threads > 1):
+        chosen_per_range = workers.map_ranges(significant_in, workers.split(B, step))
+    setup.counts.coarse += B * T * KR
+    sig_t, sig_kr, n_sig = [], [], []
+    for chosen in chosen_per_range:
         for idx in chosen:
             idx = to_numpy(idx)
             col = idx % KR
@@ -314,9 +322,21 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     if batch_bytes is None:
         batch_bytes = fine_batch_bytes(xp)
     budget = batch_bytes // (8 * n_pix)
-    work = n_r * n_t
     order = np.lexsort((n_t, n_r))
     sums = _FineSums(B, n_pix, setup.n_classes, xp)
+    # Its GEMMs are small (one sub-batch's rows x pixels); with --j threads BLAS's own
+    # threads cost more in synchronisation than they gain, so they run single-threaded.
+    with workers.single_threaded_blas(xp is np and workers.workers() > 1):
+        _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget,
+                          tables, xp, sums, results, first_index)
+    sums.flush(setup, block, acc, xp)
+
+
+def _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget, tables, xp,
+                      sums, results, first_index):
+    """Run :func:`_fine_batch` over sub-batches of the particles in ``order``."""
+    B = len(order)
+    work = n_r * n_t
     start = 0
     while start < B:
         # Grow the sub-batch (sorted by n_r, then n_t) while it fits the memory budget and
@@ -335,7 +355,6 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
         _fine_batch(setup, block, order[start:end], rows, t_children, tables, xp, sums,
                     results, first_index)
         start = end
-    sums.flush(setup, block, acc, xp)
 
 
 def _add_noise_rows(setup, groups, residual, acc, xp):

@@ -11,6 +11,7 @@ Every chunk writes its own rows of the output (projection) or its own partial su
 threads or on their timing.
 """
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 _WORKERS = 1
 _POOL = None
@@ -49,3 +50,19 @@ def map_ranges(fn, ranges):
     if _WORKERS == 1 or len(ranges) < 2:
         return [fn(a, b) for a, b in ranges]
     return list(_pool().map(lambda r: fn(*r), ranges))
+
+
+@contextmanager
+def single_threaded_blas(enabled=True):
+    """Within the block, BLAS uses one thread when ``enabled``: for loops whose chunks
+    already run side by side on the worker threads (BLAS threads on top of them would
+    only compete for the same cores).  Without threadpoolctl nothing changes."""
+    limiter = nullcontext()
+    if enabled:
+        try:
+            from threadpoolctl import threadpool_limits
+            limiter = threadpool_limits(limits=1, user_api="blas")
+        except ImportError:
+            pass
+    with limiter:
+        yield
