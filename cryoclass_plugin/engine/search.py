@@ -180,7 +180,9 @@ def coarse_pass(setup, block, xp):
             w, pw, _ = estep.image_terms(x, c, block.inv_sigma2[s:e, :nc])
             zero = xp.zeros(e - s, dtype=xp.float32)
             scores = estep.log_likelihoods(w, pw, zero, shifts, setup.coarse_pair, setup.coarse_power)
-            scores += prior_t[s:e, :, None] + col_prior[None, None, :]
+            # Two in-place additions: their sum would be a third block-sized array.
+            scores += prior_t[s:e, :, None]
+            scores += col_prior[None, None, :]
         if block.allowed_class is not None:
             allowed = xp.asarray(block.allowed_class[s:e])
             scores = xp.where((class_of_col[None, None, :] == allowed[:, None, None]),
