@@ -283,6 +283,35 @@ def _corners(matrices, kxy, grid):
     return first, bx, coords[:, 0], coords[:, 1], coords[:, 2]
 
 
+def _flipped_corners(matrices, kxy, grid):
+    """Trilinear footprint of the slice pixels at rotations ``matrices`` (R, 3, 3), with
+    every point on the stored half grid.
+
+    The pixel ``(kx, ky)`` of rotation ``A`` sits at the padded frequency point
+    ``c = pad * (kx A[0] + ky A[1])``; where ``c_x < 0`` the point is replaced by ``-c``
+    (the transform is Hermitian, and trilinear interpolation at ``-c`` reads the mates
+    of ``c``'s corners with the same weights, so the value at ``c`` is the conjugate).
+    Points are clipped to the grid (as :func:`_corners`).  Returns ``first`` (R, n),
+    the flat index of the lower corner (int32 while the grid allows), the fractional
+    parts ``fx, fy, fz`` (R, n) float32 and ``sign`` (R, n) float32, -1 for the flipped
+    points (their interpolated values are to be conjugated)."""
+    xp = get_xp(matrices)
+    A = (grid.pad * matrices[:, :2, :]).astype(xp.float32)              # (R, 2, 3)
+    coords = xp.matmul(A.transpose(0, 2, 1), kxy)                       # (R, 3, n)
+    sign = xp.where(coords[:, 0] < 0, xp.float32(-1), xp.float32(1))    # (R, n)
+    coords *= sign[:, None, :]
+    coords += xp.float32(grid.big // 2)
+    xp.clip(coords, xp.float32(grid.lo), xp.float32(grid.hi), out=coords)
+    itype = xp.int32 if 2 * grid.size < 2 ** 31 else xp.int64
+    base = coords.astype(itype)              # >= 0: truncation is the floor
+    coords -= base
+    off = grid.h - grid.big // 2             # padded index -> offset q + h
+    first = (base[:, 2] + off) * (grid.ny * grid.nx)
+    first += (base[:, 1] + off) * grid.nx
+    first += base[:, 0] - grid.big // 2
+    return first, coords[:, 0], coords[:, 1], coords[:, 2], sign
+
+
 def _corner_steps(grid):
     """Flat offsets of the eight neighbours, order (z, y, x) with x fastest."""
     s, n = grid.ny * grid.nx, grid.nx
@@ -326,8 +355,9 @@ class Projector:
         """Slices ``(R, n_pixels)`` complex64 for rotation matrices ``(R, 3, 3)``.
 
         Trilinear interpolation as eight gathers of (chunk, n) corner values, each
-        weighted and summed in place (no (R, n, 8) temporaries); points read at their
-        mate are conjugated at the end."""
+        weighted and summed in place (no (R, n, 8) temporaries).  A point with
+        ``c_x < 0`` is interpolated at ``-c`` and conjugated (:func:`_flipped_corners`),
+        so every corner lies on the stored half grid."""
         xp = self.xp
         self.grid.check_pixels(ky, kx)
         matrices = xp.asarray(matrices)
@@ -335,30 +365,20 @@ class Projector:
         out = xp.empty((R, n), dtype=xp.complex64)
         kxy = _pixel_pairs(ky, kx)
         steps = _corner_steps(self.grid)
-        mate_sum = self.grid.mate_sum
 
         def rows(start, stop):
-            first, bx, fx, fy, fz = _corners(matrices[start:stop], kxy, self.grid)
-            # Corners with q_x < 0 (lower x corner if bx < 0, upper if bx < -1) are
-            # read at their mate and conjugated.
-            # As integers: the corner at first + step is read at s (first + step) + o,
-            # s = -1 and o = mate_sum for the mates, s = 1 and o = 0 otherwise.
-            neg = (bx < 0, bx < -1)
-            s_int = [xp.where(m, -1, 1).astype(first.dtype) for m in neg]
-            origin = [first * si + m * first.dtype.type(mate_sum) for si, m in zip(s_int, neg)]
-            sign = [si.astype(xp.float32) for si in s_int]
+            first, fx, fy, fz, sign = _flipped_corners(matrices[start:stop], kxy, self.grid)
             acc = out[start:stop]
             acc[...] = 0
             corner = xp.empty(first.shape, dtype=xp.complex64)
             index = xp.empty_like(first)
-            imag = corner.view(xp.float32).reshape(first.shape + (2,))[..., 1]
-            for i, (step, weight) in enumerate(zip(steps, _corner_weights(fx, fy, fz))):
-                xp.multiply(s_int[i % 2], step, out=index)
-                index += origin[i % 2]
+            for step, weight in zip(steps, _corner_weights(fx, fy, fz)):
+                xp.add(first, first.dtype.type(step), out=index)
                 xp.take(self._flat, index, out=corner)
                 corner *= weight
-                imag *= sign[i % 2]
                 acc += corner
+            # F(-c) = F(c)*: the flipped points' values are conjugated.
+            acc.view(xp.float32).reshape(first.shape + (2,))[..., 1] *= sign
 
         ranges = workers.split(R, _rotation_chunk(xp))
         if xp is np:
