@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import time
 
 from ..engine.errors import CryoClassError, NotImplementedOption, RunInterrupted
@@ -360,10 +361,15 @@ def _run(ref, settings, lock):
                 log(f"done: {model.iteration} iterations in {time.time() - t0:.1f} s; "
                     f"outputs {settings.output_root}_it{model.iteration:03d}_*")
     except KeyboardInterrupt as stop:
+        # The launcher may signal again (mpirun forwards SIGTERM, then ends the job once a
+        # rank has exited): nothing more may cut the one message short.
+        _ignore_interrupts()
         what = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
-        _quiet_on_other_ranks(ref.comm, RunInterrupted.exit_code)
         if ref.comm.size > 1 and os.path.exists(_failure_marker(settings.output_root)):
             raise SystemExit(2)     # mpirun ending the job after another rank's error
+        if ref.comm.size > 1 and not _claim_interrupt_report(ref.comm, log_path,
+                                                             settings.output_root):
+            raise SystemExit(RunInterrupted.exit_code)
         line = interrupted_line(settings.output_root, what)
         if ref.comm.size > 1 and tell_launcher_terminal(f"cryoclass refine: {line}"):
             _log_quietly(log_path, line)    # first: the launcher may kill the ranks soon
@@ -424,6 +430,56 @@ def _fail_one_rank(comm, line, output_root):
         _log_quietly(f"{output_root}.log", f"error (rank {comm.rank}): {line}")
         print(f"cryoclass refine: error: {line}", file=sys.stderr, flush=True)
     comm.abort(2)
+
+
+#: Seconds a rank other than 0 waits, after an interrupt, for rank 0's message.
+REPORT_WAIT_S = 3.0
+
+
+def _ignore_interrupts():
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass        # not the main thread: nothing to change
+
+
+def _interrupt_marker(output_root):
+    """The file by which one rank claims the report of an interrupted job (a temporary
+    of the run, cleared with the others)."""
+    folder, base = os.path.split(os.path.abspath(output_root))
+    return os.path.join(folder, f".{base}.interrupted.tmp0")
+
+
+def _claim_interrupt_report(comm, log_path, output_root):
+    """Whether this rank reports an interrupt of a job of several ranks.  Rank 0 does, at
+    once; another rank first waits (at most ``REPORT_WAIT_S``) for rank 0's message in
+    the log, and reports only if none came: mpirun signals every rank, but rank 0 may be
+    blocked in a collective that waits for the others and never see its signal (mpirun
+    then stops it once another rank has exited).  The report is claimed by creating
+    :func:`_interrupt_marker`, so that the message is written once."""
+    if comm.rank != 0:
+        # What follows the first ';' of the message (:func:`interrupted_line`) does not
+        # depend on the signal's name, which can differ from rank to rank.
+        advice = interrupted_line(output_root).split(";", 1)[-1]
+        deadline = time.time() + REPORT_WAIT_S
+        while time.time() < deadline:
+            if os.path.exists(_interrupt_marker(output_root)):
+                return False
+            try:
+                with open(log_path) as fh:
+                    if advice in fh.read():
+                        return False
+            except OSError:
+                pass
+            time.sleep(0.05)
+    try:
+        os.close(os.open(_interrupt_marker(output_root), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return comm.rank == 0       # the folder cannot take the marker: rank 0 reports
 
 
 def _quiet_on_other_ranks(comm, code):
