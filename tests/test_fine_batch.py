@@ -143,3 +143,39 @@ def test_two_iterations_batched_equal_reference(data_dir, tmp_path, monkeypatch)
             ma, _ = read_map(tmp_path / "batched" / f"run_it{it:03d}_class{k:03d}.mrc")
             mb, _ = read_map(tmp_path / "reference" / f"run_it{it:03d}_class{k:03d}.mrc")
             _close(ma, mb, f"iteration {it}: class {k} map", PROB_TOL)
+
+
+def test_fine_sub_batches_on_threads_equal_one_thread_bit_for_bit(data_dir, tmp_path,
+                                                                  monkeypatch):
+    """With --j threads the sub-batches are computed side by side and added in their
+    order (:func:`workers.map_in_order`): tables, M-step sums and results equal the
+    one-thread run exactly."""
+    from cryoclass_plugin.engine import workers
+    original = search.fine_pass
+    calls = []
+
+    def shadowed(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index):
+        batch_bytes = 8 * int(setup.ky.shape[0]) * 300        # several sub-batches
+        ref = copy.deepcopy((tables, acc, results), memo={id(xp): xp, id(setup): setup})
+        workers.set_workers(1)
+        original(setup, block, sig_t, sig_kr, ref[0], ref[1], xp, ref[2], first_index,
+                 batch_bytes=batch_bytes)
+        workers.set_workers(3)
+        try:
+            original(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index,
+                     batch_bytes=batch_bytes)
+        finally:
+            workers.set_workers(1)
+        for name in ("data", "weight", "row_posterior"):
+            assert np.array_equal(getattr(tables, name), getattr(ref[0], name)), name
+        for name in ("noise_sum", "noise_count", "class_weight"):
+            assert np.array_equal(getattr(acc, name), getattr(ref[1], name)), name
+        assert acc.offset_sq == ref[1].offset_sq and acc.offset_weight == ref[1].offset_weight
+        got, want = results.arrays(), ref[2].arrays()
+        for key in want:
+            assert np.array_equal(got[key], want[key]), key
+        calls.append(len(sig_kr))
+
+    monkeypatch.setattr(search, "fine_pass", shadowed)
+    assert _refine(data_dir, tmp_path / "run", "--iter", "2", "--norm", "--scale") == 0
+    assert len(calls) >= 6

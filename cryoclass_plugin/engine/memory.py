@@ -17,7 +17,10 @@ coarse slices         ``20 K R_c n_c`` (complex64 slices, their float32 pair and
                       ``R_c`` coarse rotations, ``n_c`` coarse pixels)
 block arrays          ``B n (12 + 8 T)`` (images, CTFs, shifted images) + the coarse
                       score budget (256 MiB, ``search.SearchSetup.block_log_budget``)
-thread scratch        ``32 n 32`` per thread (the interpolation's per-chunk temporaries)
+thread scratch        ``32 n 32`` per thread (the interpolation's per-chunk temporaries),
+                      plus the fine pass's sub-batches in flight (``threads + 1`` with
+                      several threads, else one), each ``5 x 16 MiB`` (their arrays
+                      take about five budgets of ``search.FINE_BATCH_BYTES_CPU``)
 fine tables           ``fine_table_bytes`` (the fine pass's budget)
 image cache           ``cache_bytes`` (+ the whole stack with ``--preread_images``)
 ====================  =====================================================================
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 
 from .errors import CryoClassError
 from .projector import _SLAB_BYTES, current_grid_shell, grid_half_extent
+from .search import FINE_BATCH_BYTES_CPU
 
 GiB = float(2 ** 30)
 SCORE_BUDGET_BYTES = 4 * 64 * 2 ** 20       # search.SearchSetup.block_log_budget floats
@@ -78,7 +82,8 @@ def estimate_memory(box, current_shell, pad, n_classes, block_size, n_pixels, th
         "coarse slices": 20 * K * int(n_coarse_rotations) * int(n_coarse_pixels),
         "block arrays": int(block_size) * int(n_pixels) * (12 + 8 * int(n_translations))
         + SCORE_BUDGET_BYTES,
-        "thread scratch": int(threads) * 32 * int(n_pixels) * 32,
+        "thread scratch": int(threads) * 32 * int(n_pixels) * 32
+        + (int(threads) + 1 if int(threads) > 1 else 1) * 5 * FINE_BATCH_BYTES_CPU,
         "fine tables": int(fine_table_bytes),
         "image cache": int(cache_bytes) + int(preread_bytes),
     }

@@ -305,8 +305,9 @@ OPTIONS = (
        "is capped at the device's memory minus this (needs --gpu)", group="Compute",
        on_continue="change"),
     # ---- Running (and the engine's own compute knobs)
-    _o("threads", "j", int, 1, "threads per rank (BLAS, FFTs, projection and insertion)",
-       group="Running",
+    _o("threads", "j", int, 1,
+       "threads per rank (BLAS, FFTs, projection, insertion, the coarse score blocks and "
+       "the fine sub-batches)", group="Running",
        on_continue="change", param="numberOfThreads"),
     _o("verb", "verb", int, 1,
        "verbosity (RELION): 1 = the run's progress on the standard output; 0 = silent "

@@ -326,8 +326,8 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     budget = batch_bytes // (8 * n_pix)
     order = np.lexsort((n_t, n_r))
     sums = _FineSums(B, n_pix, setup.n_classes, xp)
-    # Its GEMMs are small (one sub-batch's rows x pixels); with --j threads BLAS's own
-    # threads cost more in synchronisation than they gain, so they run single-threaded.
+    # With --j threads the sub-batches run side by side on the worker threads, each with
+    # single-threaded BLAS (its GEMMs are small: one sub-batch's rows x pixels).
     with workers.single_threaded_blas(xp is np and workers.workers() > 1):
         _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget,
                           tables, xp, sums, results, first_index)
@@ -336,14 +336,33 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
 
 def _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget, tables, xp,
                       sums, results, first_index):
-    """Run :func:`_fine_batch` over sub-batches of the particles in ``order``."""
+    """Run the fine pass over sub-batches of the particles in ``order``: each
+    sub-batch's scores and sums (:func:`_fine_batch`) on the worker threads on the CPU,
+    added to the tables and results in sub-batch order (:func:`_apply_fine_batch`)."""
+    batches = _sub_batches(n_r, n_t, order, budget)
+
+    def compute(sel):
+        return _fine_batch(setup, block, sel, rows, t_children, tables, xp)
+
+    def apply(out):
+        _apply_fine_batch(setup, tables, xp, sums, results, first_index, out)
+
+    if xp is np:
+        workers.map_in_order(compute, apply, batches)
+    else:
+        for sel in batches:
+            apply(compute(sel))
+
+
+def _sub_batches(n_r, n_t, order, budget):
+    """The particles ``order`` (sorted by fine rotations, then translations) cut into
+    sub-batches: each grows while it fits the memory budget and its padded work
+    (particles x max rows x max translations) stays near its true work; a particle too
+    big for the budget goes alone."""
     B = len(order)
     work = n_r * n_t
-    start = 0
+    batches, start = [], 0
     while start < B:
-        # Grow the sub-batch (sorted by n_r, then n_t) while it fits the memory budget and
-        # its padded work (particles x max rows x max translations) stays near its true
-        # work; a particle too big for the budget goes alone.
         b = order[start]
         end, r_max, t_max, true = start + 1, n_r[b], n_t[b], work[b]
         while end < B:
@@ -354,9 +373,9 @@ def _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget, t
                     count * r2 * t2 > (1.0 + FINE_BATCH_WASTE) * true2 + FINE_BATCH_SLACK:
                 break
             r_max, t_max, true, end = r2, t2, true2, end + 1
-        _fine_batch(setup, block, order[start:end], rows, t_children, tables, xp, sums,
-                    results, first_index)
+        batches.append(order[start:end])
         start = end
+    return batches
 
 
 def _add_noise_rows(setup, groups, residual, acc, xp):
@@ -447,15 +466,15 @@ def _fine_posterior(setup, block, sel, x, isg, scores, valid, rows_d, rows_pad, 
     return prob, prob.argmax(axis=1), prob.max(axis=1), loglik
 
 
-def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, first_index):
+def _fine_batch(setup, block, sel, rows, t_children, tables, xp):
     """Fine pass of the block's particles ``sel`` (host indices), padded to a common
-    number of fine rotations ``Rm`` and translations ``Tm``."""
-    Bs = sel.shape[0]
+    number of fine rotations ``Rm`` and translations ``Tm``: scores, posteriors and the
+    sub-batch's sums, returned as a :class:`_FineBatch` (reads ``tables``, writes
+    nothing shared, so that sub-batches can run side by side)."""
     n = int(setup.ky.shape[0])
     f32 = xp.float32
     rows_pad, t_pad, valid_h, n_r, total_off = _pad_sub_batch(block, sel, rows, t_children)
-    Rm, Tm = rows_pad.shape[1], t_pad.shape[1]
-    setup.counts.fine_padded += Bs * Rm * Tm
+    Bs, Rm, Tm = sel.shape[0], rows_pad.shape[1], t_pad.shape[1]
     sel_d = xp.asarray(sel)
     x = block.images_f[sel_d]
     c = block.ctf[sel_d]
@@ -486,8 +505,6 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
     wpow = xp.matmul(w_rot[:, None, :], pow_rows)[:, 0, :]
     residual = ((x.real ** 2 + x.imag ** 2) * w_rot.sum(axis=1)[:, None]
                 - 2.0 * cross / isg + c ** 2 * wpow)
-    sums.residual[sel_d] = residual
-    _add_rows(xp, tables, rows_pad, n_r, rows_d, summed, w_rot, c * ctf_w)
     # --norm / --scale: per-particle sums over their pixels (cross / isg is
     # sum_{t,r} w Re(x s_t C conj(P_r)), c^2 wpow is sum_r w |C P_r|^2).
     extra = _correction_sums(setup, xp, residual, cross / isg, c ** 2 * wpow)
@@ -497,9 +514,43 @@ def _fine_batch(setup, block, sel, rows, t_children, tables, xp, sums, results, 
                                     loglik.astype(xp.float64)] + extra +
                                    [w_rot.astype(xp.float64).ravel(),
                                     w_trans.astype(xp.float64).ravel()]))
-    o = (3 + len(extra)) * Bs
-    _store_correction_sums(setup, results, first_index + sel, host[3 * Bs:o])
-    _store_fine_results(tables, sums, results, first_index + sel, rows_pad, t_pad, total_off,
+    return _FineBatch(sel, sel_d, rows_pad, rows_d, n_r, t_pad, total_off, residual, summed,
+                      w_rot, c * ctf_w, host, len(extra))
+
+
+@dataclass
+class _FineBatch:
+    """What :func:`_fine_batch` hands to :func:`_apply_fine_batch`: the sub-batch's
+    particles, padded rows and translations, its per-pixel residuals, per-rotation sums
+    (``summed``, ``w_rot``, ``ccw`` = C^2 / sigma2) and the host copy of its per-particle
+    figures (``host``, laid out as the concatenation in :func:`_fine_batch`)."""
+    sel: np.ndarray
+    sel_d: object
+    rows_pad: np.ndarray
+    rows_d: object
+    n_r: np.ndarray
+    t_pad: np.ndarray
+    total_off: np.ndarray
+    residual: object
+    summed: object
+    w_rot: object
+    ccw: object
+    host: np.ndarray
+    n_extra: int
+
+
+def _apply_fine_batch(setup, tables, xp, sums, results, first_index, out):
+    """Add a sub-batch (:class:`_FineBatch`) to the tables, the block's sums and the
+    particles' results."""
+    Bs, Rm = out.rows_pad.shape
+    Tm = out.t_pad.shape[1]
+    setup.counts.fine_padded += Bs * Rm * Tm
+    sums.residual[out.sel_d] = out.residual
+    _add_rows(xp, tables, out.rows_pad, out.n_r, out.rows_d, out.summed, out.w_rot, out.ccw)
+    host, i = out.host, first_index + out.sel
+    o = (3 + out.n_extra) * Bs
+    _store_correction_sums(setup, results, i, host[3 * Bs:o])
+    _store_fine_results(tables, sums, results, i, out.rows_pad, out.t_pad, out.total_off,
                         host[:Bs].astype(np.int64), host[Bs:2 * Bs], host[2 * Bs:3 * Bs],
                         host[o:o + Bs * Rm].reshape(Bs, Rm), host[o + Bs * Rm:].reshape(Bs, Tm))
 

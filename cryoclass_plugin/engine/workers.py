@@ -1,4 +1,5 @@
-"""Worker threads of the CPU interpolation (projection) and insertion loops.
+"""Worker threads of the CPU interpolation (projection) and insertion loops, the coarse
+pass's score blocks and the fine pass's sub-batches.
 
 The engine's gathers and scatter-adds (:mod:`.projector`) are numpy loops over chunks
 of rotations; BLAS and the FFTs have threads of their own, these loops do not.  numpy
@@ -7,9 +8,11 @@ chunks of rotations run side by side in Python threads.  The engine sets the num
 threads from ``--j`` (:func:`set_workers`); CuPy arrays never use them.
 
 Every chunk writes its own rows of the output (projection) or its own partial sums
-(insertion, added in chunk order afterwards), so results do not depend on the number of
-threads or on their timing.
+(insertion, added in chunk order afterwards; fine sub-batches, added in their order by
+:func:`map_in_order`), so results do not depend on the number of threads or on their
+timing.
 """
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
@@ -50,6 +53,26 @@ def map_ranges(fn, ranges):
     if _WORKERS == 1 or len(ranges) < 2:
         return [fn(a, b) for a, b in ranges]
     return list(_pool().map(lambda r: fn(*r), ranges))
+
+
+def map_in_order(compute, apply, items):
+    """``apply(compute(item))`` for every item, applied in the items' order.
+
+    The ``compute`` calls run on the worker threads, at most one per thread ahead of the
+    ``apply`` calls (which run in the calling thread), so that only a few results are
+    held at a time.  When ``compute`` reads shared state and only ``apply`` writes it,
+    the outcome is that of the serial loop, whatever the number of threads."""
+    if _WORKERS == 1:
+        for item in items:
+            apply(compute(item))
+        return
+    pending = deque()
+    for item in items:
+        pending.append(_pool().submit(compute, item))
+        if len(pending) > _WORKERS:
+            apply(pending.popleft().result())
+    while pending:
+        apply(pending.popleft().result())
 
 
 @contextmanager
