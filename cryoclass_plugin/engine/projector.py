@@ -255,21 +255,26 @@ def _pixel_pairs(ky, kx):
     return xp.stack([kx, ky]).astype(xp.float32)
 
 
-def _corners(matrices, kxy, grid):
-    """Trilinear footprint of the slice pixels at rotations ``matrices`` (R, 3, 3).
-
-    The pixel ``(kx, ky)`` of rotation ``A`` sits at the padded index point
-    ``pad * (kx A[0] + ky A[1]) + P // 2`` (x, y, z), clipped to ``[grid.lo, grid.hi]``
-    (pixels inside the grid's shell never are; the clip only guards against rounding).
-    Returns ``first`` (R, n), the flat index of the lower corner on the grid extended
-    to ``q_x < 0`` (``((q_z + h) ny + q_y + h) nx + q_x``; int32 while the grid allows),
-    ``bx`` (R, n) its ``q_x``, and the fractional parts ``fx, fy, fz`` (R, n) float32;
-    the eight neighbours are ``first + _corner_steps(grid)`` with weights the products
-    of ``f`` or ``1 - f`` per axis.  A corner with ``q_x < 0`` is stored at its mate,
-    flat index ``grid.mate_sum - index`` (:func:`_stored`)."""
+def _slice_points(matrices, kxy, grid):
+    """Padded frequency points ``c = pad * (kx A[0] + ky A[1])`` (x, y, z) of the slice
+    pixels at rotations ``matrices`` (R, 3, 3): (R, 3, n) float32."""
     xp = get_xp(matrices)
     A = (grid.pad * matrices[:, :2, :]).astype(xp.float32)              # (R, 2, 3)
-    coords = xp.matmul(A.transpose(0, 2, 1), kxy)                       # (R, 3, n)
+    return xp.matmul(A.transpose(0, 2, 1), kxy)
+
+
+def _lower_corners(coords, grid):
+    """Trilinear footprint of padded frequency points ``coords`` (R, 3, n), overwritten.
+
+    A point ``c`` sits at the padded index point ``c + P // 2``, clipped to
+    ``[grid.lo, grid.hi]`` (pixels inside the grid's shell never are; the clip only
+    guards against rounding).  Returns ``first`` (R, n), the flat index of the lower
+    corner on the grid extended to ``q_x < 0`` (``((q_z + h) ny + q_y + h) nx + q_x``;
+    int32 while the grid allows), ``bx`` (R, n) its ``q_x``, and the fractional parts
+    ``fx, fy, fz`` (R, n) float32; the eight neighbours are
+    ``first + _corner_steps(grid)`` with weights the products of ``f`` or ``1 - f`` per
+    axis."""
+    xp = get_xp(coords)
     coords += xp.float32(grid.big // 2)
     xp.clip(coords, xp.float32(grid.lo), xp.float32(grid.hi), out=coords)
     itype = xp.int32 if 2 * grid.size < 2 ** 31 else xp.int64
@@ -283,33 +288,28 @@ def _corners(matrices, kxy, grid):
     return first, bx, coords[:, 0], coords[:, 1], coords[:, 2]
 
 
-def _flipped_corners(matrices, kxy, grid):
-    """Trilinear footprint of the slice pixels at rotations ``matrices`` (R, 3, 3), with
-    every point on the stored half grid.
+def _corners(matrices, kxy, grid):
+    """:func:`_lower_corners` of the slice pixels at rotations ``matrices`` (R, 3, 3).  A
+    corner with ``q_x < 0`` is stored at its mate, flat index ``grid.mate_sum - index``
+    (:func:`_stored`)."""
+    return _lower_corners(_slice_points(matrices, kxy, grid), grid)
 
-    The pixel ``(kx, ky)`` of rotation ``A`` sits at the padded frequency point
-    ``c = pad * (kx A[0] + ky A[1])``; where ``c_x < 0`` the point is replaced by ``-c``
-    (the transform is Hermitian, and trilinear interpolation at ``-c`` reads the mates
-    of ``c``'s corners with the same weights, so the value at ``c`` is the conjugate).
-    Points are clipped to the grid (as :func:`_corners`).  Returns ``first`` (R, n),
-    the flat index of the lower corner (int32 while the grid allows), the fractional
-    parts ``fx, fy, fz`` (R, n) float32 and ``sign`` (R, n) float32, -1 for the flipped
-    points (their interpolated values are to be conjugated)."""
+
+def _flipped_corners(matrices, kxy, grid):
+    """:func:`_lower_corners` of the slice pixels at rotations ``matrices`` (R, 3, 3),
+    with every corner on the stored half grid.
+
+    Where ``c_x < 0`` the point ``c`` is replaced by ``-c`` (the transform is Hermitian,
+    and trilinear interpolation at ``-c`` reads the mates of ``c``'s corners with the
+    same weights, so the value at ``c`` is the conjugate).  Returns ``first``, ``fx,
+    fy, fz`` and ``sign`` (R, n) float32, -1 for the flipped points (their interpolated
+    values are to be conjugated)."""
     xp = get_xp(matrices)
-    A = (grid.pad * matrices[:, :2, :]).astype(xp.float32)              # (R, 2, 3)
-    coords = xp.matmul(A.transpose(0, 2, 1), kxy)                       # (R, 3, n)
+    coords = _slice_points(matrices, kxy, grid)
     sign = xp.where(coords[:, 0] < 0, xp.float32(-1), xp.float32(1))    # (R, n)
     coords *= sign[:, None, :]
-    coords += xp.float32(grid.big // 2)
-    xp.clip(coords, xp.float32(grid.lo), xp.float32(grid.hi), out=coords)
-    itype = xp.int32 if 2 * grid.size < 2 ** 31 else xp.int64
-    base = coords.astype(itype)              # >= 0: truncation is the floor
-    coords -= base
-    off = grid.h - grid.big // 2             # padded index -> offset q + h
-    first = (base[:, 2] + off) * (grid.ny * grid.nx)
-    first += (base[:, 1] + off) * grid.nx
-    first += base[:, 0] - grid.big // 2
-    return first, coords[:, 0], coords[:, 1], coords[:, 2], sign
+    first, _, fx, fy, fz = _lower_corners(coords, grid)
+    return first, fx, fy, fz, sign
 
 
 def _corner_steps(grid):
