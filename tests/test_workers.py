@@ -91,3 +91,28 @@ def test_refine_gives_the_same_classes_and_maps_with_one_and_three_threads(tmp_p
     assert (classes[0] == classes[1]).all()
     for a, b in zip(*maps):
         assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+
+
+def test_unthreaded_calls_stay_on_the_calling_thread(restore_workers):
+    """CuPy work (``threaded=False``) must not move to the worker threads, whatever --j:
+    a new thread would use another device and another stream."""
+    import threading
+    workers.set_workers(3)
+    me = threading.get_ident()
+    ranges = workers.split(40, 4)
+    assert set(workers.map_ranges(lambda a, b: threading.get_ident(), ranges,
+                                  threaded=False)) == {me}
+    seen = []
+    workers.map_in_order(lambda i: (i, threading.get_ident()), seen.append, range(10),
+                         threaded=False)
+    assert seen == [(i, me) for i in range(10)]
+
+
+def test_map_in_order_applies_in_the_items_order(restore_workers):
+    import time
+    workers.set_workers(3)
+    applied = []
+    # Later items finish first: the applies must still come in the items' order.
+    workers.map_in_order(lambda i: (time.sleep(0.002 * (10 - i)), i)[1], applied.append,
+                         range(10))
+    assert applied == list(range(10))

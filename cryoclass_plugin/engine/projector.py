@@ -380,12 +380,7 @@ class Projector:
             # F(-c) = F(c)*: the flipped points' values are conjugated.
             acc.view(xp.float32).reshape(first.shape + (2,))[..., 1] *= sign
 
-        ranges = workers.split(R, _rotation_chunk(xp))
-        if xp is np:
-            workers.map_ranges(rows, ranges)
-        else:
-            for start, stop in ranges:
-                rows(start, stop)
+        workers.map_ranges(rows, workers.split(R, _rotation_chunk(xp)), threaded=xp is np)
         return out
 
 

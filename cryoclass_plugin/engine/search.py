@@ -194,7 +194,8 @@ def coarse_pass(setup, block, xp):
                                          setup.max_significant)[0]
 
     with workers.single_threaded_blas(n_threads > 1):
-        chosen_per_range = workers.map_ranges(significant_in, workers.split(B, step))
+        chosen_per_range = workers.map_ranges(significant_in, workers.split(B, step),
+                                              threaded=xp is np)
     setup.counts.coarse += B * T * KR
     sig_t, sig_kr, n_sig = [], [], []
     for chosen in chosen_per_range:
@@ -347,11 +348,7 @@ def _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget, t
     def apply(out):
         _apply_fine_batch(setup, tables, xp, sums, results, first_index, out)
 
-    if xp is np:
-        workers.map_in_order(compute, apply, batches)
-    else:
-        for sel in batches:
-            apply(compute(sel))
+    workers.map_in_order(compute, apply, batches, threaded=xp is np)
 
 
 def _sub_batches(n_r, n_t, order, budget):

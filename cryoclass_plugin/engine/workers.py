@@ -46,23 +46,25 @@ def split(n_items, chunk):
     return [(s, min(s + chunk, n_items)) for s in range(0, n_items, max(1, int(chunk)))]
 
 
-def map_ranges(fn, ranges):
+def map_ranges(fn, ranges, threaded=True):
     """``[fn(start, stop) for start, stop in ranges]``, the calls spread over the worker
-    threads when there are more than one (and more than one range); results in the order
-    of ``ranges``."""
-    if _WORKERS == 1 or len(ranges) < 2:
+    threads when there are more than one (and more than one range, and ``threaded``:
+    callers pass ``xp is np``, as CuPy work stays on the calling thread); results in the
+    order of ``ranges``."""
+    if not threaded or _WORKERS == 1 or len(ranges) < 2:
         return [fn(a, b) for a, b in ranges]
     return list(_pool().map(lambda r: fn(*r), ranges))
 
 
-def map_in_order(compute, apply, items):
+def map_in_order(compute, apply, items, threaded=True):
     """``apply(compute(item))`` for every item, applied in the items' order.
 
     The ``compute`` calls run on the worker threads, at most one per thread ahead of the
     ``apply`` calls (which run in the calling thread), so that only a few results are
     held at a time.  When ``compute`` reads shared state and only ``apply`` writes it,
-    the outcome is that of the serial loop, whatever the number of threads."""
-    if _WORKERS == 1:
+    the outcome is that of the serial loop, whatever the number of threads.  With
+    ``threaded`` false (CuPy work) the loop is serial."""
+    if not threaded or _WORKERS == 1:
         for item in items:
             apply(compute(item))
         return
