@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from .engine.errors import CryoClassError, RunInterrupted
+from .heap import retain_freed_memory
 
 # command name -> (module under cryoclass_plugin.commands, one-line help)
 COMMANDS = {
@@ -45,6 +46,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
+    retain_freed_memory()   # before numpy starts its threads: see cryoclass_plugin.heap
     module = importlib.import_module(f"cryoclass_plugin.commands.{COMMANDS[name][0]}")
     sub = argparse.ArgumentParser(prog=f"cryoclass {name}", description=COMMANDS[name][1])
     module.add_args(sub)
