@@ -190,3 +190,38 @@ def test_candidates_do_not_depend_on_the_chunking(monkeypatch):
     chunked = local_search.candidate_rotations(grid, views, 7.0)
     for a, b in zip(whole[0] + whole[1], chunked[0] + chunked[1]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_local_coarse_sub_batches_on_threads_equal_one_thread(aligned_dir, tmp_path,
+                                                              monkeypatch):
+    """With --j threads the local coarse pass's sub-batches run side by side (each
+    projecting its candidates: a projection inside a worker thread runs in that thread)
+    and their significant samples come back in particle order, as with one thread."""
+    from cryoclass_plugin.engine import workers
+    original = local_search.local_coarse_pass
+    calls = []
+
+    def shadowed(setup, block, cand_ids, cand_logp, xp, batch_bytes):
+        small = 4 * int(max(c.shape[0] for c in cand_ids)) * 2 * 2 * setup.n_coarse * 3
+        runs = []
+        for n in (1, 3):
+            workers.set_workers(n)
+            before = (setup.counts.coarse, setup.counts.significant)
+            try:
+                out = original(setup, block, cand_ids, cand_logp, xp, small)
+            finally:
+                workers.set_workers(1)
+            runs.append((out, setup.counts.coarse - before[0],
+                         setup.counts.significant - before[1]))
+        (one, c1, s1), (three, c3, s3) = runs
+        assert (c1, s1) == (c3, s3)
+        np.testing.assert_array_equal(one[2], three[2])
+        for a, b in zip(one[0] + one[1], three[0] + three[1]):
+            np.testing.assert_array_equal(a, b)
+        calls.append(len(cand_ids))
+        return three
+
+    monkeypatch.setattr(local_search, "local_coarse_pass", shadowed)
+    assert _refine(aligned_dir, tmp_path / "run", "aligned.star", "--iter", "2",
+                   "--sigma_ang", "8", "--healpix_order", "2") == 0
+    assert len(calls) >= 2

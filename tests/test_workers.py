@@ -116,3 +116,25 @@ def test_map_in_order_applies_in_the_items_order(restore_workers):
     workers.map_in_order(lambda i: (time.sleep(0.002 * (10 - i)), i)[1], applied.append,
                          range(10))
     assert applied == list(range(10))
+
+
+def test_a_map_inside_a_worker_thread_runs_in_that_thread():
+    """A nested map (a projection inside a sub-batch computed on a worker) must not wait
+    for the pool's own threads, which may all be busy with the outer map's items."""
+    import threading
+    workers.set_workers(2)
+    try:
+        def compute(item):
+            names = workers.map_ranges(lambda a, b: threading.current_thread().name,
+                                       [(0, 1), (1, 2), (2, 3)])
+            assert set(names) == {threading.current_thread().name}
+            return item
+        done = []
+        worker = threading.Thread(target=workers.map_in_order,
+                                  args=(compute, done.append, list(range(6))))
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "nested map did not finish"
+        assert done == list(range(6))
+    finally:
+        workers.set_workers(1)

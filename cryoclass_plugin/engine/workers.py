@@ -12,12 +12,22 @@ Every chunk writes its own rows of the output (projection) or its own partial su
 :func:`map_in_order`), so results do not depend on the number of threads or on their
 timing.
 """
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 _WORKERS = 1
 _POOL = None
+_THREAD_PREFIX = "cryoclass-worker"
+
+
+def _serial(threaded):
+    """Whether a map runs in the calling thread: unthreaded work, one worker, or a call
+    from a worker thread itself (a nested map, e.g. a projection inside a local search's
+    sub-batch, waiting for the same pool's threads could wait forever)."""
+    return (not threaded or _WORKERS == 1
+            or threading.current_thread().name.startswith(_THREAD_PREFIX))
 
 
 def set_workers(n):
@@ -37,7 +47,7 @@ def workers():
 def _pool():
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="cryoclass")
+        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix=_THREAD_PREFIX)
     return _POOL
 
 
@@ -51,7 +61,7 @@ def map_ranges(fn, ranges, threaded=True):
     threads when there are more than one (and more than one range, and ``threaded``:
     callers pass ``xp is np``, as CuPy work stays on the calling thread); results in the
     order of ``ranges``."""
-    if not threaded or _WORKERS == 1 or len(ranges) < 2:
+    if _serial(threaded) or len(ranges) < 2:
         return [fn(a, b) for a, b in ranges]
     return list(_pool().map(lambda r: fn(*r), ranges))
 
@@ -64,7 +74,7 @@ def map_in_order(compute, apply, items, threaded=True):
     held at a time.  When ``compute`` reads shared state and only ``apply`` writes it,
     the outcome is that of the serial loop, whatever the number of threads.  With
     ``threaded`` false (CuPy work) the loop is serial."""
-    if not threaded or _WORKERS == 1:
+    if _serial(threaded):
         for item in items:
             apply(compute(item))
         return
