@@ -9,8 +9,8 @@ the tutorial's 300-particle Class3D job at box 64 on two cores that zeroing was 
 a fifth of all CPU samples and a third of the CPU time was system time.
 
 :func:`retain_freed_memory` keeps blocks below :data:`MMAP_THRESHOLD_BYTES` on the
-heap, trims the heap's top only above 2 GiB of free space and serves every thread from one arena, so a freed
-temporary's pages are reused instead of returned.  Blocks of at least
+heap, trims the heap's top only above 2 GiB of free space and serves every thread from
+one arena, so a freed temporary's pages are reused instead of returned.  Blocks of at least
 :data:`MMAP_THRESHOLD_BYTES` (the projector grids and reconstructions of large boxes)
 are still mapped and returned on their own, so the large-box memory plan
 (:mod:`.engine.memory`) still holds: the resident set can grow by at most the heap's
@@ -21,8 +21,8 @@ first allocation gives it an arena of its own unless the limit of one is already
 and such an arena maps and unmaps its large blocks whatever the threshold.
 
 Measured (benchmarks/bench_vs_relion's 300-particle job, ``--j 2``, AMD EPYC, two
-cores): minor page faults 0.67-0.72 M -> 0.09 M, system time 13.3 -> 6.3 s, wall time
-24.7 -> 19.9 s, peak RSS 1.65 -> 1.77 GB.
+cores; docs/benchmarks.md, "Speed against relion_refine"): minor page faults 0.67-0.72 M
+-> 0.04-0.09 M, system time 13.3-13.5 -> 5.7-7.5 s, wall time 24.7-24.8 -> 19.6-22.4 s.
 """
 import ctypes
 import os
