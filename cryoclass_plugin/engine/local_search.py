@@ -257,8 +257,11 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
     # Sub-batch: particles x K x (padded) candidates x 2 nc floats within the budget.
     per_particle = max(1, int(n_l.max()) * K * max(2 * nc, T) * 4)
     step = max(1, int(batch_bytes // per_particle))
-    scored = _LocalScoring(setup, block, cand_ids, cand_logp, classes, shifts, prior_t, n_l, xp)
     sig_t, sig_kr, n_sig = [], [], []
+
+    def compute(span):
+        return _local_sub_batch(setup, block, cand_ids, cand_logp, classes, shifts,
+                                prior_t, n_l, xp, *span)
 
     def apply(out):
         n_scores, t, kr = out
@@ -267,72 +270,56 @@ def local_coarse_pass(setup, block, cand_ids, cand_logp, xp, batch_bytes):
         sig_kr.extend(kr)
         n_sig.extend(x.shape[0] for x in t)
 
-    # With --j threads the sub-batches run side by side on the worker threads, each with
-    # single-threaded BLAS; their significant samples are kept in sub-batch order.
-    threaded = xp is np and workers.workers() > 1
-    with workers.single_threaded_blas(threaded):
-        workers.map_in_order(scored.sub_batch, apply, workers.split(B, step), threaded)
+    # With --j threads the sub-batches run side by side on the worker threads; their
+    # significant samples are kept in sub-batch order.
+    workers.map_in_order(compute, apply, workers.split(B, step), threaded=xp is np)
     setup.counts.significant += int(np.sum(n_sig))
     return sig_t, sig_kr, np.asarray(n_sig, dtype=np.int64)
 
 
-@dataclass
-class _LocalScoring:
-    """What every sub-batch of :func:`local_coarse_pass` reads (never writes)."""
-    setup: object
-    block: object
-    cand_ids: list
-    cand_logp: list
-    classes: np.ndarray
-    shifts: object          # (T, nc) phase factors
-    prior_t: object         # (B, T) log offset priors
-    n_l: np.ndarray         # candidates per particle
-    xp: object
-
-    def sub_batch(self, span):
-        """Particles ``span = (s, e)``: ``(number of scores, sig_t, sig_kr)``, the last two
-        per particle as :func:`local_coarse_pass` returns them."""
-        s, e = span
-        setup, block, xp, classes = self.setup, self.block, self.xp, self.classes
-        nc, K = setup.n_coarse, classes.shape[0]
-        R = setup.orientations.n_rotations
-        T = self.shifts.shape[0]
-        f32 = xp.float32
-        Bs = e - s
-        Lm = int(self.n_l[s:e].max())
-        # Pad each particle's candidates to Lm with its first one (prior -inf).
-        filled = np.arange(Lm)[None, :] < self.n_l[s:e, None]
-        ids_pad = np.zeros((Bs, Lm), dtype=np.int64)
-        logp_pad = np.full((Bs, Lm), -np.inf)
-        ids_pad[filled] = np.concatenate(self.cand_ids[s:e])
-        logp_pad[filled] = np.concatenate(self.cand_logp[s:e])
-        ids_pad = np.where(filled, ids_pad, ids_pad[:, :1])
-        slices, power = _candidate_slices(setup, classes, ids_pad, xp)
-        x, c = block.images_f[s:e, :nc], block.ctf[s:e, :nc]
-        col_logp = xp.asarray(np.tile(logp_pad, (1, K)), dtype=f32)          # (Bs, K Lm)
-        scores, _ = estep.own_slice_scores(x, c, block.inv_sigma2[s:e, :nc],
-                                           self.shifts[None], slices, power, setup.use_cc)
-        if setup.use_cc:
-            # Hard maximum inside the search ball.
-            scores = xp.where(xp.isfinite(col_logp)[:, None, :], scores, -xp.inf)
-        else:
-            scores += self.prior_t[s:e, :, None]
-            class_prior = xp.repeat(setup.log_class_prior[xp.asarray(classes)], Lm)  # (K Lm,)
-            scores += (col_logp + class_prior[None, :])[:, None, :]
-        if block.allowed_class is not None:
-            allowed = xp.asarray(block.allowed_class[s:e])
-            col_class = xp.repeat(xp.asarray(classes), Lm)
-            scores = xp.where(col_class[None, None, :] == allowed[:, None, None], scores, -xp.inf)
-        flat = scores.reshape(Bs, T * K * Lm)
-        if setup.use_cc:
-            chosen = [np.asarray([i]) for i in to_numpy(flat.argmax(axis=1))]
-        else:
-            chosen, _ = estep.significant_samples(flat, setup.adaptive_fraction,
-                                                  setup.max_significant)
-        sig_t, sig_kr = [], []
-        for j, idx in enumerate(chosen):
-            idx = to_numpy(idx)
-            col = idx % (K * Lm)
-            sig_t.append(idx // (K * Lm))
-            sig_kr.append(classes[col // Lm] * R + ids_pad[j, col % Lm])
-        return int(self.n_l[s:e].sum()) * K * T, sig_t, sig_kr
+def _local_sub_batch(setup, block, cand_ids, cand_logp, classes, shifts, prior_t, n_l, xp,
+                     s, e):
+    """:func:`local_coarse_pass` for the block's particles ``s:e`` (reads, never writes,
+    shared state): ``(number of scores, sig_t, sig_kr)``, the last two per particle."""
+    nc, K = setup.n_coarse, classes.shape[0]
+    R = setup.orientations.n_rotations
+    T = shifts.shape[0]
+    f32 = xp.float32
+    Bs = e - s
+    Lm = int(n_l[s:e].max())
+    # Pad each particle's candidates to Lm with its first one (prior -inf).
+    filled = np.arange(Lm)[None, :] < n_l[s:e, None]
+    ids_pad = np.zeros((Bs, Lm), dtype=np.int64)
+    logp_pad = np.full((Bs, Lm), -np.inf)
+    ids_pad[filled] = np.concatenate(cand_ids[s:e])
+    logp_pad[filled] = np.concatenate(cand_logp[s:e])
+    ids_pad = np.where(filled, ids_pad, ids_pad[:, :1])
+    slices, power = _candidate_slices(setup, classes, ids_pad, xp)
+    x, c = block.images_f[s:e, :nc], block.ctf[s:e, :nc]
+    col_logp = xp.asarray(np.tile(logp_pad, (1, K)), dtype=f32)          # (Bs, K Lm)
+    scores, _ = estep.own_slice_scores(x, c, block.inv_sigma2[s:e, :nc],
+                                       shifts[None], slices, power, setup.use_cc)
+    if setup.use_cc:
+        # Hard maximum inside the search ball.
+        scores = xp.where(xp.isfinite(col_logp)[:, None, :], scores, -xp.inf)
+    else:
+        scores += prior_t[s:e, :, None]
+        class_prior = xp.repeat(setup.log_class_prior[xp.asarray(classes)], Lm)  # (K Lm,)
+        scores += (col_logp + class_prior[None, :])[:, None, :]
+    if block.allowed_class is not None:
+        allowed = xp.asarray(block.allowed_class[s:e])
+        col_class = xp.repeat(xp.asarray(classes), Lm)
+        scores = xp.where(col_class[None, None, :] == allowed[:, None, None], scores, -xp.inf)
+    flat = scores.reshape(Bs, T * K * Lm)
+    if setup.use_cc:
+        chosen = [np.asarray([i]) for i in to_numpy(flat.argmax(axis=1))]
+    else:
+        chosen, _ = estep.significant_samples(flat, setup.adaptive_fraction,
+                                              setup.max_significant)
+    sig_t, sig_kr = [], []
+    for j, idx in enumerate(chosen):
+        idx = to_numpy(idx)
+        col = idx % (K * Lm)
+        sig_t.append(idx // (K * Lm))
+        sig_kr.append(classes[col // Lm] * R + ids_pad[j, col % Lm])
+    return int(n_l[s:e].sum()) * K * T, sig_t, sig_kr

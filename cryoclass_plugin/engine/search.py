@@ -329,9 +329,8 @@ def fine_pass(setup, block, sig_t, sig_kr, tables, acc, xp, results, first_index
     sums = _FineSums(B, n_pix, setup.n_classes, xp)
     # With --j threads the sub-batches run side by side on the worker threads, each with
     # single-threaded BLAS (its GEMMs are small: one sub-batch's rows x pixels).
-    with workers.single_threaded_blas(xp is np and workers.workers() > 1):
-        _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget,
-                          tables, xp, sums, results, first_index)
+    _fine_sub_batches(setup, block, rows, t_children, n_r, n_t, order, budget,
+                      tables, xp, sums, results, first_index)
     sums.flush(setup, block, acc, xp)
 
 

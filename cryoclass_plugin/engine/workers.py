@@ -71,20 +71,22 @@ def map_in_order(compute, apply, items, threaded=True):
 
     The ``compute`` calls run on the worker threads, at most one per thread ahead of the
     ``apply`` calls (which run in the calling thread), so that only a few results are
-    held at a time.  When ``compute`` reads shared state and only ``apply`` writes it,
-    the outcome is that of the serial loop, whatever the number of threads.  With
-    ``threaded`` false (CuPy work) the loop is serial."""
+    held at a time, and BLAS uses one thread meanwhile (the items already run side by
+    side).  When ``compute`` reads shared state and only ``apply`` writes it, the outcome
+    is that of the serial loop, whatever the number of threads.  With ``threaded`` false
+    (CuPy work) the loop is serial."""
     if _serial(threaded):
         for item in items:
             apply(compute(item))
         return
     pending = deque()
-    for item in items:
-        pending.append(_pool().submit(compute, item))
-        if len(pending) > _WORKERS:
+    with single_threaded_blas():
+        for item in items:
+            pending.append(_pool().submit(compute, item))
+            if len(pending) > _WORKERS:
+                apply(pending.popleft().result())
+        while pending:
             apply(pending.popleft().result())
-    while pending:
-        apply(pending.popleft().result())
 
 
 @contextmanager
