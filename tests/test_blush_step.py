@@ -41,7 +41,7 @@ def test_blush_runs_in_both_modes_and_is_logged(data, tmp_path, mode):
             "--blush_mode", mode]
     assert cli.main(argv) == 0
     log = open(f"{root}.log").read()
-    assert "blush: Blush weights blush_v1.pt" in log and f"mode {mode}" in log
+    assert "blush: Blush weights blush_v2.pt" in log and f"mode {mode}" in log
     for k in (1, 2):
         vol, _ = read_map(f"{root}_it002_class{k:03d}.mrc")
         assert np.isfinite(vol).all() and vol.std() > 0

@@ -63,7 +63,7 @@ MASK_EDGE_A = 10.0
 #: Shells (of the class map's grid) of the raised-cosine blend below the crossover.
 BLEND_SHELLS = 3.0
 #: The shipped weights.
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "blush_v1.pt")
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "blush_v2.pt")
 MODES = ("replace", "prior-mean")
 
 

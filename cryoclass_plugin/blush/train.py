@@ -8,11 +8,16 @@ of nothing, half white noise; target zero), mask them as
 :mod:`.denoise` masks maps (soft sphere of the structure's radius + 5 A with a 10 A
 edge), standardise both input and target by the input's RMS inside the mask, cut four
 random ``crop``^3 blocks of each, and take one Adam step (gradient norm clipped at
-``GRAD_CLIP``) on the relative squared error (:func:`relative_mse`) between the
-network's output and the target.  The learning rate decays from ``lr`` to
-``lr / 10`` (cosine).  A fixed validation set (16 degraded maps from ``seed + 1``)
-gives the loss before and after training, next to the loss of the identity (input
-returned unchanged).
+``GRAD_CLIP``) on the squared error relative to the identity's (:func:`identity_ratio`):
+each block's mean squared error between the network's output and the target, over the
+mean squared error of the block's input (the error of returning the input unchanged).
+The ratio is 1 for the identity whatever the map, so that maps with little noise left
+(high SSNR) and noise-only maps count alike: a loss in absolute units is dominated by the
+noise-only maps, whose error is a hundred times larger, and the network then learns to
+suppress rather than to denoise.  The learning rate decays from ``lr`` to
+``lr / 10`` (cosine).  A fixed validation set (``n_validation`` degraded maps and half as
+many noise-only ones, from ``seed + 1``) gives the ratio before and after training (the
+untrained network is the identity: ratio 1).
 
 Determinism: ``torch.manual_seed(seed)``, ``torch.use_deterministic_algorithms(True)``,
 one thread (``torch.set_num_threads(1)``) and a ``numpy`` generator seeded by ``seed``;
@@ -33,9 +38,10 @@ from . import training_data
 POOL_BOX = 64
 MASK_EXTRA_A = 5.0
 MASK_EDGE_A = 10.0
-#: Added to each map's target power in the loss's denominator (units of the standardised
-#: input's power, 1 inside the mask), so that noise-only maps (target 0) count too.
-LOSS_FLOOR = 0.1
+#: Floor of a map's identity error in the loss's denominator (units of the standardised
+#: input's power, 1 inside the mask): a map the degradation left (almost) exact must not
+#: divide by zero.
+LOSS_FLOOR = 1e-7
 #: Gradient norm clip (a few maps per step: one extreme pair must not throw the step).
 GRAD_CLIP = 1.0
 
@@ -43,7 +49,7 @@ GRAD_CLIP = 1.0
 @dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1800
+    steps: int = 3000
     pool: int = 240
     crop: int = 40
     crops_per_map: int = 4
@@ -95,8 +101,7 @@ def _mask(box, radius_a, apix):
 
 
 def training_example(clean, radius_a, rng, noise_only_fraction, apix=NETWORK_APIX):
-    """One masked, standardised ``(input, target, loss scale)`` triple (float32 maps of
-    the pool box; the loss scale is ``mean(target^2) + LOSS_FLOOR`` inside the mask)."""
+    """One masked, standardised ``(input, target)`` pair (float32 maps of the pool box)."""
     vol = orient(clean, int(rng.integers(len(ROTATIONS))), bool(rng.integers(2)))
     signal = rng.uniform() >= noise_only_fraction
     degraded, target = training_data.degrade(vol, apix, rng, signal=signal)
@@ -106,8 +111,13 @@ def training_example(clean, radius_a, rng, noise_only_fraction, apix=NETWORK_API
     scale = np.sqrt((mask * degraded.astype(np.float64) ** 2).sum() / mask.sum())
     x = (degraded * mask / scale).astype(np.float32)
     y = (target * mask / scale).astype(np.float32)
-    inside = mask > 0.5
-    return x, y, float((y[inside].astype(np.float64) ** 2).mean() + LOSS_FLOOR)
+    return x, y
+
+
+def identity_error(x, y):
+    """The loss's scale for the pair ``(x, y)``: ``mean((x - y)^2)``, at least
+    ``LOSS_FLOOR``."""
+    return float(max(((x.astype(np.float64) - y) ** 2).mean(), LOSS_FLOOR))
 
 
 def _crops(x, y, n, crop, rng):
@@ -121,26 +131,28 @@ def _crops(x, y, n, crop, rng):
     return xs, ys
 
 
-def validation_set(cfg):
-    rng = np.random.default_rng(cfg.seed + 1)
-    pool = make_pool(cfg.n_validation, cfg.seed + 1)
-    pairs = [training_example(c, r, rng, 0.0) for c, r in pool]
+def validation_set(cfg, noise_only=False):
+    """Fixed held-out pairs from ``seed + 1``: ``n_validation`` degraded maps, or (with
+    ``noise_only``) half as many reconstructions of nothing and white-noise maps."""
+    n = max(1, cfg.n_validation // 2) if noise_only else cfg.n_validation
+    rng = np.random.default_rng(cfg.seed + 1 + (1000 if noise_only else 0))
+    pool = make_pool(n, cfg.seed + 1)
+    pairs = [training_example(c, r, rng, 1.0 if noise_only else 0.0) for c, r in pool]
     x = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
     y = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None])
-    return x, y, torch.tensor([p[2] for p in pairs])
+    return x, y, torch.tensor([identity_error(*p) for p in pairs])
 
 
-def relative_mse(out, y, scale):
-    """Mean over maps of ``mean((out - y)^2) / scale``: each map's error relative to its
-    target's power, so that maps whose input the prior shrank strongly (large targets
-    in input units) do not dominate."""
+def identity_ratio(out, y, scale):
+    """Mean over maps (or blocks) of ``mean((out - y)^2) / scale``, ``scale`` being the
+    error of the map's input itself: 1 for the identity, 0 for a perfect denoiser."""
     per_map = ((out - y) ** 2).mean(dim=(1, 2, 3, 4))
     return (per_map / scale).mean()
 
 
 def evaluate(model, x, y, scale):
     with torch.no_grad():
-        return float(relative_mse(model(x), y, scale))
+        return float(identity_ratio(model(x), y, scale))
 
 
 def train(cfg, log=print):
@@ -152,12 +164,11 @@ def train(cfg, log=print):
     t0 = time.time()
     pool = make_pool(cfg.pool, cfg.seed)
     val = validation_set(cfg)
+    val_noise = validation_set(cfg, noise_only=True)
     model = BlushUNet(cfg.widths)
-    identity_loss = float(relative_mse(val[0], val[1], val[2]))
     loss_before = evaluate(model, *val)
     log(f"train-blush: pool of {cfg.pool} maps in {time.time() - t0:.0f} s; "
-        f"{n_parameters(model)} parameters; validation relative MSE {loss_before:.4f} "
-        f"(identity {identity_loss:.4f})")
+        f"{n_parameters(model)} parameters; validation error / identity's {loss_before:.4f}")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr / 10)
     t1 = time.time()
@@ -166,14 +177,14 @@ def train(cfg, log=print):
         xs, ys, scales = [], [], []
         for _ in range(cfg.maps_per_step):
             clean, radius = pool[int(rng.integers(len(pool)))]
-            x, y, scale = training_example(clean, radius, rng, cfg.noise_only_fraction)
+            x, y = training_example(clean, radius, rng, cfg.noise_only_fraction)
             cx, cy = _crops(x, y, cfg.crops_per_map, cfg.crop, rng)
             xs += cx
             ys += cy
-            scales += [scale] * cfg.crops_per_map
+            scales += [identity_error(a, b) for a, b in zip(cx, cy)]
         xb = torch.from_numpy(np.stack(xs)[:, None])
         yb = torch.from_numpy(np.stack(ys)[:, None])
-        loss = relative_mse(model(xb), yb, torch.tensor(scales))
+        loss = identity_ratio(model(xb), yb, torch.tensor(scales))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -188,14 +199,16 @@ def train(cfg, log=print):
         "seed": cfg.seed, "config": {k: (list(v) if isinstance(v, tuple) else v)
                                      for k, v in dataclasses.asdict(cfg).items()},
         "n_parameters": n_parameters(model), "network_apix": NETWORK_APIX,
-        "validation_mse_before": loss_before, "validation_mse_after": evaluate(model, *val),
-        "validation_mse_identity": identity_loss,
+        "loss": "squared error / the identity's",
+        "validation_ratio_before": loss_before, "validation_ratio_after": evaluate(model, *val),
+        "validation_noise_only_ratio_after": evaluate(model, *val_noise),
         "train_loss_first50": float(np.mean(running[:50])),
         "train_loss_last50": float(np.mean(running[-50:])),
         "seconds_total": time.time() - t0, "seconds_training": time.time() - t1,
         "torch_version": torch.__version__,
     }
-    log(f"train-blush: validation relative MSE {report['validation_mse_after']:.4f} after "
+    log(f"train-blush: validation error / identity's {report['validation_ratio_after']:.4f} "
+        f"(noise-only maps {report['validation_noise_only_ratio_after']:.4f}) after "
         f"{cfg.steps} steps ({report['seconds_total']:.0f} s in all)")
     return model, report
 

@@ -14,8 +14,8 @@ from ..engine.errors import CryoClassError
 def add_args(parser):
     parser.add_argument("--out", required=True, help="weights file to write (.pt)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--steps", type=int, default=1800,
-                        help="optimiser steps (default 1800, 15-20 min on one CPU thread)")
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="optimiser steps (default 3000, about 17 min on one CPU thread)")
     parser.add_argument("--pool", type=int, default=240,
                         help="number of clean synthetic maps to draw pairs from (default 240)")
     parser.add_argument("--crop", type=int, default=40,
