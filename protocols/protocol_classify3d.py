@@ -1064,13 +1064,19 @@ def methods_text(s, n_particles, class_sizes, merges=()):
     if getattr(s, "blush", False):
         parts.append("Each class map was regularised in every iteration with Blush "
                      "[Kimanius2024]: a 3D denoising network (cryoclass's own weights, "
-                     "trained on synthetic density) replaced the reconstruction below "
-                     "%s (mode %s)." % (
-                         "%g A" % s.blush_crossover if s.blush_crossover > 0 else
-                         "the network's Nyquist (6 A)", s.blush_mode))
+                     "trained on synthetic density) replaced the reconstruction %s "
+                     "(mode %s)." % (_methods_blush_band(s), s.blush_mode))
     parts.append("Class sizes: %s." % "; ".join(
         "class %d, %d particles" % (k, n) for k, n in enumerate(class_sizes, start=1)))
     return " ".join(p for p in parts if p)
+
+
+def _methods_blush_band(s):
+    """The band of frequencies where Blush's denoised map replaced the reconstruction."""
+    top = ("%g A" % s.blush_crossover if s.blush_crossover > 0 else
+           "the network's Nyquist (6 A)")
+    lowres = getattr(s, "blush_lowres", 0.0)
+    return "from %g A to %s" % (lowres, top) if lowres > 0 else "below %s" % top
 
 
 def _methods_start(s, K, consensus, several, step):

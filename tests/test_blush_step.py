@@ -42,6 +42,7 @@ def test_blush_runs_in_both_modes_and_is_logged(data, tmp_path, mode):
     assert cli.main(argv) == 0
     log = open(f"{root}.log").read()
     assert "blush: Blush weights blush_v2.pt" in log and f"mode {mode}" in log
+    assert "denoised map from 25 A to 6 A" in log
     for k in (1, 2):
         vol, _ = read_map(f"{root}_it002_class{k:03d}.mrc")
         assert np.isfinite(vol).all() and vol.std() > 0
@@ -54,3 +55,12 @@ def test_blush_crossover_finer_than_the_network_is_refused(data, tmp_path, capsy
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "crossover 4 A is finer than the network's Nyquist" in err[0]
+
+
+def test_blush_lowres_not_coarser_than_the_crossover_is_refused(data, tmp_path, capsys):
+    argv = ["refine", "--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
+            "--o", str(tmp_path / "run"), "--iter", "1", "--healpix_order", "0", "--blush",
+            "--blush_crossover", "10", "--blush_lowres", "8"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--blush_lowres 8 A is not coarser than the crossover (10 A)" in err[0]

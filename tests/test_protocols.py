@@ -505,6 +505,9 @@ def test_blush_validates_and_is_cited_only_when_used(project, inputs):
     on = methods_text(dataclasses.replace(base, blush=True), 100, [50, 50])
     off = methods_text(base, 100, [50, 50])
     assert "Blush [Kimanius2024]" in on and "Blush" not in off
+    assert "from 25 A to the network's Nyquist (6 A)" in on
+    relions = methods_text(dataclasses.replace(base, blush=True, blush_lowres=0.0), 100, [50, 50])
+    assert "below the network's Nyquist (6 A)" in relions
 
 
 def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):

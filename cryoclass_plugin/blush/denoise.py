@@ -26,7 +26,11 @@ box ``N``, ``apix`` A), :meth:`BlushRegulariser.regularise`:
      as the mean of the Gaussian prior instead of zero, so that the data still pull the
      map where they are strong.
 
-   So the result equals ``V_reg`` exactly (in Fourier space) from the crossover on.  The
+   With ``lowres_a`` (the engine's ``--blush_lowres``), ``w`` is also 0 up to
+   ``s_l = N apix / lowres_a`` and rises to 1 over the ``BLEND_SHELLS`` shells after it.
+
+   So the result equals ``V_reg`` exactly (in Fourier space) from the crossover on (and
+   below ``s_l``).  The
    default crossover is the network grid's Nyquist (6 A at 3 A voxels): D carries no
    frequency beyond it.  With data at a coarser pixel (e.g. 4 A: Nyquist 8 A) the
    whole band of the map is D's.
@@ -85,14 +89,20 @@ def load_network(path):
     return model.eval(), float(ckpt["network_apix"]), meta
 
 
-def blend_weight(box, apix, crossover_a, width=BLEND_SHELLS, device=None):
+def blend_weight(box, apix, crossover_a, width=BLEND_SHELLS, device=None, lowres_a=0.0):
     """D's weight per element of a ``box``^3 real FFT (``rfftn`` order): 1 up to
     ``s_c - width``, raised cosine to 0 at ``s_c = box apix / crossover_a``, 0 beyond
-    (float64)."""
+    (float64).  With ``lowres_a`` > 0 also 0 up to ``s_l = box apix / lowres_a`` and a
+    raised cosine from 0 to 1 over the ``width`` shells after it."""
     s_c = box * apix / float(crossover_a)
     r = rfft_radius(box, device=device)
     t = torch.clamp((r - (s_c - width)) / width, 0.0, 1.0)
-    return 0.5 + 0.5 * torch.cos(math.pi * t)
+    w = 0.5 + 0.5 * torch.cos(math.pi * t)
+    if lowres_a > 0:
+        s_l = box * apix / float(lowres_a)
+        t_low = torch.clamp((r - s_l) / width, 0.0, 1.0)
+        w = w * (0.5 - 0.5 * torch.cos(math.pi * t_low))
+    return w
 
 
 def prior_mean_ft(sum_x, weight, prior, d_ft):
@@ -222,7 +232,7 @@ class BlushRegulariser:
 
     # ------------------------------------------------------------------ public call
     def regularise(self, v_reg, apix, particle_diameter_a, crossover_a=None, mode="replace",
-                   sums=None):
+                   sums=None, lowres_a=0.0):
         """The Blush-regularised class map (module docstring), same shape, dtype and
         array type (numpy / CuPy / torch) as ``v_reg``.
 
@@ -250,7 +260,8 @@ class BlushRegulariser:
             if mode == "prior-mean":
                 sum_x, weight, prior = (_half(_as_tensor(a)[0].to(self.device)) for a in sums)
                 f_d = prior_mean_ft(sum_x, weight, prior, f_d)
-            w = blend_weight(n, float(apix), crossover_a, device=self.device)
+            w = blend_weight(n, float(apix), crossover_a, device=self.device,
+                             lowres_a=lowres_a)
             out = torch.fft.irfftn(w * f_d + (1.0 - w) * f_reg, s=(n, n, n), dim=(0, 1, 2))
         finally:
             torch.set_num_threads(previous)
@@ -264,7 +275,7 @@ class BlushRegulariser:
                                  "a value >= that")
         return crossover_a
 
-    def blend(self, v_reg, other, apix, crossover_a=None):
+    def blend(self, v_reg, other, apix, crossover_a=None, lowres_a=0.0):
         """``other`` below the crossover, ``v_reg`` from it on, the raised-cosine blend
         between (step 6 of the module docstring), for callers that build the map to
         blend themselves (e.g. a prior-mean reconstruction on the M-step's padded grid
@@ -278,7 +289,7 @@ class BlushRegulariser:
                                  f"{tuple(oth.shape)} differ")
         vol = vol.to(self.device)
         n = vol.shape[0]
-        w = blend_weight(n, float(apix), crossover_a, device=self.device)
+        w = blend_weight(n, float(apix), crossover_a, device=self.device, lowres_a=lowres_a)
         f = (w * torch.fft.rfftn(oth.to(torch.float64), dim=(0, 1, 2))
              + (1.0 - w) * torch.fft.rfftn(vol.to(torch.float64), dim=(0, 1, 2)))
         out = torch.fft.irfftn(f, s=(n, n, n), dim=(0, 1, 2))

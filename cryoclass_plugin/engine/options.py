@@ -139,6 +139,11 @@ OPTIONS = (
     _o("blush_crossover", "blush_crossover", float, -1.0,
        "with --blush: the resolution (A) from which the plain reconstruction is kept; "
        "<= 0: the network's Nyquist (6 A)"),
+    _o("blush_lowres", "blush_lowres", float, 25.0,
+       "with --blush: the resolution (A) below which the plain reconstruction is kept, so "
+       "that the classes are told apart at low resolution by their data alone "
+       "(docs/benchmarks.md, 'Blush in classification'); <= 0: the denoised map from the "
+       "lowest frequency on (RELION's)"),
     _o("blush_mode", "blush_mode", str, "replace",
        "with --blush: 'replace' (RELION's: the denoised map replaces the reconstruction "
        "below the crossover) or 'prior-mean' (the denoised map is the mean of the "
