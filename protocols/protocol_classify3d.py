@@ -1075,8 +1075,9 @@ def _methods_blush_band(s):
     """The band of frequencies where Blush's denoised map replaced the reconstruction."""
     top = ("%g A" % s.blush_crossover if s.blush_crossover > 0 else
            "the network's Nyquist (6 A)")
-    lowres = getattr(s, "blush_lowres", 0.0)
-    return "from %g A to %s" % (lowres, top) if lowres > 0 else "below %s" % top
+    if s.blush_lowres > 0:
+        return "from %g A to %s" % (s.blush_lowres, top)
+    return "below %s" % top
 
 
 def _methods_start(s, K, consensus, several, step):

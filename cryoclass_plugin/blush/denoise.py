@@ -276,8 +276,8 @@ class BlushRegulariser:
         return crossover_a
 
     def blend(self, v_reg, other, apix, crossover_a=None, lowres_a=0.0):
-        """``other`` below the crossover, ``v_reg`` from it on, the raised-cosine blend
-        between (step 6 of the module docstring), for callers that build the map to
+        """``other`` below the crossover (and above ``lowres_a`` when > 0), ``v_reg``
+        elsewhere, the raised-cosine blends between (step 6 of the module docstring), for callers that build the map to
         blend themselves (e.g. a prior-mean reconstruction on the M-step's padded grid
         from :meth:`denoise`'s D and :func:`prior_mean_ft`).  Same array type as
         ``v_reg``."""

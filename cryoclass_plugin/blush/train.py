@@ -38,9 +38,9 @@ from . import training_data
 POOL_BOX = 64
 MASK_EXTRA_A = 5.0
 MASK_EDGE_A = 10.0
-#: Floor of a map's identity error in the loss's denominator (units of the standardised
-#: input's power, 1 inside the mask): a map the degradation left (almost) exact must not
-#: divide by zero.
+#: Floor of the identity's error in the loss's denominator, per crop or map (units of the
+#: standardised input's power, 1 inside the mask): a crop the degradation left (almost)
+#: exact must not divide by zero.
 LOSS_FLOOR = 1e-7
 #: Gradient norm clip (a few maps per step: one extreme pair must not throw the step).
 GRAD_CLIP = 1.0
