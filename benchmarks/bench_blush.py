@@ -28,13 +28,16 @@ and 600 at SNR 0.05 with one class; K = CLASSES), and with ``--blush_mode prior-
 on the sets named by ``--prior-mean`` (default the SNR 0.02 one of seed 0).  Flags: the
 RELION tutorial's as tests/test_accuracy_recommended.py passes them, plus the
 recommended start (``--init_classes pca --consensus_iter 6``), ``--iter 25 --j 2``
-(``--iters``, ``--j``); one
-run at a time, in ``--work``/sim_.../{plain,blush,...}.  A run that finished with the
-same command is evaluated again, not rerun (``--rerun`` forces it).  Reported per run:
-the simulator's oracle accuracy, ARI and best-match accuracy, per true class the
-FSC-0.5 resolution and solvent noise of its matched class map, the mean seconds per
-iteration and per M-step; then per set Blush against no Blush, in the terms of issue
-20's targets.  ``--markdown`` prints the docs/benchmarks.md block.
+(``--iters``, ``--j``); one run at a time, in ``--work``/sim_.../{plain,blush,...}.  A
+run that finished with the same command is evaluated again, not rerun (``--rerun``
+forces it).  ``--engine-seeds`` repeats each run with other ``--random_seed`` values
+(the PCA start's power iteration and k-means, the merge test's held-out halves, the
+sampling-accuracy trials).  Reported per run: the simulator's oracle accuracy, ARI and
+best-match accuracy, per true class the FSC-0.5 resolution and solvent noise of its
+matched class map, the median angular error of the final poses against the truth, the
+mean seconds per iteration and per M-step; then per set Blush against no Blush, in the
+terms of issue 20's targets; then per particle number and SNR the ARI over all runs
+(mean, spread, mean paired change).  ``--markdown`` prints the docs/benchmarks.md block.
 
 Part C (``--inference``) -- the time of one Blush pass on a box-64 class map, with 1
 and 2 threads, with the network's oneDNN inference path and with torch's own choice of
@@ -164,12 +167,20 @@ def refine_cmd(root, classes, args, extra):
     return cmd
 
 
-def run_refine(sim_dir, name, classes, args):
+def run_name(name, engine_seed):
+    """Folder of a run: ``plain``, ``blush``, ... for engine seed 0, ``plain_rs1`` etc."""
+    return name if engine_seed == 0 else f"{name}_rs{engine_seed}"
+
+
+def run_refine(sim_dir, name, classes, args, engine_seed=0):
     """Run (or, with the same command and all iterations written, reuse) one
-    classification; returns (root, wall seconds, command text)."""
-    run_dir = os.path.join(sim_dir, name)
-    root = os.path.join(name, "run")
-    cmd = refine_cmd(root, classes, args, RUNS[name][1])
+    classification (``--random_seed engine_seed`` when not 0); returns (root, wall
+    seconds, command text)."""
+    folder = run_name(name, engine_seed)
+    run_dir = os.path.join(sim_dir, folder)
+    root = os.path.join(folder, "run")
+    extra = RUNS[name][1] + (["--random_seed", str(engine_seed)] if engine_seed else [])
+    cmd = refine_cmd(root, classes, args, extra)
     text = "cryoclass " + shlex.join(cmd[1:])
     done = os.path.join(run_dir, "result.json")
     final = os.path.join(sim_dir, f"{root}_it{args.iters:03d}_data.star")
@@ -263,7 +274,7 @@ def compare(base, other):
 
 def part_b(args):
     """Each set with and without Blush (and prior-mean where asked); one run at a time."""
-    rows, cmp_rows, commands, results = [], [], [], {}
+    rows, cmp_rows, commands, results, summary = [], [], [], {}, {}
     for n, snr, classes, seed in args.sets:
         seed = args.seed if seed is None else seed
         sim_dir = os.path.join(args.work, f"sim_n{n}_snr{snr:g}_k{classes}"
@@ -274,38 +285,67 @@ def part_b(args):
                                                            else args.seed) == seed
                          for p in args.prior_mean)
         names = ["plain", "blush"] + (["blush_prior_mean"] if prior_mean else [])
-        for name in names:
-            root, wall, text = run_refine(sim_dir, name, classes, args)
+        runs = [(name, rs) for rs in args.engine_seeds for name in names
+                if rs == 0 or name != "blush_prior_mean"]
+        for name, rs in runs:
+            root, wall, text = run_refine(sim_dir, name, classes, args, rs)
             commands.append(f"(cd {os.path.relpath(sim_dir, C.REPO)} && {text})")
-            ev = results[(sim_dir, name)] = evaluate(root, sim_dir)
+            ev = results[(sim_dir, name, rs)] = evaluate(root, sim_dir)
             single = classes == 1
-            rows.append([n, f"{snr:g}", classes, seed, C.fmt(info["oracle_accuracy"], ".3f"),
+            if not single:
+                summary.setdefault((n, snr, name), []).append(ev["ari"])
+            rows.append([n, f"{snr:g}", classes, seed, rs, C.fmt(info["oracle_accuracy"], ".3f"),
                          RUNS[name][0], "-" if single else C.fmt(ev["ari"]),
                          "-" if single else C.fmt(ev["best_match"]),
                          " / ".join(C.fmt(v, ".2f") for v in ev["class_fractions"]),
                          " / ".join(_fsc_cell(ev, t) for t in range(len(ev["fsc_res_A"]))),
                          " / ".join(C.fmt(v, ".3f") for v in ev["solvent"]),
+                         C.fmt(ev.get("median_ang_err_deg", float("nan")), ".2f"),
                          C.fmt(ev["s_per_iter"], ".2f"), C.fmt(ev["mstep_s"], ".2f"),
                          C.fmt(wall, ".0f")])
             if name != "plain":
                 gain, worst, d_ari, added, mstep = compare(
-                    results[(sim_dir, "plain")], ev)
-                cmp_rows.append([n, f"{snr:g}", classes, seed, RUNS[name][0], f"{gain:+.1f}",
+                    results[(sim_dir, "plain", rs)], ev)
+                cmp_rows.append([n, f"{snr:g}", classes, seed, rs, RUNS[name][0], f"{gain:+.1f}",
                                  f"{worst:+.2f}", "-" if single else f"{d_ari:+.3f}",
                                  f"{added:+.0f}", f"{mstep:+.0f}"])
-    headers = ["n", "SNR", "K", "seed", "oracle acc.", "run", "ARI", "best-match", "class sizes",
-               "FSC0.5 per class (A)",
-               "solvent noise per class", "s / iteration", "M-step s / it.", "wall (s)"]
-    cmp_headers = ["n", "SNR", "K", "seed", "run vs no Blush", "FSC0.5 gain (% of A, mean)",
+    headers = ["n", "SNR", "K", "seed", "engine seed", "oracle acc.", "run", "ARI", "best-match",
+               "class sizes", "FSC0.5 per class (A)", "solvent noise per class",
+               "median pose error (deg)", "s / iteration", "M-step s / it.", "wall (s)"]
+    cmp_headers = ["n", "SNR", "K", "seed", "engine seed", "run vs no Blush",
+                   "FSC0.5 gain (% of A, mean)",
                    "worst class (shells)", "ARI change", "time per iteration (%)",
                    "M-step added (% of an iteration)"]
     print(C.format_table(headers, rows))
     print()
     print(C.format_table(cmp_headers, cmp_rows))
+    sum_headers, sum_rows = ari_summary(summary)
+    print()
+    print(C.format_table(sum_headers, sum_rows))
     print("\ncommands:\n" + "\n".join(c.replace(C.REPO + os.sep, "") for c in commands))
     if args.markdown:
         C.print_markdown(headers, rows, notes=classify_notes(args),
-                         after=C.markdown_table(cmp_headers, cmp_rows))
+                         after=C.markdown_table(cmp_headers, cmp_rows) + "\n\n"
+                         + C.markdown_table(sum_headers, sum_rows))
+
+
+def ari_summary(summary):
+    """Per particle number, SNR and kind of run: the ARI over all its runs (simulation
+    seeds x engine seeds) as mean, standard deviation and range, and the mean change
+    against the plain runs; where single runs sit far from their oracle, one run's
+    change says little and the spread over runs tells how much."""
+    headers = ["n", "SNR", "run", "runs", "ARI mean", "ARI s.d.", "ARI range",
+               "mean change vs no Blush"]
+    rows = []
+    for (n, snr, name), aris in sorted(summary.items()):
+        a = np.asarray(aris)
+        base = np.asarray(summary.get((n, snr, "plain"), []))
+        change = ("-" if name == "plain" or len(base) != len(a)
+                  else f"{(a - base).mean():+.3f}")
+        rows.append([n, f"{snr:g}", RUNS[name][0], len(a), f"{a.mean():.3f}",
+                     f"{a.std(ddof=1):.3f}" if len(a) > 1 else "-",
+                     f"{a.min():.3f}-{a.max():.3f}", change])
+    return headers, rows
 
 
 def classify_notes(args):
@@ -379,6 +419,9 @@ def main():
     ap.add_argument("--markdown", action="store_true",
                     help="print part B as docs/benchmarks.md's Blush table")
     ap.add_argument("--work", default=os.path.join(C.REPO, "scratch", "bench_blush"))
+    ap.add_argument("--engine-seeds", type=int, nargs="+", default=[0],
+                    help="part B: run each set with each of these --random_seed values "
+                    "(the PCA start, the merge test's held-out halves; default 0 only)")
     ap.add_argument("--iters", type=int, default=25)
     ap.add_argument("--j", type=int, default=2)
     args = ap.parse_args()
