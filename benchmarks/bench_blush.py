@@ -293,7 +293,7 @@ def part_b(args):
             ev = results[(sim_dir, name, rs)] = evaluate(root, sim_dir)
             single = classes == 1
             if not single:
-                summary.setdefault((n, snr, name), []).append(ev["ari"])
+                summary.setdefault((n, snr, name), {})[(seed, rs)] = ev["ari"]
             rows.append([n, f"{snr:g}", classes, seed, rs, C.fmt(info["oracle_accuracy"], ".3f"),
                          RUNS[name][0], "-" if single else C.fmt(ev["ari"]),
                          "-" if single else C.fmt(ev["best_match"]),
@@ -332,16 +332,17 @@ def part_b(args):
 def ari_summary(summary):
     """Per particle number, SNR and kind of run: the ARI over all its runs (simulation
     seeds x engine seeds) as mean, standard deviation and range, and the mean change
-    against the plain runs; where single runs sit far from their oracle, one run's
-    change says little and the spread over runs tells how much."""
+    against the plain run of the same set and engine seed; where single runs sit far
+    from their oracle, one run's change says little and the spread tells how much."""
     headers = ["n", "SNR", "run", "runs", "ARI mean", "ARI s.d.", "ARI range",
                "mean change vs no Blush"]
     rows = []
-    for (n, snr, name), aris in sorted(summary.items()):
-        a = np.asarray(aris)
-        base = np.asarray(summary.get((n, snr, "plain"), []))
-        change = ("-" if name == "plain" or len(base) != len(a)
-                  else f"{(a - base).mean():+.3f}")
+    for (n, snr, name), by_run in sorted(summary.items()):
+        a = np.asarray(list(by_run.values()))
+        base = summary.get((n, snr, "plain"), {})
+        paired = [v - base[key] for key, v in by_run.items() if key in base]
+        change = "-" if name == "plain" or not paired else \
+            f"{np.mean(paired):+.3f} ({len(paired)} pairs)"
         rows.append([n, f"{snr:g}", RUNS[name][0], len(a), f"{a.mean():.3f}",
                      f"{a.std(ddof=1):.3f}" if len(a) > 1 else "-",
                      f"{a.min():.3f}-{a.max():.3f}", change])
