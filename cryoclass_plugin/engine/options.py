@@ -185,6 +185,12 @@ OPTIONS = (
        "with --init_classes consensus: iterations per restart"),
     _o("restart_highres", "restart_highres", float, 25.0,
        _CONSENSUS + "resolution (A) of the restarts and of the heterogeneity analysis"),
+    _o("pca_pose_nuisance", "pca_remove_pose_errors", bool, True,
+       "with --init_classes pca: take out of each particle's residual the directions in "
+       "which an error of its pose (three rotations, two shifts) or greyscale moves its "
+       "consensus projection, before the heterogeneity analysis (pose errors of a few "
+       "degrees otherwise outweigh small differences); --pca_keep_pose_errors: analyse "
+       "the plain residuals", kind="pair", off_flag="pca_keep_pose_errors"),
     _o("classify_fixed_iter", "classify_fixed_iter", int, 8,
        _CONSENSUS + "iterations after the split that keep the consensus poses and only "
        "classify (at --classify_fixed_highres) before full EM; 0 goes to full EM at once",

@@ -527,7 +527,8 @@ class Refinement:
         s = self.s
         coords = principal_coordinates(s, self.data, model, self.comm, self.xp,
                                        max(1, s.n_classes - 1), s.restart_highres,
-                                       seed=s.random_seed, log=self.log)
+                                       seed=s.random_seed, log=self.log,
+                                       pose_nuisance=s.pca_pose_nuisance)
         labels = kmeans(coords, s.n_classes, seed=s.random_seed)
         best = copy.deepcopy(model)
         best.part_class = labels.astype(np.int64)
