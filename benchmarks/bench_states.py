@@ -51,6 +51,7 @@ SETS = {
                                  (("subunit",), 0.15), (("swing", "ligand"), 0.10),
                                  (("subunit", "ligand"), 0.05)]),
     "ligand2": ("ribosome", 5000, [((), 0.80), (("ligand",), 0.20)]),
+    "rare2": ("complex", 2000, [((), 0.95), (("subunit",), 0.05)]),
     "complex5": ("complex", 1200, [((), 0.35), (("swing",), 0.25), (("subunit",), 0.20),
                                    (("ligand",), 0.15), (("swing", "subunit"), 0.05)]),
 }
