@@ -121,28 +121,3 @@ def test_only_the_duplicate_pair_is_merged_and_the_class_freed(truth_run):
                                  or "class 1 joins class 4" in merged[0]), lines
     # Once only: the state remembers the test ran (--continue repeats nothing).
     assert r._merge_duplicates(model) is False
-
-
-def _ev(ratio, moved, delta=-1.0):
-    return {"delta": delta, "ratio": ratio, "moved": moved}
-
-
-def test_one_structure_cut_in_three_is_merged_whole():
-    """Classes 0, 1, 2 hold one structure (every pair one structure), class 3 another:
-    both extra classes join the largest of the three (the pairwise rule alone merged one
-    pair and left a duplicate alive: bench_states rare2, K=4)."""
-    pdf = np.array([0.31, 0.25, 0.34, 0.10])
-    results = [(0, 1, _ev(0.01, 1)), (0, 2, _ev(0.08, 0)), (1, 2, _ev(0.02, 1)),
-               (0, 3, _ev(1.75, 3, delta=5.0)), (1, 3, _ev(1.5, 3, delta=4.0)),
-               (2, 3, _ev(2.0, 3, delta=6.0))]
-    pairs = merge.merge_groups(results, pdf, 0.3)
-    assert sorted((keep, drop) for keep, drop, _ in pairs) == [(2, 0), (2, 1)]
-
-
-def test_classes_told_apart_never_share_a_group():
-    """0 ~ 1 and 0 ~ 2 are one structure each, but 1 and 2 are told apart: only the
-    clearer pair merges."""
-    pdf = np.array([0.5, 0.3, 0.2])
-    results = [(0, 1, _ev(0.05, 1)), (0, 2, _ev(0.10, 2)), (1, 2, _ev(0.9, 2, delta=2.0))]
-    pairs = merge.merge_groups(results, pdf, 0.3)
-    assert [(keep, drop) for keep, drop, _ in pairs] == [(0, 1)]

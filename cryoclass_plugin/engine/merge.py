@@ -287,9 +287,9 @@ def _describe(ev):
 
 def duplicate_pairs(ctx, model, highres_angst, threshold, seed=0,
                     min_fraction=0.01, log=None):
-    """Classes that the held-out test calls one structure (``delta`` < 0 and ``ratio`` <
-    ``threshold``), grouped by :func:`merge_groups`: ``[(keep, drop, evidence), ...]``
-    (``keep`` the largest class of its group), most clearly first."""
+    """Pairs of live classes that the held-out test calls one structure (``delta`` < 0
+    and ``ratio`` < ``threshold``), most clearly first, no class in two pairs:
+    ``[(keep, drop, evidence), ...]`` (``keep`` the larger class)."""
     alive = [k for k in range(model.n_classes) if model.pdf_class[k] >= min_fraction
              and (model.part_class == k).sum() >= 2]
     results = []
@@ -303,39 +303,13 @@ def duplicate_pairs(ctx, model, highres_angst, threshold, seed=0,
                 log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "
                     f"{ev['moved'] + 1} re-centred by {np.linalg.norm(ev['shift_px']):.2f} "
                     f"px): " + _describe(ev))
-    return merge_groups(results, model.pdf_class, threshold)
-
-
-def merge_groups(results, pdf_class, threshold):
-    """The merges that the pair results ``[(a, b, evidence), ...]`` call for: classes
-    join a group when the test calls them one structure with *every* class already in
-    it (most clearly first), so that one structure cut into three or more classes is
-    merged whole while two classes told apart never end in one group.  Each group keeps
-    its largest class (the first of equal ones); returns ``[(keep, drop, evidence of
-    the pair), ...]``, the evidence's ``moved`` class being ``drop``."""
-    one = {}
-    for a, b, ev in results:
-        if ev["delta"] < 0 and ev["ratio"] < threshold:
-            one[(a, b)] = one[(b, a)] = ev
-    group = {}
+    merged, pairs = set(), []
     for a, b, ev in sorted(results, key=lambda t: t[2]["ratio"]):
-        if (a, b) not in one:
+        if ev["delta"] >= 0 or ev["ratio"] >= threshold or a in merged or b in merged:
             continue
-        ga, gb = group.get(a, {a}), group.get(b, {b})
-        if ga is gb or not all((x, y) in one for x in ga for y in gb):
-            continue
-        joined = ga | gb
-        for c in joined:
-            group[c] = joined
-    pairs, seen = [], set()
-    for members in group.values():
-        if id(members) in seen:
-            continue
-        seen.add(id(members))
-        keep = min(members, key=lambda c: (-pdf_class[c], c))
-        for drop in sorted(members - {keep}):
-            ev = one[(keep, drop)]
-            if ev["moved"] != drop:
-                raise AssertionError("merge evidence re-centres the kept class")
-            pairs.append((keep, drop, ev))
-    return sorted(pairs, key=lambda t: t[2]["ratio"])
+        drop = ev["moved"]
+        keep = a if drop == b else b
+        pairs.append((keep, drop, ev))
+        merged.update((a, b))
+    return pairs
+
