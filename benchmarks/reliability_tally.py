@@ -521,19 +521,32 @@ def _(w):
 def _(w):
     if not mpirun():
         raise Skip("no mpirun")
-    proc = w.popen(w.args("--iter", "12"), mpi=2)
+    # Far more iterations than the signal leaves it: on a loaded machine the signal must
+    # still find the run in its iterations, not done (when a signal ends a process as usual).
+    proc = w.popen(w.args("--iter", "400"), mpi=2)
     marker = w.out + "_it001_optimiser.star"
     t0 = time.time()
-    while not os.path.exists(marker) and proc.poll() is None and time.time() - t0 < 30:
+    while not os.path.exists(marker) and proc.poll() is None and time.time() - t0 < TIMEOUT_S:
         time.sleep(0.01)
+    if not os.path.exists(marker):
+        proc.kill()
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        res = Outcome("interrupt", proc.returncode, out, err, ("--continue", "iteration"))
+        res.problems.append(f"iteration 1 was not written within {TIMEOUT_S} s; not signalled")
+        return res
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT_S)
     # mpirun forwards SIGTERM to the ranks and stops forwarding their output as it
     # ends, so the message is judged in run.log: once, naming the iteration.
     with open(w.out + ".log") as fh:
-        logged = [line for line in fh.read().splitlines() if line.startswith("terminated")]
-    return Outcome("interrupt", 130 if logged else proc.returncode, out, "\n".join(logged),
-                   ("--continue", "iteration"))
+        text = fh.read()
+    logged = [line for line in text.splitlines() if line.startswith("terminated")]
+    res = Outcome("interrupt", 130 if logged else proc.returncode, out, "\n".join(logged),
+                  ("--continue", "iteration"))
+    if not logged:
+        res.problems.append("run.log ends: " + " | ".join(text.splitlines()[-2:])[-300:]
+                            + f"; mpirun stderr: {err.strip()[-300:]}")
+    return res
 
 
 # ---------------------------------------------------------------- running the tally

@@ -367,16 +367,20 @@ def _run(ref, settings, lock):
         what = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
         if ref.comm.size > 1 and os.path.exists(_failure_marker(settings.output_root)):
             raise SystemExit(2)     # mpirun ending the job after another rank's error
-        if ref.comm.size > 1 and not _claim_interrupt_report(ref.comm, log_path,
-                                                             settings.output_root):
+        if ref.comm.size > 1 and not _claim_interrupt_report(ref.comm, settings.output_root):
             raise SystemExit(RunInterrupted.exit_code)
         line = interrupted_line(settings.output_root, what)
-        if ref.comm.size > 1 and tell_launcher_terminal(f"cryoclass refine: {line}"):
-            _log_quietly(log_path, line)    # first: the launcher may kill the ranks soon
-            _remove_temporaries_quietly(settings.output_root)
-            raise SystemExit(RunInterrupted.exit_code)
+        _log_quietly(log_path, line)    # first: under mpirun the job may be killed soon
+        if ref.comm.size > 1:
+            told = tell_launcher_terminal(f"cryoclass refine: {line}")
+            # The claim stays (the next start clears it): a rank that sees its signal
+            # later must still find the report taken.
+            _remove_temporaries_quietly(settings.output_root,
+                                        keep=[_interrupt_marker(settings.output_root)])
+            if told:
+                raise SystemExit(RunInterrupted.exit_code)
+            raise RunInterrupted(line) from None
         _remove_temporaries_quietly(settings.output_root)
-        _log_quietly(log_path, line)
         raise RunInterrupted(line) from None
     except SharedError:
         _quiet_on_other_ranks(ref.comm, 2)
@@ -432,10 +436,6 @@ def _fail_one_rank(comm, line, output_root):
     comm.abort(2)
 
 
-#: Seconds a rank other than 0 waits, after an interrupt, for rank 0's message.
-REPORT_WAIT_S = 3.0
-
-
 def _ignore_interrupts():
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -451,28 +451,12 @@ def _interrupt_marker(output_root):
     return os.path.join(folder, f".{base}.interrupted.tmp0")
 
 
-def _claim_interrupt_report(comm, log_path, output_root):
-    """Whether this rank reports an interrupt of a job of several ranks.  Rank 0 does, at
-    once; another rank first waits (at most ``REPORT_WAIT_S``) for rank 0's message in
-    the log, and reports only if none came: mpirun signals every rank, but rank 0 may be
-    blocked in a collective that waits for the others and never see its signal (mpirun
-    then stops it once another rank has exited).  The report is claimed by creating
-    :func:`_interrupt_marker`, so that the message is written once."""
-    if comm.rank != 0:
-        # What follows the first ';' of the message (:func:`interrupted_line`) does not
-        # depend on the signal's name, which can differ from rank to rank.
-        advice = interrupted_line(output_root).split(";", 1)[-1]
-        deadline = time.time() + REPORT_WAIT_S
-        while time.time() < deadline:
-            if os.path.exists(_interrupt_marker(output_root)):
-                return False
-            try:
-                with open(log_path) as fh:
-                    if advice in fh.read():
-                        return False
-            except OSError:
-                pass
-            time.sleep(0.05)
+def _claim_interrupt_report(comm, output_root):
+    """Whether this rank reports an interrupt of a job of several ranks: the first rank
+    to create :func:`_interrupt_marker` does, so that the message is written once.  No
+    rank waits for another: mpirun signals every rank, but a rank blocked in a
+    collective never sees its signal, and mpirun kills the job soon after the first
+    rank ends, so the rank that sees the signal first must write at once."""
     try:
         os.close(os.open(_interrupt_marker(output_root), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
@@ -488,9 +472,9 @@ def _quiet_on_other_ranks(comm, code):
         raise SystemExit(code)
 
 
-def _remove_temporaries_quietly(output_root):
+def _remove_temporaries_quietly(output_root, keep=()):
     try:
-        remove_temporaries(output_root)
+        remove_temporaries(output_root, keep)
     except OSError:
         pass
 

@@ -201,14 +201,18 @@ class OutputLock:
         self.release()
 
 
-def remove_temporaries(output_root):
+def remove_temporaries(output_root, keep=()):
     """Delete partial files of interrupted atomic writes in the run's folder that belong
     to this run (names from :func:`.atomic.temporary_name`, as :func:`.star_io.write_star`
-    and :meth:`.model.ModelState.save`).  Returns the removed paths."""
+    and :meth:`.model.ModelState.save`), except the paths in ``keep``.  Returns the
+    removed paths."""
+    keep = {os.path.abspath(path) for path in keep}
     folder, base = os.path.split(os.path.abspath(output_root))
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         stem = name.lstrip(".")
+        if os.path.join(folder, name) in keep:
+            continue
         if _TEMPORARY.search(name) and (stem.startswith(base + "_it") or stem.startswith(base + ".")):
             try:
                 os.remove(os.path.join(folder, name))
