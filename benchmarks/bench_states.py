@@ -41,6 +41,7 @@ import tempfile
 import numpy as np
 
 import _common as C
+from cryoclass_plugin.engine.metrics import state_recall
 
 # name: (shape, particles, [(state changes, population), ...])
 SETS = {
@@ -123,21 +124,6 @@ def simulate_set(name, args, sim_dir):
     with open(path, "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
-
-
-def state_recall(true_cls, pred_cls):
-    """Per true state (sorted labels): the share of its particles in the class matched
-    to it one-to-one (Hungarian matching of the contingency table, as best-match
-    accuracy), so two states lumped in one class cannot both score; 0 for a state left
-    without a class."""
-    from scipy.optimize import linear_sum_assignment
-    states, classes = sorted(set(true_cls)), sorted(set(pred_cls))
-    table = np.array([[np.sum((true_cls == t) & (pred_cls == c)) for c in classes]
-                      for t in states], dtype=np.float64)
-    rows, cols = linear_sum_assignment(-table)
-    recall = np.zeros(len(states))
-    recall[rows] = table[rows, cols] / table[rows].sum(axis=1)
-    return recall.tolist()
 
 
 def oracle_recall(summary):

@@ -197,3 +197,35 @@ def test_class_maps_better_than_2_5_pixels_where_the_data_carry_it(tmp_path_fact
                                           n_iter=20, extra=["--tau2_estimate", "em"])
     _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle",
                            oracle_flags=["--tau2_estimate", "em"], max_resolution=2.5 * 4.0)
+
+
+def test_a_rare_state_keeps_its_class_and_extra_classes_merge(tmp_path_factory, tmp_path):
+    """A 5 % state (the synthetic complex with its subunit absent, 1,000 particles at SNR
+    0.1) with K=4, two classes more than the states: the split cuts the main state in
+    three, the first merge test joins one pair of them (no class in two pairs), the
+    second, after full EM, the last (docs/benchmarks.md, "Merge test after full EM");
+    the rare state keeps its own class.  Targets: ARI >= 0.9 and the rare state's
+    recall >= 0.8."""
+    from cryoclass_plugin.engine.metrics import state_recall
+    data = tmp_path_factory.mktemp("rare") / "data"
+    info = simulate_dataset(str(data), n=1000, box=64, apix=4.0, snr=0.1, n_classes=2, seed=0,
+                            shape="complex", states=[(), ("subunit",)],
+                            class_fractions=[0.95, 0.05])
+    assert info["oracle_accuracy"] >= 0.98, info
+    root = tmp_path / "pca" / "run"
+    n_iter = 25
+    assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
+                     str(data / "ref.mrc"), "--o", str(root), "--iter", str(n_iter),
+                     "--init_classes", "pca", "--consensus_iter", "6", "--norm", "--scale"]
+                    + TUTORIAL + ["--K", "4"]) == 0
+    truth = starfile.read(data / "truth.star")
+    truth = truth["particles"] if isinstance(truth, dict) else truth
+    got = rows_like(truth, starfile.read(f"{root}_it{n_iter:03d}_data.star")["particles"])
+    true_cls = truth["rlnClassNumber"].to_numpy()
+    got_cls = got["rlnClassNumber"].to_numpy()
+    ari = adjusted_rand_index(true_cls, got_cls)
+    recall = state_recall(true_cls, got_cls)
+    print(f"rare state, K=4: oracle {info['oracle_accuracy']:.3f}; ARI {ari:.3f}; "
+          f"recall {recall}; sizes {np.bincount(got_cls).tolist()}")
+    assert ari >= 0.9
+    assert recall[1] >= 0.8

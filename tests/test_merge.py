@@ -20,20 +20,17 @@ from cryoclass_plugin.engine.simulate import simulate_dataset
 SHIFT_PX = np.array([0.6, -0.5, 0.4])
 
 
-@pytest.fixture(scope="module")
-def truth_run(tmp_path_factory):
-    """A K=4 Refinement on 400 particles (48 px, 5 A/px, SNR 0.2) whose state holds the
-    true poses and classes, true class 1 cut at random into classes 1 and 4, class 4
-    centred SHIFT_PX away.
-    Measured (three draws of the halves): true pairs pay back 0.80-2.00 of a random
-    split's cost, the cut -0.03."""
+def _truth_run(tmp_path_factory, n_pieces):
+    """A K=2+n_pieces Refinement on 400 particles (48 px, 5 A/px, SNR 0.2) whose state
+    holds the true poses and classes, true class 1 cut at random into ``n_pieces``
+    classes (1, 4, 5, ...), each added piece centred SHIFT_PX away."""
     data = tmp_path_factory.mktemp("merge") / "data"
     info = simulate_dataset(str(data), n=400, box=48, apix=5.0, snr=0.2, n_classes=3, seed=0)
     assert info["oracle_accuracy"] >= 0.98, info
     parser = argparse.ArgumentParser()
     refine_cmd.add_args(parser)
     args = parser.parse_args(["--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
-                              "--o", str(data.parent / "out" / "run"), "--K", "4", "--ctf",
+                              "--o", str(data.parent / "out" / "run"), "--K", str(2 + n_pieces), "--ctf",
                               "--tau2_fudge", "4", "--particle_diameter", "200",
                               "--flatten_solvent", "--zero_mask", "--init_classes", "pca",
                               "--iter", "25"])
@@ -45,12 +42,13 @@ def truth_run(tmp_path_factory):
     model.part_eulers = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
     model.part_origin_angst = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
     labels = truth["rlnClassNumber"].to_numpy() - 1
-    cut = np.random.default_rng(5).random(len(labels)) < 0.5
-    labels[(labels == 0) & cut] = 3
-    # The cut-off half is also centred differently, as EM leaves such duplicates: its
-    # particles' origins fit the map shifted by SHIFT_PX (x y z), i.e. o + apix (R s)_xy.
+    piece = np.floor(np.random.default_rng(5).random(len(labels)) * n_pieces).astype(int)
+    labels[(labels == 0) & (piece > 0)] = 2 + piece[(labels == 0) & (piece > 0)]
+    # The cut-off pieces are also centred differently, as EM leaves such duplicates:
+    # their particles' origins fit the map shifted by SHIFT_PX (x y z), i.e.
+    # o + apix (R s)_xy.
     rot = euler_to_matrix(*model.part_eulers.T)
-    moved = labels == 3
+    moved = labels >= 3
     model.part_origin_angst[moved] += model.apix * (rot[moved] @ SHIFT_PX)[:, :2]
     r.true_origins = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
     # Two fixed-pose iterations with these classes give the noise and signal spectra of
@@ -61,6 +59,14 @@ def truth_run(tmp_path_factory):
         model = r.iterate(model, plan, allowed=labels)
     assert (model.part_class == labels).all()
     return r, model
+
+
+@pytest.fixture(scope="module")
+def truth_run(tmp_path_factory):
+    """True class 1 cut in two (classes 1 and 4), K=4.
+    Measured (three draws of the halves): true pairs pay back 0.80-2.00 of a random
+    split's cost, the cut -0.03."""
+    return _truth_run(tmp_path_factory, 2)
 
 
 def test_true_classes_pay_back_far_more_than_a_random_split(truth_run):
@@ -121,3 +127,50 @@ def test_only_the_duplicate_pair_is_merged_and_the_class_freed(truth_run):
                                  or "class 1 joins class 4" in merged[0]), lines
     # Once only: the state remembers the test ran (--continue repeats nothing).
     assert r._merge_duplicates(model) is False
+
+
+@pytest.mark.slow
+def test_a_structure_cut_in_three_is_joined_by_the_second_test(tmp_path_factory):
+    """Classes 1, 4 and 5 hold one true class: the first test merges one pair of them
+    (no class in two pairs), the second (after full EM, here on the same state) joins
+    the third piece; the true classes 2 and 3 stay apart."""
+    r, model = _truth_run(tmp_path_factory, 3)
+    truth = model.part_class.copy()
+    lines = []
+    r.log = lines.append
+    model.schedule = ScheduleState(consensus_end=6)
+    assert r._merge_duplicates(model) is True
+    assert len([line for line in lines if line.startswith("merge:")]) == 1, lines
+    assert r._merge_duplicates(model, retest=True) is True
+    assert model.schedule.retested and model.schedule.retest_merged
+    assert len([line for line in lines if line.startswith("merge:")]) == 2, lines
+    sizes = np.bincount(model.part_class, minlength=5)
+    true_sizes = np.bincount(truth, minlength=5)
+    expected = [true_sizes[0] + true_sizes[3] + true_sizes[4], true_sizes[1], true_sizes[2], 0, 0]
+    assert sorted(sizes.tolist()) == sorted(expected)
+    # Each test runs once (--continue repeats neither).
+    assert r._merge_duplicates(model, retest=True) is False
+
+
+def test_a_reproducible_difference_is_kept_whatever_the_likelihood(monkeypatch):
+    """The decision rule alone, on given evidence: a pair whose split loses on the
+    likelihood (delta < 0, ratio below the threshold) merges when its held-out
+    particles choose their own side's map at a chance-like rate, and stays apart when
+    they do so reproducibly (>= max_agreement), as for a ligand against the apo state."""
+    from types import SimpleNamespace
+    evidence = {(0, 1): {"delta": -5.0, "ratio": 0.05, "agree": 0.60, "moved": 1},
+                (0, 2): {"delta": -5.0, "ratio": 0.10, "agree": 0.85, "moved": 2},
+                (1, 2): {"delta": 3.0, "ratio": 1.50, "agree": 0.95, "moved": 2}}
+    monkeypatch.setattr(merge, "_PairData", lambda *args: None)
+    monkeypatch.setattr(merge, "pair_evidence",
+                        lambda ctx, model, a, b, *args, **kw: dict(evidence[(a, b)], n=100))
+    model = SimpleNamespace(n_classes=3, pdf_class=np.array([0.5, 0.3, 0.2]),
+                            part_class=np.repeat([0, 1, 2], [50, 30, 20]))
+    pairs = merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8)
+    assert [(keep, drop) for keep, drop, _ in pairs] == [(0, 1)]
+    # Without the agreement rule the likelihood alone would merge the ligand-like pair
+    # (here once the duplicate is no longer a candidate).
+    evidence[(0, 1)]["ratio"] = 0.5
+    assert [(k, d) for k, d, _ in merge.duplicate_pairs(None, model, 25.0, 0.3,
+                                                        max_agreement=1.0)] == [(0, 2)]
+    assert merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8) == []

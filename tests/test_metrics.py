@@ -129,3 +129,12 @@ def test_image_keys_ignore_how_the_stack_path_is_spelled():
     truth = pd.DataFrame({"rlnImageName": ["2@p.mrcs", "1@p.mrcs"], "c": [20, 10]})
     got = pd.DataFrame({"rlnImageName": ["000001@x/p.mrcs", "000002@x/p.mrcs"], "c": [1, 2]})
     assert rows_like(truth, got)["c"].tolist() == [2, 1]
+
+
+def test_state_recall_matches_states_to_classes_one_to_one():
+    from cryoclass_plugin.engine.metrics import state_recall
+    true = np.array([1, 1, 1, 1, 2, 2, 3, 3])
+    # States 1 and 2 lumped in class 7: only one of them can score; state 3 split.
+    got = np.array([7, 7, 7, 7, 7, 7, 8, 9])
+    assert state_recall(true, got) == [1.0, 0.0, 0.5]
+    assert state_recall(true, true + 10) == [1.0, 1.0, 1.0]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cryoclass_plugin.engine.options import Settings
-from cryoclass_plugin.engine.plan import (ScheduleState, after_merge, describe_schedule,
-                                          plan_iteration)
+from cryoclass_plugin.engine.plan import (ScheduleState, after_merge, after_retest,
+                                          describe_schedule, plan_iteration)
 
 ENGINE = Path(__file__).resolve().parent.parent / "cryoclass_plugin" / "engine"
 
@@ -62,6 +62,30 @@ def test_a_merge_adds_fixed_pose_iterations_from_the_merged_classes():
     # Without a merge the schedule goes on to full EM.
     plans = _plans(s, after_merge(s, ScheduleState.initial(s), merged=False))
     assert plans[15].phase == "em" and plans[15].assignments == "free"
+
+
+def test_the_merge_test_runs_again_before_the_last_iterations():
+    """--merge_retest_iter 4 of 25: the second test before iteration 22, once the first
+    has run; after a merge there, iteration 22 starts from the merged classes."""
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
+    assert not any(p.merge_retest for p in _plans(s).values())      # the first not yet run
+    for merged in (False, True):
+        plans = _plans(s, after_merge(s, ScheduleState.initial(s), merged=merged))
+        assert [it for it in plans if plans[it].merge_retest] == [22]
+        assert plans[22].phase == "em" and plans[22].assignments == "free"
+    done = after_retest(after_merge(s, ScheduleState.initial(s), merged=True), merged=True)
+    plans = _plans(s, done)
+    assert not any(p.merge_retest for p in plans.values())
+    assert plans[22].assignments == "current" and plans[23].assignments == "free"
+    # Off, or no room for two full-EM iterations before it (10 iterations, 3 + 2 + 1
+    # before full EM, as the golden run): no second test.
+    off = replace(s, merge_retest_iter=0)
+    assert not any(p.merge_retest for p in _plans(off, after_merge(off, ScheduleState.initial(off),
+                                                                    merged=True)).values())
+    short = _settings(init_classes="pca", n_classes=4, n_iter=10, consensus_iter=3,
+                      classify_fixed_iter=2, merge_fixed_iter=1)
+    assert not any(p.merge_retest for p in _plans(short, after_merge(
+        short, ScheduleState.initial(short), merged=True)).values())
 
 
 def test_an_extended_consensus_moves_the_split():

@@ -168,6 +168,9 @@ def _check(a):
         (a.merge_threshold < 0, f"--merge_threshold {a.merge_threshold:g}: give 0 (off) or "
                                 "a share > 0 (default 0.3)"),
         (a.merge_fixed_iter < 0, f"--merge_fixed_iter {a.merge_fixed_iter}: give 0 or more"),
+        (a.merge_retest_iter < 0, f"--merge_retest_iter {a.merge_retest_iter}: give 0 or more"),
+        (not 0.5 <= a.merge_max_agreement <= 1.0,
+         f"--merge_max_agreement {a.merge_max_agreement}: give a share from 0.5 to 1"),
         (a.consensus_local_iter < 0,
          f"--consensus_local_iter {a.consensus_local_iter}: give 0 or more"),
         (a.classify_local_sigma < 0,

@@ -60,6 +60,21 @@ def best_match_accuracy(true_labels, pred_labels):
     return float(table[rows, cols].sum() / max(table.sum(), 1))
 
 
+def state_recall(true_cls, pred_cls):
+    """Per true state (sorted labels): the share of its particles in the class matched
+    to it one-to-one (Hungarian matching of the contingency table, as best-match
+    accuracy), so two states lumped in one class cannot both score; 0 for a state left
+    without a class."""
+    from scipy.optimize import linear_sum_assignment
+    states, classes = sorted(set(true_cls)), sorted(set(pred_cls))
+    table = np.array([[np.sum((true_cls == t) & (pred_cls == c)) for c in classes]
+                      for t in states], dtype=np.float64)
+    rows, cols = linear_sum_assignment(-table)
+    recall = np.zeros(len(states))
+    recall[rows] = table[rows, cols] / table[rows].sum(axis=1)
+    return recall.tolist()
+
+
 def fsc(vol1, vol2):
     """Fourier shell correlation of two maps of the same cubic shape, per shell
     ``0 .. N//2`` (float64 array of length ``N//2 + 1``; empty shells give 0)."""

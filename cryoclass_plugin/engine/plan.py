@@ -42,11 +42,16 @@ class ScheduleState:
     merge_extra : the fixed-pose iterations the merge test added
     merged : whether the merge test merged a pair (the next iteration then starts from
         the merged hard assignments)
+    retested : whether the merge test has run again after full EM
+        (``--merge_retest_iter``)
+    retest_merged : whether that second test merged a pair
     """
     consensus_end: int
     merge_tested: bool = False
     merge_extra: int = 0
     merged: bool = False
+    retested: bool = False
+    retest_merged: bool = False
 
     @classmethod
     def initial(cls, settings):
@@ -61,6 +66,7 @@ class IterationPlan:
     split : ``"restarts"`` / ``"pca"``: the classes are split before this iteration
     merge_test : the held-out merge test runs before this iteration (the plan is then
         made again from the schedule it leaves)
+    merge_retest : the merge test runs again, after full EM, before this iteration
     extension_check : :func:`extend_consensus` decides before this iteration
     assignments : ``"free"``; ``"random"`` (RELION's seeding: one random class per
         particle); ``"input"`` (``rlnClassNumber``); ``"one-class"`` (consensus: class 1);
@@ -83,6 +89,7 @@ class IterationPlan:
     phase: str
     split: str = ""
     merge_test: bool = False
+    merge_retest: bool = False
     extension_check: bool = False
     assignments: str = "free"
     search: str = "global"
@@ -119,7 +126,8 @@ class IterationPlan:
         if self.class_highres_angst > 0:
             parts.append(f"classes to {self.class_highres_angst:g} A")
         before = [name for name, on in (("split " + self.split, bool(self.split)),
-                                        ("merge test", self.merge_test)) if on]
+                                        ("merge test", self.merge_test),
+                                        ("merge retest", self.merge_retest)) if on]
         if before:
             parts.append("after " + " and ".join(before))
         if self.assignments != "free":
@@ -235,6 +243,8 @@ def _assignments(settings, schedule, iteration, phase):
             return "current"
         if iteration == end + s.classify_fixed_iter + 1 and schedule.merged:
             return "current"
+        if iteration == merge_retest_iteration(s, schedule) and schedule.retest_merged:
+            return "current"
     elif s.init_classes == "input" and iteration == 1:
         return "input"
     # One reference map per class (a STAR list): each class starts from its own map,
@@ -248,6 +258,27 @@ def merge_test_due(settings, schedule, iteration):
     s = settings
     return (_staged(s) and s.merge_threshold > 0 and not schedule.merge_tested
             and iteration == schedule.consensus_end + s.classify_fixed_iter + 1)
+
+
+def merge_retest_iteration(settings, schedule):
+    """The iteration before which the merge test runs again, after full EM, so that
+    ``--merge_retest_iter`` iterations follow it; 0 when there is none (the option is 0,
+    the first test has not run or is off, or fewer than two full-EM iterations would
+    come before it).
+
+    Why: the first test sees the split's classes after a few fixed-pose iterations;
+    it merges only pairs that share no class, and classes that hold mixtures of states
+    may still sort themselves out in full EM.  What full EM leaves as two halves of
+    one structure (a 95 % state cut in three by the split, K=4: one duplicate with 43 %
+    of the particles) the second test merges (docs/benchmarks.md, "Merge test
+    after full EM")."""
+    s = settings
+    if not (_staged(s) and s.merge_threshold > 0 and s.merge_retest_iter > 0
+            and schedule.merge_tested):
+        return 0
+    first_em = schedule.consensus_end + s.classify_fixed_iter + schedule.merge_extra + 1
+    it = s.n_iter - s.merge_retest_iter + 1
+    return it if it >= first_em + 2 else 0
 
 
 def plan_iteration(settings, schedule, iteration):
@@ -265,6 +296,8 @@ def plan_iteration(settings, schedule, iteration):
         split=(("pca" if s.init_classes == "pca" else "restarts")
                if _staged(s) and iteration == schedule.consensus_end + 1 else ""),
         merge_test=merge_test_due(s, schedule, iteration),
+        merge_retest=(not schedule.retested
+                      and iteration == merge_retest_iteration(s, schedule)),
         extension_check=(_staged(s) and iteration > 2
                          and iteration - 1 == last_global_consensus(s, schedule)),
         assignments=_assignments(s, schedule, iteration, phase),
@@ -317,6 +350,11 @@ def after_merge(settings, schedule, merged):
     return replace(schedule, merge_tested=True, merge_extra=extra, merged=bool(merged))
 
 
+def after_retest(schedule, merged):
+    """The schedule after the second merge test (:func:`merge_retest_iteration`)."""
+    return replace(schedule, retested=True, retest_merged=bool(merged))
+
+
 def describe_schedule(settings, first=1):
     """The whole run's schedule as text, one line per iteration from ``first`` to
     ``--iter``, assuming that the consensus is not extended and that the merge test
@@ -330,6 +368,9 @@ def describe_schedule(settings, first=1):
         if plan.merge_test:
             schedule = after_merge(settings, schedule, merged=False)
             plan = replace(plan_iteration(settings, schedule, it), merge_test=True)
+        if plan.merge_retest:
+            schedule = after_retest(schedule, merged=False)
+            plan = replace(plan_iteration(settings, schedule, it), merge_retest=True)
         lines.append(plan.describe())
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exp
 from .outputs import write_iteration
 from .particles import ParticleData, Pixels, group_index, image_mask, mask_diameter_angst
 from .references import check_references, read_references, several_references
-from .plan import (ScheduleState, after_merge, class_shell, describe_schedule,
+from .plan import (ScheduleState, after_merge, after_retest, class_shell, describe_schedule,
                    extend_consensus, local_sigma, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
 from .star_io import read_particles, write_star
@@ -462,8 +462,8 @@ class Refinement:
             model = self._split_by_pca(model, plan)
         elif plan.split == "restarts":
             model = self._split_by_restarts(model, plan)
-        if plan.merge_test:
-            self._merge_duplicates(model)
+        if plan.merge_test or plan.merge_retest:
+            self._merge_duplicates(model, retest=plan.merge_retest)
             plan = self.plan(model, iteration)
         return model, plan
 
@@ -478,13 +478,15 @@ class Refinement:
             return model.part_class.copy()
         return None
 
-    def _merge_duplicates(self, model):
+    def _merge_duplicates(self, model, retest=False):
         """The held-out merge test (:mod:`.merge`): merge the pairs of classes it calls
-        one structure (``--merge_threshold``); the dropped class is left empty (its map
-        kept, prior 0).  The schedule records the test and, after a merge,
-        ``--merge_fixed_iter`` more fixed-pose iterations (while two full-EM iterations
-        remain), the first with the merged hard assignments.  Returns whether anything
-        was merged.
+        one structure (``--merge_threshold``, ``--merge_max_agreement``); the dropped
+        class is left empty (its map kept, prior 0).  The schedule records the test
+        and, after a merge, ``--merge_fixed_iter`` more fixed-pose iterations (while
+        two full-EM iterations remain), the first with the merged hard assignments.
+        ``retest``: the second test, after full EM (:func:`.plan.merge_retest_iteration`),
+        whose merge only makes the next iteration start from the merged classes.
+        Returns whether anything was merged.
 
         Why: with K above the number of structures, EM can cut one structure into two
         classes that both live on, each fed by its own particles (K=4 on three true
@@ -492,11 +494,15 @@ class Refinement:
         reads only the saved state, so ``--continue`` repeats it."""
         from .merge import duplicate_pairs
         s = self.s
-        if s.merge_threshold <= 0 or model.schedule.merge_tested or s.n_classes < 2:
+        done = model.schedule.retested if retest else model.schedule.merge_tested
+        if s.merge_threshold <= 0 or done or s.n_classes < 2:
             return False
         log = self.log if self.comm.rank == 0 else None
+        if retest and log is not None:
+            log("merge test again, after full EM:")
         pairs = duplicate_pairs(self.ctx, model, s.classify_fixed_highres, s.merge_threshold,
-                                seed=s.random_seed, log=log)
+                                seed=s.random_seed, log=log,
+                                max_agreement=s.merge_max_agreement)
         for keep, drop, ev in pairs:
             moved = model.part_class == drop
             model.part_origin_angst[moved] = ev["aligned_origins"]
@@ -505,7 +511,10 @@ class Refinement:
             model.pdf_class[drop] = 0.0
             self._log(f"merge: class {drop + 1} joins class {keep + 1} (one structure by "
                       f"the held-out test); class {drop + 1} stays empty")
-        model.schedule = after_merge(s, model.schedule, merged=bool(pairs))
+        if retest:
+            model.schedule = after_retest(model.schedule, merged=bool(pairs))
+        else:
+            model.schedule = after_merge(s, model.schedule, merged=bool(pairs))
         return bool(pairs)
 
     def _input_classes(self):
