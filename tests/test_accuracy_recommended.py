@@ -205,7 +205,8 @@ def test_a_rare_state_keeps_its_class_and_extra_classes_merge(tmp_path_factory, 
     three, the first merge test joins one pair of them (no class in two pairs), the
     second, after full EM, the last (docs/benchmarks.md, "Merge test after full EM");
     the rare state keeps its own class.  Targets: ARI >= 0.9 and the rare state's
-    recall >= 0.8."""
+    recall >= 0.8.  Measured: oracle 0.999; ARI 0.965, recall 1.00 / 0.96, sizes
+    0 / 951 / 0 / 49; about 2 minutes on 2 cores."""
     from cryoclass_plugin.engine.metrics import state_recall
     data = tmp_path_factory.mktemp("rare") / "data"
     info = simulate_dataset(str(data), n=1000, box=64, apix=4.0, snr=0.1, n_classes=2, seed=0,

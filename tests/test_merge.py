@@ -152,7 +152,7 @@ def test_a_structure_cut_in_three_is_joined_by_the_second_test(tmp_path_factory)
     assert r._merge_duplicates(model, retest=True) is False
 
 
-def test_a_reproducible_difference_is_kept_whatever_the_likelihood(monkeypatch):
+def test_agreement_decides_where_the_likelihood_cannot(monkeypatch):
     """The decision rule alone, on given evidence: a pair whose split loses on the
     likelihood (delta < 0, ratio below the threshold) merges when its held-out
     particles choose their own side's map at a chance-like rate, and stays apart when
@@ -173,4 +173,12 @@ def test_a_reproducible_difference_is_kept_whatever_the_likelihood(monkeypatch):
     evidence[(0, 1)]["ratio"] = 0.5
     assert [(k, d) for k, d, _ in merge.duplicate_pairs(None, model, 25.0, 0.3,
                                                         max_agreement=1.0)] == [(0, 2)]
+    assert merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8) == []
+    # And the other way: a pair the likelihood calls two structures merges when its
+    # assignments do not reproduce (min_agreement), and only then.
+    evidence[(0, 1)].update(agree=0.70)
+    evidence[(1, 2)].update(agree=0.62)
+    pairs = merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8,
+                                  min_agreement=0.65)
+    assert [(keep, drop) for keep, drop, _ in pairs] == [(1, 2)]
     assert merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8) == []

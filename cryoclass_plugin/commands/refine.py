@@ -171,6 +171,9 @@ def _check(a):
         (a.merge_retest_iter < 0, f"--merge_retest_iter {a.merge_retest_iter}: give 0 or more"),
         (not 0.5 <= a.merge_max_agreement <= 1.0,
          f"--merge_max_agreement {a.merge_max_agreement}: give a share from 0.5 to 1"),
+        (not 0.5 <= a.merge_min_agreement <= a.merge_max_agreement,
+         f"--merge_min_agreement {a.merge_min_agreement}: give a share from 0.5 to "
+         f"--merge_max_agreement ({a.merge_max_agreement:g})"),
         (a.consensus_local_iter < 0,
          f"--consensus_local_iter {a.consensus_local_iter}: give 0 or more"),
         (a.classify_local_sigma < 0,

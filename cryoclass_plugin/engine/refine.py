@@ -480,7 +480,8 @@ class Refinement:
 
     def _merge_duplicates(self, model, retest=False):
         """The held-out merge test (:mod:`.merge`): merge the pairs of classes it calls
-        one structure (``--merge_threshold``, ``--merge_max_agreement``); the dropped
+        one structure (``--merge_threshold``, ``--merge_max_agreement``,
+        ``--merge_min_agreement``); the dropped
         class is left empty (its map kept, prior 0).  The schedule records the test
         and, after a merge, ``--merge_fixed_iter`` more fixed-pose iterations (while
         two full-EM iterations remain), the first with the merged hard assignments.
@@ -502,7 +503,8 @@ class Refinement:
             log("merge test again, after full EM:")
         pairs = duplicate_pairs(self.ctx, model, s.classify_fixed_highres, s.merge_threshold,
                                 seed=s.random_seed, log=log,
-                                max_agreement=s.merge_max_agreement)
+                                max_agreement=s.merge_max_agreement,
+                                min_agreement=s.merge_min_agreement)
         for keep, drop, ev in pairs:
             moved = model.part_class == drop
             model.part_origin_angst[moved] = ev["aligned_origins"]
@@ -510,7 +512,9 @@ class Refinement:
             model.pdf_class[keep] += model.pdf_class[drop]
             model.pdf_class[drop] = 0.0
             self._log(f"merge: class {drop + 1} joins class {keep + 1} (one structure by "
-                      f"the held-out test); class {drop + 1} stays empty")
+                      f"the held-out test: recovers {ev['ratio']:.2f} of a random split's "
+                      f"cost, assignments reproduced {100 * ev['agree']:.0f} %); class "
+                      f"{drop + 1} stays empty")
         if retest:
             model.schedule = after_retest(model.schedule, merged=bool(pairs))
         else:
