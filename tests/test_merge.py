@@ -25,12 +25,14 @@ def _truth_run(tmp_path_factory, n_pieces):
     holds the true poses and classes, true class 1 cut at random into ``n_pieces``
     classes (1, 4, 5, ...), each added piece centred SHIFT_PX away."""
     data = tmp_path_factory.mktemp("merge") / "data"
-    info = simulate_dataset(str(data), n=400, box=48, apix=5.0, snr=0.2, n_classes=3, seed=0)
+    info = simulate_dataset(str(data), n=400, box=48, apix=5.0, snr=0.2, n_classes=3,
+                            seed=0)
     assert info["oracle_accuracy"] >= 0.98, info
     parser = argparse.ArgumentParser()
     refine_cmd.add_args(parser)
     args = parser.parse_args(["--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
-                              "--o", str(data.parent / "out" / "run"), "--K", str(2 + n_pieces), "--ctf",
+                              "--o", str(data.parent / "out" / "run"),
+                              "--K", str(2 + n_pieces), "--ctf",
                               "--tau2_fudge", "4", "--particle_diameter", "200",
                               "--flatten_solvent", "--zero_mask", "--init_classes", "pca",
                               "--iter", "25"])
@@ -146,7 +148,8 @@ def test_a_structure_cut_in_three_is_joined_by_the_second_test(tmp_path_factory)
     assert len([line for line in lines if line.startswith("merge:")]) == 2, lines
     sizes = np.bincount(model.part_class, minlength=5)
     true_sizes = np.bincount(truth, minlength=5)
-    expected = [true_sizes[0] + true_sizes[3] + true_sizes[4], true_sizes[1], true_sizes[2], 0, 0]
+    expected = [true_sizes[0] + true_sizes[3] + true_sizes[4], true_sizes[1], true_sizes[2],
+                0, 0]
     assert sorted(sizes.tolist()) == sorted(expected)
     # Each test runs once (--continue repeats neither).
     assert r._merge_duplicates(model, retest=True) is False

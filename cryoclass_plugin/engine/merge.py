@@ -309,11 +309,12 @@ def duplicate_pairs(ctx, model, highres_angst, threshold, seed=0,
     particles at SNR 0.1) loses that weighing (ratios -0.01 to 0.23) as two halves of
     one structure do; but its held-out particles still choose their own class's map
     81-86 % of the time, where halves of one structure, cut by EM, reproduce 57-76 %
+    (a small piece of 37 particles: 82 %, which the rule keeps and full EM then empties)
     (docs/benchmarks.md, "Merge test: agreement").  And the other way: a pair whose
     held-out assignments reproduce less than ``min_agreement`` does not classify
     reproducibly even where the likelihood favours two maps (5,000 particles of one
     state cut in two that full EM kept apart: ratio 12.3, 63 % reproduced), while true
-    pairs reproduce 71 % and more."""
+    pairs (classes that hold different states) reproduce 81 % and more."""
     alive = [k for k in range(model.n_classes) if model.pdf_class[k] >= min_fraction
              and (model.part_class == k).sum() >= 2]
     results = []

@@ -248,12 +248,12 @@ OPTIONS = (
        "with --merge_threshold: keep two classes apart, whatever the likelihood says, "
        "when held-out particles choose their own class's map at least this often "
        "(a difference that classifies reproducibly, as a small ligand does; two halves "
-       "of one structure reproduce 55-82 %%); 1: the likelihood alone decides"),
+       "of one structure mostly 57-76 %%); 1: the likelihood alone decides"),
     _o("merge_min_agreement", "merge_min_agreement", float, 0.65,
        "with --merge_threshold: merge two classes, whatever the likelihood says, when "
        "held-out particles choose their own class's map less often than this (a split "
-       "that does not classify reproducibly; true pairs reproduce 71 %% and more); 0.5: "
-       "the likelihood alone decides"),
+       "that does not classify reproducibly; classes of different states reproduce 81 %% "
+       "and more); 0.5: the likelihood alone decides"),
     _o("merge_fixed_iter", "merge_fixed_iter", int, 3,
        "fixed-pose iterations added after a merge"),
     _o("merge_retest_iter", "merge_retest_iter", int, 4,
