@@ -275,8 +275,12 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "on held-out particles, their split pays back less than this "
                            "share of what a random split of the same particles costs "
                            "(they are one structure cut in two); the freed class stays "
-                           "empty and a few more fixed-pose iterations follow. The log "
-                           "lists each pair's figures (--merge_threshold). 0: never merge.")
+                           "empty and a few more fixed-pose iterations follow. A pair "
+                           "whose held-out particles choose their own class's map at least "
+                           "80 % of the time stays apart (a small, reproducible difference); "
+                           "one below 65 % is merged; the test runs again before the last "
+                           "4 iterations. The log lists each pair's figures "
+                           "(--merge_threshold). 0: never merge.")
 
     def _defineAfterSplitParams(self, form):
         """The Optimisation tab's options of the iterations after a consensus split."""
@@ -1124,8 +1128,14 @@ def _methods_references(s, consensus, merges):
     text = []
     if consensus and s.merge_threshold > 0:
         text.append("After the fixed-pose iterations a held-out test merged two classes "
-                    "when their split paid back less than %g of a random split's cost (%s)."
-                    % (s.merge_threshold, "; ".join(merges) if merges else "no merge"))
+                    "when their split paid back less than %g of a random split's cost and "
+                    "held-out particles chose their own class's map less than %g %% of the "
+                    "time, or whenever they did so less than %g %% of the time%s (%s)."
+                    % (s.merge_threshold, 100 * s.merge_max_agreement,
+                       100 * s.merge_min_agreement,
+                       "; the test ran again before the last %d iterations"
+                       % s.merge_retest_iter if s.merge_retest_iter > 0 else "",
+                       "; ".join(merges) if merges else "no merge"))
     if consensus and s.class_difference_highres > 0:
         text.append("The references of the expectation step shared the consensus map (%s) "
                     "beyond %g A and where the classes did not differ; the reported class "
