@@ -383,6 +383,11 @@ def _run(ref, settings, lock):
             # later must still find the report taken.
             _remove_temporaries_quietly(settings.output_root,
                                         keep=[_interrupt_marker(settings.output_root)])
+            if lock is None:
+                # Rank 0 holds the lock but may never see its signal (it waits in a
+                # collective until mpirun kills it), so the reporting rank frees it:
+                # the job is ending.
+                _remove_quietly(f"{settings.output_root}.lock")
             if told:
                 raise SystemExit(RunInterrupted.exit_code)
             raise RunInterrupted(line) from None
@@ -438,7 +443,10 @@ def _fail_one_rank(comm, line, output_root):
         first = True        # the folder cannot take the marker: report anyway
     if first:
         _log_quietly(f"{output_root}.log", f"error (rank {comm.rank}): {line}")
-        print(f"cryoclass refine: error: {line}", file=sys.stderr, flush=True)
+        # Straight to the launcher's terminal where there is one: the abort that follows
+        # can end the job before mpirun has forwarded a rank's own standard error.
+        if not tell_launcher_terminal(f"cryoclass refine: error: {line}"):
+            print(f"cryoclass refine: error: {line}", file=sys.stderr, flush=True)
     comm.abort(2)
 
 
@@ -476,6 +484,13 @@ def _quiet_on_other_ranks(comm, code):
     """Ranks other than 0 end with ``code`` and print nothing (rank 0 reports)."""
     if comm.rank != 0:
         raise SystemExit(code)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _remove_temporaries_quietly(output_root, keep=()):
