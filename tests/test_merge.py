@@ -155,33 +155,32 @@ def test_a_structure_cut_in_three_is_joined_by_the_second_test(tmp_path_factory)
     assert r._merge_duplicates(model, retest=True) is False
 
 
-def test_agreement_decides_where_the_likelihood_cannot(monkeypatch):
-    """The decision rule alone, on given evidence: a pair whose split loses on the
-    likelihood (delta < 0, ratio below the threshold) merges when its held-out
-    particles choose their own side's map at a chance-like rate, and stays apart when
-    they do so reproducibly (>= max_agreement), as for a ligand against the apo state."""
+def test_a_split_that_does_not_reproduce_is_merged(monkeypatch):
+    """The decision rule alone, on given evidence: the likelihood merges a pair whose
+    split does not pay (delta < 0, ratio below the threshold); a pair that the
+    likelihood calls two structures merges only when its held-out particles choose
+    their own side's map less often than min_agreement; pairs are taken by ratio, no
+    class in two."""
     from types import SimpleNamespace
-    evidence = {(0, 1): {"delta": -5.0, "ratio": 0.05, "agree": 0.60, "moved": 1},
-                (0, 2): {"delta": -5.0, "ratio": 0.10, "agree": 0.85, "moved": 2},
-                (1, 2): {"delta": 3.0, "ratio": 1.50, "agree": 0.95, "moved": 2}}
+    evidence = {(0, 1): {"delta": 3.0, "ratio": 12.3, "agree": 0.63, "moved": 1},
+                (0, 2): {"delta": 3.0, "ratio": 1.50, "agree": 0.95, "moved": 2},
+                (1, 2): {"delta": -5.0, "ratio": 0.05, "agree": 0.80, "moved": 2}}
     monkeypatch.setattr(merge, "_PairData", lambda *args: None)
     monkeypatch.setattr(merge, "pair_evidence",
                         lambda ctx, model, a, b, *args, **kw: dict(evidence[(a, b)], n=100))
     model = SimpleNamespace(n_classes=3, pdf_class=np.array([0.5, 0.3, 0.2]),
                             part_class=np.repeat([0, 1, 2], [50, 30, 20]))
-    pairs = merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8)
-    assert [(keep, drop) for keep, drop, _ in pairs] == [(0, 1)]
-    # Without the agreement rule the likelihood alone would merge the ligand-like pair
-    # (here once the duplicate is no longer a candidate).
-    evidence[(0, 1)]["ratio"] = 0.5
-    assert [(k, d) for k, d, _ in merge.duplicate_pairs(None, model, 25.0, 0.3,
-                                                        max_agreement=1.0)] == [(0, 2)]
-    assert merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8) == []
-    # And the other way: a pair the likelihood calls two structures merges when its
-    # assignments do not reproduce (min_agreement), and only then.
-    evidence[(0, 1)].update(agree=0.70)
-    evidence[(1, 2)].update(agree=0.62)
-    pairs = merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8,
-                                  min_agreement=0.65)
-    assert [(keep, drop) for keep, drop, _ in pairs] == [(1, 2)]
-    assert merge.duplicate_pairs(None, model, 25.0, 0.3, max_agreement=0.8) == []
+
+    def merged(**kw):
+        return [(keep, drop) for keep, drop, _ in
+                merge.duplicate_pairs(None, model, 25.0, 0.3, **kw)]
+    assert merged() == [(1, 2)]                          # the likelihood alone
+    assert merged(min_agreement=0.65) == [(1, 2)]        # lower ratio first; 1 is taken
+    evidence[(1, 2)].update(ratio=0.5)
+    assert merged() == []
+    assert merged(min_agreement=0.65) == [(0, 1)]        # 63 % reproduced
+    assert merged(min_agreement=0.6) == []
+    # A pair that reproduces at least max_agreement stays apart whatever its ratio.
+    evidence[(1, 2)].update(ratio=0.05, agree=0.91)
+    assert merged(min_agreement=0.6) == [(1, 2)]
+    assert merged(min_agreement=0.6, max_agreement=0.9) == []

@@ -178,9 +178,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     (["--block_size", "0"], "--block_size 0"),
     (["--adaptive_fraction", "1.5"], "--adaptive_fraction 1.5"),
     (["--maxsig", "0"], "--maxsig 0"),
-    (["--merge_max_agreement", "0.3"], "--merge_max_agreement 0.3: give a share"),
     (["--merge_retest_iter", "-1"], "--merge_retest_iter -1: give 0 or more"),
-    (["--merge_min_agreement", "0.9"], "--merge_min_agreement 0.9: give a share from 0.5 to"),
+    (["--merge_min_agreement", "0.3"], "--merge_min_agreement 0.3: give a share from 0.5 to"),
+    (["--merge_max_agreement", "1.2"], "--merge_max_agreement 1.2: give a share from 0.5 to 1"),
 ])
 def test_numeric_flags_out_of_range_are_refused(flags, message):
     with pytest.raises(CryoClassError, match=message.replace("(", r"\(")):
@@ -191,7 +191,7 @@ def test_numeric_flags_out_of_range_are_refused(flags, message):
 #: A valid value unlike the default, where "default + 1" (int) or "twice the default, or
 #: 10 when unset" (float) would not be one.
 SAMPLES = {"classify_local_order": 3, "adaptive_fraction": 0.9, "max_significant": 100,
-           "merge_max_agreement": 0.9, "merge_min_agreement": 0.7,
+           "merge_min_agreement": 0.8, "merge_max_agreement": 0.95,
            "sym": "C2", "input_star": "q.star", "output_root": "out/other", "ref": "s.mrc"}
 
 

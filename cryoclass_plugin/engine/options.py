@@ -244,22 +244,25 @@ OPTIONS = (
        "held-out particles, their split pays back less than this share of what a random "
        "split of the same particles costs (and the one merged map predicts them "
        "better); the freed class stays empty.  0: off", param="mergeThreshold"),
-    _o("merge_max_agreement", "merge_max_agreement", float, 0.8,
+    _o("merge_max_agreement", "merge_max_agreement", float, 0.9,
        "with --merge_threshold: keep two classes apart, whatever the likelihood says, "
-       "when held-out particles choose their own class's map at least this often "
-       "(a difference that classifies reproducibly, as a small ligand does; two halves "
-       "of one structure mostly 57-76 %%); 1: the likelihood alone decides"),
-    _o("merge_min_agreement", "merge_min_agreement", float, 0.65,
+       "when held-out particles choose their own class's map at least this often (a "
+       "small class against another state: too few particles for the likelihood, a "
+       "clear difference for the particles; pieces of one state reproduce up to 86 %%); "
+       "1: the likelihood alone decides"),
+    _o("merge_min_agreement", "merge_min_agreement", float, 0.7,
        "with --merge_threshold: merge two classes, whatever the likelihood says, when "
        "held-out particles choose their own class's map less often than this (a split "
-       "that does not classify reproducibly; classes of different states reproduce 81 %% "
-       "and more); 0.5: the likelihood alone decides"),
+       "that does not classify reproducibly; classes of different states reproduce 75 %% "
+       "and more); the second test (--merge_retest_iter) merges on this rule alone; "
+       "0.5: the likelihood alone decides at the first test"),
     _o("merge_fixed_iter", "merge_fixed_iter", int, 3,
        "fixed-pose iterations added after a merge"),
     _o("merge_retest_iter", "merge_retest_iter", int, 4,
        "with --merge_threshold: run the merge test again after full EM, before the last "
        "this many iterations (which then start from the merged classes), so that two "
-       "halves of one structure that the first test left apart are joined; 0: once"),
+       "halves of one structure that the first test left apart are joined (on "
+       "--merge_min_agreement alone); 0: once"),
     _o("classify_local_order", "classify_local_order", int, -1,
        "HEALPix order of the local searches after the split (-1: --healpix_order + 1, "
        "i.e. half the angular step)"),

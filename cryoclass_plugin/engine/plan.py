@@ -270,8 +270,8 @@ def merge_retest_iteration(settings, schedule):
     it merges only pairs that share no class, and classes that hold mixtures of states
     may still sort themselves out in full EM.  What full EM leaves as two halves of
     one structure (a 95 % state cut in three by the split, K=4: one duplicate with 43 %
-    of the particles) the second test merges (docs/benchmarks.md, "Merge test
-    after full EM")."""
+    of the particles) the second test merges, on the agreement of the held-out
+    assignments alone (docs/benchmarks.md, "Merge test after full EM")."""
     s = settings
     if not (_staged(s) and s.merge_threshold > 0 and s.merge_retest_iter > 0
             and schedule.merge_tested):
