@@ -377,21 +377,18 @@ def _run(ref, settings, lock):
             raise SystemExit(RunInterrupted.exit_code)
         line = interrupted_line(settings.output_root, what)
         _log_quietly(log_path, line)    # first: under mpirun the job may be killed soon
-        if ref.comm.size > 1:
-            told = tell_launcher_terminal(f"cryoclass refine: {line}")
-            # The claim stays (the next start clears it): a rank that sees its signal
-            # later must still find the report taken.
-            _remove_temporaries_quietly(settings.output_root,
-                                        keep=[_interrupt_marker(settings.output_root)])
-            if lock is None:
-                # Rank 0 holds the lock but may never see its signal (it waits in a
-                # collective until mpirun kills it), so the reporting rank frees it:
-                # the job is ending.
-                _remove_quietly(f"{settings.output_root}.lock")
-            if told:
-                raise SystemExit(RunInterrupted.exit_code)
-            raise RunInterrupted(line) from None
-        _remove_temporaries_quietly(settings.output_root)
+        told = ref.comm.size > 1 and tell_launcher_terminal(f"cryoclass refine: {line}")
+        if ref.comm.size > 1 and lock is None:
+            # Rank 0 holds the lock but may never see its signal (it waits in a
+            # collective until mpirun kills it), so the reporting rank frees it: the
+            # job is ending.
+            _remove_quietly(f"{settings.output_root}.lock")
+        # The claim stays (the next start clears it): a rank that sees its signal later
+        # must still find the report taken.
+        _remove_temporaries_quietly(settings.output_root,
+                                    keep=[_interrupt_marker(settings.output_root)])
+        if told:
+            raise SystemExit(RunInterrupted.exit_code)
         raise RunInterrupted(line) from None
     except SharedError:
         _quiet_on_other_ranks(ref.comm, 2)
