@@ -20,13 +20,17 @@ changes of one phantom; 64 px, 4 A/px, CTF, SNR 0.1 unless ``--snr``):
 Each set is refined with the RELION tutorial's Class3D settings (``_common.tutorial_flags``,
 T=4, ``--iter``), K = the number of states plus each of ``--extra-classes``, once per
 start of ``--starts``: ``pca`` (the recommended start, ``--init_classes pca
---consensus_iter 6``) and ``relion`` (RELION's random subsets).  Per run it prints the
-oracle accuracy (all frequencies / < 25 A: a classifier given the true maps and poses)
-and the oracle's ARI (the figure to compare the run's with), the adjusted Rand index, the best-match accuracy, each state's recall (the share of its
-particles in the class matched to it one-to-one) next to the oracle's, the class sizes
-(sorted, as fractions), the FSC-0.5 resolution of the class map matched to each state
-against its true map, and with ``--ceiling`` the ARI of the true maps at the run's own
-poses (the oracle assumes the true poses; this is what the run's pose errors leave).
+--consensus_iter 6``), ``relion`` (RELION's random subsets) and the diagnostic
+``truth`` (the recommended start with its split replaced by the true states,
+``split_from_truth.py``: what the fixed-pose EM, the merge test and full EM keep of a
+perfect split).  Per run it prints the oracle accuracy (all frequencies / < 25 A: a
+classifier given the true maps and poses) and the oracle's ARI (the figure to compare
+the run's with), the adjusted Rand index, the best-match accuracy, each state's recall
+(the share of its particles in the class matched to it one-to-one) next to the
+oracle's, the class sizes (sorted, as fractions), the FSC-0.5 resolution of the class
+map matched to each state against its true map, and with ``--ceiling`` the ARI of the
+true maps at the run's own poses (the oracle assumes the true poses; this is what the
+run's pose errors leave).
 ``--markdown`` prints the table for docs/benchmarks.md.
 """
 import argparse
@@ -51,13 +55,19 @@ SETS = {
     "ribo6": ("ribosome", 1500, [((), 0.30), (("ligand",), 0.20), (("swing",), 0.20),
                                  (("subunit",), 0.15), (("swing", "ligand"), 0.10),
                                  (("subunit", "ligand"), 0.05)]),
+    # Every combination of the three changes (8 states).
+    "ribo8": ("ribosome", 3000, [((), 0.25), (("ligand",), 0.15), (("swing",), 0.15),
+                                 (("subunit",), 0.12), (("swing", "ligand"), 0.10),
+                                 (("subunit", "ligand"), 0.10), (("swing", "subunit"), 0.08),
+                                 (("swing", "subunit", "ligand"), 0.05)]),
     "ligand2": ("ribosome", 5000, [((), 0.80), (("ligand",), 0.20)]),
     "rare2": ("complex", 2000, [((), 0.95), (("subunit",), 0.05)]),
     "complex5": ("complex", 1200, [((), 0.35), (("swing",), 0.25), (("subunit",), 0.20),
                                    (("ligand",), 0.15), (("swing", "subunit"), 0.05)]),
 }
 DEFAULT_SETS = ["swing3", "ribo4", "complex5", "ribo6"]
-START_FLAGS = {"pca": ["--init_classes", "pca", "--consensus_iter", "6"], "relion": []}
+START_FLAGS = {"pca": ["--init_classes", "pca", "--consensus_iter", "6"], "relion": [],
+               "truth": ["--init_classes", "pca", "--consensus_iter", "6"]}
 
 
 def parse_args(argv=None):
@@ -161,6 +171,10 @@ def run_one(name, start, K, args, sim_dir, commands):
     extra = START_FLAGS[start] + shlex.split(args.cryoclass_args)
     cmd = C.cryoclass_refine_cmd(root, args.box, args.apix, K, args.tau2, args.iter,
                                  args.j, extra=extra)
+    if start == "truth":
+        # The recommended pipeline from a perfect split (split_from_truth.py).
+        cmd = [sys.executable, os.path.join(C.REPO, "benchmarks", "split_from_truth.py"),
+               "truth.star", "--"] + cmd[2:]
     out_dir = os.path.join(sim_dir, os.path.dirname(root))
     done = os.path.join(sim_dir, f"{root}_it{args.iter:03d}_optimiser.star")
     cmd_file = os.path.join(out_dir, "command.txt")
@@ -237,6 +251,8 @@ def main(argv=None):
             pops = "/".join(f"{100 * f:.0f}" for _, f in states)
             for start in args.starts:
                 for extra in args.extra_classes:
+                    if start == "truth" and extra:
+                        continue          # the true split leaves the extra classes empty
                     K = len(states) + extra
                     ev = run_one(name, start, K, args, sim_dir, commands)
                     if ev is None:

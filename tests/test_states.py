@@ -68,3 +68,36 @@ def test_state_set_truth_and_oracle(tmp_path):
     assert res["oracle_accuracy"] == 1.0          # noise-free: every state is distinct
     summary = json.loads((tmp_path / "truth_summary.json").read_text())
     assert summary["shape"] == "complex" and summary["states"][2] == ["ligand", "swing"]
+
+
+def test_split_from_truth_starts_the_classes_from_the_true_states(tmp_path):
+    """benchmarks/split_from_truth.py (``bench_states --starts truth``): the iteration
+    after the consensus holds exactly the true states, whatever the k-means found."""
+    import os
+    import subprocess
+    import sys
+
+    import starfile
+
+    sim.simulate_dataset(tmp_path, n=60, box=BOX, apix=APIX, snr=0.5, n_classes=3, seed=2,
+                         shape="complex", states=[(), ("subunit",), ("swing",)],
+                         class_fractions=[0.5, 0.3, 0.2])
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
+                          "split_from_truth.py")
+    flags = ["--i", "particles.star", "--ref", "ref.mrc", "--o", "run", "--K", "3",
+             "--iter", "4", "--init_classes", "pca", "--consensus_iter", "2",
+             "--particle_diameter", str(int(0.8 * BOX * APIX)), "--ctf",
+             "--healpix_order", "1", "--offset_range", "2", "--offset_step", "2",
+             "--merge_threshold", "0", "--j", "1"]
+    out = subprocess.run([sys.executable, script, "truth.star", "--"] + flags,
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "replaced by the true states [30, 18, 12]" in out.stdout
+    truth = starfile.read(tmp_path / "truth.star")["particles"]["rlnClassNumber"]
+    first = starfile.read(tmp_path / "run_it003_data.star")["particles"]["rlnClassNumber"]
+    assert first.tolist() == truth.tolist()
+    # Without the recommended start there is no split to replace.
+    relion_start = [f for f in flags if f not in ("--init_classes", "pca")]
+    bad = subprocess.run([sys.executable, script, "truth.star", "--"] + relion_start,
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--init_classes pca" in bad.stderr
