@@ -275,10 +275,10 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "on held-out particles, their split pays back less than this "
                            "share of what a random split of the same particles costs "
                            "(they are one structure cut in two); the freed class stays "
-                           "empty and a few more fixed-pose iterations follow. A pair "
-                           "whose held-out particles choose their own class's map less than "
-                           "70 % of the time is merged too; that rule alone runs again before "
-                           "the last 4 iterations. The log lists each pair's figures "
+                           "empty and a few more fixed-pose iterations follow. Before "
+                           "the last 4 iterations the test runs again and merges a pair whose "
+                           "held-out particles choose their own class's map less than 70 % of "
+                           "the time. The log lists each pair's figures "
                            "(--merge_threshold). 0: never merge.")
 
     def _defineAfterSplitParams(self, form):
@@ -1127,13 +1127,14 @@ def _methods_references(s, consensus, merges):
     text = []
     if consensus and s.merge_threshold > 0:
         text.append("After the fixed-pose iterations a held-out test merged two classes "
-                    "when their split paid back less than %g of a random split's cost, or "
-                    "when held-out particles chose their own class's map less than %g %% "
-                    "of the time%s (%s)."
-                    % (s.merge_threshold, 100 * s.merge_min_agreement,
-                       "; the test ran again, on the second rule alone, before the last %d "
-                       "iterations"
-                       % s.merge_retest_iter if s.merge_retest_iter > 0 else "",
+                    "when their split paid back less than %g of a random split's cost%s "
+                    "(%s)."
+                    % (s.merge_threshold,
+                       "; before the last %d iterations it ran again and merged two "
+                       "classes when held-out particles chose their own class's map less "
+                       "than %g %% of the time"
+                       % (s.merge_retest_iter, 100 * s.merge_min_agreement)
+                       if s.merge_retest_iter > 0 else "",
                        "; ".join(merges) if merges else "no merge"))
     if consensus and s.class_difference_highres > 0:
         text.append("The references of the expectation step shared the consensus map (%s) "

@@ -29,9 +29,10 @@ splitting by noise alone, ``null``).  A pair is one structure when ``delta < 0``
 split pays back less than ``--merge_threshold`` (0.3) of the random split's cost,
 ``(delta - null) / |null|``.  Measured at the end of the fixed-pose phase on 25 runs'
 states: a true class cut in two -0.08 to 0.17, true class pairs 0.53 and more
-(docs/benchmarks.md, "Merge test").  A pair whose held-out particles choose their
-own side's map less than ``--merge_min_agreement`` of the time is merged whatever the
-ratio (:func:`duplicate_pairs`).  Before the test the smaller class's particles
+(docs/benchmarks.md, "Merge test").  After full EM the test runs again
+(``--merge_retest_iter``) and merges a pair whose held-out particles choose their own
+side's map less than ``--merge_min_agreement`` of the time, whatever the ratio
+(:func:`duplicate_pairs`).  Before the test the smaller class's particles
 are re-centred onto the larger class by the maps' relative shift
 (:func:`pair_evidence`): two halves of one structure can sit a fraction of a pixel apart.
 

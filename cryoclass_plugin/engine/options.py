@@ -251,11 +251,11 @@ OPTIONS = (
        "clear difference for the particles; pieces of one state reproduce up to 86 %%); "
        "1: the likelihood alone decides"),
     _o("merge_min_agreement", "merge_min_agreement", float, 0.7,
-       "with --merge_threshold: merge two classes, whatever the likelihood says, when "
-       "held-out particles choose their own class's map less often than this (a split "
-       "that does not classify reproducibly; classes of different states reproduce 75 %% "
-       "and more); the second test (--merge_retest_iter) merges on this rule alone; "
-       "0.5: the likelihood alone decides at the first test"),
+       "with --merge_retest_iter: the second merge test, after full EM, merges two classes "
+       "when held-out particles choose their own class's map less often than this (a "
+       "split that does not classify reproducibly; classes of different states reproduce "
+       "75 %% and more); the first test, whose classes full EM may still sort out, does "
+       "not use it"),
     _o("merge_fixed_iter", "merge_fixed_iter", int, 3,
        "fixed-pose iterations added after a merge"),
     _o("merge_retest_iter", "merge_retest_iter", int, 4,
