@@ -40,6 +40,23 @@ FLAGS = ("--firstiter_cc --tau2_fudge 4 --ini_high 50 --particle_diameter 205 --
          "--skip_gridding --preread_images --j 2")
 
 
+def start_on_set(data, state, prefix):
+    """``(model, refinement, truth)`` for diagnostics on a simulated set: the state
+    ``run_itNNN_state.npz`` of a run on it, a started :class:`Refinement` with the
+    benchmarks' flags over its particles (output in a temporary folder named ``prefix``),
+    and ``truth.star``'s particles table.  Changes the working folder to ``data``."""
+    model = ModelState.load(os.path.abspath(state))
+    os.chdir(data)
+    parser = argparse.ArgumentParser()
+    refine_cmd.add_args(parser)
+    args = parser.parse_args(["--i", "particles.star", "--ref", "ref.mrc", "--o",
+                              os.path.join(tempfile.mkdtemp(prefix=prefix), "run"),
+                              "--K", str(model.n_classes)] + FLAGS.split())
+    r = Refinement(refine_cmd.settings_from_args(args), log=lambda m: None)
+    r.start()
+    return model, r, starfile.read("truth.star")["particles"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
@@ -51,16 +68,7 @@ def main(argv=None):
                    help="also print the figures as a table in the format of docs/benchmarks.md")
     a = p.parse_args(argv)
     data = os.path.abspath(a.data)
-    model = ModelState.load(os.path.abspath(a.state))
-    os.chdir(data)
-    parser = argparse.ArgumentParser()
-    refine_cmd.add_args(parser)
-    args = parser.parse_args(["--i", "particles.star", "--ref", "ref.mrc", "--o",
-                              os.path.join(tempfile.mkdtemp(prefix="true_map_ceiling_"), "run"),
-                              "--K", str(model.n_classes)] + FLAGS.split())
-    r = Refinement(refine_cmd.settings_from_args(args), log=lambda m: None)
-    r.start()
-    truth = starfile.read("truth.star")["particles"]
+    model, r, truth = start_on_set(data, a.state, "true_map_ceiling_")
     labels = truth["rlnClassNumber"].to_numpy() - 1
     true_e = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
     true_o = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)

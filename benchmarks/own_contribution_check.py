@@ -27,22 +27,17 @@ contribution") gives its figures.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
-import starfile
 from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_true_map_ceiling import FLAGS  # noqa: E402
-from cryoclass_plugin.commands import refine as refine_cmd  # noqa: E402
+from bench_true_map_ceiling import start_on_set  # noqa: E402
 from cryoclass_plugin.engine import projector as P  # noqa: E402
 from cryoclass_plugin.engine.geometry import euler_to_matrix  # noqa: E402
 from cryoclass_plugin.engine.metrics import adjusted_rand_index  # noqa: E402
-from cryoclass_plugin.engine.model import ModelState  # noqa: E402
 from cryoclass_plugin.engine.mrc_io import read_map  # noqa: E402
 from cryoclass_plugin.engine.particles import Pixels, prepare_block  # noqa: E402
-from cryoclass_plugin.engine.refine import Refinement  # noqa: E402
 
 PAD = 2
 MODES = ("own", "left-out", "left-out+variance")
@@ -146,17 +141,7 @@ def main(argv=None):
     p.add_argument("--mask-dilation", type=float, default=3.0, help="pixels (3)")
     p.add_argument("--seed", type=int, default=0, help="random start's seed (0)")
     a = p.parse_args(argv)
-    data = os.path.abspath(a.data)
-    model = ModelState.load(os.path.abspath(a.state))
-    os.chdir(data)
-    parser = argparse.ArgumentParser()
-    refine_cmd.add_args(parser)
-    args = parser.parse_args(["--i", "particles.star", "--ref", "ref.mrc", "--o",
-                              os.path.join(tempfile.mkdtemp(prefix="own_contribution_"), "run"),
-                              "--K", str(model.n_classes)] + FLAGS.split())
-    r = Refinement(refine_cmd.settings_from_args(args), log=lambda m: None)
-    r.start()
-    truth = starfile.read("truth.star")["particles"]
+    model, r, truth = start_on_set(os.path.abspath(a.data), a.state, "own_contribution_")
     labels = truth["rlnClassNumber"].to_numpy() - 1
     n_classes = int(labels.max()) + 1
     if a.poses == "true":
