@@ -26,6 +26,7 @@ from .. import convert
 from ..constants import (ANGULAR_SAMPLING_DEFAULT, ANGULAR_SAMPLING_LIST, OUTPUT_ROOT,
                          healpix_order_for_sampling)
 from ..engine.options import OPTIONS_BY_FIELD, OPTIONS_BY_FLAG
+from ..engine.plan import local_order
 
 #: RELION's GPU list: device numbers, ',' within and ':' between MPI processes.
 _GPU_LIST_RE = re.compile(r"^(\d+(,\d+)*(:\d+(,\d+)*)*)?$")
@@ -284,16 +285,17 @@ class ProtCryoClassClassify3D(ProtClassify3D):
     def _defineAfterSplitParams(self, form):
         """The Optimisation tab's options of the iterations after a consensus split."""
         start = "not doContinue and initialClasses > 0"
-        form.addParam("localRangeAfterSplit", FloatParam, default=15.0, condition=start,
+        form.addParam("localRangeAfterSplit", FloatParam, default=9.0, condition=start,
                       expertLevel=LEVEL_ADVANCED,
                       label="Local search range after the split (deg)",
                       help="The full-EM iterations after the fixed-pose ones search each "
                            "particle's orientation within this angle of its consensus "
-                           "pose (a Gaussian prior of sigma = range / 3) on a grid of half "
-                           "the angular sampling interval (--classify_local_sigma, "
-                           "--classify_local_order): the finer grid separates classes "
-                           "that 7.5 degree sampling leaves mixed. 0: global searches at "
-                           "the angular sampling interval.")
+                           "pose (a Gaussian prior of sigma = range / 3) on a grid of a "
+                           "quarter of the angular sampling interval "
+                           "(--classify_local_sigma, --classify_local_order): the finer "
+                           "grid separates classes that 7.5 degree sampling leaves mixed. "
+                           "0: global searches at the angular sampling interval, the "
+                           "consensus's last iterations too.")
         form.addParam("sharedConsensusBeyond", FloatParam, default=18.0, condition=start,
                       expertLevel=LEVEL_ADVANCED,
                       label="Classes share the consensus beyond (A)",
@@ -1108,9 +1110,7 @@ def _methods_start(s, K, consensus, several, step):
              "the best of %d fixed-pose classifications from random partitions"
              % s.restarts)
     local = ("searched orientations locally around the consensus poses (prior sigma %g "
-             "deg, HEALPix order %d)" % (s.classify_local_sigma, s.classify_local_order
-                                          if s.classify_local_order >= 0
-                                          else s.healpix_order + 1)
+             "deg, HEALPix order %d)" % (s.classify_local_sigma, local_order(s))
              if s.classify_local_sigma > 0 and not s.skip_align else "searched globally")
     return ("Unlike RELION, all particles were first aligned to one consensus map for %d "
             "iterations (%s, the last %d local; up to %d more global ones while the poses "

@@ -24,8 +24,8 @@ def _plans(s, schedule=None):
 
 def test_recommended_start_of_25_iterations():
     """--init_classes pca, K=3, 25 iterations, 6 consensus iterations (the last 2
-    local), 8 fixed-pose iterations, then the merge test and full EM with local
-    searches one HEALPix order finer."""
+    local, one HEALPix order finer), 8 fixed-pose iterations, then the merge test and
+    full EM with local searches two HEALPix orders finer and a narrower prior."""
     s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
     plans = _plans(s)
     phases = [plans[it].phase for it in range(1, 26)]
@@ -33,7 +33,7 @@ def test_recommended_start_of_25_iterations():
                       + ["fixed-pose"] * 7 + ["em"] * 11)
     assert [(p.search, p.healpix_order, p.sigma_ang) for p in (plans[4], plans[5], plans[7],
                                                                plans[15])] == \
-        [("global", 2, 0.0), ("local", 3, 5.0), ("none", 2, 0.0), ("local", 3, 5.0)]
+        [("global", 2, 0.0), ("local", 3, 5.0), ("none", 2, 0.0), ("local", 4, 3.0)]
     assert plans[7].split == "pca" and not any(plans[it].split for it in plans if it != 7)
     assert [it for it in plans if plans[it].merge_test] == [15]
     assert [it for it in plans if plans[it].extension_check] == [5]
@@ -125,7 +125,8 @@ def test_describe_schedule_has_one_line_per_iteration():
     assert len(lines) == 26
     assert "no consensus extension and no merge" in lines[0]
     assert lines[7].startswith("iter   7  split") and "after split pca" in lines[7]
-    assert "after merge test" in lines[15] and "local order 3 sigma 5 deg" in lines[15]
+    assert "after merge test" in lines[15] and "local order 4 sigma 3 deg" in lines[15]
+    assert "local order 3 sigma 5 deg" in lines[5]
 
 
 # ----------------------------------------------------------------------------- shape

@@ -375,7 +375,7 @@ def test_methods_state_what_ran_for_both_starts():
     for ours in ("Unlike RELION, all particles were first aligned to one consensus map for "
                  "5 iterations", "k-means clustering of the particles along the top 3 "
                  "principal directions", "8 fixed-pose iterations", "locally around the "
-                 "consensus poses (prior sigma 5 deg, HEALPix order 3)",
+                 "consensus poses (prior sigma 3 deg, HEALPix order 4)",
                  "held-out test merged", "(class 4 joins class 2)",
                  "less than 0.3 of a random split's cost; before the last 4 iterations it "
                  "ran again and merged two classes when held-out particles chose their own "
@@ -520,7 +520,7 @@ def test_default_start_is_consensus_pca_with_fixed_pose_phase(project, inputs):
                        numberOfIterations=12)
     text = prot._getEngineArgs()
     assert "--init_classes pca" in text and "--classify_fixed_iter 4" in text
-    assert "--classify_local_sigma 5" in text          # the default range, 15 deg, / 3
+    assert "--classify_local_sigma 3" in text          # the default range, 9 deg, / 3
     assert "--consensus_extra_iter 6" in text
     assert "--merge_threshold 0.3" in text
     assert "--class_difference_highres 18" in text

@@ -176,6 +176,9 @@ def _check(a):
          f"--merge_max_agreement ({a.merge_max_agreement:g})"),
         (a.consensus_local_iter < 0,
          f"--consensus_local_iter {a.consensus_local_iter}: give 0 or more"),
+        (a.consensus_local_sigma <= 0,
+         f"--consensus_local_sigma {a.consensus_local_sigma:g}: give a prior width in "
+         "degrees > 0 (--consensus_local_iter 0 turns the consensus's local searches off)"),
         (a.classify_local_sigma < 0,
          f"--classify_local_sigma {a.classify_local_sigma:g}: give 0 (global searches) or "
          "a prior width in degrees"),
@@ -296,6 +299,7 @@ def _same_path(given, saved):
 #: Fields a state file may lack: the value that keeps the feature off, as the run that
 #: wrote the file ran.
 _ABSENT_FROM_STATE = {"classify_local_sigma": 0.0, "consensus_local_iter": 0,
+                      "consensus_local_sigma": 5.0,
                       "class_difference_highres": 0.0, "joint_consensus": False,
                       "auto_mask_sigma": 0.0, "tau2_estimate": "power",
                       "consensus_tau2_estimate": "", "consensus_extra_iter": 0,

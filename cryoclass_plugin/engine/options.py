@@ -198,14 +198,19 @@ OPTIONS = (
     _o("classify_fixed_highres", "classify_fixed_highres", float, 25.0,
        "with --classify_fixed_iter: E-step resolution limit (A) of the fixed-pose "
        "iterations"),
-    _o("classify_local_sigma", "classify_local_sigma", float, 5.0,
+    _o("classify_local_sigma", "classify_local_sigma", float, 3.0,
        _CONSENSUS + "after the fixed-pose iterations, search orientations locally around "
        "the consensus poses with this prior sigma (deg; to 3 sigma) on the finer grid of "
-       "--classify_local_order; 0 = global searches at --healpix_order (--sigma_ang, if "
-       "given, takes precedence)", param="localRangeAfterSplit"),
+       "--classify_local_order; 0 = global searches at --healpix_order throughout, the "
+       "consensus's local iterations too (--sigma_ang, if given, takes precedence)",
+       param="localRangeAfterSplit"),
     _o("consensus_local_iter", "consensus_local_iter", int, 2,
        _CONSENSUS + "the last this many of the --consensus_iter iterations search "
-       "locally (as after the split) to sharpen the consensus poses before the split"),
+       "locally, one HEALPix order finer than --healpix_order, to sharpen the consensus "
+       "poses before the split"),
+    _o("consensus_local_sigma", "consensus_local_sigma", float, 5.0,
+       _CONSENSUS + "prior sigma (deg; to 3 sigma) of the --consensus_local_iter "
+       "iterations' local searches"),
     _o("class_difference_highres", "class_difference_highres", float, -1.0,
        _CONSENSUS + "after the split the E-step's class references share the consensus "
        "map beyond this resolution (A) and outside the region where the classes differ "
@@ -264,8 +269,8 @@ OPTIONS = (
        "halves of one structure that the first test left apart are joined (on "
        "--merge_min_agreement alone); 0: once"),
     _o("classify_local_order", "classify_local_order", int, -1,
-       "HEALPix order of the local searches after the split (-1: --healpix_order + 1, "
-       "i.e. half the angular step)"),
+       "HEALPix order of the local searches after the split (-1: --healpix_order + 2, "
+       "i.e. a quarter of the angular step)"),
     # ---- Sampling
     _o("healpix_order", "healpix_order", int, 2,
        "coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)",

@@ -150,9 +150,15 @@ def _staged(settings):
 
 def local_order(settings):
     """The HEALPix order of the local searches after the split (``--classify_local_order``,
-    default one finer than ``--healpix_order``)."""
+    default two finer than ``--healpix_order``: a quarter of its angular step)."""
     s = settings
-    return s.classify_local_order if s.classify_local_order >= 0 else s.healpix_order + 1
+    return s.classify_local_order if s.classify_local_order >= 0 else min(s.healpix_order + 2, 13)
+
+
+def consensus_local_order(settings):
+    """The HEALPix order of the consensus's local iterations: one finer than
+    ``--healpix_order`` (half its angular step)."""
+    return settings.healpix_order + 1
 
 
 def local_sigma(settings):
@@ -185,23 +191,27 @@ def _search(settings, schedule, iteration, phase):
 
     RELION's start: ``--sigma_ang`` (local searches) or global, at ``--healpix_order``.
     Consensus / pca starts: the consensus iterations are global at ``--healpix_order``
-    (they find the poses), except the last ``--consensus_local_iter``; those and the
-    iterations after the split search locally around each particle's pose on the grid
-    of ``--classify_local_order`` (default one order finer) with sigma
+    (they find the poses), except the last ``--consensus_local_iter``: those search
+    locally around each particle's pose one order finer (sigma
+    ``--consensus_local_sigma``), and the iterations after the split on the grid of
+    ``--classify_local_order`` (default two orders finer) with sigma
     ``--classify_local_sigma`` (0: global at ``--healpix_order`` throughout).  With
     ``--sigma_ang`` the consensus iterations are global and the later ones local at
-    ``--healpix_order``, as RELION's local searches.  Why: with 7.5 deg sampling the
-    poses' errors (~6-7 deg) hide differences between classes that a finer grid
-    separates (docs/benchmarks.md, "local searches").  The fixed-pose phases keep the
-    poses (with ``--skip_align`` every iteration does), on the grid they would search.
+    ``--healpix_order``, as RELION's local searches.  Why: the poses' errors on a
+    coarse grid hide differences between classes that a finer grid separates
+    (docs/benchmarks.md, "Local searches on a finer grid"); the consensus keeps the
+    coarser grid because its poses decide the split, which the finer grid there
+    changes for the worse on some sets.  The fixed-pose phases keep the poses (with
+    ``--skip_align`` every iteration does), on the grid they would search.
     """
     s = settings
     sigma, order = local_sigma(s), s.healpix_order
     if _staged(s):
         if local_sigma(s) > 0:
             sigma = -1.0 if iteration <= schedule.consensus_end else local_sigma(s)
-        elif s.classify_local_sigma > 0 and (phase == "consensus-local" or
-                                             iteration > schedule.consensus_end):
+        elif s.classify_local_sigma > 0 and phase == "consensus-local":
+            sigma, order = s.consensus_local_sigma, consensus_local_order(s)
+        elif s.classify_local_sigma > 0 and iteration > schedule.consensus_end:
             sigma, order = s.classify_local_sigma, local_order(s)
         else:
             sigma = -1.0
