@@ -37,7 +37,7 @@ def test_converged_consensus_keeps_the_set_length():
     assert _search(s, schedule, 4) == ("global", 2, 0.0)
     assert _search(s, schedule, 5) == ("local", 3, 5.0)
     assert _search(s, schedule, 7) == ("none", 2, 0.0)        # fixed poses after the split
-    assert _search(s, schedule, 15) == ("local", 3, 5.0)      # full EM
+    assert _search(s, schedule, 15) == ("local", 4, 3.0)      # full EM, two orders finer
 
 
 def test_moving_poses_extend_the_global_consensus_and_shift_the_split():
