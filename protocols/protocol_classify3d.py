@@ -265,10 +265,14 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "exactly the engine's consensus iterations.")
         form.addParam("fixedPoseIterations", IntParam, default=8, condition=start,
                       expertLevel=LEVEL_ADVANCED, label="Fixed-pose iterations",
-                      help="Iterations after the split that keep the consensus poses and "
-                           "classify only, below 25 A, before full "
+                      help="At most this many iterations after the split keep the "
+                           "consensus poses and classify only, below 25 A, before full "
                            "expectation-maximisation over classes and poses "
-                           "(--classify_fixed_iter). 0 starts full EM at once.")
+                           "(--classify_fixed_iter). From the third on, the phase ends as "
+                           "soon as the held-out evidence that the classes differ stops "
+                           "rising (at the consensus poses the classes can drift towards "
+                           "the poses' errors; the log says when). 0 starts full EM at "
+                           "once.")
         form.addParam("mergeThreshold", FloatParam, default=0.3, condition=start,
                       expertLevel=LEVEL_ADVANCED,
                       label="Merge duplicate classes (threshold)",
@@ -1115,11 +1119,14 @@ def _methods_start(s, K, consensus, several, step):
     return ("Unlike RELION, all particles were first aligned to one consensus map for %d "
             "iterations (%s, the last %d local; up to %d more global ones while the poses "
             "still moved by more than the angular step), the classes were then started by "
-            "%s at %g A, %d fixed-pose iterations classified them at %g A, and the full "
+            "%s at %g A, %s fixed-pose iterations classified them at %g A%s, and the full "
             "expectation-maximisation iterations %s." % (
                 s.consensus_iter, search, s.consensus_local_iter, s.consensus_extra_iter,
-                split, s.restart_highres, s.classify_fixed_iter, s.classify_fixed_highres,
-                local))
+                split, s.restart_highres,
+                ("up to %d" if s.classify_fixed_until_best else "%d") % s.classify_fixed_iter,
+                s.classify_fixed_highres,
+                (" (ending as soon as the held-out evidence that the classes differ "
+                 "stopped rising)" if s.classify_fixed_until_best else ""), local))
 
 
 def _methods_references(s, consensus, merges):

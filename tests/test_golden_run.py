@@ -3,7 +3,8 @@ a change of results is intended (then regenerate, and say why in the commit).
 
 * ``recommended``: the consensus / PCA start with K=4 on three true classes, so that the
   run passes through every phase of the recommended path: consensus (global, then
-  local), the PCA split, fixed-pose classification, the held-out merge test (which
+  local), the PCA split, fixed-pose classification (with the held-out checks of the
+  split before its third and fourth iterations), the held-out merge test (which
   merges the extra class), the extra fixed-pose iterations after a merge and full EM
   with local searches against shared-consensus, automatically masked references.
 * ``relion``: RELION's start (random class seeds in iteration 1, ``--firstiter_cc``,
@@ -47,7 +48,7 @@ COMMON = ["--tau2_fudge", "4", "--ini_high", "40", "--particle_diameter", "200",
 RUNS = {
     "recommended": ["--K", "4", "--iter", "10", "--init_classes", "pca",
                     "--consensus_iter", "3", "--consensus_local_iter", "1",
-                    "--classify_fixed_iter", "2", "--merge_fixed_iter", "1"],
+                    "--classify_fixed_iter", "4", "--merge_fixed_iter", "1"],
     "relion": ["--K", "3", "--iter", "4", "--firstiter_cc", "--norm", "--scale"],
 }
 

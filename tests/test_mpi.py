@@ -93,15 +93,23 @@ def test_merge_test_is_the_same_on_one_and_two_ranks(data, tmp_path):
     reduces the back-projections and scores: its figures and decision do not depend on
     the number of ranks.  K=3 on two true classes: a pair is one structure."""
     import re
-    extra = ["--K", "3", "--iter", "5", "--init_classes", "pca", "--consensus_iter", "2",
-             "--consensus_extra_iter", "0", "--classify_fixed_iter", "1"]
-    lines = {}
+    extra = ["--K", "3", "--iter", "7", "--init_classes", "pca", "--consensus_iter", "2",
+             "--consensus_extra_iter", "0", "--classify_fixed_iter", "4"]
+    lines, checks = {}, {}
     for n in (1, 2):
         root = tmp_path / f"np{n}" / "run"
         proc = run_ranks(n, data, root, *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         with open(f"{root}.log") as fh:
-            lines[n] = [line for line in fh if line.startswith(("merge test", "merge:"))]
+            log = fh.readlines()
+        lines[n] = [line for line in log if line.startswith(("merge test", "merge:"))]
+        checks[n] = [line for line in log if line.startswith("fixed-pose check")]
+    # The fixed-pose checks (the same pair evidence, summed) before iterations 5 and 6.
+    assert len(checks[1]) == 2 and "first reading" in checks[1][0], checks[1]
+    assert [line.rsplit(";", 1)[1].split(":")[-1] for line in checks[1]] == \
+        [line.rsplit(";", 1)[1].split(":")[-1] for line in checks[2]]     # the decisions
+    assert np.allclose(*[[float(line.split("split evidence ")[1].split()[0]) for line in
+                          checks[n]] for n in (1, 2)], atol=0.03), (checks[1], checks[2])
     assert len(lines[1]) == 4, lines[1]              # three pairs, one merge
     assert [line.split("(")[0] for line in lines[1]] == [line.split("(")[0] for line in lines[2]]
     numbers = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in lines[1][:3]]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cryoclass_plugin.engine.options import Settings
-from cryoclass_plugin.engine.plan import (ScheduleState, after_merge, after_retest,
-                                          describe_schedule, plan_iteration)
+from cryoclass_plugin.engine.plan import (ScheduleState, after_fixed_check, after_merge,
+                                          after_retest, describe_schedule, plan_iteration)
 
 ENGINE = Path(__file__).resolve().parent.parent / "cryoclass_plugin" / "engine"
 
@@ -24,8 +24,9 @@ def _plans(s, schedule=None):
 
 def test_recommended_start_of_25_iterations():
     """--init_classes pca, K=3, 25 iterations, 6 consensus iterations (the last 2
-    local, one HEALPix order finer), 8 fixed-pose iterations, then the merge test and
-    full EM with local searches two HEALPix orders finer and a narrower prior."""
+    local, one HEALPix order finer), up to 8 fixed-pose iterations (the evidence checked
+    before the third on), then the merge test and full EM with local searches two
+    HEALPix orders finer and a narrower prior."""
     s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
     plans = _plans(s)
     phases = [plans[it].phase for it in range(1, 26)]
@@ -37,6 +38,7 @@ def test_recommended_start_of_25_iterations():
     assert plans[7].split == "pca" and not any(plans[it].split for it in plans if it != 7)
     assert [it for it in plans if plans[it].merge_test] == [15]
     assert [it for it in plans if plans[it].extension_check] == [5]
+    assert [it for it in plans if plans[it].fixed_check] == list(range(9, 15))
     assert {plans[it].assignments for it in range(1, 7)} == {"one-class"}
     assert plans[7].assignments == "current" and plans[8].assignments == "free"
     assert all(plans[it].class_highres_angst == 25.0 for it in range(7, 15))
@@ -62,6 +64,59 @@ def test_a_merge_adds_fixed_pose_iterations_from_the_merged_classes():
     # Without a merge the schedule goes on to full EM.
     plans = _plans(s, after_merge(s, ScheduleState.initial(s), merged=False))
     assert plans[15].phase == "em" and plans[15].assignments == "free"
+
+
+def test_the_fixed_pose_phase_ends_when_the_split_evidence_stops_rising():
+    """--classify_fixed_until_best: the evidence is read after iteration 8 (the split's
+    first EM iteration), goes on while it rises, and the phase ends with the first
+    iteration that does not raise it; the merge test and full EM then come at once.
+    The merge's extra iterations and the second test count from that end."""
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
+    schedule = ScheduleState.initial(s)
+    for it, score, ended in ((9, 5.0, False), (10, 6.5, False), (11, 6.5, True)):
+        schedule, stop = after_fixed_check(schedule, it, score)
+        assert stop is ended
+        if not ended:
+            assert plan_iteration(s, schedule, it + 1).fixed_check
+    assert schedule.fixed_scores == (5.0, 6.5, 6.5) and schedule.fixed_end == 10
+    plans = _plans(s, schedule)
+    assert [plans[it].phase for it in (9, 10, 11)] == ["fixed-pose", "fixed-pose", "em"]
+    assert [it for it in plans if plans[it].merge_test] == [11]
+    assert not any(plans[it].fixed_check for it in plans)         # decided once
+    assert (plans[11].search, plans[11].class_highres_angst) == ("local", 0.0)
+    merged = after_merge(s, schedule, merged=True)
+    plans = _plans(s, merged)
+    assert [plans[it].phase for it in (11, 13, 14)] == ["merged-fixed-pose"] * 2 + ["em"]
+    assert plans[11].assignments == "current" and plans[12].assignments == "free"
+    assert [it for it in plans if plans[it].merge_retest] == [22]
+    # A score that falls at the first comparison ends the phase after 3 iterations.
+    fall, _ = after_fixed_check(after_fixed_check(ScheduleState.initial(s), 9, 2.0)[0],
+                                10, 1.0)
+    assert fall.fixed_end == 9 and _plans(s, fall)[10].merge_test
+    # --classify_fixed_all, or too short a phase to compare two readings: no checks.
+    assert not any(p.fixed_check for p in _plans(replace(s, classify_fixed_until_best=False))
+                   .values())
+    assert not any(p.fixed_check for p in _plans(replace(s, classify_fixed_iter=2)).values())
+    assert [it for it, p in _plans(replace(s, classify_fixed_iter=3)).items()
+            if p.fixed_check] == [9]
+
+
+def test_the_schedule_and_its_scores_survive_a_state_file(tmp_path):
+    """The scores and the phase's end are saved with the state (``--continue`` repeats
+    the decision), as floats and an int."""
+    import numpy as np
+    from cryoclass_plugin.engine.model import ModelState
+    schedule = replace(ScheduleState(consensus_end=6), fixed_scores=(1.5, 2.25),
+                       fixed_end=9)
+    model = ModelState(box=4, apix=1.0, n_classes=1, n_groups=1,
+                       refs=np.zeros((1, 4, 4, 4), np.float32), pdf_class=np.ones(1),
+                       sigma2=np.ones((1, 3)), tau2=np.ones((1, 3)), ssnr=np.zeros((1, 3)),
+                       class_resolution_shell=np.zeros(1, int), sigma_offset_angst=1.0,
+                       current_shell=2, iteration=9, schedule=schedule)
+    model.save(str(tmp_path / "s.npz"))
+    assert ModelState.load(str(tmp_path / "s.npz")).schedule == schedule
+    # The scores come back from JSON as a list; the state holds a tuple.
+    assert ScheduleState(consensus_end=6, fixed_scores=[1, 2]).fixed_scores == (1.0, 2.0)
 
 
 def test_the_merge_test_runs_again_before_the_last_iterations():
@@ -123,7 +178,8 @@ def test_describe_schedule_has_one_line_per_iteration():
     s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
     lines = describe_schedule(s).splitlines()
     assert len(lines) == 26
-    assert "no consensus extension and no merge" in lines[0]
+    assert "no consensus extension, all the fixed-pose iterations and no merge" in lines[0]
+    assert "after fixed-pose check" in lines[9] and "after fixed-pose check" not in lines[8]
     assert lines[7].startswith("iter   7  split") and "after split pca" in lines[7]
     assert "after merge test" in lines[15] and "local order 4 sigma 3 deg" in lines[15]
     assert "local order 3 sigma 5 deg" in lines[5]

@@ -374,7 +374,8 @@ def test_methods_state_what_ran_for_both_starts():
                        150, [50, 60, 40, 0], merges=["class 4 joins class 2"])
     for ours in ("Unlike RELION, all particles were first aligned to one consensus map for "
                  "5 iterations", "k-means clustering of the particles along the top 3 "
-                 "principal directions", "8 fixed-pose iterations", "locally around the "
+                 "principal directions", "up to 8 fixed-pose iterations classified them "
+                 "at 25 A (ending as soon as the held-out evidence", "locally around the "
                  "consensus poses (prior sigma 3 deg, HEALPix order 4)",
                  "held-out test merged", "(class 4 joins class 2)",
                  "less than 0.3 of a random split's cost; before the last 4 iterations it "

@@ -192,9 +192,17 @@ OPTIONS = (
        "degrees otherwise outweigh small differences); --pca_keep_pose_errors: analyse "
        "the plain residuals", kind="pair", off_flag="pca_keep_pose_errors"),
     _o("classify_fixed_iter", "classify_fixed_iter", int, 8,
-       _CONSENSUS + "iterations after the split that keep the consensus poses and only "
-       "classify (at --classify_fixed_highres) before full EM; 0 goes to full EM at once",
+       _CONSENSUS + "at most this many iterations after the split keep the consensus "
+       "poses and only classify (at --classify_fixed_highres) before full EM (fewer with "
+       "--classify_fixed_until_best); 0 goes to full EM at once",
        param="fixedPoseIterations"),
+    _o("classify_fixed_until_best", "classify_fixed_until_best", bool, True,
+       _CONSENSUS + "end the fixed-pose iterations as soon as the held-out evidence "
+       "that the classes differ (the merge test's, summed over the pairs of classes) "
+       "stops rising, from the second fixed-pose iteration on: at the consensus poses "
+       "the classes can drift from the states towards the poses' errors; "
+       "--classify_fixed_all: always --classify_fixed_iter",
+       kind="pair", off_flag="classify_fixed_all"),
     _o("classify_fixed_highres", "classify_fixed_highres", float, 25.0,
        "with --classify_fixed_iter: E-step resolution limit (A) of the fixed-pose "
        "iterations"),

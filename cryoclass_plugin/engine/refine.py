@@ -28,9 +28,10 @@ from .workers import set_workers
 from .options import Settings, resolve_automatic  # noqa: F401  (Settings re-exported)
 from .outputs import write_iteration
 from .particles import ParticleData, Pixels, group_index, image_mask, mask_diameter_angst
+from .merge import SCORE_CAP
 from .references import check_references, read_references, several_references
-from .plan import (ScheduleState, after_merge, after_retest, class_shell, describe_schedule,
-                   extend_consensus, local_sigma, plan_iteration)
+from .plan import (ScheduleState, after_fixed_check, after_merge, after_retest, class_shell,
+                   describe_schedule, extend_consensus, local_sigma, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
 from .star_io import read_particles, write_star
 from .validation import (bad_image_rows, check_class_count, check_mask_values,
@@ -462,10 +463,39 @@ class Refinement:
             model = self._split_by_pca(model, plan)
         elif plan.split == "restarts":
             model = self._split_by_restarts(model, plan)
+        if plan.fixed_check:
+            self._check_fixed_phase(model, iteration)
+            plan = self.plan(model, iteration)
         if plan.merge_test or plan.merge_retest:
             self._merge_duplicates(model, retest=plan.merge_retest)
             plan = self.plan(model, iteration)
         return model, plan
+
+    def _check_fixed_phase(self, model, iteration):
+        """Before a fixed-pose iteration (``--classify_fixed_until_best``): the held-out
+        evidence that the classes differ (:func:`.merge.split_score`, at the fixed-pose
+        resolution) after the last iteration; the phase ends there when it is no higher
+        than the best so far (:func:`.plan.after_fixed_check`).  Reads only the saved
+        state, so ``--continue`` repeats it."""
+        from .merge import pair_table, split_score
+        s = self.s
+        results = pair_table(self.ctx, model, s.classify_fixed_highres, seed=s.random_seed)
+        score, weakest = split_score(results)
+        best = max(model.schedule.fixed_scores) if model.schedule.fixed_scores else None
+        model.schedule, ended = after_fixed_check(model.schedule, iteration, score)
+        if weakest is None:
+            detail = "no pair of classes alive"
+        else:
+            a, b, ev = weakest
+            detail = (f"weakest pair: classes {a + 1} and {b + 1}, recovers "
+                      f"{ev['ratio']:.2f} of a random split's cost, assignments reproduced "
+                      f"{100 * ev['agree']:.0f} %")
+        verdict = ("first reading" if best is None else
+                   f"best before {best:.2f}: " + ("the fixed-pose phase ends here" if ended
+                                                  else "one more fixed-pose iteration"))
+        self._log(f"fixed-pose check after iteration {iteration - 1}: split evidence "
+                  f"{score:.2f} (each pair's share of a random split's cost recovered, "
+                  f"capped at {SCORE_CAP:g}, summed; {detail}); {verdict}")
 
     def _allowed(self, model, plan):
         """The class each particle may take under ``plan.assignments`` (None: any;
