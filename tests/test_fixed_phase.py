@@ -4,7 +4,9 @@ in a whole run: the decision is logged, the merge test and full EM follow at onc
 state records it, and ``--continue`` takes the same decision again.  The evidence itself
 (:func:`cryoclass_plugin.engine.merge.split_score`) is given here, so that the test
 checks the engine's use of it; what it measures is checked on ground truth below."""
+import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -12,20 +14,19 @@ import pytest
 from cryoclass_plugin import cli
 from cryoclass_plugin.engine import merge
 from cryoclass_plugin.engine.model import ModelState
-from cryoclass_plugin.engine.simulate import simulate_dataset
 
-ARGS = ["--K", "3", "--iter", "9", "--init_classes", "pca", "--consensus_iter", "2",
-        "--consensus_local_iter", "1", "--consensus_extra_iter", "0",
-        "--classify_fixed_iter", "6", "--tau2_fudge", "4", "--ini_high", "40",
-        "--particle_diameter", "200", "--zero_mask", "--flatten_solvent", "--ctf",
-        "--healpix_order", "1", "--offset_range", "3", "--offset_step", "2",
-        "--skip_gridding", "--j", "1", "--random_seed", "3", "--preread_images"]
+sys.path.insert(0, os.path.dirname(__file__))
+from test_golden_run import COMMON, _simulate  # noqa: E402  (the golden runs' small set)
+
+ARGS = COMMON + ["--K", "3", "--iter", "9", "--init_classes", "pca", "--consensus_iter", "2",
+                 "--consensus_local_iter", "1", "--consensus_extra_iter", "0",
+                 "--classify_fixed_iter", "6"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fixed_phase")
-    simulate_dataset(str(out), n=240, box=40, apix=5.5, snr=0.5, n_classes=3, seed=11)
+    out = tmp_path_factory.mktemp("fixed_phase") / "data"
+    _simulate(out)
     return out
 
 
