@@ -198,9 +198,9 @@ OPTIONS = (
        param="fixedPoseIterations"),
     _o("classify_fixed_until_best", "classify_fixed_until_best", bool, True,
        _CONSENSUS + "end the fixed-pose iterations as soon as the held-out evidence "
-       "that the classes differ (the merge test's, summed over the pairs of classes) "
-       "stops rising, from the second fixed-pose iteration on: at the consensus poses "
-       "the classes can drift from the states towards the poses' errors; "
+       "that the classes differ (the merge test's, summed over the pairs of classes; "
+       "read after each fixed-pose iteration from the second on) stops rising: at the "
+       "consensus poses the classes can drift from the states towards the poses' errors; "
        "--classify_fixed_all: always --classify_fixed_iter",
        kind="pair", off_flag="classify_fixed_all"),
     _o("classify_fixed_highres", "classify_fixed_highres", float, 25.0,

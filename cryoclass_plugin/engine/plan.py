@@ -15,8 +15,9 @@ schedule state and the iteration number into an :class:`IterationPlan`.
     random partitions (``consensus``), or k-means along the top K-1 heterogeneity
     eigenvolumes (``pca``); then up to ``--classify_fixed_iter`` fixed-pose iterations at
     ``--classify_fixed_highres`` (fewer when the held-out evidence of the split stops
-    rising, ``--classify_fixed_until_best``); then the held-out merge test (``--merge_threshold``;
-    after a merge ``--merge_fixed_iter`` more fixed-pose iterations); then full EM.
+    rising, ``--classify_fixed_until_best``); then the held-out merge test
+    (``--merge_threshold``; after a merge ``--merge_fixed_iter`` more fixed-pose
+    iterations); then full EM.
 
 Three decisions move this schedule while the run goes, all from the saved state only (so
 ``--continue`` repeats them) and all kept in :class:`ScheduleState`:
@@ -412,8 +413,8 @@ def after_fixed_check(schedule, iteration, score):
     the merge test then joins the swung state to the whole one.  On swing3 (2,400,
     SNR 0.1, seed 3) the same phase builds the split up (ARI 0.53 -> 0.66, the weakest
     pair's evidence 0.06 -> 1.37) and stopping after two iterations lets the merge test
-    join the swung state (docs/benchmarks.md, "The fixed-pose phase: until the evidence
-    stops rising")."""
+    join the swung state (docs/benchmarks.md, "The fixed-pose phase ends when the
+    split's evidence stops rising")."""
     best = max(schedule.fixed_scores) if schedule.fixed_scores else None
     schedule = replace(schedule, fixed_scores=schedule.fixed_scores + (float(score),))
     if best is not None and score <= best:
