@@ -65,6 +65,21 @@ def test_a_falling_split_evidence_ends_the_phase_and_continue_repeats_it(data, t
     assert schedule.fixed_scores == (2.0, 3.0, 2.5) and schedule.fixed_end == 6
     assert schedule.merge_tested
 
+    # The merge test takes the ending reading's figures: the same as its own on that state.
+    from cryoclass_plugin.engine.refine import Refinement
+    check = Refinement._check_fixed_phase
+
+    def check_without_reuse(self, model, iteration):
+        check(self, model, iteration)
+        self._pair_table = None
+    monkeypatch.setattr(Refinement, "_check_fixed_phase", check_without_reuse)
+    _given_scores(monkeypatch, [2.0, 3.0, 2.5])
+    fresh = tmp_path / "fresh" / "run"
+    assert cli.main(["refine", "--i", str(data / "particles.star"), "--ref",
+                     str(data / "ref.mrc"), "--o", str(fresh)] + ARGS) == 0
+    assert _log_lines(fresh, "merge") == _log_lines(root, "merge")
+    monkeypatch.setattr(Refinement, "_check_fixed_phase", check)
+
     # Continued from iteration 6 (its state holds the first two readings), the same
     # reading after iteration 6 ends the phase the same way, and the run ends as before.
     _given_scores(monkeypatch, [2.5])

@@ -309,13 +309,19 @@ def pair_table(ctx, model, highres_angst, seed=0, min_fraction=0.01, log=None):
                      highres_angst)
     for i, a in enumerate(alive):
         for b in alive[i + 1:]:
-            ev = pair_evidence(ctx, model, a, b, highres_angst, seed, data=data)
-            results.append((a, b, ev))
-            if log is not None:
-                log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "
-                    f"{ev['moved'] + 1} re-centred by {np.linalg.norm(ev['shift_px']):.2f} "
-                    f"px): " + _describe(ev))
+            results.append((a, b, pair_evidence(ctx, model, a, b, highres_angst, seed,
+                                                data=data)))
+    if log is not None:
+        log_pair_table(results, log)
     return results
+
+
+def log_pair_table(results, log):
+    """One log line per pair of :func:`pair_table`'s ``results``."""
+    for a, b, ev in results:
+        log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "
+            f"{ev['moved'] + 1} re-centred by {np.linalg.norm(ev['shift_px']):.2f} "
+            f"px): " + _describe(ev))
 
 
 #: Each pair's share of a random split's cost recovered counts up to this much in
@@ -345,7 +351,8 @@ def split_score(results):
 
 
 def duplicate_pairs(ctx, model, highres_angst, threshold, seed=0,
-                    min_fraction=0.01, log=None, min_agreement=0.5, max_agreement=1.0):
+                    min_fraction=0.01, log=None, min_agreement=0.5, max_agreement=1.0,
+                    results=None):
     """Pairs of live classes that the held-out test calls one structure
     (:func:`is_one_structure`), most clearly first (by ratio), no class in two pairs:
     ``[(keep, drop, evidence), ...]`` (``keep`` the larger class).
@@ -358,8 +365,13 @@ def duplicate_pairs(ctx, model, highres_angst, threshold, seed=0,
     more.  The other way, a pair reproducing ``max_agreement`` or more stays apart: a
     small class of 44 particles against another state scores a ratio of 0.11 (too few
     particles for the likelihood) with 91 % reproduced, while pieces of one state cut
-    by EM reproduce up to 86 % (``tests/test_merge.py``)."""
-    results = pair_table(ctx, model, highres_angst, seed, min_fraction, log=log)
+    by EM reproduce up to 86 % (``tests/test_merge.py``).  ``results``: the
+    :func:`pair_table` of this very state, where it was already computed (default:
+    computed here)."""
+    if results is None:
+        results = pair_table(ctx, model, highres_angst, seed, min_fraction, log=log)
+    elif log is not None:
+        log_pair_table(results, log)
     merged, pairs = set(), []
     for a, b, ev in sorted(results, key=lambda t: t[2]["ratio"]):
         if not is_one_structure(ev, threshold, min_agreement, max_agreement) \

@@ -196,6 +196,8 @@ class Refinement:
         self.box, self.apix = self.table.box, self.table.apix
         self._validate()
         self._grids = {}
+        # (state's iteration, merge.pair_table) of the last fixed-pose check.
+        self._pair_table = None
 
     @functools.cached_property
     def ctx(self):
@@ -480,6 +482,9 @@ class Refinement:
         from .merge import pair_table, split_score
         s = self.s
         results = pair_table(self.ctx, model, s.classify_fixed_highres, seed=s.random_seed)
+        # The merge test that follows an ending reading scores the same state the same
+        # way (same resolution, seed and classes): it takes these figures.
+        self._pair_table = (model.iteration, results)
         score, weakest = split_score(results)
         best = max(model.schedule.fixed_scores) if model.schedule.fixed_scores else None
         model.schedule, ended = after_fixed_check(model.schedule, iteration, score)
@@ -542,9 +547,12 @@ class Refinement:
         # the main state (65 % reproduced, ratio 0.52), which full EM turns into the
         # main and the rare state.  So the minimum agreement waits for the second test.
         min_agreement = s.merge_min_agreement if retest else 0.0
+        cached = self._pair_table
         pairs = duplicate_pairs(self.ctx, model, s.classify_fixed_highres, threshold,
                                 seed=s.random_seed, log=log, min_agreement=min_agreement,
-                                max_agreement=s.merge_max_agreement)
+                                max_agreement=s.merge_max_agreement,
+                                results=(cached[1] if cached and not retest
+                                         and cached[0] == model.iteration else None))
         for keep, drop, ev in pairs:
             moved = model.part_class == drop
             model.part_origin_angst[moved] = ev["aligned_origins"]
