@@ -26,7 +26,7 @@ from .. import convert
 from ..constants import (ANGULAR_SAMPLING_DEFAULT, ANGULAR_SAMPLING_LIST, OUTPUT_ROOT,
                          healpix_order_for_sampling)
 from ..engine.options import OPTIONS_BY_FIELD, OPTIONS_BY_FLAG
-from ..engine.plan import local_order
+from ..engine.plan import local_offsets, local_order
 
 #: RELION's GPU list: device numbers, ',' within and ':' between MPI processes.
 _GPU_LIST_RE = re.compile(r"^(\d+(,\d+)*(:\d+(,\d+)*)*)?$")
@@ -1113,8 +1113,11 @@ def _methods_start(s, K, consensus, several, step):
              "of 3D variability" % (K - 1) if s.init_classes == "pca" else
              "the best of %d fixed-pose classifications from random partitions"
              % s.restarts)
+    offset_range, offset_step = local_offsets(s, "em", "local", local_order(s))
+    offsets = (", translations within %g pixels of each particle's offset in %g-pixel "
+               "steps" % (offset_range, offset_step) if offset_step > 0 else "")
     local = ("searched orientations locally around the consensus poses (prior sigma %g "
-             "deg, HEALPix order %d)" % (s.classify_local_sigma, local_order(s))
+             "deg, HEALPix order %d%s)" % (s.classify_local_sigma, local_order(s), offsets)
              if s.classify_local_sigma > 0 and not s.skip_align else "searched globally")
     return ("Unlike RELION, all particles were first aligned to one consensus map for %d "
             "iterations (%s, the last %d local; up to %d more global ones while the poses "

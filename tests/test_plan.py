@@ -280,3 +280,23 @@ def test_describe_plan_reads_no_image(tmp_path):
     assert text == describe_schedule(s) and len(text.splitlines()) == 13
     with pytest.raises(CryoClassError, match="mrcs"):
         r.ctx
+
+
+def test_local_searches_on_a_finer_grid_search_finer_offsets():
+    """--local_offsets_finer (default): the searches after the split (two HEALPix
+    orders finer) halve the offsets' range and step twice; the consensus (its local
+    iterations too), fixed poses, RELION's local searches at --healpix_order and
+    --local_offsets_coarse keep the run's grid."""
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6,
+                  offset_range=5.0, offset_step=2.0)
+    plans = _plans(s)
+    assert [(plans[it].offset_range_px, plans[it].offset_step_px) for it in (4, 5, 7, 15)] \
+        == [(0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (1.25, 0.5)]
+    assert "offsets to 1.25 px offset step 0.50 px" in plans[15].describe()
+    coarse = _plans(replace(s, local_offsets_finer=False))
+    assert {(p.offset_range_px, p.offset_step_px) for p in coarse.values()} == {(0.0, 0.0)}
+    relion_local = _plans(_settings(n_classes=3, n_iter=5, sigma_ang=3.0))
+    assert {p.search for p in relion_local.values()} == {"local"}
+    assert {(p.offset_range_px, p.offset_step_px) for p in relion_local.values()} == {(0, 0)}
+    finer = _plans(replace(s, classify_local_order=5))
+    assert (finer[15].offset_range_px, finer[15].offset_step_px) == (0.625, 0.25)

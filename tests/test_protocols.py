@@ -376,7 +376,8 @@ def test_methods_state_what_ran_for_both_starts():
                  "5 iterations", "k-means clustering of the particles along the top 3 "
                  "principal directions", "up to 8 fixed-pose iterations classified them "
                  "at 25 A (ending as soon as the held-out evidence", "locally around the "
-                 "consensus poses (prior sigma 3 deg, HEALPix order 4)",
+                 "consensus poses (prior sigma 3 deg, HEALPix order 4, translations within "
+                 "1.5 pixels of each particle's offset in 0.5-pixel steps)",
                  "held-out test merged", "(class 4 joins class 2)",
                  "less than 0.3 of a random split's cost; before the last 4 iterations it "
                  "ran again and merged two classes when held-out particles chose their own "

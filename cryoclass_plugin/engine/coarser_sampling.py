@@ -185,7 +185,7 @@ def coarser_order(order, oversampling, target_deg):
 
 def coarser_offset_step(step_px, range_px, oversampling, acc_trans_px):
     """The coarse offset step (px): ``SAFETY acc_trans 2^os`` at most
-    ``MAX_STEP_OF_RANGE`` of the range, never below the run's ``step_px``."""
+    ``MAX_STEP_OF_RANGE`` of the range, never below ``step_px`` (the step asked for)."""
     new = SAFETY * acc_trans_px * 2 ** oversampling
     return max(min(new, MAX_STEP_OF_RANGE * range_px), step_px)
 
@@ -220,7 +220,9 @@ def adjust_plan(settings, plan, accuracy, diameter_angst, resolution_angst):
         target, acc_trans = accuracy
         source = f"expected accuracy {target:.1f} deg, {acc_trans:.2f} px"
     order = coarser_order(plan.healpix_order, s.oversampling, target)
-    step = coarser_offset_step(s.offset_step, s.offset_range, s.oversampling, acc_trans)
+    step = coarser_offset_step(plan.offset_step_px or s.offset_step,
+                               plan.offset_range_px or s.offset_range, s.oversampling,
+                               acc_trans)
     line = (f"coarser sampling: {source} -> HEALPix order {order} (fine step "
             f"{fine_step_deg(order, s.oversampling):.2f} deg), offset step {step:.2f} px")
     return replace(plan, healpix_order=order, offset_step_px=step), line

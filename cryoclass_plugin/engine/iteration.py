@@ -248,12 +248,15 @@ def _projectors(ctx, model, plan, active):
 
 
 def translation_grid(ctx, plan):
-    """The plan's coarse offsets: the run's grid, or the coarser one that
-    ``--allow_coarser_sampling`` chose (``plan.offset_step_px``)."""
+    """The plan's coarse offsets: the run's grid, or the range and step the plan sets
+    (finer in local searches on a finer grid, :func:`.plan.local_offsets`; coarser where
+    ``--allow_coarser_sampling`` chose)."""
     run_grid = ctx.translations
-    if plan.offset_step_px <= 0 or plan.offset_step_px == run_grid.offset_step_px:
+    offset_range = plan.offset_range_px or run_grid.offset_range_px
+    offset_step = plan.offset_step_px or run_grid.offset_step_px
+    if (offset_range, offset_step) == (run_grid.offset_range_px, run_grid.offset_step_px):
         return run_grid
-    return TranslationGrid(run_grid.offset_range_px, plan.offset_step_px)
+    return TranslationGrid(offset_range, offset_step)
 
 
 def _coarser_plan(ctx, model, plan, projectors, subset, active, pixels):

@@ -279,6 +279,13 @@ OPTIONS = (
     _o("classify_local_order", "classify_local_order", int, -1,
        "HEALPix order of the local searches after the split (-1: --healpix_order + 2, "
        "i.e. a quarter of the angular step)"),
+    _o("local_offsets_finer", "local_offsets_finer", bool, True,
+       _CONSENSUS + "the local searches after the split, on a HEALPix grid d orders "
+       "finer than --healpix_order (--classify_local_order), halve the offset range "
+       "and step d times, around each particle's offset (as many translations, finer "
+       "steps); --local_offsets_coarse: "
+       "--offset_range / --offset_step in every search", on_continue="change",
+       kind="pair", off_flag="local_offsets_coarse"),
     # ---- Sampling
     _o("healpix_order", "healpix_order", int, 2,
        "coarse angular sampling: 2 = 15 deg (7.5 deg after oversampling)",

@@ -176,7 +176,8 @@ def _sampling_block(settings, orientations, translations):
         "rlnHealpixOrder": int(orientations.healpix_order),
         "rlnPsiStep": float(orientations.psi_step_deg),
         "rlnTiltAngleLimit": -91,
-        # The offsets this iteration searched (--allow_coarser_sampling may coarsen them).
+        # The offsets this iteration searched (finer in a local search on a finer grid,
+        # around each particle's offset; --allow_coarser_sampling may coarsen them).
         "rlnOffsetRange": float(translations.offset_range_px),
         "rlnOffsetStep": float(translations.offset_step_px),
         "rlnHelicalOffsetStep": -1,

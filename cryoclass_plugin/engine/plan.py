@@ -89,8 +89,11 @@ class IterationPlan:
         ``"current"`` (hard, the state's classes: after a split or merge)
     search : ``"none"`` (poses kept), ``"global"`` or ``"local"``
     healpix_order : the orientation grid (also written to sampling.star)
-    offset_step_px : the coarse offset step (px); 0: ``--offset_step`` (a coarser one
-        only with ``--allow_coarser_sampling``, :mod:`.coarser_sampling`)
+    offset_range_px, offset_step_px : the offset search's range and coarse step (px;
+        offsets relative to each particle's current one in a local search); 0: the
+        run's ``--offset_range`` / ``--offset_step``.  Finer in the local searches on a
+        finer HEALPix grid (:func:`local_offsets`); a coarser step only with
+        ``--allow_coarser_sampling`` (:mod:`.coarser_sampling`)
     sigma_ang : the local searches' rotation prior sigma (deg); 0 otherwise
     class_highres_angst : the class posteriors use the frequencies up to this
         resolution (A); 0 = all of the current image size
@@ -111,6 +114,7 @@ class IterationPlan:
     assignments: str = "free"
     search: str = "global"
     healpix_order: int = 2
+    offset_range_px: float = 0.0
     offset_step_px: float = 0.0
     sigma_ang: float = 0.0
     class_highres_angst: float = 0.0
@@ -137,6 +141,8 @@ class IterationPlan:
             search = f"local order {self.healpix_order} sigma {self.sigma_ang:g} deg"
         else:
             search = f"global order {self.healpix_order}"
+        if self.offset_range_px > 0 and self.search != "none":
+            search += f" offsets to {self.offset_range_px:g} px"
         if self.offset_step_px > 0 and self.search != "none":
             search += f" offset step {self.offset_step_px:.2f} px"
         parts = [f"iter {self.iteration:3d}", f"{self.phase:<17s}", search]
@@ -241,6 +247,26 @@ def _search(settings, schedule, iteration, phase):
     return ("local", order, float(sigma)) if sigma > 0 else ("global", order, 0.0)
 
 
+def local_offsets(settings, phase, search, order):
+    """(range, step) in px of the offset search of an iteration of ``phase`` that
+    searches ``search`` on HEALPix ``order``; (0, 0) where it is the run's
+    ``--offset_range`` / ``--offset_step``.
+
+    With ``--local_offsets_finer``, a local search after the split (full EM) on a grid
+    ``d`` orders finer than ``--healpix_order`` halves the offsets' range and step ``d``
+    times: as many translations, around each particle's current offset, each a 2^d
+    finer step.  Why: after the split the classes differ by less than what the poses'
+    errors on the run's offset grid (a 2 px step: 1 px after oversampling, 4 A at the
+    benchmarks' 4 A/px) hide.  The consensus keeps the run's offsets: its poses decide
+    the split, which finer offsets there changed for the worse on a set where they
+    helped after the split (docs/benchmarks.md, "Finer offsets after the split")."""
+    s = settings
+    d = order - s.healpix_order
+    if phase != "em" or search != "local" or not s.local_offsets_finer or d <= 0:
+        return 0.0, 0.0
+    return s.offset_range / 2 ** d, s.offset_step / 2 ** d
+
+
 def fixed_phase_end(settings, schedule):
     """The last iteration of the fixed-pose phase (before a merge adds any): the
     split's iteration plus ``--classify_fixed_iter - 1``, or earlier where the held-out
@@ -336,6 +362,7 @@ def plan_iteration(settings, schedule, iteration):
     phase = _phase(s, schedule, iteration)
     search, order, sigma = _search(s, schedule, iteration, phase)
     fixed_phase = phase in ("split", "fixed-pose", "merged-fixed-pose")
+    offset_range, offset_step = local_offsets(s, phase, search, order)
     mask = s.auto_mask_sigma
     in_consensus = phase in ("consensus", "consensus-local")
     return IterationPlan(
@@ -350,6 +377,7 @@ def plan_iteration(settings, schedule, iteration):
                          and iteration - 1 == last_global_consensus(s, schedule)),
         assignments=_assignments(s, schedule, iteration, phase),
         search=search, healpix_order=int(order), sigma_ang=sigma,
+        offset_range_px=offset_range, offset_step_px=offset_step,
         class_highres_angst=(float(s.classify_fixed_highres)
                              if fixed_phase and not s.skip_align else 0.0),
         references=("shared-consensus" if shares_references(s, schedule, iteration)
