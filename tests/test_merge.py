@@ -184,3 +184,30 @@ def test_a_split_that_does_not_reproduce_is_merged(monkeypatch):
     evidence[(1, 2)].update(ratio=0.05, agree=0.91)
     assert merged(min_agreement=0.6) == [(1, 2)]
     assert merged(min_agreement=0.6, max_agreement=0.9) == []
+
+
+def test_the_second_test_merges_a_split_that_recovers_nothing(monkeypatch):
+    """After full EM (threshold RETEST_THRESHOLD = 0): halves of one structure that
+    reproduce 72 % of their assignments (above min_agreement) but recover none of a
+    random split's cost merge; a subtle true pair that recovers a little (0.08, 76 %)
+    and a pair that reproduces max_agreement stay apart."""
+    from types import SimpleNamespace
+    evidence = {(0, 1): {"delta": 3.0, "ratio": 12.3, "agree": 0.99, "moved": 1},
+                (0, 2): {"delta": -4.0, "ratio": 0.08, "agree": 0.76, "moved": 2},
+                (1, 2): {"delta": -5.0, "ratio": -0.04, "agree": 0.72, "moved": 2}}
+    monkeypatch.setattr(merge, "_PairData", lambda *args: None)
+    monkeypatch.setattr(merge, "pair_evidence",
+                        lambda ctx, model, a, b, *args, **kw: dict(evidence[(a, b)], n=100))
+    model = SimpleNamespace(n_classes=3, pdf_class=np.array([0.5, 0.3, 0.2]),
+                            part_class=np.repeat([0, 1, 2], [50, 30, 20]))
+
+    def merged():
+        return [(keep, drop) for keep, drop, _ in
+                merge.duplicate_pairs(None, model, 25.0, merge.RETEST_THRESHOLD,
+                                      min_agreement=0.7, max_agreement=0.9)]
+    assert merged() == [(1, 2)]
+    evidence[(1, 2)].update(agree=0.91)
+    assert merged() == []
+    # The first test's threshold (0.3) would take the subtle true pair.
+    assert [(k, d) for k, d, _ in merge.duplicate_pairs(
+        None, model, 25.0, 0.3, min_agreement=0.7, max_agreement=0.9)] == [(0, 2)]

@@ -31,8 +31,9 @@ split pays back less than ``--merge_threshold`` (0.3) of the random split's cost
 states: a true class cut in two -0.08 to 0.17, true class pairs 0.53 and more
 (docs/benchmarks.md, "Merge test").  After full EM the test runs again
 (``--merge_retest_iter``) and merges a pair whose held-out particles choose their own
-side's map less than ``--merge_min_agreement`` of the time, whatever the ratio
-(:func:`duplicate_pairs`).  Before the test the smaller class's particles
+side's map less than ``--merge_min_agreement`` of the time, whatever the ratio, or
+whose split recovers none of the random split's cost (ratio < :data:`RETEST_THRESHOLD`)
+and reproduces less than ``--merge_max_agreement`` (:func:`duplicate_pairs`).  Before the test the smaller class's particles
 are re-centred onto the larger class by the maps' relative shift
 (:func:`pair_evidence`): two halves of one structure can sit a fraction of a pixel apart.
 
@@ -286,6 +287,16 @@ def _describe(ev):
             f"per particle, of a random split {ev['null'] / max(ev['n'], 1):+.2f}: "
             f"recovers {ev['ratio']:.2f} of the random split's cost; assignments "
             f"reproduced {100 * ev['agree']:.0f} %")
+
+
+#: The second test's ratio threshold (after full EM): a pair whose split recovers none
+#: of a random split's cost is one structure unless its held-out assignments reproduce
+#: ``--merge_max_agreement``.  Why 0 and not ``--merge_threshold``: after full EM true
+#: pairs of subtle states recover little (ribo4, K=6: a swung-rich class, 0.08 with 76 %
+#: reproduced), while halves of one structure recover nothing (-0.14 to -0.04) yet, with
+#: the finer offsets of full EM, reproduce 72-80 % of their assignments, above
+#: ``--merge_min_agreement`` (docs/benchmarks.md, "Finer offsets after the split").
+RETEST_THRESHOLD = 0.0
 
 
 def is_one_structure(ev, threshold, min_agreement=0.5, max_agreement=1.0):

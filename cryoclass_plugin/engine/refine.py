@@ -529,7 +529,7 @@ class Refinement:
         classes that both live on, each fed by its own particles (K=4 on three true
         classes at SNR 0.2: ARI 0.86, docs/benchmarks.md, "merge test").  The decision
         reads only the saved state, so ``--continue`` repeats it."""
-        from .merge import duplicate_pairs
+        from .merge import RETEST_THRESHOLD, duplicate_pairs
         s = self.s
         done = model.schedule.retested if retest else model.schedule.merge_tested
         if s.merge_threshold <= 0 or done or s.n_classes < 2:
@@ -539,9 +539,9 @@ class Refinement:
             log("merge test again, after full EM:")
         # After full EM the likelihood has had its chance to separate subtle states and
         # calls some of them one structure (ribo4 seed 1, K=6: a swung-rich class, ratio
-        # 0.08 with 76 % of its assignments reproduced); the second test undoes only
-        # splits that do not reproduce.
-        threshold = -np.inf if retest else s.merge_threshold
+        # 0.08 with 76 % of its assignments reproduced); the second test undoes splits
+        # that do not reproduce, and those that recover nothing (ratio < 0).
+        threshold = RETEST_THRESHOLD if retest else s.merge_threshold
         # The first test comes before full EM, whose classes may still be mixtures that
         # full EM sorts out: K=2 on a set with a 5 % state starts from two halves of
         # the main state (65 % reproduced, ratio 0.52), which full EM turns into the
