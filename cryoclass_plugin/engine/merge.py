@@ -35,8 +35,8 @@ side's map less than ``--merge_min_agreement`` of the time, whatever the ratio, 
 whose split recovers none of the random split's cost (ratio < :data:`RETEST_THRESHOLD`)
 and reproduces less than ``--merge_max_agreement`` (:func:`duplicate_pairs`).  Before
 the test the smaller class's particles are re-centred onto the larger class by the
-maps' relative shift
-(:func:`pair_evidence`): two halves of one structure can sit a fraction of a pixel apart.
+maps' relative shift (:func:`pair_evidence`): two halves of one structure can sit a
+fraction of a pixel apart.
 
 Conventions: maps are real-space ``(N, N, N)`` float32 arrays, poses the model's ZYZ
 Euler angles (degrees) and origins (Angstrom), as everywhere in the engine; the
