@@ -27,6 +27,7 @@ from ..constants import (ANGULAR_SAMPLING_DEFAULT, ANGULAR_SAMPLING_LIST, OUTPUT
                          healpix_order_for_sampling)
 from ..engine.options import OPTIONS_BY_FIELD, OPTIONS_BY_FLAG
 from ..engine.plan import local_offsets, local_order
+from ..engine.subsplit import SPLIT_THRESHOLD
 
 #: RELION's GPU list: device numbers, ',' within and ':' between MPI processes.
 _GPU_LIST_RE = re.compile(r"^(\d+(,\d+)*(:\d+(,\d+)*)*)?$")
@@ -283,8 +284,11 @@ class ProtCryoClassClassify3D(ProtClassify3D):
                            "empty and a few more fixed-pose iterations follow. Before "
                            "the last 4 iterations the test runs again and merges a pair whose "
                            "held-out particles choose their own class's map less than 70 % of "
-                           "the time. The log lists each pair's figures "
-                           "(--merge_threshold). 0: never merge.")
+                           "the time; then a class left empty takes the smaller side of a "
+                           "class cut in two along a direction of variability within it, "
+                           "when the held-out test supports the cut (a small state that "
+                           "shared another state's class). The log lists each pair's and "
+                           "each cut's figures (--merge_threshold). 0: never merge.")
 
     def _defineAfterSplitParams(self, form):
         """The Optimisation tab's options of the iterations after a consensus split."""
@@ -1036,12 +1040,14 @@ def _saved_settings(state_path):
 
 
 def _merge_lines(log_path):
-    """The engine log's merge decisions ("class 4 joins class 2"), in order."""
+    """The engine log's merge and split decisions ("class 4 joins class 2", "138
+    particles of class 2 start class 4"), in order."""
     if not os.path.exists(log_path):
         return []
+    pattern = re.compile(r"(?:merge|split): (class \d+ joins class \d+|"
+                         r"\d+ particles of class \d+ start class \d+)")
     with open(log_path) as fh:
-        return [m.group(1) for m in (re.match(r"merge: (class \d+ joins class \d+)", line)
-                                     for line in fh) if m]
+        return [m.group(1) for m in (pattern.match(line) for line in fh) if m]
 
 
 def methods_text(s, n_particles, class_sizes, merges=()):
@@ -1142,8 +1148,13 @@ def _methods_references(s, consensus, merges):
                     % (s.merge_threshold,
                        "; before the last %d iterations it ran again and merged two "
                        "classes when held-out particles chose their own class's map less "
-                       "than %g %% of the time"
-                       % (s.merge_retest_iter, 100 * s.merge_min_agreement)
+                       "than %g %% of the time%s"
+                       % (s.merge_retest_iter, 100 * s.merge_min_agreement,
+                          ", and a class left empty took the smaller side of a class cut "
+                          "in two along a direction of variability within it (its own "
+                          "top eigenvolume or the difference of two other classes' maps) "
+                          "when the cut recovered at least %g of a random split's cost on "
+                          "held-out particles" % SPLIT_THRESHOLD if s.split_into_empty else "")
                        if s.merge_retest_iter > 0 else "",
                        "; ".join(merges) if merges else "no merge"))
     if consensus and s.class_difference_highres > 0:

@@ -74,7 +74,7 @@ def truth_run(tmp_path_factory):
 def test_true_classes_pay_back_far_more_than_a_random_split(truth_run):
     r, model = truth_run
     ev = merge.pair_evidence(r.ctx, model, 1, 2, 25.0)
-    print("true classes 2 and 3:", merge._describe(ev))
+    print("true classes 2 and 3:", merge.describe_evidence(ev))
     assert ev["delta"] > 0 and ev["null"] < 0
     assert ev["ratio"] > 1.0
     assert ev["agree"] > 0.9
@@ -83,7 +83,7 @@ def test_true_classes_pay_back_far_more_than_a_random_split(truth_run):
 def test_a_random_cut_of_one_class_is_called_one_structure(truth_run):
     r, model = truth_run
     ev = merge.pair_evidence(r.ctx, model, 0, 3, 25.0)
-    print("true class 1 cut in two:", merge._describe(ev), "shift", ev["shift_px"])
+    print("true class 1 cut in two:", merge.describe_evidence(ev), "shift", ev["shift_px"])
     assert ev["delta"] < 0
     assert abs(ev["ratio"]) < 0.3
     assert ev["agree"] < 0.65

@@ -371,17 +371,21 @@ def test_methods_state_what_ran_for_both_starts():
                  "update", "around their density"):
         assert ours not in relion, ours
     pca = methods_text(Settings(ref="r.mrc", n_classes=4, init_classes="pca").resolved(),
-                       150, [50, 60, 40, 0], merges=["class 4 joins class 2"])
+                       150, [50, 60, 40, 0], merges=["class 4 joins class 2",
+                                                     "40 particles of class 2 start class 4"])
     for ours in ("Unlike RELION, all particles were first aligned to one consensus map for "
                  "5 iterations", "k-means clustering of the particles along the top 3 "
                  "principal directions", "up to 8 fixed-pose iterations classified them "
                  "at 25 A (ending as soon as the held-out evidence", "locally around the "
                  "consensus poses (prior sigma 3 deg, HEALPix order 4, translations within "
                  "1.5 pixels of each particle's offset in 0.5-pixel steps)",
-                 "held-out test merged", "(class 4 joins class 2)",
+                 "held-out test merged",
+                 "(class 4 joins class 2; 40 particles of class 2 start class 4)",
                  "less than 0.3 of a random split's cost; before the last 4 iterations it "
                  "ran again and merged two classes when held-out particles chose their own "
-                 "class's map less than 70 % of the time",
+                 "class's map less than 70 % of the time, and a class left empty took the "
+                 "smaller side of a class cut in two along a direction of variability "
+                 "within it", "recovered at least 0.2 of a random split's cost",
                  "shared the consensus map (reconstructed from all particles) beyond 18 A",
                  "around their density (3 robust", "exact expectation-maximisation update",
                  "class 4, 0 particles"):
@@ -827,3 +831,15 @@ def test_select_classes_automatically(project, classified):
     none.inputClasses.setExtended("outputClasses")
     with pytest.raises(ProtocolFailed, match="No class passes the selection"):
         launch(project, none)
+
+
+def test_methods_read_the_merges_and_splits_of_the_log(tmp_path):
+    from cryoclass_plugin.protocols.protocol_classify3d import _merge_lines
+    log = tmp_path / "run.log"
+    log.write_text("merge test: classes 1 and 2 (500 particles ...)\n"
+                   "merge: class 4 joins class 2 (one structure by the held-out test)\n"
+                   "split within class 3 (700 particles) along own eigenvolume: ...\n"
+                   "split: 138 particles of class 3 start class 4 (two structures ...)\n")
+    assert _merge_lines(str(log)) == ["class 4 joins class 2",
+                                      "138 particles of class 3 start class 4"]
+    assert _merge_lines(str(tmp_path / "missing.log")) == []

@@ -304,7 +304,7 @@ _ABSENT_FROM_STATE = {"classify_local_sigma": 0.0, "consensus_local_iter": 0,
                       "auto_mask_sigma": 0.0, "tau2_estimate": "power",
                       "consensus_tau2_estimate": "", "consensus_extra_iter": 0,
                       "merge_threshold": 0.0, "classify_fixed_until_best": False,
-                      "local_offsets_finer": False}
+                      "local_offsets_finer": False, "split_into_empty": False}
 
 
 def _settings_for_continue(args):

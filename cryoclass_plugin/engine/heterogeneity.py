@@ -39,44 +39,42 @@ def _adjoint_volume(bp):
 
 
 def principal_coordinates(settings, data, model, comm, xp, n_components, highres_angst,
-                          n_power=8, seed=0, log=None, pose_nuisance=True):
+                          n_power=8, seed=0, log=None, pose_nuisance=True, members=None,
+                          mean_map=None, start=None):
     """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes,
     from ``data`` (a :class:`.particles.ParticleData`) at the model's poses, with this
     rank's share of the particles (``comm``; all ranks must call it); ``xp``: numpy or
-    cupy."""
+    cupy.  ``members`` (indices) limits the analysis to those particles (the rows of
+    the result follow it) and ``mean_map`` ((N, N, N)) replaces the class-prior-weighted
+    mean of the class maps as the map the residuals are taken against: the directions
+    of variability within one class (:mod:`.subsplit`).  ``start`` (q volumes) replaces
+    the random start of the power iteration; with ``n_power=0`` the coordinates are
+    those along ``start`` itself (orthonormalised)."""
     s = settings
-    box, apix, n = data.box, data.apix, data.n
+    box, apix = data.box, data.apix
+    members = np.arange(data.n) if members is None else np.asarray(members)
+    n = len(members)
     shell = min(model.current_shell, class_shell(box, apix, highres_angst))
     pixels = Pixels.within(box, shell, xp)
     ky, kx = pixels.ky, pixels.kx
-    consensus = (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0)
+    consensus = (np.asarray(mean_map) if mean_map is not None
+                 else (model.pdf_class[:, None, None, None] * model.refs).sum(axis=0))
     grid_shell = current_grid_shell(shell, box)     # every grid only as large as its pixels
-    cons_proj = Projector(xp.asarray(consensus.astype(np.float32)), pad=s.pad,
-                          gridding=s.gridding, max_shell=grid_shell)
-    lo, hi = split_range(n, comm.rank, comm.size)
-    # Whitened residuals and whitened CTFs of this rank's particles (small at low res).
-    blocks = []
-    for b0 in range(lo, hi, s.block_size):
-        idx = np.arange(b0, min(hi, b0 + s.block_size))
-        block, _, _ = prepare_block(s, model, data, idx, pixels, xp)
-        mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
-        white = xp.sqrt(block.inv_sigma2) * block.ctf                 # (B, n) = A's weights
-        cons_slices = cons_proj.project(mats, ky, kx)
-        resid = xp.sqrt(block.inv_sigma2) * block.images_f - white * cons_slices
-        basis = (_pose_nuisance_basis(cons_proj, mats, cons_slices, white, ky, kx, box, xp)
-                 if pose_nuisance else None)
-        if basis is not None:
-            resid = _remove(basis, resid, xp)
-        blocks.append((idx, mats, white, resid, basis))
+    blocks = _residual_blocks(s, data, model, comm, xp, members, consensus, pixels,
+                              grid_shell, pose_nuisance)
     mask = xp.asarray(soft_sphere_mask(box, mask_diameter_angst(s, box, apix) / (2 * apix), 5.0))
     rng = np.random.default_rng(seed)
     q = n_components
-    vols = [xp.asarray(rng.standard_normal((box,) * 3).astype(np.float32)) * mask for _ in range(q)]
+    if start is None:
+        vols = [xp.asarray(rng.standard_normal((box,) * 3).astype(np.float32)) * mask
+                for _ in range(q)]
+    else:
+        vols = [xp.asarray(np.asarray(v, dtype=np.float32)) * mask for v in start]
     vols = _orthonormalise(vols, xp)
     for it in range(n_power):
         bps = [BackProjector(box, s.pad, xp, max_shell=grid_shell) for _ in range(q)]
         projs = [Projector(v, pad=s.pad, gridding=False, max_shell=grid_shell) for v in vols]
-        for idx, mats, white, resid, basis in blocks:
+        for _, mats, white, resid, basis in blocks:
             for j in range(q):
                 av = white * projs[j].project(mats, ky, kx)                          # A_i v_j
                 if basis is not None:
@@ -93,19 +91,47 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
     # Coordinates: least squares of r_i on A_i v_j (q x q per particle).
     projs = [Projector(v, pad=s.pad, gridding=False, max_shell=grid_shell) for v in vols]
     coords = np.zeros((n, q))
-    for idx, mats, white, resid, basis in blocks:
+    for rows, mats, white, resid, basis in blocks:
         av = xp.stack([white * p.project(mats, ky, kx) if basis is None
                        else _remove(basis, white * p.project(mats, ky, kx), xp)
                        for p in projs], axis=1)                                      # (B, q, n)
         gram = 2.0 * xp.einsum("bjp,bkp->bjk", xp.conj(av), av).real
         rhs = 2.0 * xp.einsum("bjp,bp->bj", xp.conj(av), resid).real
         gram = gram + 1e-6 * xp.eye(q)[None] * xp.trace(gram, axis1=1, axis2=2)[:, None, None] / q
-        coords[idx] = to_numpy(xp.linalg.solve(gram, rhs[..., None])[..., 0])
+        coords[rows] = to_numpy(xp.linalg.solve(gram, rhs[..., None])[..., 0])
     coords = to_numpy(comm.allreduce_sum(coords))
     if log is not None and comm.rank == 0:
         log(f"heterogeneity: {q} eigenvolumes at {box * apix / max(shell, 1):.1f} A, "
             f"coordinate spread {np.std(coords, axis=0).round(3).tolist()}")
     return coords
+
+
+def _residual_blocks(s, data, model, comm, xp, members, mean_map, pixels, grid_shell,
+                     pose_nuisance):
+    """This rank's share of ``members`` in blocks ``(rows, mats, white, resid, basis)``:
+    rows (positions in ``members``), rotation matrices, whitened CTFs ``sqrt(1/sigma2)
+    C`` (A's weights), whitened residuals against ``mean_map`` at the pixels (small at
+    low resolution), and the pose-nuisance basis (:func:`_pose_nuisance_basis`, or
+    None) already taken out of the residuals."""
+    ky, kx = pixels.ky, pixels.kx
+    proj = Projector(xp.asarray(mean_map.astype(np.float32)), pad=s.pad,
+                     gridding=s.gridding, max_shell=grid_shell)
+    lo, hi = split_range(len(members), comm.rank, comm.size)
+    blocks = []
+    for b0 in range(lo, hi, s.block_size):
+        rows = np.arange(b0, min(hi, b0 + s.block_size))
+        idx = members[rows]
+        block, _, _ = prepare_block(s, model, data, idx, pixels, xp)
+        mats = xp.asarray(euler_to_matrix(*model.part_eulers[idx].T))
+        white = xp.sqrt(block.inv_sigma2) * block.ctf
+        slices = proj.project(mats, ky, kx)
+        resid = xp.sqrt(block.inv_sigma2) * block.images_f - white * slices
+        basis = (_pose_nuisance_basis(proj, mats, slices, white, ky, kx, data.box, xp)
+                 if pose_nuisance else None)
+        if basis is not None:
+            resid = _remove(basis, resid, xp)
+        blocks.append((rows, mats, white, resid, basis))
+    return blocks
 
 
 #: Finite-difference step (degrees) of the rotation derivatives of a projection.

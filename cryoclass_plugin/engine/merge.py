@@ -283,7 +283,7 @@ def pair_evidence(ctx, model, a, b, highres_angst, seed=0, repeats=3, data=None)
     return ev
 
 
-def _describe(ev):
+def describe_evidence(ev):
     return (f"held-out log-likelihood gain of the split {ev['delta'] / max(ev['n'], 1):+.2f} "
             f"per particle, of a random split {ev['null'] / max(ev['n'], 1):+.2f}: "
             f"recovers {ev['ratio']:.2f} of the random split's cost; assignments "
@@ -333,7 +333,7 @@ def log_pair_table(results, log):
     for a, b, ev in results:
         log(f"merge test: classes {a + 1} and {b + 1} ({ev['n']} particles, class "
             f"{ev['moved'] + 1} re-centred by {np.linalg.norm(ev['shift_px']):.2f} "
-            f"px): " + _describe(ev))
+            f"px): " + describe_evidence(ev))
 
 
 #: Each pair's share of a random split's cost recovered counts up to this much in

@@ -271,6 +271,15 @@ OPTIONS = (
        "not use it"),
     _o("merge_fixed_iter", "merge_fixed_iter", int, 3,
        "fixed-pose iterations added after a merge"),
+    _o("split_into_empty", "split_into_empty", bool, True,
+       "with --merge_retest_iter: after the second merge test, fill each empty class "
+       "with the smaller side of a live class cut in two (along its own top "
+       "heterogeneity eigenvolume, or along the difference of two other classes' maps), "
+       "when the held-out test says the cut recovers --merge_threshold of a random "
+       "split's cost and reproduces --merge_min_agreement (a small state that the "
+       "split left inside another state's class); "
+       "--leave_empty_classes: empty classes stay empty", on_continue="change",
+       kind="pair", off_flag="leave_empty_classes"),
     _o("merge_retest_iter", "merge_retest_iter", int, 4,
        "with --merge_threshold: run the merge test again after full EM, before the last "
        "this many iterations (which then start from the merged classes), so that two "
