@@ -594,8 +594,6 @@ class Refinement:
                 f"{'es' if len(empty) > 1 else ''} ({', '.join(str(k + 1) for k in empty)})")
         start = time.time()
         chosen = choose_splits(candidate_splits(self.ctx, model, log=log), empty)
-        self._log(f"split within classes: {len(chosen)} of {len(empty)} filled "
-                  f"({time.time() - start:.0f} s)")
         for parent, new, moved, ev in chosen:
             share = model.pdf_class[parent] * len(moved) / np.sum(model.part_class == parent)
             model.part_class[moved] = new
@@ -607,6 +605,8 @@ class Refinement:
                       f"{new + 1} (two structures by the held-out test: recovers "
                       f"{ev['ratio']:.2f} of a random split's cost, assignments reproduced "
                       f"{100 * ev['agree']:.0f} %)")
+        self._log(f"split within classes: {len(chosen)} of {len(empty)} filled "
+                  f"({time.time() - start:.0f} s)")
         return bool(chosen)
 
     def _input_classes(self):
