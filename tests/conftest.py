@@ -28,3 +28,29 @@ def aligned_particles(folder, name, seed, angles):
         parts[f"rlnOrigin{axis}Angst"] = truth[f"rlnOrigin{axis}Angst"].to_numpy()
     starfile.write(star, folder / f"{name}.star", overwrite=True)
     return truth
+
+
+def refinement_at_true_poses(data, n_classes, diameter_angst):
+    """A ``--init_classes pca`` Refinement (K = ``n_classes``, CTF, T=4, solvent
+    flattened) of the simulated set in ``data`` (outputs beside it), started, with the
+    model's poses set to the true ones.  Returns ``(refinement, model, truth)``,
+    ``truth`` the truth table in the run's particle order."""
+    import argparse
+    import starfile
+    from cryoclass_plugin.commands import refine as refine_cmd
+    from cryoclass_plugin.engine.refine import Refinement
+    parser = argparse.ArgumentParser()
+    refine_cmd.add_args(parser)
+    args = parser.parse_args(["--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
+                              "--o", str(data.parent / "out" / "run"),
+                              "--K", str(n_classes), "--ctf",
+                              "--tau2_fudge", "4", "--particle_diameter", str(diameter_angst),
+                              "--flatten_solvent", "--zero_mask", "--init_classes", "pca",
+                              "--iter", "25"])
+    r = Refinement(refine_cmd.settings_from_args(args), log=lambda line: None)
+    model = r.start()
+    truth = starfile.read(data / "truth.star")["particles"]
+    truth = truth.set_index("rlnImageName").loc[r.table.df["rlnImageName"].to_numpy()]
+    model.part_eulers = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
+    model.part_origin_angst = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    return r, model, truth

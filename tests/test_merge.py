@@ -3,17 +3,13 @@ simulated three-class set with the true poses and classes, where one true class 
 also cut at random into two classes (a duplicate).  The test must keep the true
 classes apart and merge the duplicate.  (On whole runs: docs/benchmarks.md, "merge
 test", and tests/test_accuracy_recommended.py, K=4 at SNR 0.2.)"""
-import argparse
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import starfile
 
-from cryoclass_plugin.commands import refine as refine_cmd
 from cryoclass_plugin.engine import merge
 from cryoclass_plugin.engine.plan import ScheduleState
-from cryoclass_plugin.engine.refine import Refinement
 from cryoclass_plugin.engine.geometry import euler_to_matrix
 from cryoclass_plugin.engine.simulate import simulate_dataset
 
@@ -28,21 +24,8 @@ def _truth_run(tmp_path_factory, n_pieces):
     info = simulate_dataset(str(data), n=400, box=48, apix=5.0, snr=0.2, n_classes=3,
                             seed=0)
     assert info["oracle_accuracy"] >= 0.98, info
-    parser = argparse.ArgumentParser()
-    refine_cmd.add_args(parser)
-    args = parser.parse_args(["--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
-                              "--o", str(data.parent / "out" / "run"),
-                              "--K", str(2 + n_pieces), "--ctf",
-                              "--tau2_fudge", "4", "--particle_diameter", "200",
-                              "--flatten_solvent", "--zero_mask", "--init_classes", "pca",
-                              "--iter", "25"])
-    r = Refinement(refine_cmd.settings_from_args(args), log=lambda line: None)
-    model = r.start()
-    truth = starfile.read(data / "truth.star")["particles"]
-    names = r.table.df["rlnImageName"].to_numpy()
-    truth = truth.set_index("rlnImageName").loc[names]
-    model.part_eulers = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
-    model.part_origin_angst = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    from conftest import refinement_at_true_poses
+    r, model, truth = refinement_at_true_poses(data, 2 + n_pieces, 200)
     labels = truth["rlnClassNumber"].to_numpy() - 1
     piece = np.floor(np.random.default_rng(5).random(len(labels)) * n_pieces).astype(int)
     labels[(labels == 0) & (piece > 0)] = 2 + piece[(labels == 0) & (piece > 0)]

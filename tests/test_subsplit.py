@@ -3,17 +3,13 @@
 simulated set a state that the classes at hand lumped with another one (a subunit absent
 *and* an arm swung, inside the subunit-absent class) is found, while classes that each
 hold one state are left alone."""
-import argparse
 import copy
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import starfile
 
-from cryoclass_plugin.commands import refine as refine_cmd
 from cryoclass_plugin.engine import subsplit
-from cryoclass_plugin.engine.refine import Refinement
 from cryoclass_plugin.engine.simulate import simulate_dataset
 
 
@@ -75,19 +71,8 @@ def lumped_run(tmp_path_factory):
                             seed=1, shape="complex", states=[s for s, _ in STATES],
                             class_fractions=[f for _, f in STATES], swing_deg=SWING)
     assert info["oracle_accuracy"] >= 0.95, info
-    parser = argparse.ArgumentParser()
-    refine_cmd.add_args(parser)
-    args = parser.parse_args(["--i", str(data / "particles.star"), "--ref", str(data / "ref.mrc"),
-                              "--o", str(data.parent / "out" / "run"), "--K", "5", "--ctf",
-                              "--tau2_fudge", "4", "--particle_diameter", "220",
-                              "--flatten_solvent", "--zero_mask", "--init_classes", "pca",
-                              "--iter", "25"])
-    r = Refinement(refine_cmd.settings_from_args(args), log=lambda line: None)
-    model = r.start()
-    truth = starfile.read(data / "truth.star")["particles"]
-    truth = truth.set_index("rlnImageName").loc[r.table.df["rlnImageName"].to_numpy()]
-    model.part_eulers = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
-    model.part_origin_angst = truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    from conftest import refinement_at_true_poses
+    r, model, truth = refinement_at_true_poses(data, 5, 220)
     states = truth["rlnClassNumber"].to_numpy() - 1
     lumped = np.where(states == 3, 2, states)
     model.current_shell = 16
