@@ -118,6 +118,65 @@ def test_merge_test_is_the_same_on_one_and_two_ranks(data, tmp_path):
     assert lines[1][3] == lines[2][3]
 
 
+#: Under mpirun: the lumped state of tests/test_subsplit.py (a state inside another
+#: state's class, two classes empty) and its split within classes; rank 0 prints the log.
+SPLIT_SCRIPT = """
+import copy, sys
+from dataclasses import replace
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import refinement_at_true_poses
+data = Path(sys.argv[1])
+r, model, truth = refinement_at_true_poses(data, 5, 220)
+states = truth["rlnClassNumber"].to_numpy() - 1
+lumped = np.where(states == 3, 2, states)
+model.current_shell = 16
+for it in (1, 2):
+    model = r.iterate(model, replace(r.plan(model, it), search="none", write=False),
+                      allowed=lumped)
+lines = []
+r.log = lines.append
+r._split_into_empty(model)
+if r.comm.rank == 0:
+    print("\\n".join(line for line in lines if line.startswith("split")))
+    print("classes", np.bincount(model.part_class, minlength=5).tolist())
+"""
+
+
+def test_split_within_classes_is_the_same_on_one_and_two_ranks(tmp_path):
+    """The split within classes (engine/subsplit.py: each cut's coordinates, the
+    held-out test of the cut) sums over the ranks' particles: its figures and its
+    decision are the same on one and two ranks."""
+    import re
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_subsplit import N, SNR, STATES, SWING
+    data = tmp_path / "data"
+    simulate_dataset(str(data), n=N, box=48, apix=5.0, snr=SNR, n_classes=4, seed=1,
+                     shape="complex", states=[s for s, _ in STATES],
+                     class_fractions=[f for _, f in STATES], swing_deg=SWING)
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SCRIPT.format(tests=os.path.dirname(__file__)))
+    out = {}
+    for n in (1, 2):
+        proc = subprocess.run([MPIRUN, "--oversubscribe", "-np", str(n), sys.executable,
+                               str(script), str(data)], env=mpi_env(), capture_output=True,
+                              text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[n] = [line for line in proc.stdout.splitlines()
+                  if line.startswith(("split", "classes"))]
+    cuts = [line for line in out[1] if line.startswith("split within class ")]
+    assert len(cuts) >= 3 and any(line.startswith("split: ") for line in out[1]), out[1]
+    assert [line.split(":")[0] for line in out[1]] == [line.split(":")[0] for line in out[2]]
+    numbers = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in out[1]
+               if not line.startswith("split within classes")]
+    numbers2 = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in out[2]
+                if not line.startswith("split within classes")]
+    assert all(len(a) == len(b) and np.allclose(a, b, atol=0.011)
+               for a, b in zip(numbers, numbers2)), (out[1], out[2])
+    assert out[1][-1] == out[2][-1]                  # the same particles moved
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signal_to_mpirun_prints_one_message_and_continue_works(data, tmp_path, signame):
     """A queue's time limit (SIGTERM) or Ctrl-C (SIGINT) signals mpirun: the user reads one line naming the last
