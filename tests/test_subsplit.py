@@ -110,3 +110,10 @@ def test_classes_of_one_state_each_are_not_cut(lumped_run):
     r.log = lines.append
     assert r._split_into_empty(model) is False, "\n".join(lines)
     assert (model.part_class == states).all()
+
+
+def test_the_option_help_states_the_thresholds_in_use():
+    from cryoclass_plugin.engine.options import OPTIONS_BY_FIELD
+    text = OPTIONS_BY_FIELD["split_into_empty"].help % ()
+    assert f"recovers {subsplit.SPLIT_THRESHOLD:g} of a random split's cost" in text
+    assert f"{100 * subsplit.MIN_SIDE_FRACTION:g} % of the particles" in text

@@ -275,9 +275,10 @@ OPTIONS = (
        "with --merge_retest_iter: after the second merge test, fill each empty class "
        "with the smaller side of a live class cut in two (along its own top "
        "heterogeneity eigenvolume, or along the difference of two other classes' maps), "
-       "when the held-out test says the cut recovers --merge_threshold of a random "
-       "split's cost and reproduces --merge_min_agreement (a small state that the "
-       "split left inside another state's class); "
+       "when the held-out test says the cut recovers 0.2 of a random split's cost "
+       "and reproduces --merge_min_agreement, with 3 %% of the particles or more on "
+       "its smaller side (a small state that the split left inside another state's "
+       "class); "
        "--leave_empty_classes: empty classes stay empty", on_continue="change",
        kind="pair", off_flag="leave_empty_classes"),
     _o("merge_retest_iter", "merge_retest_iter", int, 4,
