@@ -34,20 +34,21 @@ from .heterogeneity import kmeans, principal_coordinates
 from .merge import _PairData, describe_evidence, split_evidence
 
 #: A cut's smaller side must hold at least this many particles and this share of all
-#: the particles.  Why 3 %: on the benchmark sets (3,000 particles, SNR 0.2, after
-#: full EM) the cuts that held a true state held 91-508 particles, while cuts along
-#: noise that recovered 0.2 or more of a random split's cost held 32-88 (a lopsided
-#: random split's cost, the yardstick, is itself noisy); a state of 5 %, the
-#: smallest the benchmarks look for, still gives cuts above it.
+#: the particles.  Why 3 %: on the benchmark sets (after full EM) the cuts that held a
+#: true state and recovered 0.2 or more of a random split's cost held 91-508 particles
+#: (but one, of 45, a third of its state), while cuts along noise that recovered as
+#: much held 32-88 (a lopsided random split's cost, the yardstick, is itself noisy);
+#: a state of 5 % of 3,000, the smallest the benchmarks look for, still gives cuts
+#: above it.
 MIN_SIDE_PARTICLES = 20
 MIN_SIDE_FRACTION = 0.03
 
 #: The share of a random split's cost that a cut must recover to make a class.  It
 #: lies between the second merge test's (0, :data:`.merge.RETEST_THRESHOLD`), which
 #: keeps two classes apart after full EM, and the first test's (``--merge_threshold``,
-#: 0.3), so that no test would merge the new class back.  Measured on eight runs'
-#: states after full EM (docs/benchmarks.md, "Splitting within a class"): cuts
-#: holding a true state 0.20-1.56 (those of 5 % states 0.20-0.50), cuts along noise
+#: 0.3), so that no test would merge the new class back.  Measured on the states of
+#: 17 runs after full EM (docs/benchmarks.md, "Splitting within a class"): the best
+#: cuts holding a 5-10 % state 0.20-0.55 (one 5 % state 0.199), cuts along noise
 #: with their smaller side above :data:`MIN_SIDE_FRACTION` at most 0.16.
 SPLIT_THRESHOLD = 0.2
 
