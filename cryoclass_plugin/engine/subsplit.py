@@ -48,7 +48,7 @@ MIN_SIDE_FRACTION = 0.03
 #: keeps two classes apart after full EM, and the first test's (``--merge_threshold``,
 #: 0.3), so that no test would merge the new class back.  Measured on the states of
 #: 17 runs after full EM (docs/benchmarks.md, "Splitting within a class"): the best
-#: cuts holding a 5-10 % state 0.20-0.55 (one 5 % state 0.199), cuts along noise
+#: cuts holding a 5-10 % state 0.25-0.55 (one 5 % state 0.199), cuts along noise
 #: with their smaller side above :data:`MIN_SIDE_FRACTION` at most 0.16.
 SPLIT_THRESHOLD = 0.2
 
