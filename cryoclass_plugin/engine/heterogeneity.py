@@ -40,7 +40,7 @@ def _adjoint_volume(bp):
 
 def principal_coordinates(settings, data, model, comm, xp, n_components, highres_angst,
                           n_power=8, seed=0, log=None, pose_nuisance=True, members=None,
-                          mean_map=None, start=None):
+                          mean_map=None, start=None, separately=False):
     """Per-particle coordinates (n, q) along the top ``q`` heterogeneity eigenvolumes,
     from ``data`` (a :class:`.particles.ParticleData`) at the model's poses, with this
     rank's share of the particles (``comm``; all ranks must call it); ``xp``: numpy or
@@ -49,7 +49,9 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
     mean of the class maps as the map the residuals are taken against: the directions
     of variability within one class (:mod:`.subsplit`).  ``start`` (q volumes) replaces
     the random start of the power iteration; with ``n_power=0`` the coordinates are
-    those along ``start`` itself (orthonormalised)."""
+    those along ``start`` itself (orthonormalised), or with ``separately`` along each
+    of its volumes on its own (normalised; column j as with ``start=[start[j]]``), the
+    particles' residuals prepared once for all of them."""
     s = settings
     box, apix = data.box, data.apix
     members = np.arange(data.n) if members is None else np.asarray(members)
@@ -70,7 +72,8 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
                 for _ in range(q)]
     else:
         vols = [xp.asarray(np.asarray(v, dtype=np.float32)) * mask for v in start]
-    vols = _orthonormalise(vols, xp)
+    vols = ([_orthonormalise([v], xp)[0] for v in vols] if separately
+            else _orthonormalise(vols, xp))
     for it in range(n_power):
         bps = [BackProjector(box, s.pad, xp, max_shell=grid_shell) for _ in range(q)]
         projs = [Projector(v, pad=s.pad, gridding=False, max_shell=grid_shell) for v in vols]
@@ -95,8 +98,12 @@ def principal_coordinates(settings, data, model, comm, xp, n_components, highres
         av = xp.stack([white * p.project(mats, ky, kx) if basis is None
                        else _remove(basis, white * p.project(mats, ky, kx), xp)
                        for p in projs], axis=1)                                      # (B, q, n)
-        gram = 2.0 * xp.einsum("bjp,bkp->bjk", xp.conj(av), av).real
         rhs = 2.0 * xp.einsum("bjp,bp->bj", xp.conj(av), resid).real
+        if separately:             # q one-dimensional fits, the same ridge as q = 1
+            norm2 = 2.0 * (xp.abs(av) ** 2).sum(axis=2)
+            coords[rows] = to_numpy(rhs / (norm2 * (1.0 + 1e-6)))
+            continue
+        gram = 2.0 * xp.einsum("bjp,bkp->bjk", xp.conj(av), av).real
         gram = gram + 1e-6 * xp.eye(q)[None] * xp.trace(gram, axis1=1, axis2=2)[:, None, None] / q
         coords[rows] = to_numpy(xp.linalg.solve(gram, rhs[..., None])[..., 0])
     coords = to_numpy(comm.allreduce_sum(coords))

@@ -119,29 +119,35 @@ def two_gaussians(x, seed=0, n_iter=200):
     return np.argmax(logp, axis=1)
 
 
-def cut_class(ctx, model, cls, direction, seed=0):
-    """The particles of class ``cls`` cut in two along ``direction`` (a map, or None
-    for the class's own top heterogeneity eigenvolume at ``--restart_highres``): their
-    coordinates along it in their residuals against the class's own map, at the E-step's
-    resolution for a given map, cut by :func:`two_gaussians`.  Returns
-    ``(members, in_smaller)`` (indices into the particle table, and a bool per member
-    for the smaller side)."""
+def class_coordinates(ctx, model, cls, members, directions, seed=0):
+    """The coordinates (n_members, len(directions)) of class ``cls``'s ``members``
+    along each of ``directions`` (:func:`class_directions`), in their residuals against
+    the class's own map: along its own top heterogeneity eigenvolume at
+    ``--restart_highres``, along each given map at the E-step's resolution (each on its
+    own, the residuals prepared once)."""
     s = ctx.settings
-    members = np.nonzero(model.part_class == cls)[0]
-    if direction is None:
-        coords = principal_coordinates(s, ctx.data, model, ctx.comm, ctx.xp, 1,
-                                       s.restart_highres, seed=seed,
-                                       pose_nuisance=s.pca_pose_nuisance,
-                                       members=members, mean_map=model.refs[cls])
-    else:
-        nyquist = 2.0 * ctx.data.apix
-        coords = principal_coordinates(s, ctx.data, model, ctx.comm, ctx.xp, 1, nyquist,
-                                       n_power=0, pose_nuisance=s.pca_pose_nuisance,
-                                       members=members, mean_map=model.refs[cls],
-                                       start=[direction])
-    labels = two_gaussians(coords[:, 0], seed=seed)
-    smaller = int(np.argmin(np.bincount(labels, minlength=2)))
-    return members, labels == smaller
+    coords = np.zeros((len(members), len(directions)))
+    given = [j for j, (_, volume) in enumerate(directions) if volume is not None]
+    for j, (_, volume) in enumerate(directions):
+        if volume is None:
+            coords[:, j] = principal_coordinates(
+                s, ctx.data, model, ctx.comm, ctx.xp, 1, s.restart_highres, seed=seed,
+                pose_nuisance=s.pca_pose_nuisance, members=members,
+                mean_map=model.refs[cls])[:, 0]
+    if given:
+        coords[:, given] = principal_coordinates(
+            s, ctx.data, model, ctx.comm, ctx.xp, len(given), 2.0 * ctx.data.apix,
+            n_power=0, pose_nuisance=s.pca_pose_nuisance, members=members,
+            mean_map=model.refs[cls], start=[directions[j][1] for j in given],
+            separately=True)
+    return coords
+
+
+def smaller_side(coords, seed=0):
+    """The smaller side (bool per particle) of the cut of 1D ``coords`` by
+    :func:`two_gaussians`."""
+    labels = two_gaussians(coords, seed=seed)
+    return labels == int(np.argmin(np.bincount(labels, minlength=2)))
 
 
 def candidate_splits(ctx, model, log=None):
@@ -160,8 +166,11 @@ def candidate_splits(ctx, model, log=None):
         if np.sum(model.part_class == cls) < 2 * min_side:
             continue
         data, best = None, None
-        for name, direction in class_directions(model, cls, live):
-            members, in_smaller = cut_class(ctx, model, cls, direction, seed=s.random_seed)
+        members = np.nonzero(model.part_class == cls)[0]
+        directions = class_directions(model, cls, live)
+        coords = class_coordinates(ctx, model, cls, members, directions, s.random_seed)
+        for j, (name, _) in enumerate(directions):
+            in_smaller = smaller_side(coords[:, j], seed=s.random_seed)
             n_small = int(in_smaller.sum())
             ev, accepted = None, False
             if n_small >= min_side:
