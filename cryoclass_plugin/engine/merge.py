@@ -310,12 +310,19 @@ def is_one_structure(ev, threshold, min_agreement=0.5, max_agreement=1.0):
     return ev["delta"] < 0 and ev["ratio"] < threshold and ev["agree"] < max_agreement
 
 
+def live_classes(model, min_fraction=0.01):
+    """The classes the merge test compares (and :mod:`.subsplit` may cut): prior at
+    least ``min_fraction`` and two particles or more; the others count as empty."""
+    counts = np.bincount(model.part_class, minlength=model.n_classes)
+    return [k for k in range(model.n_classes)
+            if model.pdf_class[k] >= min_fraction and counts[k] >= 2]
+
+
 def pair_table(ctx, model, highres_angst, seed=0, min_fraction=0.01, log=None):
     """:func:`pair_evidence` of every pair of live classes (prior >= ``min_fraction``,
     two particles or more): ``[(a, b, evidence), ...]``; ``log`` gets one line per
     pair.  All ranks must call it."""
-    alive = [k for k in range(model.n_classes) if model.pdf_class[k] >= min_fraction
-             and (model.part_class == k).sum() >= 2]
+    alive = live_classes(model, min_fraction)
     results = []
     data = _PairData(ctx, model, np.nonzero(np.isin(model.part_class, alive))[0],
                      highres_angst)

@@ -568,12 +568,12 @@ class Refinement:
         # combined state of complex5 (seed 0) sat 1.3 standard deviations from its
         # parent along the right direction, after it 3.3 (docs/benchmarks.md,
         # "Splitting within a class").
-        split = retest and s.split_into_empty and self._split_into_empty(model)
         if retest:
+            split = s.split_into_empty and self._split_into_empty(model)
             model.schedule = after_retest(model.schedule, merged=bool(pairs) or split)
-        else:
-            model.schedule = after_merge(s, model.schedule, merged=bool(pairs) or split)
-        return bool(pairs) or split
+            return bool(pairs) or split
+        model.schedule = after_merge(s, model.schedule, merged=bool(pairs))
+        return bool(pairs)
 
     def _split_into_empty(self, model):
         """After the second merge test, fill each empty class (merged, or under 1 % of

@@ -31,7 +31,7 @@ over all ranks' particles).
 import numpy as np
 
 from .heterogeneity import kmeans, principal_coordinates
-from .merge import _PairData, describe_evidence, split_evidence
+from .merge import _PairData, describe_evidence, live_classes, split_evidence
 
 #: A cut's smaller side must hold at least this many particles and this share of all
 #: the particles.  Why 3 %: on the benchmark sets (after full EM) the cuts that held a
@@ -66,12 +66,10 @@ def is_two_structures(ev, threshold, min_agreement):
     return ev["ratio"] >= threshold and ev["agree"] >= min_agreement
 
 
-def empty_classes(model, min_fraction=0.01):
-    """Classes with a prior below ``min_fraction`` (the merge test's ``min_fraction``,
-    below which a class is not tested) or fewer than two particles."""
-    counts = np.bincount(model.part_class, minlength=model.n_classes)
-    return [k for k in range(model.n_classes)
-            if model.pdf_class[k] < min_fraction or counts[k] < 2]
+def empty_classes(model):
+    """The classes that :func:`.merge.live_classes` leaves out: to be filled."""
+    live = set(live_classes(model))
+    return [k for k in range(model.n_classes) if k not in live]
 
 
 def class_directions(model, cls, live):
@@ -159,8 +157,7 @@ def candidate_splits(ctx, model, log=None):
     s = ctx.settings
     n_total = len(model.part_class)
     min_side = max(MIN_SIDE_PARTICLES, int(np.ceil(MIN_SIDE_FRACTION * n_total)))
-    empty = set(empty_classes(model))
-    live = [k for k in range(model.n_classes) if k not in empty]
+    live = live_classes(model)
     out = []
     for cls in live:
         if np.sum(model.part_class == cls) < 2 * min_side:
