@@ -97,7 +97,8 @@ def two_gaussians(x, seed=0, n_iter=200):
     """Cut the 1D coordinates ``x`` in two by a mixture of two Gaussians of one
     variance (EM from the 2-means cut): labels (n,).  Unlike 2-means, the mixture
     weights let the cut sit between a large and a small group rather than halfway
-    (the cut above: ARI 0.71 against 0.65 with 2-means)."""
+    (complex5, seed 0, the 5 % state inside its parent's class: ARI 0.71 within the
+    class against 0.65 with 2-means)."""
     x = np.asarray(x, dtype=np.float64)
     labels = kmeans(x[:, None], 2, seed=seed)
     if np.bincount(labels, minlength=2).min() == 0:
@@ -126,12 +127,11 @@ def class_coordinates(ctx, model, cls, members, directions, seed=0):
     s = ctx.settings
     coords = np.zeros((len(members), len(directions)))
     given = [j for j, (_, volume) in enumerate(directions) if volume is not None]
-    for j, (_, volume) in enumerate(directions):
-        if volume is None:
-            coords[:, j] = principal_coordinates(
-                s, ctx.data, model, ctx.comm, ctx.xp, 1, s.restart_highres, seed=seed,
-                pose_nuisance=s.pca_pose_nuisance, members=members,
-                mean_map=model.refs[cls])[:, 0]
+    for j in sorted(set(range(len(directions))) - set(given)):      # own eigenvolume
+        coords[:, j] = principal_coordinates(
+            s, ctx.data, model, ctx.comm, ctx.xp, 1, s.restart_highres, seed=seed,
+            pose_nuisance=s.pca_pose_nuisance, members=members,
+            mean_map=model.refs[cls])[:, 0]
     if given:
         coords[:, given] = principal_coordinates(
             s, ctx.data, model, ctx.comm, ctx.xp, len(given), 2.0 * ctx.data.apix,
@@ -160,10 +160,10 @@ def candidate_splits(ctx, model, log=None):
     live = live_classes(model)
     out = []
     for cls in live:
-        if np.sum(model.part_class == cls) < 2 * min_side:
+        members = np.nonzero(model.part_class == cls)[0]
+        if len(members) < 2 * min_side:
             continue
         data, best = None, None
-        members = np.nonzero(model.part_class == cls)[0]
         directions = class_directions(model, cls, live)
         coords = class_coordinates(ctx, model, cls, members, directions, s.random_seed)
         for j, (name, _) in enumerate(directions):
