@@ -27,12 +27,29 @@ def test_two_gaussians_cut_a_small_group_where_two_means_cut_halfway():
 
 
 def test_directions_are_the_own_eigenvolume_and_the_other_pairs():
-    class Model:
-        refs = np.arange(4)[:, None, None, None] * np.ones((4, 2, 2, 2))
-    names = [name for name, _ in subsplit.class_directions(Model, 1, [0, 1, 3])]
-    assert names == ["own eigenvolume", "class 1 - class 4"]
-    _, vol = subsplit.class_directions(Model, 1, [0, 1, 3])[1]
-    assert np.all(vol == -3.0)
+    differences = {(0, 1): ("d01", "f01"), (0, 3): ("d03", "f03"), (1, 3): ("d13", "f13")}
+    directions = subsplit.class_directions(1, [0, 1, 3], differences)
+    assert directions == [("own eigenvolume", None), ("class 1 - class 4", "d03"),
+                          ("class 1 - class 4, focused", "f03")]
+
+
+def test_a_pair_difference_is_kept_where_it_stands_out_of_its_noise():
+    from cryoclass_plugin.engine.masks import soft_sphere_mask
+    box, apix = 40, 4.0
+    g = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+
+    def blob(cz):
+        return np.exp(-((z - cz) ** 2 + y ** 2 + x ** 2) / (2 * 2.0 ** 2))
+    inside = soft_sphere_mask(box, 16)
+    noise = 0.05 * np.random.default_rng(0).standard_normal((box,) * 3) * inside
+    difference = blob(8) - blob(-8) + noise           # density gained here, lost there
+    focused = subsplit.focused_difference(difference, apix, inside)
+    for centre in ((28, 20, 20), (12, 20, 20)):       # both lobes kept as they are
+        assert abs(focused[centre] - difference[centre]) < 1e-5
+    away = (z ** 2 + y ** 2 + x ** 2 < 15 ** 2) & (np.abs(y) > 11)  # > 44 A from both
+    assert np.abs(focused[away]).max() < 1e-3, np.abs(focused[away]).max()
+    assert np.abs(noise[away]).max() > 0.1
 
 
 def test_a_new_class_needs_a_cut_that_pays_and_reproduces():
@@ -117,3 +134,20 @@ def test_the_option_help_states_the_thresholds_in_use():
     text = OPTIONS_BY_FIELD["split_into_empty"].help % ()
     assert f"recovers {subsplit.SPLIT_THRESHOLD:g} of a random split's cost" in text
     assert f"{100 * subsplit.MIN_SIDE_FRACTION:g} % of the particles" in text
+
+
+def test_the_focused_difference_cuts_the_lumped_state_at_least_as_cleanly(lumped_run):
+    r, model, states = lumped_run
+    from cryoclass_plugin.engine.masks import soft_sphere_mask
+    apix = r.ctx.data.apix
+    inside = soft_sphere_mask(model.box, 220 / (2 * apix))
+    differences = subsplit.pair_differences(model, [0, 1, 2], apix, inside)
+    whole, focused = differences[(0, 1)]
+    assert np.count_nonzero(focused) < 0.5 * np.count_nonzero(whole)
+    members = np.nonzero(model.part_class == 2)[0]
+    coords = subsplit.class_coordinates(r.ctx, model, 2, members,
+                                        [("whole", whole), ("focused", focused)])
+    errors = [np.sum(subsplit.smaller_side(coords[:, j]) != (states[members] == 3))
+              for j in range(2)]
+    print("misplaced (whole, focused):", errors)
+    assert errors[1] <= errors[0] and errors[1] <= 0.05 * len(members), errors

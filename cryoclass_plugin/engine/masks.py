@@ -86,7 +86,7 @@ MIN_ISLAND_FRACTION = 0.05
 
 
 def auto_solvent_mask(volume, apix, inside, threshold_sigma=3.0, lowpass_angst=15.0,
-                      extend_angst=8.0, edge_angst=12.0):
+                      extend_angst=8.0, edge_angst=12.0, two_sided=False):
     """A soft mask around the density of ``volume`` (N, N, N), computed from the map
     itself, as a RELION user makes one with ``relion_mask_create`` (low-pass, threshold,
     extend, soft edge), with the threshold set from the map's own noise:
@@ -103,6 +103,9 @@ def auto_solvent_mask(volume, apix, inside, threshold_sigma=3.0, lowpass_angst=1
        (distances from the thresholded voxels, in A);
     5. multiply by ``inside``, so the mask never reaches beyond the particle mask.
 
+    ``two_sided``: step 3 takes the values below ``m - threshold_sigma * s`` too (a
+    difference of two maps, where density left as well as where it came).
+
     Returns a float32 (N, N, N) array in [0, 1] on the array module of ``volume`` (the
     distance transform runs on the host: scipy).  A map with no voxel over the threshold
     (a flat or pure-noise map) gives ``inside`` itself.
@@ -117,7 +120,8 @@ def auto_solvent_mask(volume, apix, inside, threshold_sigma=3.0, lowpass_angst=1
     values = smooth[inside_h > 0.5]
     median = float(np.median(values))
     spread = 1.4826 * float(np.median(np.abs(values - median)))
-    density = (smooth > median + threshold_sigma * spread) & (inside_h > 0.5)
+    excess = np.abs(smooth - median) if two_sided else smooth - median
+    density = (excess > threshold_sigma * spread) & (inside_h > 0.5)
     if spread <= 0 or not density.any():
         return xp.asarray(inside_h.astype(np.float32))
     pieces, _ = label(density)
