@@ -14,10 +14,10 @@ After full EM, when the poses and maps are good enough to tell such states apart
 second merge test (``--merge_retest_iter``) is followed by a second look at every live
 class: its particles' coordinates along a direction (:func:`class_directions`: the
 class's own top heterogeneity eigenvolume, or the difference of two other classes'
-maps, whole or kept where it stands out of its noise), in their residuals against the class's own map, are cut in two
-(:func:`two_gaussians`), and the held-out test of the merge test
-(:func:`.merge.split_evidence`, at ``--classify_fixed_highres``) judges the cut
-(:func:`is_two_structures`).  The accepted cuts that recover most of a random split's
+maps, whole or kept where it stands out of its noise), in their residuals against
+the class's own map, are cut in two (:func:`two_gaussians`), and the held-out test of
+the merge test (:func:`.merge.split_evidence`, at ``--classify_fixed_highres``) judges
+the cut (:func:`is_two_structures`).  The accepted cuts that recover most of a random split's
 cost fill the empty classes, one cut per class; the iterations that remain reconstruct
 the new classes.  Before full EM the same cuts are too blurred to be worth a class (the
 combined state of complex5, seed 0, sat 1.3 standard deviations from its parent along
@@ -31,7 +31,7 @@ over all ranks' particles).
 import numpy as np
 
 from .heterogeneity import kmeans, principal_coordinates
-from .masks import soft_sphere_mask
+from .masks import auto_solvent_mask, soft_sphere_mask
 from .merge import _PairData, describe_evidence, live_classes, split_evidence
 from .particles import mask_diameter_angst
 
@@ -84,11 +84,11 @@ def focused_difference(difference, apix, inside):
     the two maps everywhere else in the particle only adds to the coordinate's spread.
     Measured after full EM (ribo6 and complex5, 3,000 particles, SNR 0.2; the state
     inside a class cut along the difference of the two other classes that differ by
-    the same change): the cuts held 125 of 140 particles of the state (the whole
-    difference) against 142 of 144 (focused), 179 / 194 against 194 / 200, 114 / 134
-    against 136 / 147, and a cut that fell under the minimum size (83 of 85) 94 of 95;
-    cuts of classes of one state stayed at ratios under 0.02."""
-    from .masks import auto_solvent_mask
+    the same change; docs/benchmarks.md, "Focused pair directions"): the cuts held 125
+    of 140 particles of the state (the whole difference) against 142 of 145 (focused),
+    179 / 194 against 192 / 197, 114 / 134 against 137 / 148, and a cut that fell under
+    the minimum size (83 of 85) 93 of 94; the focused cuts of classes holding one state
+    recovered at most 0.12 of a random split's cost."""
     mask = auto_solvent_mask(np.asarray(difference, dtype=np.float32), apix, inside,
                              two_sided=True)
     return np.asarray(difference, dtype=np.float32) * np.asarray(mask)
