@@ -78,7 +78,8 @@ def focused_difference(difference, apix, inside):
     """The difference of two class maps kept only where it stands out of its noise
     (:func:`.masks.auto_solvent_mask`, two-sided: low-passed to 15 A, beyond 3 robust
     standard deviations of the values inside the particle mask ``inside``, extended by
-    8 A with a 12 A soft edge); elsewhere zero.
+    8 A with a 12 A soft edge); elsewhere zero.  A difference with nothing over that
+    threshold (two maps alike) is kept whole inside ``inside``.
 
     Why: a particle's coordinate along a direction is a matched filter, and the noise of
     the two maps everywhere else in the particle only adds to the coordinate's spread.
