@@ -26,7 +26,7 @@ from .. import convert
 from ..constants import (ANGULAR_SAMPLING_DEFAULT, ANGULAR_SAMPLING_LIST, OUTPUT_ROOT,
                          healpix_order_for_sampling)
 from ..engine.options import OPTIONS_BY_FIELD, OPTIONS_BY_FLAG
-from ..engine.plan import local_offsets, local_order
+from ..engine.plan import final_order, local_offsets, local_order
 from ..engine.subsplit import SPLIT_THRESHOLD
 
 #: RELION's GPU list: device numbers, ',' within and ':' between MPI processes.
@@ -1122,8 +1122,17 @@ def _methods_start(s, K, consensus, several, step):
     offset_range, offset_step = local_offsets(s, "em", "local", local_order(s))
     offsets = (", translations within %g pixels of each particle's offset in %g-pixel "
                "steps" % (offset_range, offset_step) if offset_step > 0 else "")
+    final = ""
+    if s.classify_final_iter > 0:
+        final_range, final_step = local_offsets(s, "em", "local", final_order(s))
+        final = (", the last %d of them one HEALPix order finer (order %d, prior sigma %g "
+                 "deg%s)" % (
+                     s.classify_final_iter, final_order(s), s.classify_final_sigma,
+                     ", translations within %g pixels in %g-pixel steps"
+                     % (final_range, final_step) if final_step > 0 else ""))
     local = ("searched orientations locally around the consensus poses (prior sigma %g "
-             "deg, HEALPix order %d%s)" % (s.classify_local_sigma, local_order(s), offsets)
+             "deg, HEALPix order %d%s)%s" % (s.classify_local_sigma, local_order(s), offsets,
+                                             final)
              if s.classify_local_sigma > 0 and not s.skip_align else "searched globally")
     return ("Unlike RELION, all particles were first aligned to one consensus map for %d "
             "iterations (%s, the last %d local; up to %d more global ones while the poses "

@@ -179,6 +179,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     (["--adaptive_fraction", "1.5"], "--adaptive_fraction 1.5"),
     (["--maxsig", "0"], "--maxsig 0"),
     (["--merge_retest_iter", "-1"], "--merge_retest_iter -1: give 0 or more"),
+    (["--classify_final_iter", "-2"], "--classify_final_iter -2: give 0 or more"),
+    (["--classify_final_sigma", "0"], "--classify_final_sigma 0: give a prior width"),
     (["--merge_min_agreement", "0.3"], "--merge_min_agreement 0.3: give a share from 0.5 to"),
     (["--merge_max_agreement", "1.2"], "--merge_max_agreement 1.2: give a share from 0.5 to 1"),
 ])

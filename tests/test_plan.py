@@ -26,15 +26,16 @@ def test_recommended_start_of_25_iterations():
     """--init_classes pca, K=3, 25 iterations, 6 consensus iterations (the last 2
     local, one HEALPix order finer), up to 8 fixed-pose iterations (the evidence checked
     before the third on), then the merge test and full EM with local searches two
-    HEALPix orders finer and a narrower prior."""
+    HEALPix orders finer and a narrower prior, the last four three orders finer."""
     s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
     plans = _plans(s)
     phases = [plans[it].phase for it in range(1, 26)]
     assert phases == (["consensus"] * 4 + ["consensus-local"] * 2 + ["split"]
                       + ["fixed-pose"] * 7 + ["em"] * 11)
     assert [(p.search, p.healpix_order, p.sigma_ang) for p in (plans[4], plans[5], plans[7],
-                                                               plans[15])] == \
-        [("global", 2, 0.0), ("local", 3, 5.0), ("none", 2, 0.0), ("local", 4, 3.0)]
+                                                               plans[15], plans[22])] == \
+        [("global", 2, 0.0), ("local", 3, 5.0), ("none", 2, 0.0), ("local", 4, 3.0),
+         ("local", 5, 2.0)]
     assert plans[7].split == "pca" and not any(plans[it].split for it in plans if it != 7)
     assert [it for it in plans if plans[it].merge_test] == [15]
     assert [it for it in plans if plans[it].extension_check] == [5]
@@ -300,3 +301,34 @@ def test_local_searches_on_a_finer_grid_search_finer_offsets():
     assert {(p.offset_range_px, p.offset_step_px) for p in relion_local.values()} == {(0, 0)}
     finer = _plans(replace(s, classify_local_order=5))
     assert (finer[15].offset_range_px, finer[15].offset_step_px) == (0.625, 0.25)
+
+
+def test_the_last_iterations_search_one_order_finer():
+    """--classify_final_iter 4 (default): full EM's last four iterations search one
+    HEALPix order finer than --classify_local_order, with --classify_final_sigma, and
+    their offsets one more halving finer; 0 keeps full EM on one grid; the fixed-pose
+    phase keeps its poses even where the last iterations reach into it; the option
+    plays no part in RELION's start or with global searches after the split."""
+    s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6,
+                  offset_range=5.0, offset_step=2.0)
+    plans = _plans(s)
+    grids = [(plans[it].search, plans[it].healpix_order, plans[it].sigma_ang)
+             for it in range(15, 26)]
+    assert grids == [("local", 4, 3.0)] * 7 + [("local", 5, 2.0)] * 4
+    assert (plans[22].offset_range_px, plans[22].offset_step_px) == (0.625, 0.25)
+    assert "local order 5 sigma 2 deg" in plans[25].describe()
+    off = _plans(replace(s, classify_final_iter=0))
+    assert {(off[it].healpix_order, off[it].sigma_ang) for it in range(15, 26)} == {(4, 3.0)}
+    wider = _plans(replace(s, classify_final_iter=15, classify_final_sigma=1.5))
+    assert [wider[it].search for it in range(7, 15)] == ["none"] * 8
+    assert {(wider[it].healpix_order, wider[it].sigma_ang) for it in range(15, 26)} \
+        == {(5, 1.5)}
+    capped = _plans(replace(s, classify_local_order=13))
+    assert capped[25].healpix_order == 13
+    relion = _plans(_settings(n_classes=3, n_iter=5))
+    assert {(p.search, p.healpix_order) for p in relion.values()} == {("global", 2)}
+    relion_local = _plans(_settings(n_classes=3, n_iter=5, sigma_ang=3.0))
+    assert {(p.healpix_order, p.sigma_ang) for p in relion_local.values()} == {(2, 3.0)}
+    global_after = _plans(replace(s, classify_local_sigma=0.0))
+    assert {(global_after[it].search, global_after[it].healpix_order)
+            for it in range(15, 26)} == {("global", 2)}

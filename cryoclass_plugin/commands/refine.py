@@ -185,6 +185,11 @@ def _check(a):
         (a.classify_local_order > 13 or 0 <= a.classify_local_order < a.healpix_order,
          f"--classify_local_order {a.classify_local_order}: give a HEALPix order from "
          f"--healpix_order ({a.healpix_order}) to 13"),
+        (a.classify_final_iter < 0,
+         f"--classify_final_iter {a.classify_final_iter}: give 0 or more"),
+        (a.classify_final_sigma <= 0,
+         f"--classify_final_sigma {a.classify_final_sigma:g}: give a prior width in "
+         "degrees > 0 (--classify_final_iter 0 turns the finer final searches off)"),
         (a.class_difference_highres < 0 and a.class_difference_highres != -1,
          f"--class_difference_highres {a.class_difference_highres:g}: give 0 (plain class "
          "maps), -1 (automatic) or a resolution in Angstrom (e.g. 18)"),
@@ -299,6 +304,7 @@ def _same_path(given, saved):
 #: Fields a state file may lack: the value that keeps the feature off, as the run that
 #: wrote the file ran.
 _ABSENT_FROM_STATE = {"classify_local_sigma": 0.0, "consensus_local_iter": 0,
+                      "classify_final_iter": 0,
                       "consensus_local_sigma": 5.0,
                       "class_difference_highres": 0.0, "joint_consensus": False,
                       "auto_mask_sigma": 0.0, "tau2_estimate": "power",

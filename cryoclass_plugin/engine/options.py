@@ -291,6 +291,14 @@ OPTIONS = (
     _o("classify_local_order", "classify_local_order", int, -1,
        "HEALPix order of the local searches after the split (-1: --healpix_order + 2, "
        "i.e. a quarter of the angular step)"),
+    _o("classify_final_iter", "classify_final_iter", int, 4,
+       _CONSENSUS + "with local searches after the split (--classify_local_sigma), the "
+       "last this many iterations search one HEALPix order finer than "
+       "--classify_local_order, with prior sigma --classify_final_sigma, around each "
+       "particle's pose (0: the whole of full EM on the grid of --classify_local_order)"),
+    _o("classify_final_sigma", "classify_final_sigma", float, 2.0,
+       _CONSENSUS + "prior sigma (deg; to 3 sigma) of the --classify_final_iter "
+       "iterations' local searches"),
     _o("local_offsets_finer", "local_offsets_finer", bool, True,
        _CONSENSUS + "the local searches after the split, on a HEALPix grid d orders "
        "finer than --healpix_order (--classify_local_order), halve the offset range "

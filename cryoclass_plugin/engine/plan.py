@@ -179,6 +179,17 @@ def local_order(settings):
     return s.classify_local_order if s.classify_local_order >= 0 else min(s.healpix_order + 2, 13)
 
 
+def final_order(settings):
+    """The HEALPix order of the last ``--classify_final_iter`` iterations' local searches:
+    one finer than :func:`local_order` (half its angular step)."""
+    return min(local_order(settings) + 1, 13)
+
+
+def in_final_iterations(settings, iteration):
+    """Whether ``iteration`` is one of the run's last ``--classify_final_iter``."""
+    return iteration > settings.n_iter - settings.classify_final_iter
+
+
 def consensus_local_order(settings):
     """The HEALPix order of the consensus's local iterations: one finer than
     ``--healpix_order`` (half its angular step)."""
@@ -219,13 +230,18 @@ def _search(settings, schedule, iteration, phase):
     locally around each particle's pose one order finer (sigma
     ``--consensus_local_sigma``), and the iterations after the split on the grid of
     ``--classify_local_order`` (default two orders finer) with sigma
-    ``--classify_local_sigma`` (0: global at ``--healpix_order`` throughout).  With
-    ``--sigma_ang`` the consensus iterations are global and the later ones local at
-    ``--healpix_order``, as RELION's local searches.  Why: the poses' errors on a
-    coarse grid hide differences between classes that a finer grid separates
-    (docs/benchmarks.md, "Local searches on a finer grid"); the consensus keeps the
-    coarser grid because its poses decide the split, which the finer grid there
-    changes for the worse on some sets.  The fixed-pose phases keep the poses (with
+    ``--classify_local_sigma`` (0: global at ``--healpix_order`` throughout), the last
+    ``--classify_final_iter`` of them one order finer still (sigma
+    ``--classify_final_sigma``).  With ``--sigma_ang`` the consensus iterations are
+    global and the later ones local at ``--healpix_order``, as RELION's local searches.
+    Why: the poses' errors on a coarse grid hide differences between classes that a
+    finer grid separates (docs/benchmarks.md, "Local searches on a finer grid"); the
+    consensus keeps the coarser grid because its poses decide the split, which the
+    finer grid there changes for the worse on some sets; and the finest grid, which
+    costs about 2.5 times as much per iteration, pays only once the classes are settled
+    (complex5, 3,000 particles, SNR 0.2, seeds 0 / 2: ARI 0.865 / 0.898 -> 0.889 / 0.921
+    in the last four iterations, 0.884 / 0.918 in all of full EM; "Finer searches in
+    the last iterations").  The fixed-pose phases keep the poses (with
     ``--skip_align`` every iteration does), on the grid they would search.
     """
     s = settings
@@ -237,6 +253,8 @@ def _search(settings, schedule, iteration, phase):
             sigma, order = s.consensus_local_sigma, consensus_local_order(s)
         elif s.classify_local_sigma > 0 and iteration > schedule.consensus_end:
             sigma, order = s.classify_local_sigma, local_order(s)
+            if phase == "em" and in_final_iterations(s, iteration):
+                sigma, order = s.classify_final_sigma, final_order(s)
         else:
             sigma = -1.0
     fixed_phase = phase in ("split", "fixed-pose", "merged-fixed-pose")
