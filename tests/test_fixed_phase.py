@@ -66,9 +66,9 @@ def test_a_falling_split_evidence_ends_the_phase_and_continue_repeats_it(data, t
     assert schedule.fixed_scores == (2.0, 3.0, 2.5) and schedule.fixed_end == 6
     assert schedule.merge_tested
     # The same run's searches (--offset_range 3 --offset_step 2, --healpix_order 1): the
-    # consensus on the run's offsets (its local iteration, order 2, too), full EM (all
-    # of it within the last --classify_final_iter 4 here: order 4) on an eighth of
-    # them: what sampling.star records.
+    # consensus on the run's offsets (its local iteration, order 2, too), full EM's last
+    # --classify_final_iter 2 iterations (order 4) on an eighth of them: what
+    # sampling.star records.
     sampling = [starfile.read(f"{root}_it{it:03d}_sampling.star", always_dict=True)
                 ["sampling_general"] for it in (1, 2, 9)]
     assert [(b["rlnHealpixOrder"], b["rlnOffsetRange"], b["rlnOffsetStep"])

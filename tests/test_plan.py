@@ -26,14 +26,14 @@ def test_recommended_start_of_25_iterations():
     """--init_classes pca, K=3, 25 iterations, 6 consensus iterations (the last 2
     local, one HEALPix order finer), up to 8 fixed-pose iterations (the evidence checked
     before the third on), then the merge test and full EM with local searches two
-    HEALPix orders finer and a narrower prior, the last four three orders finer."""
+    HEALPix orders finer and a narrower prior, the last two three orders finer."""
     s = _settings(init_classes="pca", n_classes=3, n_iter=25, consensus_iter=6)
     plans = _plans(s)
     phases = [plans[it].phase for it in range(1, 26)]
     assert phases == (["consensus"] * 4 + ["consensus-local"] * 2 + ["split"]
                       + ["fixed-pose"] * 7 + ["em"] * 11)
     assert [(p.search, p.healpix_order, p.sigma_ang) for p in (plans[4], plans[5], plans[7],
-                                                               plans[15], plans[22])] == \
+                                                               plans[15], plans[24])] == \
         [("global", 2, 0.0), ("local", 3, 5.0), ("none", 2, 0.0), ("local", 4, 3.0),
          ("local", 5, 2.0)]
     assert plans[7].split == "pca" and not any(plans[it].split for it in plans if it != 7)
@@ -304,7 +304,7 @@ def test_local_searches_on_a_finer_grid_search_finer_offsets():
 
 
 def test_the_last_iterations_search_one_order_finer():
-    """--classify_final_iter 4 (default): full EM's last four iterations search one
+    """--classify_final_iter 2 (default): full EM's last two iterations search one
     HEALPix order finer than --classify_local_order, with --classify_final_sigma, and
     their offsets one more halving finer; 0 keeps full EM on one grid; the fixed-pose
     phase keeps its poses even where the last iterations reach into it; the option
@@ -314,8 +314,8 @@ def test_the_last_iterations_search_one_order_finer():
     plans = _plans(s)
     grids = [(plans[it].search, plans[it].healpix_order, plans[it].sigma_ang)
              for it in range(15, 26)]
-    assert grids == [("local", 4, 3.0)] * 7 + [("local", 5, 2.0)] * 4
-    assert (plans[22].offset_range_px, plans[22].offset_step_px) == (0.625, 0.25)
+    assert grids == [("local", 4, 3.0)] * 9 + [("local", 5, 2.0)] * 2
+    assert (plans[24].offset_range_px, plans[24].offset_step_px) == (0.625, 0.25)
     assert "local order 5 sigma 2 deg" in plans[25].describe()
     off = _plans(replace(s, classify_final_iter=0))
     assert {(off[it].healpix_order, off[it].sigma_ang) for it in range(15, 26)} == {(4, 3.0)}

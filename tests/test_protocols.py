@@ -378,7 +378,7 @@ def test_methods_state_what_ran_for_both_starts():
                  "principal directions", "up to 8 fixed-pose iterations classified them "
                  "at 25 A (ending as soon as the held-out evidence", "locally around the "
                  "consensus poses (prior sigma 3 deg, HEALPix order 4, translations within "
-                 "1.5 pixels of each particle's offset in 0.5-pixel steps), the last 4 of "
+                 "1.5 pixels of each particle's offset in 0.5-pixel steps), the last 2 of "
                  "them one HEALPix order finer (order 5, prior sigma 2 deg, translations "
                  "within 0.75 pixels in 0.25-pixel steps)",
                  "held-out test merged",

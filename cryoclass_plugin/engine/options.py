@@ -291,7 +291,7 @@ OPTIONS = (
     _o("classify_local_order", "classify_local_order", int, -1,
        "HEALPix order of the local searches after the split (-1: --healpix_order + 2, "
        "i.e. a quarter of the angular step)"),
-    _o("classify_final_iter", "classify_final_iter", int, 4,
+    _o("classify_final_iter", "classify_final_iter", int, 2,
        _CONSENSUS + "with local searches after the split (--classify_local_sigma), the "
        "last this many iterations search one HEALPix order finer than "
        "--classify_local_order, with prior sigma --classify_final_sigma, around each "
