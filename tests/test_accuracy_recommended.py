@@ -82,7 +82,7 @@ def test_recommended_start_recovers_classes_that_relion_start_leaves_mixed(datas
     # Median angular error below the 7.5-degree sampling step, and each class
     # map (the one most of a true class's particles went to) as sharp against its true
     # map as the map reconstructed from the true poses and classes, within 15 %.
-    # Measured (20 iterations): 3.35 deg; 12.4-13.7 A against the oracle's 15.8-16.5 A.
+    # Measured (20 iterations): 3.34 deg; 12.4-13.7 A against the oracle's 15.8-16.5 A.
     # (2.5 x the pixel size, 10 A, is out of reach on this set: the oracle stops at 16 A.)
     _assert_poses_and_maps(data, tmp_path / "pca" / "run", n_iter, tmp_path / "oracle")
 
