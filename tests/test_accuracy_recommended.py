@@ -8,8 +8,9 @@ classes, also with one class too many.  64 px, 600 particles, SNR 0.1: the small
 of the accuracy benchmark's kind (benchmarks/bench_accuracy.py).  Measured on this set
 with the defaults (joint consensus, automatically masked references, merge test, EM
 update of the signal spectrum, class differences up to 18 A): K=3, iteration 20: ARI
-0.985 (RELION's start 0.356); K=4, iteration 25: 0.956, sizes 200 / 200 / 0 / 200 (the
-merge test joins the extra class to its twin at the end of the fixed-pose phase).  Also
+0.985 (RELION's start 0.356); K=4, iteration 25 (with ``--classify_final_iter 0``):
+0.956, sizes 200 / 200 / 0 / 200 (the merge test joins the extra class to its twin at
+the end of the fixed-pose phase).  Also
 SNR 0.05 (seed 1), K=4 at SNR 0.2, and class maps better than 2.5 x the pixel size on
 1000 particles at SNR 2.
 

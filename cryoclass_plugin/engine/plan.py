@@ -238,7 +238,7 @@ def _search(settings, schedule, iteration, phase):
     finer grid separates (docs/benchmarks.md, "Local searches on a finer grid"); the
     consensus keeps the coarser grid because its poses decide the split, which the
     finer grid there changes for the worse on some sets; and the finest grid, whose
-    iterations cost 3-5 times as much (the posterior spreads over many more poses),
+    iterations cost 2.7-5 times as much (the posterior spreads over many more poses),
     pays as well in the last two iterations as in all of full EM (complex5, 3,000
     particles, SNR 0.2, seeds 0 / 2: ARI 0.865 / 0.898 -> 0.891 / 0.922 in the last two,
     0.889 / 0.921 in the last four, 0.884 / 0.918 in all eleven; docs/benchmarks.md,
