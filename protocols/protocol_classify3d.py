@@ -1032,11 +1032,10 @@ def _saved_settings(state_path):
     """The resolved engine settings stored in an iteration's state file."""
     import json
     import numpy as np
-    from ..engine.options import Settings
+    from ..engine.options import settings_from_state
     with np.load(state_path, allow_pickle=False) as z:
         saved = json.loads(str(z["__settings__"]))
-    names = {f for f in Settings.__dataclass_fields__}
-    return Settings(**{k: v for k, v in saved.items() if k in names}).resolved()
+    return settings_from_state(saved).resolved()
 
 
 def _merge_lines(log_path):

@@ -845,3 +845,24 @@ def test_methods_read_the_merges_and_splits_of_the_log(tmp_path):
     assert _merge_lines(str(log)) == ["class 4 joins class 2",
                                       "138 particles of class 3 start class 4"]
     assert _merge_lines(str(tmp_path / "missing.log")) == []
+
+
+def test_methods_of_a_run_whose_state_lacks_a_newer_option(tmp_path):
+    """A state file written without ``classify_final_iter`` (and other options that a
+    later version added) gives the settings the run ran with: those features off, so
+    the methods text does not claim searches that never ran."""
+    import json
+    from cryoclass_plugin.engine.options import Settings
+    from cryoclass_plugin.protocols.protocol_classify3d import _saved_settings, methods_text
+    saved = {k: v for k, v in vars(Settings(ref="r.mrc", n_classes=4, init_classes="pca")
+                                   ).items()
+             if k not in ("classify_final_iter", "split_into_empty")}
+    saved["a_field_this_version_lacks"] = 1
+    state = tmp_path / "run_it025_state.npz"
+    np.savez(state, __settings__=np.array(json.dumps(saved)))
+    settings = _saved_settings(str(state))
+    assert settings.classify_final_iter == 0 and settings.split_into_empty is False
+    assert settings.classify_local_sigma == 3.0          # what the file says
+    text = methods_text(settings, 150, [50, 60, 40, 0], merges=[])
+    assert "one HEALPix order finer (order 5" not in text
+    assert "HEALPix order 4" in text

@@ -10,7 +10,6 @@ Example (the RELION tutorial's Class3D job)::
 Under ``mpirun -np N`` the particles are split over the ranks.
 """
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from ..engine.run_guard import (OutputLock, check_existing_run, check_output_fol
                                 interrupted_line, os_error_line, remove_temporaries,
                                 tell_launcher_terminal, termination_signals)
 from ..engine.options import (GROUPS, OPTIONS, OPTIONS_BY_FIELD, OPTIONS_BY_FLAG, Settings,
-                              flag_of, resolve_automatic)
+                              flag_of, resolve_automatic, settings_from_state)
 
 HELIX_FLAGS = ("helix", "helical_outer_diameter", "helical_nr_asu", "helical_twist_initial",
                "helical_rise_initial", "helical_z_percentage")
@@ -301,18 +300,6 @@ def _same_path(given, saved):
         return os.path.abspath(given) == os.path.abspath(saved)
 
 
-#: Fields a state file may lack: the value that keeps the feature off, as the run that
-#: wrote the file ran.
-_ABSENT_FROM_STATE = {"classify_local_sigma": 0.0, "consensus_local_iter": 0,
-                      "classify_final_iter": 0,
-                      "consensus_local_sigma": 5.0,
-                      "class_difference_highres": 0.0, "joint_consensus": False,
-                      "auto_mask_sigma": 0.0, "tau2_estimate": "power",
-                      "consensus_tau2_estimate": "", "consensus_extra_iter": 0,
-                      "merge_threshold": 0.0, "classify_fixed_until_best": False,
-                      "local_offsets_finer": False, "split_into_empty": False}
-
-
 def _settings_for_continue(args):
     """``--continue <root>_itNNN_optimiser.star``: the run's own settings (as RELION
     takes them from the optimiser file), with the changes :func:`_apply_continue_flags`
@@ -326,9 +313,7 @@ def _settings_for_continue(args):
     if saved is None:
         raise CryoClassError(f"--continue {path}: the state file has no settings; it was "
                              "not written by cryoclass refine")
-    names = {f.name for f in dataclasses.fields(Settings)}
-    saved = {**_ABSENT_FROM_STATE, **{k: v for k, v in saved.items() if k in names}}
-    settings = Settings(**saved)
+    settings = settings_from_state(saved)
     settings.continue_from = path
     _apply_continue_flags(args, settings)
     return resolve_automatic(settings)

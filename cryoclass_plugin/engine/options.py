@@ -425,6 +425,26 @@ Settings.__doc__ = ("The run's options (:data:`OPTIONS`: fields, defaults, help)
                     "the automatic defaults resolved (:func:`resolve_automatic`).")
 
 
+#: Fields a state file may lack: the value that keeps the feature off, as the run that
+#: wrote the file ran.
+ABSENT_FROM_STATE = {"classify_local_sigma": 0.0, "consensus_local_iter": 0,
+                     "classify_final_iter": 0, "consensus_local_sigma": 5.0,
+                     "class_difference_highres": 0.0, "joint_consensus": False,
+                     "auto_mask_sigma": 0.0, "tau2_estimate": "power",
+                     "consensus_tau2_estimate": "", "consensus_extra_iter": 0,
+                     "merge_threshold": 0.0, "classify_fixed_until_best": False,
+                     "local_offsets_finer": False, "split_into_empty": False}
+
+
+def settings_from_state(saved):
+    """The :class:`Settings` of a run from the dict its state file saved: a field the
+    file lacks takes its :data:`ABSENT_FROM_STATE` value (else the default), and a
+    field this version does not know is left out."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{**ABSENT_FROM_STATE,
+                       **{k: v for k, v in saved.items() if k in names}})
+
+
 def consensus_start(s):
     """Whether K > 1 classes start from a consensus alignment (``consensus`` / ``pca``)."""
     return s.init_classes in ("consensus", "pca") and s.n_classes > 1
