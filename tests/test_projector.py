@@ -47,6 +47,22 @@ def test_projection_matches_real_space(phantom, angles):
     assert 0.95 < np.abs(got).sum() / np.abs(ref).sum() < 1.05
 
 
+def test_projection_into_rows_of_a_table_is_the_same(phantom):
+    """``project(out=)`` writes the same slices into rows of a larger table (how the
+    fine pass fills its tables), and refuses an array it cannot write into."""
+    ky, kx = half_plane_pixels(N, N // 2 - 1)
+    proj = pj.Projector(phantom, pad=2, gridding=True)
+    mats = random_rotations(40, 3)
+    table = np.full((60, ky.shape[0]), np.nan, dtype=np.complex64)
+    proj.project(mats, ky, kx, out=table[10:50])
+    assert np.array_equal(table[10:50], proj.project(mats, ky, kx))
+    assert np.isnan(table[:10]).all() and np.isnan(table[50:]).all()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        proj.project(mats, ky, kx, out=table[10:50, :-1])
+    with pytest.raises(ValueError, match="complex64"):
+        proj.project(mats, ky, kx, out=np.empty((40, ky.shape[0]), np.complex128))
+
+
 @pytest.mark.parametrize("pad", [1, 2])
 def test_backprojection_is_adjoint_of_projection(phantom, pad):
     rng = np.random.default_rng(1)

@@ -351,8 +351,10 @@ class Projector:
         self.transform = half_grid_transform(vol, self.grid, gridding)
         self._flat = self.transform.ravel()
 
-    def project(self, matrices, ky, kx):
-        """Slices ``(R, n_pixels)`` complex64 for rotation matrices ``(R, 3, 3)``.
+    def project(self, matrices, ky, kx, out=None):
+        """Slices ``(R, n_pixels)`` complex64 for rotation matrices ``(R, 3, 3)``,
+        written into ``out`` (a C-contiguous ``(R, n_pixels)`` complex64 array, e.g.
+        rows of a larger table) where given.
 
         Trilinear interpolation as eight gathers of (chunk, n) corner values, each
         weighted and summed in place (no (R, n, 8) temporaries).  A point with
@@ -362,7 +364,11 @@ class Projector:
         self.grid.check_pixels(ky, kx)
         matrices = xp.asarray(matrices)
         R, n = matrices.shape[0], ky.shape[0]
-        out = xp.empty((R, n), dtype=xp.complex64)
+        if out is None:
+            out = xp.empty((R, n), dtype=xp.complex64)
+        elif out.shape != (R, n) or out.dtype != xp.complex64 or not out.flags.c_contiguous:
+            raise ValueError(f"project: out must be a C-contiguous ({R}, {n}) complex64 "
+                             f"array, got {out.shape} {out.dtype}")
         kxy = _pixel_pairs(ky, kx)
         steps = _corner_steps(self.grid)
 

@@ -210,6 +210,8 @@ def coarse_pass(setup, block, xp):
 
 
 ROW_POSTERIOR_FLOOR = 1e-4
+# Table rows per block of the |slice|^2 pass (4096 x 1500 pixels x 4 bytes: 24 MB).
+_POWER_ROWS = 4096
 
 
 class FineTables:
@@ -238,13 +240,24 @@ class FineTables:
         self.matrices_host = euler_to_matrix(self.eulers[:, 0], self.eulers[:, 1], self.eulers[:, 2])
         self.matrices = xp.asarray(self.matrices_host)
         n_pix = setup.ky.shape[0]
-        self.slices = xp.empty((self.rows.shape[0], n_pix), dtype=xp.complex64)
+        shape = (self.rows.shape[0], n_pix)
+        # The rows are sorted by (class, rotation): each class's rows are one block,
+        # projected in place; the power is formed block by block (no table-sized
+        # temporaries).  The sums are allocated zeroed rather than filled with zeros
+        # (the memory is zeroed as the fine pass first writes it).
+        self.slices = xp.empty(shape, dtype=xp.complex64)
+        self.power = xp.empty(shape, dtype=xp.float32)
         for k in np.unique(self.row_class):
-            sel = xp.asarray(np.nonzero(self.row_class == k)[0])
-            self.slices[sel] = setup.projectors[k].project(self.matrices[sel], setup.ky, setup.kx)
-        self.power = self.slices.real ** 2 + self.slices.imag ** 2
-        self.data = xp.zeros_like(self.slices)
-        self.weight = xp.zeros(self.slices.shape, dtype=xp.float32)
+            start, stop = np.searchsorted(self.row_class, [k, k + 1])
+            setup.projectors[k].project(self.matrices[start:stop], setup.ky, setup.kx,
+                                        out=self.slices[start:stop])
+        for start, stop in workers.split(shape[0], _POWER_ROWS):
+            block = self.slices[start:stop]
+            power = self.power[start:stop]
+            xp.multiply(block.real, block.real, out=power)
+            power += xp.square(block.imag)
+        self.data = xp.zeros(shape, dtype=xp.complex64)
+        self.weight = xp.zeros(shape, dtype=xp.float32)
         self.row_posterior = xp.zeros(self.rows.shape[0], dtype=xp.float64)
         self.log_prior = setup.log_class_prior[xp.asarray(self.row_class)]
 
