@@ -168,11 +168,11 @@ def test_recommended_start_at_snr_005(tmp_path_factory, tmp_path):
     15 % of the oracle reconstruction's resolution.  Measured (25 iterations, the
     benchmark's count, ``--classify_final_iter 0``): ARI 0.936 (oracle accuracy 1.000),
     median angular error 3.74 deg, class maps 14.4-15.3 A against the oracle
-    reconstruction's 17.8-19.5 A (RELION's update); about 2 minutes on 2 cores.  With the simulator's TRUE maps searched around our
-    final poses the classes come out at 0.907 (benchmarks/bench_true_map_ceiling.py),
-    so at this SNR the assignment is as good as perfect maps would make it.  On seed 0
-    of the same kind the defaults reach 0.885 against that ceiling's 0.92-0.94
-    (docs/benchmarks.md, "True-map ceiling")."""
+    reconstruction's 17.8-19.5 A (RELION's update); about 2 minutes on 2 cores.  With
+    the simulator's TRUE maps searched around our final poses the classes come out at
+    0.907 (benchmarks/bench_true_map_ceiling.py), so at this SNR the assignment is as
+    good as perfect maps would make it.  On seed 0 of the same kind the defaults reach
+    0.885 against that ceiling's 0.92-0.94 (docs/benchmarks.md, "True-map ceiling")."""
     data, root, n_iter = _recommended_run(tmp_path_factory, tmp_path, n=600, snr=0.05, seed=1,
                                           n_iter=25, extra=WITHOUT_FINAL_ITERATIONS)
     _assert_poses_and_maps(data, root, n_iter, tmp_path / "oracle")
