@@ -179,3 +179,20 @@ def test_fine_sub_batches_on_threads_equal_one_thread_bit_for_bit(data_dir, tmp_
     monkeypatch.setattr(search, "fine_pass", shadowed)
     assert _refine(data_dir, tmp_path / "run", "--iter", "2", "--norm", "--scale") == 0
     assert len(calls) >= 6
+
+
+def test_fine_tables_take_the_bytes_the_budget_counts(data_dir, tmp_path, monkeypatch):
+    """``--fine_table_bytes`` bounds rows x pixels x ``FineTables.BYTES_PER_VALUE``:
+    that constant must be what the tables' arrays hold."""
+    made = []
+
+    class Recorded(search.FineTables):
+        def __init__(self, setup, coarse_kr, xp):
+            super().__init__(setup, coarse_kr, xp)
+            held = sum(a.nbytes for a in (self.slices, self.power, self.data, self.weight))
+            made.append((held, self.rows.shape[0] * int(setup.ky.shape[0])))
+
+    monkeypatch.setattr(search, "FineTables", Recorded)
+    assert _refine(data_dir, tmp_path / "run", "--iter", "1") == 0
+    assert made
+    assert all(held == values * search.FineTables.BYTES_PER_VALUE for held, values in made)

@@ -477,7 +477,8 @@ def _fine_expectation(ctx, model, work, results, blocks, significant, cache, pro
     """Pass 2: the fine search, in chunks of blocks whose rotations fit
     ``--fine_table_bytes`` (:class:`.search.FineTables` per chunk)."""
     s, setup, xp, timer = ctx.settings, work.setup, ctx.xp, work.timer
-    rows_budget = max(1, int(s.fine_table_bytes // (int(setup.ky.shape[0]) * 20)))
+    rows_budget = max(1, int(s.fine_table_bytes
+                             // (int(setup.ky.shape[0]) * search.FineTables.BYTES_PER_VALUE)))
     for chunk, chunk_kr in fine_chunks(blocks, significant, rows_budget, 8 ** s.oversampling):
         tables = search.FineTables(setup, np.fromiter(chunk_kr, dtype=np.int64), xp)
         timer.lap("fine-tables")

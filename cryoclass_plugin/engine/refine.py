@@ -34,6 +34,7 @@ from .references import check_references, read_references, several_references
 from .plan import (ScheduleState, after_fixed_check, after_merge, after_retest, class_shell,
                    describe_schedule, extend_consensus, local_sigma, plan_iteration)
 from .sampling import OrientationGrid, TranslationGrid
+from .search import FineTables
 from .star_io import read_particles, write_star
 from .validation import (bad_image_rows, check_class_count, check_mask_values,
                          duplicate_warning)
@@ -429,7 +430,8 @@ class Refinement:
             box, model.current_shell, s.pad, s.n_classes, s.block_size, pixels.n_cur,
             s.threads, n_coarse_rotations=len(grid.matrices) if plan.search == "global" else 0,
             n_coarse_pixels=pixels.n_cur, n_translations=self.ctx.translations.n_offsets,
-            fine_table_bytes=min(s.fine_table_bytes, 20.0 * fine_rows * pixels.n_cur),
+            fine_table_bytes=min(s.fine_table_bytes,
+                                 float(FineTables.BYTES_PER_VALUE) * fine_rows * pixels.n_cur),
             cache_bytes=cache if cache <= s.cache_bytes else 0.0,
             preread_bytes=4.0 * len(self.table) * box * box if s.preread_images else 0.0,
             consensus=plan.joint_consensus)

@@ -224,6 +224,10 @@ class FineTables:
     projected once per chunk, and its summed slice is inserted into the 3D accumulators
     once (:meth:`insert_into`), whatever the number of particles that used it.
     """
+    #: Bytes per (row, pixel): the slice (complex64), its power (float32) and the
+    #: M-step sums ``data`` (complex64) and ``weight`` (float32); ``--fine_table_bytes``
+    #: bounds rows x pixels x this.
+    BYTES_PER_VALUE = 8 + 4 + 8 + 4
 
     def __init__(self, setup, coarse_kr, xp):
         self.xp = xp
