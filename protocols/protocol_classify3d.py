@@ -1156,7 +1156,8 @@ def _methods_references(s, consensus, merges):
                     % (s.merge_threshold,
                        "; before the last %d iterations it ran again and merged two "
                        "classes when held-out particles chose their own class's map less "
-                       "than %g %% of the time%s"
+                       "than %g %% of the time, or those of the smaller class alone less "
+                       "than half the time%s"
                        % (s.merge_retest_iter, 100 * s.merge_min_agreement,
                           ", and a class left empty took the smaller side of a class cut "
                           "in two along a direction of variability within it (its own "

@@ -53,10 +53,15 @@ def test_a_pair_difference_is_kept_where_it_stands_out_of_its_noise():
 
 
 def test_a_new_class_needs_a_cut_that_pays_and_reproduces():
-    assert subsplit.is_two_structures({"ratio": 0.35, "agree": 0.86}, 0.3, 0.7)
+    def ev(ratio, agree, smaller_side):
+        return {"ratio": ratio, "agree": agree, "agree_sides": (smaller_side, 0.95)}
+    assert subsplit.is_two_structures(ev(0.35, 0.86, 0.7), 0.3, 0.7)
     # Reproduced by a lopsided cut along noise, recovering nothing: not a class.
-    assert not subsplit.is_two_structures({"ratio": -0.16, "agree": 0.97}, 0.3, 0.7)
-    assert not subsplit.is_two_structures({"ratio": 0.5, "agree": 0.6}, 0.3, 0.7)
+    assert not subsplit.is_two_structures(ev(-0.16, 0.97, 0.6), 0.3, 0.7)
+    assert not subsplit.is_two_structures(ev(0.5, 0.6, 0.6), 0.3, 0.7)
+    # The smaller side's own share does not decide: a cut that held a 5 % state had
+    # 9 % of its smaller side's held-out particles choose its map.
+    assert subsplit.is_two_structures(ev(0.35, 0.87, 0.09), 0.3, 0.7)
 
 
 def test_the_best_cuts_fill_the_empty_classes_one_per_class_cut():

@@ -532,7 +532,7 @@ class Refinement:
         classes that both live on, each fed by its own particles (K=4 on three true
         classes at SNR 0.2: ARI 0.86, docs/benchmarks.md, "merge test").  The decision
         reads only the saved state, so ``--continue`` repeats it."""
-        from .merge import RETEST_THRESHOLD, duplicate_pairs
+        from .merge import RETEST_THRESHOLD, SIDE_MAJORITY, duplicate_pairs, moved_side
         s = self.s
         done = model.schedule.retested if retest else model.schedule.merge_tested
         if s.merge_threshold <= 0 or done or s.n_classes < 2:
@@ -554,6 +554,7 @@ class Refinement:
         pairs = duplicate_pairs(self.ctx, model, s.classify_fixed_highres, threshold,
                                 seed=s.random_seed, log=log, min_agreement=min_agreement,
                                 max_agreement=s.merge_max_agreement,
+                                side_majority=SIDE_MAJORITY if retest else 0.0,
                                 results=(cached[1] if cached and not retest
                                          and cached[0] == model.iteration else None))
         for keep, drop, ev in pairs:
@@ -562,10 +563,11 @@ class Refinement:
             model.part_class[moved] = keep
             model.pdf_class[keep] += model.pdf_class[drop]
             model.pdf_class[drop] = 0.0
+            own = ev["agree_sides"][moved_side(ev)]
             self._log(f"merge: class {drop + 1} joins class {keep + 1} (one structure by "
                       f"the held-out test: recovers {ev['ratio']:.2f} of a random split's "
-                      f"cost, assignments reproduced {100 * ev['agree']:.0f} %); class "
-                      f"{drop + 1} stays empty")
+                      f"cost, assignments reproduced {100 * ev['agree']:.0f} %, class "
+                      f"{drop + 1}'s own {100 * own:.0f} %); class {drop + 1} stays empty")
         # The cuts need the poses and maps of full EM: before it (the first test) the
         # combined state of complex5 (seed 0) sat 1.3 standard deviations from its
         # parent along the right direction, after it 3.3 (docs/benchmarks.md,
