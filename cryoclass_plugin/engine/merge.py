@@ -331,10 +331,10 @@ RETEST_THRESHOLD = 0.0
 #: as well).  Why on its own: the share over both classes counts mostly the larger one,
 #: whose map, from more particles, wins its own particles whatever the smaller class
 #: holds.  Measured after full EM (docs/benchmarks.md, "Merge test: each class's own
-#: particles"): classes of 44-118 particles of a state that has a class of its own,
-#: 0-15 % against that class (87-94 % reproduced over both); two halves of one state
+#: particles"): classes of 44-120 particles of a state that has a class of its own,
+#: 0-2 % against that class (87-94 % reproduced over both); two halves of one state
 #: (301 and 619 particles) 40 %; the smaller class of two different states 51 % and
-#: more, except small ones (below).
+#: more, except a small one that differs clearly (below).
 SIDE_MAJORITY = 0.5
 
 #: ... unless the pair's split recovers at least this share of a random split's cost.

@@ -287,8 +287,9 @@ OPTIONS = (
        "this many iterations (which then start from the merged classes), so that two "
        "halves of one structure that the first test left apart are joined (on "
        "--merge_min_agreement; or a smaller class whose own held-out particles choose "
-       "its map less than half the time, which joins the class they prefer most; or a "
-       "split that recovers none of a random split's cost and reproduces less than "
+       "its map less than half the time against the class they prefer most, which it "
+       "then joins, unless that split recovers a random split's cost; or a split that "
+       "recovers none of a random split's cost and reproduces less than "
        "--merge_max_agreement); 0: once"),
     _o("classify_local_order", "classify_local_order", int, -1,
        "HEALPix order of the local searches after the split (-1: --healpix_order + 2, "
