@@ -1157,7 +1157,8 @@ def _methods_references(s, consensus, merges):
                        "; before the last %d iterations it ran again and merged two "
                        "classes when held-out particles chose their own class's map less "
                        "than %g %% of the time, or those of the smaller class alone less "
-                       "than half the time%s"
+                       "than half the time against the class they preferred most (unless "
+                       "that split recovered a random split's cost)%s"
                        % (s.merge_retest_iter, 100 * s.merge_min_agreement,
                           ", and a class left empty took the smaller side of a class cut "
                           "in two along a direction of variability within it (its own "

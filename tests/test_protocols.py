@@ -386,7 +386,9 @@ def test_methods_state_what_ran_for_both_starts():
                  "less than 0.3 of a random split's cost; before the last 4 iterations it "
                  "ran again and merged two classes when held-out particles chose their own "
                  "class's map less than 70 % of the time, or those of the smaller class "
-                 "alone less than half the time, and a class left empty took the "
+                 "alone less than half the time against the class they preferred most "
+                 "(unless that split recovered a random split's cost), and a class left "
+                 "empty took the "
                  "smaller side of a class cut in two along a direction of variability "
                  "within it", "recovered at least 0.2 of a random split's cost",
                  "shared the consensus map (reconstructed from all particles) beyond 18 A",
