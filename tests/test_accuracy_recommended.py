@@ -226,7 +226,7 @@ def test_a_rare_state_keeps_its_class(tmp_path_factory, tmp_path, n, K, n_iter):
     the main class, while the rare state's class (48 particles; 15 % of its own, its
     noisy map from 24 particles against the main state's, but a ratio of 1.45,
     ``merge.SIDE_MAX_RATIO``) stays.  Measured: recall 1.00 / 0.94 (oracle 0.999);
-    sizes 952 / 0 / 0 / 48, ARI 0.953 (without the rule on a class alone the piece
+    sizes 952 / 0 / 48 / 0, ARI 0.953 (without the rule on a class alone the piece
     stayed apart: sizes 840 / 0 / 48 / 112, ARI 0.412).
 
     K=2 (2,000 particles, ``bench_states`` rare2; 20 iterations, the second test after
