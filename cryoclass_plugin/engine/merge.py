@@ -310,7 +310,7 @@ def describe_evidence(ev, sides=None):
             f"per particle, of a random split {ev['null'] / max(ev['n'], 1):+.2f}: "
             f"recovers {ev['ratio']:.2f} of the random split's cost; assignments "
             f"reproduced {100 * ev['agree']:.0f} %")
-    if sides is not None and "agree_sides" in ev:
+    if sides is not None:
         text += " (" + ", ".join(f"{name} {100 * a:.0f} %" for name, a
                                  in zip(sides, ev["agree_sides"])) + ")"
     return text
