@@ -843,7 +843,7 @@ def test_methods_read_the_merges_and_splits_of_the_log(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("merge test: classes 1 and 2 (500 particles ...)\n"
                    "merge: class 4 joins class 2 (one structure by the held-out test)\n"
-                   "split within class 3 (700 particles) along own eigenvolume: ...\n"
+                   "split within class 3 (700 particles) along own eigenvolume 1: ...\n"
                    "split: 138 particles of class 3 start class 4 (two structures ...)\n")
     assert _merge_lines(str(log)) == ["class 4 joins class 2",
                                       "138 particles of class 3 start class 4"]

@@ -13,7 +13,7 @@ empty (docs/benchmarks.md, "Splitting within a class").
 After full EM, when the poses and maps are good enough to tell such states apart, the
 second merge test (``--merge_retest_iter``) is followed by a second look at every live
 class: its particles' coordinates along a direction (:func:`class_directions`: the
-class's own top heterogeneity eigenvolume, or the difference of two other classes'
+class's own top three heterogeneity eigenvolumes, or the difference of two other classes'
 maps, whole or kept where it stands out of its noise), in their residuals against
 the class's own map, are cut in two (:func:`two_gaussians`), and the held-out test of
 the merge test (:func:`.merge.split_evidence`, at ``--classify_fixed_highres``) judges
@@ -53,6 +53,20 @@ MIN_SIDE_FRACTION = 0.03
 #: cuts holding a 5-10 % state 0.25-0.55 (one 5 % state 0.199), cuts along noise
 #: with their smaller side above :data:`MIN_SIDE_FRACTION` at most 0.16.
 SPLIT_THRESHOLD = 0.2
+
+#: How many of a class's own top heterogeneity eigenvolumes it is cut along (each on
+#: its own).  Why more than one: the class's largest variance is often noise or
+#: pose error, and a subtle state hides further down.  On swing3 (2,400 particles,
+#: SNR 0.1, seed 1), in the class holding 1,078 whole and 477 swung particles after
+#: full EM, the two states sit 0.15, 0.30 and 1.09 standard deviations apart along the
+#: top three; the cut along the third recovered 0.70 of a random split's cost and made
+#: the swung state's class (ARI 0.637 -> 0.831).  Why three: along the fourth they sat
+#: 0.17 apart; every extra cut is one more chance for noise to pass
+#: :data:`SPLIT_THRESHOLD` (in the class holding one state the second and third cuts
+#: recovered 0.06 and -0.04), and over the benchmark runs where the split acts three
+#: changed no other cut but one that found a 5 % state (docs/benchmarks.md, "More
+#: eigenvolumes for the split within a class").
+OWN_EIGENVOLUMES = 3
 
 
 def is_two_structures(ev, threshold, min_agreement):
@@ -112,8 +126,8 @@ def pair_differences(model, live, apix, inside):
 
 def class_directions(cls, live, differences):
     """The directions along which class ``cls`` is cut: ``[(name, volume or None), ...]``,
-    its own top heterogeneity eigenvolume (None: found by the power iteration) and the
-    difference of every pair of the other ``live`` classes' maps, whole and focused
+    its own top :data:`OWN_EIGENVOLUMES` heterogeneity eigenvolumes (None: found by the
+    power iteration) and the difference of every pair of the other ``live`` classes' maps, whole and focused
     (``differences``, from :func:`pair_differences`).
 
     Why the pairs: states often combine independent changes (a subunit absent *and* a
@@ -130,7 +144,7 @@ def class_directions(cls, live, differences):
     a random split's cost, along the focused one, 143 of 161, 0.16), so each class
     keeps the cut the test scores best."""
     others = [k for k in live if k != cls]
-    out = [("own eigenvolume", None)]
+    out = [(f"own eigenvolume {j + 1}", None) for j in range(OWN_EIGENVOLUMES)]
     for i, a in enumerate(others):
         for b in others[i + 1:]:
             whole, focused = differences[(a, b)]
@@ -167,17 +181,18 @@ def two_gaussians(x, seed=0, n_iter=200):
 def class_coordinates(ctx, model, cls, members, directions, seed=0):
     """The coordinates (n_members, len(directions)) of class ``cls``'s ``members``
     along each of ``directions`` (:func:`class_directions`), in their residuals against
-    the class's own map: along its own top heterogeneity eigenvolume at
-    ``--restart_highres``, along each given map at the E-step's resolution (each on its
+    the class's own map: along its own top heterogeneity eigenvolumes (found together)
+    at ``--restart_highres``, along each given map at the E-step's resolution (each on its
     own, the residuals prepared once)."""
     s = ctx.settings
     coords = np.zeros((len(members), len(directions)))
     given = [j for j, (_, volume) in enumerate(directions) if volume is not None]
-    for j in sorted(set(range(len(directions))) - set(given)):      # own eigenvolume
-        coords[:, j] = principal_coordinates(
-            s, ctx.data, model, ctx.comm, ctx.xp, 1, s.restart_highres, seed=seed,
+    own = sorted(set(range(len(directions))) - set(given))        # own eigenvolumes
+    if own:
+        coords[:, own] = principal_coordinates(
+            s, ctx.data, model, ctx.comm, ctx.xp, len(own), s.restart_highres, seed=seed,
             pose_nuisance=s.pca_pose_nuisance, members=members,
-            mean_map=model.refs[cls])[:, 0]
+            mean_map=model.refs[cls])[:, :len(own)]
     if given:
         coords[:, given] = principal_coordinates(
             s, ctx.data, model, ctx.comm, ctx.xp, len(given), 2.0 * ctx.data.apix,
