@@ -54,18 +54,16 @@ MIN_SIDE_FRACTION = 0.03
 #: with their smaller side above :data:`MIN_SIDE_FRACTION` at most 0.16.
 SPLIT_THRESHOLD = 0.2
 
-#: How many of a class's own top heterogeneity eigenvolumes it is cut along (each on
-#: its own).  Why more than one: the class's largest variance is often noise or
+#: How many of a class's own top heterogeneity eigenvolumes it is cut along (each
+#: on its own).  Why more than one: the class's largest variance is often noise or
 #: pose error, and a subtle state hides further down.  On swing3 (2,400 particles,
 #: SNR 0.1, seed 1), in the class holding 1,078 whole and 477 swung particles after
 #: full EM, the two states sit 0.15, 0.30 and 1.09 standard deviations apart along the
-#: top three; the cut along the third recovered 0.70 of a random split's cost and made
-#: the swung state's class (ARI 0.637 -> 0.831).  Why three: along the fourth they sat
-#: 0.17 apart; every extra cut is one more chance for noise to pass
-#: :data:`SPLIT_THRESHOLD` (in the class holding one state the second and third cuts
-#: recovered 0.06 and -0.04), and over the benchmark runs where the split acts three
-#: changed no other cut but one that found a 5 % state (docs/benchmarks.md, "More
-#: eigenvolumes for the split within a class").
+#: top three; the cut along the third recovered 0.72 of a random split's cost and made
+#: the swung state's class (ARI 0.637 -> 0.847).  Why three: along the fourth they sat
+#: 0.17 apart, and every extra cut is one more chance for noise to pass
+#: :data:`SPLIT_THRESHOLD` (docs/benchmarks.md, "More eigenvolumes for the split
+#: within a class", for the runs where it changed nothing).
 OWN_EIGENVOLUMES = 3
 
 
@@ -181,8 +179,10 @@ def two_gaussians(x, seed=0, n_iter=200):
 def class_coordinates(ctx, model, cls, members, directions, seed=0):
     """The coordinates (n_members, len(directions)) of class ``cls``'s ``members``
     along each of ``directions`` (:func:`class_directions`), in their residuals against
-    the class's own map: along its own top heterogeneity eigenvolumes (found together)
-    at ``--restart_highres``, along each given map at the E-step's resolution (each on its
+    the class's own map: along its own top heterogeneity eigenvolumes at
+    ``--restart_highres`` (found together, each coordinate fitted on its own: along the
+    first exactly as with that eigenvolume alone; fitted jointly, the first's cut moved
+    and lost up to 0.25 of a random split's cost on swing3), along each given map at the E-step's resolution (each on its
     own, the residuals prepared once)."""
     s = ctx.settings
     coords = np.zeros((len(members), len(directions)))
@@ -192,7 +192,7 @@ def class_coordinates(ctx, model, cls, members, directions, seed=0):
         coords[:, own] = principal_coordinates(
             s, ctx.data, model, ctx.comm, ctx.xp, len(own), s.restart_highres, seed=seed,
             pose_nuisance=s.pca_pose_nuisance, members=members,
-            mean_map=model.refs[cls])[:, :len(own)]
+            mean_map=model.refs[cls], separately=True)[:, :len(own)]
     if given:
         coords[:, given] = principal_coordinates(
             s, ctx.data, model, ctx.comm, ctx.xp, len(given), 2.0 * ctx.data.apix,
