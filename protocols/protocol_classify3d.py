@@ -1161,8 +1161,9 @@ def _methods_references(s, consensus, merges):
                        "that split recovered a random split's cost)%s"
                        % (s.merge_retest_iter, 100 * s.merge_min_agreement,
                           ", and a class left empty took the smaller side of a class cut "
-                          "in two along a direction of variability within it (one of its "
-                          "own top three eigenvolumes or the difference of two other classes' maps) "
+                          "in two along a direction of variability within it (one of "
+                          "its own top three eigenvolumes or the difference of two other "
+                          "classes' maps) "
                           "when the cut recovered at least %g of a random split's cost on "
                           "held-out particles" % SPLIT_THRESHOLD if s.split_into_empty else "")
                        if s.merge_retest_iter > 0 else "",

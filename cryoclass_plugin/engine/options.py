@@ -274,7 +274,8 @@ OPTIONS = (
     _o("split_into_empty", "split_into_empty", bool, True,
        "with --merge_retest_iter: after the second merge test, fill each empty class "
        "with the smaller side of a live class cut in two (along each of its own top "
-       "three heterogeneity eigenvolumes, or along the difference of two other classes' maps, "
+       "three heterogeneity eigenvolumes, or along the difference of two other classes' "
+       "maps, "
        "whole or masked to where it stands out of its noise), "
        "when the held-out test says the cut recovers 0.2 of a random split's cost "
        "and reproduces --merge_min_agreement, with 3 %% of the particles or more on "

@@ -582,8 +582,8 @@ class Refinement:
     def _split_into_empty(self, model):
         """After the second merge test, fill each empty class (merged, or under 1 % of
         the particles) with a cut of a live class (along one of its own top three
-        heterogeneity eigenvolumes or the difference of two other classes) that the held-out test
-        calls two structures (:mod:`.subsplit`);
+        heterogeneity eigenvolumes or the difference of two other classes) that the
+        held-out test calls two structures (:mod:`.subsplit`);
         the new class starts from the parent's map and signal spectrum, and the
         iterations that follow (``--merge_retest_iter``, the first from these hard
         assignments) reconstruct it.  Returns whether a class was filled.  Reads

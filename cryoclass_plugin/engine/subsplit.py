@@ -13,8 +13,8 @@ empty (docs/benchmarks.md, "Splitting within a class").
 After full EM, when the poses and maps are good enough to tell such states apart, the
 second merge test (``--merge_retest_iter``) is followed by a second look at every live
 class: its particles' coordinates along a direction (:func:`class_directions`: the
-class's own top three heterogeneity eigenvolumes, or the difference of two other classes'
-maps, whole or kept where it stands out of its noise), in their residuals against
+class's own top three heterogeneity eigenvolumes, or the difference of two other
+classes' maps, whole or kept where it stands out of its noise), in their residuals against
 the class's own map, are cut in two (:func:`two_gaussians`), and the held-out test of
 the merge test (:func:`.merge.split_evidence`, at ``--classify_fixed_highres``) judges
 the cut (:func:`is_two_structures`).  The accepted cuts that recover most of a random split's
@@ -125,8 +125,8 @@ def pair_differences(model, live, apix, inside):
 def class_directions(cls, live, differences):
     """The directions along which class ``cls`` is cut: ``[(name, volume or None), ...]``,
     its own top :data:`OWN_EIGENVOLUMES` heterogeneity eigenvolumes (None: found by the
-    power iteration) and the difference of every pair of the other ``live`` classes' maps, whole and focused
-    (``differences``, from :func:`pair_differences`).
+    power iteration) and the difference of every pair of the other ``live`` classes'
+    maps, whole and focused (``differences``, from :func:`pair_differences`).
 
     Why the pairs: states often combine independent changes (a subunit absent *and* a
     domain swung), and a class that holds two states that differ by one change differs
@@ -182,8 +182,8 @@ def class_coordinates(ctx, model, cls, members, directions, seed=0):
     the class's own map: along its own top heterogeneity eigenvolumes at
     ``--restart_highres`` (found together, each coordinate fitted on its own: along the
     first exactly as with that eigenvolume alone; fitted jointly, the first's cut moved
-    and lost up to 0.25 of a random split's cost on swing3), along each given map at the E-step's resolution (each on its
-    own, the residuals prepared once)."""
+    and lost up to 0.25 of a random split's cost on swing3), along each given map at
+    the E-step's resolution (each on its own, the residuals prepared once)."""
     s = ctx.settings
     coords = np.zeros((len(members), len(directions)))
     given = [j for j, (_, volume) in enumerate(directions) if volume is not None]
