@@ -192,7 +192,7 @@ def class_coordinates(ctx, model, cls, members, directions, seed=0):
         coords[:, own] = principal_coordinates(
             s, ctx.data, model, ctx.comm, ctx.xp, len(own), s.restart_highres, seed=seed,
             pose_nuisance=s.pca_pose_nuisance, members=members,
-            mean_map=model.refs[cls], separately=True)[:, :len(own)]
+            mean_map=model.refs[cls], separately=True)
     if given:
         coords[:, given] = principal_coordinates(
             s, ctx.data, model, ctx.comm, ctx.xp, len(given), 2.0 * ctx.data.apix,
